@@ -1,0 +1,3 @@
+"""dmbridge: direct conversations between other platforms and Matrix users."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,221 @@
+"""The dmbridge command line: generate, run, demo, send, list-dms."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .config import Config, ConfigError, load_settings, open_config, write_registration
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # mautrix logs every request at DEBUG on these; keep them quiet unless asked.
+    if level != "DEBUG":
+        logging.getLogger("mau").setLevel(logging.WARNING)
+
+
+def generate(
+    config_path: Path, registration_path: Path, overrides: dict[str, Any]
+) -> tuple[Config, Path]:
+    """Write (or upgrade) the config with fresh tokens, and the registration from it."""
+    if not config_path.exists():
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        example = resources.files("dmbridge").joinpath("example-config.yaml").read_text()
+        config_path.write_text(example)
+        config_path.chmod(0o600)
+    config = Config(config_path)
+    config.load()
+    config.update(save=False)
+    for key, value in overrides.items():
+        if value is not None:
+            config[key] = value
+    config.fill_placeholders()
+    settings = load_settings(config)
+    config.save()
+    write_registration(settings, registration_path)
+    return config, registration_path
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    overrides = {
+        "homeserver.address": args.homeserver,
+        "homeserver.domain": args.domain,
+        "appservice.address": args.address,
+        "appservice.port": args.port,
+        "database.url": args.database,
+    }
+    generate(args.config, args.registration, overrides)
+    print(f"wrote {args.config} and {args.registration}")
+    print(f"next: add {args.registration.resolve()} to app_service_config_files in the "
+          "homeserver's config, restart the homeserver, then run `dmbridge run`")
+    return 0
+
+
+async def _run(config_path: Path) -> int:
+    from .bridge import Bridge
+
+    settings = open_config(config_path)
+    _setup_logging(settings.log_level)
+    bridge = Bridge(settings)
+    await bridge.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await bridge.stop()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args.config))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _setup_logging("INFO")
+    return asyncio.run(run_demo(args.workdir.resolve(), once=args.once))
+
+
+async def _api(config_path: Path, method: str, path: str, network: str | None,
+               body: dict[str, Any] | None = None, query: dict[str, str] | None = None,
+               ) -> list[tuple[str, int, Any]]:
+    """Call the running bridge's API with the token of one network (or of each)."""
+    settings = open_config(config_path)
+    host = "127.0.0.1" if settings.hostname in ("0.0.0.0", "::") else settings.hostname
+    base = f"http://{host}:{settings.port}/_dmbridge/v1"
+    networks = [settings.networks.get(network)] if network else list(settings.networks)
+    results = []
+    async with aiohttp.ClientSession() as session:
+        for net in networks:
+            url = base + path.format(network=net.id)
+            headers = {"Authorization": f"Bearer {net.tokens[0]}"}
+            try:
+                async with session.request(method, url, json=body, params=query,
+                                           headers=headers) as resp:
+                    results.append((net.id, resp.status, await resp.json(content_type=None)))
+            except aiohttp.ClientConnectionError as e:
+                raise SystemExit(f"dmbridge: the bridge is not reachable at {base}: {e}") from e
+    return results
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    import uuid
+
+    body = {"sender": args.sender, "recipient": args.to, "text": args.text}
+    if args.sender_name:
+        body["sender_name"] = args.sender_name
+    message_id = args.message_id or f"cli-{uuid.uuid4()}"
+    [(_, status, data)] = asyncio.run(_api(
+        args.config, "PUT", f"/networks/{{network}}/messages/{message_id}", args.network, body
+    ))
+    print(json.dumps(data, indent=2))
+    return 0 if status == 200 else 1
+
+
+def cmd_list_dms(args: argparse.Namespace) -> int:
+    query = {k: v for k, v in (("user_id", args.user), ("remote_id", args.remote_id)) if v}
+    if args.remote_id and not args.network:
+        raise SystemExit("dmbridge: --remote-id needs --network")
+    results = asyncio.run(_api(args.config, "GET", "/networks/{network}/dms", args.network,
+                               query=query))
+    failed = False
+    for network, status, data in results:
+        if status != 200:
+            print(f"{network}: {status} {data}", file=sys.stderr)
+            failed = True
+            continue
+        for dm in data["dms"]:
+            print(f"{network}\t{dm['remote_id']}\t{dm['user_id']}\t{dm['room_id']}\t"
+                  f"{dm['user_membership']}")
+    return 1 if failed else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dmbridge", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", type=Path, default=Path("config.yaml"),
+                        help="config file (default: %(default)s)")
+
+    g = sub.add_parser("generate", help="write config.yaml with fresh tokens, and registration.yaml",
+                       description="Write (or upgrade) the config from the packaged example, fill "
+                       "in fresh tokens, and write the registration file for the homeserver.")
+    with_config(g)
+    g.add_argument("-r", "--registration", type=Path, default=Path("registration.yaml"),
+                   help="registration file to write (default: %(default)s)")
+    g.add_argument("--homeserver", help="homeserver.address: the client-server API URL")
+    g.add_argument("--domain", help="homeserver.domain: the server name in user IDs")
+    g.add_argument("--address", help="appservice.address: the URL the homeserver reaches us at")
+    g.add_argument("--port", type=int, help="appservice.port: the port to listen on")
+    g.add_argument("--database", help="database.url")
+    g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("run", help="run the bridge", description="Run the bridge until SIGINT "
+                       "or SIGTERM.")
+    with_config(r)
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="run a local throwaway homeserver, the bridge, and a demo DM",
+                       description="Install and start a throwaway Synapse on 127.0.0.1, run the "
+                       "bridge on SQLite, create the Matrix user 'alice', route a DM to her, and "
+                       "print how to log in and see it.")
+    d.add_argument("--workdir", type=Path, default=Path("demo-data"),
+                   help="where the demo keeps its homeserver, config and database "
+                   "(default: %(default)s)")
+    d.add_argument("--once", action="store_true", help="exit after the demo DM instead of "
+                   "running until Ctrl-C")
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("send", help="send a test DM through the running bridge",
+                       description="Send a DM from a remote user to a Matrix user through the "
+                       "running bridge's API, with the network's first token.")
+    with_config(s)
+    s.add_argument("--network", required=True, help="network ID")
+    s.add_argument("--sender", required=True, help="the remote user's ID on that network")
+    s.add_argument("--sender-name", help="the remote user's display name")
+    s.add_argument("--to", required=True, help="the Matrix user ID to write to")
+    s.add_argument("--text", required=True, help="the message text")
+    s.add_argument("--message-id", help="idempotency key (default: a fresh one)")
+    s.set_defaults(func=cmd_send)
+
+    ls = sub.add_parser("list-dms", help="list DMs known to the running bridge",
+                        description="List active DMs, one per line: network, remote ID, Matrix "
+                        "user, room, the user's membership.")
+    with_config(ls)
+    ls.add_argument("--network", help="only this network")
+    ls.add_argument("--user", help="only DMs with this Matrix user")
+    ls.add_argument("--remote-id", help="only DMs with this remote user (needs --network)")
+    ls.set_defaults(func=cmd_list_dms)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ConfigError as e:
+        print(f"dmbridge: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

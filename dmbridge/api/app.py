@@ -1,0 +1,86 @@
+"""The /_dmbridge/v1 application: routes, authentication, and the one error boundary."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from importlib import resources
+
+from aiohttp import web
+
+from ..config import Settings
+from ..dms import DMService
+from ..errors import BridgeError, Forbidden, MissingToken, UnknownToken
+from ..networks import Network
+from . import handlers
+
+log = logging.getLogger("dmbridge.api")
+
+PREFIX = "/_dmbridge/v1"
+SERVICE = web.AppKey("service", DMService)
+SETTINGS = web.AppKey("settings", Settings)
+NETWORK = "dmbridge.network"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_HTTP_ERRCODES = {404: "M_UNRECOGNIZED", 405: "M_UNRECOGNIZED", 413: "M_TOO_LARGE"}
+
+
+@web.middleware
+async def error_boundary(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes a Matrix-style JSON error; nothing else reaches the caller."""
+    try:
+        return await handler(request)
+    except BridgeError as e:
+        if e.status >= 500:
+            log.warning("%s %s -> %d %s: %s", request.method, request.path, e.status, e.errcode, e)
+        return web.json_response(e.to_json(), status=e.status)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        errcode = _HTTP_ERRCODES.get(e.status, "M_UNKNOWN")
+        return web.json_response({"errcode": errcode, "error": e.reason}, status=e.status)
+    except Exception:
+        ref = secrets.token_hex(4)
+        log.exception("%s %s failed (ref %s)", request.method, request.path, ref)
+        return web.json_response(
+            {"errcode": "M_UNKNOWN", "error": f"internal error (ref {ref}, see the bridge's log)"},
+            status=500,
+        )
+
+
+@web.middleware
+async def network_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Routes under /networks/{network}/ need that network's bearer token."""
+    network_id = request.match_info.get("network")
+    if network_id is None:
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer ") or not header[7:].strip():
+        raise MissingToken("an 'Authorization: Bearer <network token>' header is required")
+    settings = request.app[SETTINGS]
+    holder = settings.networks.by_token(header[7:].strip())
+    if holder is None:
+        raise UnknownToken("the token is not valid for any network")
+    network: Network = settings.networks.get(network_id)
+    if network.id != holder.id:
+        raise Forbidden(f"the token belongs to network '{holder.id}', not '{network.id}'")
+    request[NETWORK] = network
+    return await handler(request)
+
+
+async def openapi(_: web.Request) -> web.Response:
+    text = resources.files("dmbridge.api").joinpath("openapi.yaml").read_text()
+    return web.Response(text=text, content_type="application/yaml")
+
+
+def make_api_app(service: DMService, settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[error_boundary, network_auth])
+    app[SERVICE] = service
+    app[SETTINGS] = settings
+    app.router.add_get("/openapi.yaml", openapi)
+    app.router.add_get("/health", handlers.health)
+    app.router.add_put("/networks/{network}/messages/{message_id}", handlers.send_message)
+    app.router.add_post("/networks/{network}/dms", handlers.open_dm)
+    app.router.add_get("/networks/{network}/dms", handlers.list_dms)
+    return app

@@ -1,0 +1,47 @@
+"""Reading and checking request bodies: size-limited, JSON objects, typed fields."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import BadRequest, NotJSON, TooLarge
+
+
+async def read_object(request: web.Request, limit: int) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"the request body is {request.content_length} bytes; the limit is {limit}")
+    data = bytearray()
+    async for chunk in request.content.iter_chunked(65536):
+        data += chunk
+        if len(data) > limit:
+            raise TooLarge(f"the request body exceeds the limit of {limit} bytes")
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise NotJSON("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def string(body: dict[str, Any], key: str, *, required: bool = True, max_len: int = 65536
+           ) -> str | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise BadRequest(f"'{key}' is required")
+        return None
+    if not isinstance(value, str) or (required and not value):
+        raise BadRequest(f"'{key}' must be a non-empty string")
+    if len(value) > max_len:
+        raise TooLarge(f"'{key}' is longer than {max_len} characters")
+    return value
+
+
+def required_string(body: dict[str, Any], key: str, max_len: int = 65536) -> str:
+    value = string(body, key, max_len=max_len)
+    assert value is not None
+    return value

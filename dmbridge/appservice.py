@@ -1,0 +1,138 @@
+"""The appservice endpoints the homeserver calls, on top of mautrix's AppService.
+
+mautrix answers a transaction before its handlers finish and deduplicates by transaction ID in
+memory; here a transaction is answered 200 only once its events are committed, and duplicates
+are found by event ID in the database (see :mod:`dmbridge.matrix`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+
+import aiohttp
+from aiohttp import web
+from mautrix.appservice import AppService
+from mautrix.appservice.api import AppServiceAPI
+from mautrix.appservice.state_store import ASStateStore
+
+from .config import Settings
+from .homeserver import RequestLog
+from .matrix import MatrixHandler
+
+log = logging.getLogger("dmbridge.appservice")
+
+MAX_TRANSACTION_BYTES = 64 * 1024 * 1024
+
+
+def _error(status: int, errcode: str, message: str) -> web.Response:
+    return web.json_response({"errcode": errcode, "error": message}, status=status)
+
+
+class BridgeAppService(AppService):
+    handler: MatrixHandler
+
+    def __init__(self, settings: Settings, state_store: ASStateStore) -> None:
+        super().__init__(
+            server=settings.homeserver_url,
+            domain=settings.domain,
+            as_token=settings.as_token,
+            hs_token=settings.hs_token,
+            bot_localpart=settings.bot_localpart,
+            id=settings.appservice_id,
+            log="dmbridge.appservice",
+            state_store=state_store,
+            aiohttp_params={"client_max_size": MAX_TRANSACTION_BYTES},
+        )
+        # The state store is updated by MatrixHandler before the transaction is acknowledged.
+        self.event_handlers.clear()
+
+    def new_session(self, requests: RequestLog) -> aiohttp.ClientSession:
+        """The one client session for the homeserver, with every request counted."""
+        self._http_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.connection_limit),
+            headers={"User-Agent": self.default_ua},
+            trace_configs=[requests.trace_config()],
+        )
+        return self._http_session
+
+    async def start(self, host: str = "127.0.0.1", port: int = 8080) -> None:
+        """As mautrix's start, but on the session from :meth:`new_session`."""
+        await self.state_store.open()
+        self._intent = AppServiceAPI(
+            base_url=self.server,
+            bot_mxid=self.bot_mxid,
+            log=self.log,
+            token=self.as_token,
+            state_store=self.state_store,
+            bridge_name=self.bridge_name,
+            client_session=self._http_session,
+            default_retry_count=self.default_http_retry_count,
+        ).bot_intent()
+        self.runner = web.AppRunner(self.app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, host, port).start()
+
+    def _auth_error(self, request: web.Request) -> web.Response | None:
+        """401 without a token, 403 with a wrong one, as the spec asks."""
+        header = request.headers.get("Authorization", "")
+        token = header.removeprefix("Bearer ") if header.startswith("Bearer ") else None
+        token = token or request.rel_url.query.get("access_token")
+        if not token:
+            return _error(401, "M_MISSING_TOKEN", "no hs_token in the request")
+        if not hmac.compare_digest(token.encode(), self.hs_token.encode()):
+            log.warning("request to %s with a wrong hs_token", request.path)
+            return _error(403, "M_FORBIDDEN", "wrong hs_token")
+        return None
+
+    async def _http_handle_transaction(self, request: web.Request) -> web.Response:
+        if (denied := self._auth_error(request)) is not None:
+            return denied
+        txn_id = request.match_info["transaction_id"]
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "M_NOT_JSON", "the transaction body is not JSON")
+        events = body.get("events") if isinstance(body, dict) else None
+        if not isinstance(events, list):
+            return _error(400, "M_BAD_JSON", "the transaction has no 'events' list")
+        try:
+            await self.handler.handle_transaction(txn_id, events)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception:
+            log.exception("transaction %s could not be recorded; the homeserver will resend it",
+                          txn_id)
+            return _error(500, "M_UNKNOWN", "the transaction could not be recorded, send it again")
+        return web.json_response({})
+
+    async def _http_query_user(self, request: web.Request) -> web.Response:
+        if (denied := self._auth_error(request)) is not None:
+            return denied
+        user_id = request.match_info["user_id"]
+        try:
+            exists = await self.handler.query_user(user_id)
+        except Exception:
+            log.exception("user query for %s failed", user_id)
+            return _error(500, "M_UNKNOWN", "the ghost could not be created")
+        if not exists:
+            return _error(404, "M_NOT_FOUND", f"{user_id} is not a user of this bridge")
+        return web.json_response({})
+
+    async def _http_query_alias(self, request: web.Request) -> web.Response:
+        if (denied := self._auth_error(request)) is not None:
+            return denied
+        return _error(404, "M_NOT_FOUND", "this bridge has no room aliases")
+
+    async def _http_ping(self, request: web.Request) -> web.Response:
+        if (denied := self._auth_error(request)) is not None:
+            return denied
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        txn = body.get("transaction_id") if isinstance(body, dict) else None
+        log.debug("ping from the homeserver (%s)", json.dumps(txn))
+        return web.json_response({})

@@ -1,0 +1,131 @@
+"""The running bridge: builds every part once, starts them in order, stops them in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+from mautrix.appservice.state_store.asyncpg import PgASStateStore
+from mautrix.errors import MatrixRequestError
+from mautrix.util.async_db import Database
+
+from .api import PREFIX, make_api_app
+from .appservice import BridgeAppService
+from .config import Settings
+from .db import Stores, upgrade_table
+from .dms import DMService
+from .ghosts import Ghosts
+from .homeserver import Homeserver, RequestLog
+from .matrix import MatrixHandler
+
+log = logging.getLogger("dmbridge")
+
+PRUNE_INTERVAL_S = 3600
+
+
+class Bridge:
+    """Everything the bridge holds; the one place objects are built and handed down."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.requests = RequestLog()
+        self.db = Database.create(
+            settings.database_url,
+            upgrade_table=upgrade_table,
+            db_args=self._db_args(settings),
+            log=logging.getLogger("dmbridge.db"),  # type: ignore[arg-type]
+        )
+        self.state_store = PgASStateStore(self.db)
+        self.stores = Stores.over(self.db)
+        self.appservice = BridgeAppService(settings, self.state_store)
+        self.ghosts = Ghosts(self.appservice, self.stores)
+        self.matrix = MatrixHandler(
+            stores=self.stores, networks=settings.networks, appservice=self.appservice,
+            ghosts=self.ghosts,
+        )
+        self.appservice.handler = self.matrix
+        self._dms: DMService | None = None
+        self._prune_task: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def _db_args(settings: Settings) -> dict[str, int]:
+        if settings.database_url.startswith("sqlite"):
+            return {}
+        return {"min_size": settings.db_min_size, "max_size": settings.db_max_size}
+
+    @property
+    def dms(self) -> DMService:
+        if self._dms is None:
+            raise RuntimeError("the bridge is not started")
+        return self._dms
+
+    async def start(self, *, ping: bool = True) -> None:
+        log.info("starting: database %s", _safe_url(self.settings.database_url))
+        await self.db.start()
+        await self.state_store.upgrade_table.upgrade(self.db)
+        await self.matrix.prune()
+        session = self.appservice.new_session(self.requests)
+        homeserver = Homeserver(session, self.settings.homeserver_url, self.settings.as_token)
+        self._dms = DMService(
+            settings=self.settings, stores=self.stores, appservice=self.appservice,
+            ghosts=self.ghosts, homeserver=homeserver,
+        )
+        self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.settings))
+        await self.appservice.start(self.settings.hostname, self.settings.port)
+        self._prune_task = asyncio.create_task(self._prune_loop())
+        log.info("listening on http://%s:%d (API under %s)", self.settings.hostname,
+                 self.settings.port, PREFIX)
+        await self._register_bot()
+        if ping:
+            await self.ping()
+        self.appservice.ready = True
+
+    async def _register_bot(self) -> None:
+        try:
+            await self.appservice.intent.ensure_registered()
+        except (MatrixRequestError, aiohttp.ClientError) as e:
+            log.error("could not register the bridge bot %s at %s: %s",
+                      self.settings.bot_user_id, self.settings.homeserver_url, e)
+
+    async def ping(self) -> bool:
+        """Ask the homeserver to call us back; says which URL failed if it cannot."""
+        try:
+            duration = await self.appservice.ping_self()
+        except MatrixRequestError as e:
+            log.error(
+                "the homeserver could not reach the bridge at %s (appservice.address): %s %s",
+                self.settings.appservice_address, e.errcode, e.message,
+            )
+            return False
+        except aiohttp.ClientError as e:
+            log.error("the homeserver at %s (homeserver.address) is unreachable: %s",
+                      self.settings.homeserver_url, e)
+            return False
+        log.info("the homeserver reaches the bridge at %s (%d ms)",
+                 self.settings.appservice_address, duration)
+        return True
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL_S)
+            try:
+                await self.matrix.prune()
+            except Exception:
+                log.exception("pruning processed events failed")
+
+    async def stop(self) -> None:
+        log.info("stopping")
+        if self._prune_task:
+            self._prune_task.cancel()
+        await self.appservice.stop()
+        await self.db.stop()
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without its password, for logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url

@@ -1,0 +1,330 @@
+"""The config file (commented, upgraded in place) and the typed settings validated from it."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mautrix.util.config import BaseFileConfig, ConfigUpdateHelper
+from ruamel.yaml import YAML
+from yarl import URL
+
+from .localpart import is_valid_localpart
+from .networks import Network, Networks
+
+EXAMPLE = "pkg://dmbridge/example-config.yaml"
+ENV_PREFIX = "DMBRIDGE_"
+PLACEHOLDER = "generate"
+_NETWORK_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+_DOMAIN = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+class ConfigError(ValueError):
+    """A config value is missing or wrong; names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config key '{key}': {problem}")
+        self.key = key
+
+
+class Config(BaseFileConfig):
+    """The YAML file. ``update()`` rebuilds it from the packaged example, keeping user values."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(str(path), EXAMPLE)
+
+    def do_update(self, helper: ConfigUpdateHelper) -> None:
+        copy = helper.copy
+        for key in ("address", "domain"):
+            copy(f"homeserver.{key}")
+        for key in ("address", "hostname", "port", "id", "bot_username", "as_token", "hs_token"):
+            copy(f"appservice.{key}")
+        for key in ("url", "min_size", "max_size"):
+            copy(f"database.{key}")
+        copy("api.max_body_bytes")
+        copy("dm.creation_timeout")
+        copy("networks")
+        copy("logging.level")
+
+    def fill_placeholders(self) -> bool:
+        """Replace every "generate" token with a fresh secret; True if anything changed."""
+        changed = False
+        for key in ("appservice.as_token", "appservice.hs_token"):
+            if self[key] == PLACEHOLDER:
+                self[key] = secrets.token_urlsafe(32)
+                changed = True
+        for network in self["networks"] or []:
+            tokens = network.get("tokens") or []
+            for i, token in enumerate(tokens):
+                if token == PLACEHOLDER:
+                    tokens[i] = secrets.token_urlsafe(32)
+                    changed = True
+        return changed
+
+    def apply_env(self, environ: Mapping[str, str]) -> list[str]:
+        """Apply DMBRIDGE_A__B__C=value overrides (values parsed as YAML); returns the keys set."""
+        applied = []
+        for name, raw in sorted(environ.items()):
+            if not name.startswith(ENV_PREFIX):
+                continue
+            path = name[len(ENV_PREFIX) :].lower().split("__")
+            value = YAML(typ="safe").load(raw) if raw else raw
+            _set_path(self._data, path, value, name)
+            applied.append(".".join(path))
+        return applied
+
+
+def _set_path(data: Any, path: list[str], value: Any, env_name: str) -> None:
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(data, list):
+            if not part.isdigit() or int(part) >= len(data):
+                raise ConfigError(".".join(path[: i + 1]), f"{env_name} names no existing item")
+            index: Any = int(part)
+        elif isinstance(data, dict):
+            index = part
+            if not last and index not in data:
+                data[index] = {}
+        else:
+            raise ConfigError(".".join(path[:i]), f"{env_name} goes inside a plain value")
+        if last:
+            data[index] = value
+        else:
+            data = data[index]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the bridge needs, validated. Built only through :func:`load_settings`."""
+
+    homeserver_url: str
+    domain: str
+    appservice_address: str
+    hostname: str
+    port: int
+    appservice_id: str
+    bot_localpart: str
+    as_token: str
+    hs_token: str
+    database_url: str
+    db_min_size: int
+    db_max_size: int
+    max_body_bytes: int
+    creation_timeout: float
+    networks: Networks
+    log_level: str
+
+    @property
+    def bot_user_id(self) -> str:
+        return f"@{self.bot_localpart}:{self.domain}"
+
+    def registration(self) -> dict[str, Any]:
+        """The appservice registration the homeserver needs."""
+        users = [{"exclusive": True, "regex": n.namespace_regex()} for n in self.networks]
+        users.append({"exclusive": True, "regex": "@" + re.escape(self.bot_localpart) + ":"
+                      + re.escape(self.domain)})
+        return {
+            "id": self.appservice_id,
+            "url": self.appservice_address,
+            "as_token": self.as_token,
+            "hs_token": self.hs_token,
+            "sender_localpart": self.bot_localpart,
+            "rate_limited": False,
+            "namespaces": {"users": users, "aliases": [], "rooms": []},
+        }
+
+
+class _Reader:
+    """Typed access to raw config values; every failure names its key."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def get(self, key: str) -> Any:
+        value = self.config.get(key, None)
+        if value is None:
+            raise ConfigError(key, "missing")
+        return value
+
+    def str(self, key: str, pattern: re.Pattern[str] | None = None, secret: bool = False) -> str:
+        value = self.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(key, f"must be a non-empty string, got {value!r}")
+        if secret and value == PLACEHOLDER:
+            raise ConfigError(key, 'still "generate"; run `dmbridge generate` to fill it in')
+        if pattern and not pattern.fullmatch(value):
+            raise ConfigError(key, f"{value!r} does not match {pattern.pattern}")
+        return value
+
+    def url(self, key: str) -> str:
+        value = self.str(key)
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConfigError(key, f"must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    def int(self, key: str, low: int, high: int) -> int:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(key, f"must be an integer from {low} to {high}, got {value!r}")
+        return value
+
+    def number(self, key: str, low: float, high: float) -> float:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            low <= value <= high
+        ):
+            raise ConfigError(key, f"must be a number from {low} to {high}, got {value!r}")
+        return float(value)
+
+
+def _database_url(raw: str, base_dir: Path) -> str:
+    if raw.startswith(("postgres://", "postgresql://")):
+        return raw
+    if raw.startswith("sqlite:///"):
+        return raw
+    if raw.startswith("sqlite:") and not raw.startswith("sqlite://"):
+        path = Path(raw[len("sqlite:") :])
+        return "sqlite:///" + str((base_dir / path).resolve()).lstrip("/")
+    raise ConfigError(
+        "database.url", f"must be sqlite:PATH, sqlite:///PATH or postgres://..., got {raw!r}"
+    )
+
+
+def _network(r: _Reader, i: int, domain: str) -> Network:
+    key = f"networks[{i}]"
+    raw = r.config["networks"][i]
+    if not isinstance(raw, dict):
+        raise ConfigError(key, "must be a mapping with id, name, ghost_localpart ...")
+
+    def field(name: str) -> Any:
+        value = raw.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ConfigError(f"{key}.{name}", "missing")
+        return value
+
+    network_id = field("id")
+    if not isinstance(network_id, str) or not _NETWORK_ID.fullmatch(network_id):
+        raise ConfigError(f"{key}.id", f"must match {_NETWORK_ID.pattern}, got {network_id!r}")
+    template = str(field("ghost_localpart"))
+    if template.count("{remote_id}") != 1:
+        raise ConfigError(f"{key}.ghost_localpart", "must contain {remote_id} exactly once")
+    literal = template.replace("{network}", network_id).replace("{remote_id}", "")
+    if "{" in literal or "}" in literal or (literal and not is_valid_localpart(literal)):
+        raise ConfigError(
+            f"{key}.ghost_localpart",
+            "may only use {network} and {remote_id} around the characters a-z 0-9 . _ = - /",
+        )
+    if not template.replace("{network}", network_id).split("{remote_id}")[0]:
+        raise ConfigError(f"{key}.ghost_localpart", "needs a fixed prefix before {remote_id}")
+    displayname = str(field("displayname"))
+    try:
+        displayname.format(name="n", remote_id="r", network_name="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(
+            f"{key}.displayname", f"may only use {{name}}, {{remote_id}}, {{network_name}}: {e}"
+        ) from None
+    try:
+        pattern = re.compile(str(field("remote_id_pattern")))
+    except re.error as e:
+        raise ConfigError(f"{key}.remote_id_pattern", f"not a valid regular expression: {e}")
+    tokens = raw.get("tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise ConfigError(f"{key}.tokens", "must be a list of at least one token")
+    for j, token in enumerate(tokens):
+        if not isinstance(token, str) or len(token) < 16:
+            raise ConfigError(f"{key}.tokens[{j}]", "must be a string of 16 characters or more")
+        if token == PLACEHOLDER:
+            raise ConfigError(f"{key}.tokens[{j}]", 'still "generate"; run `dmbridge generate`')
+    return Network(
+        id=network_id,
+        name=str(field("name")),
+        domain=domain,
+        ghost_localpart=template,
+        displayname=displayname,
+        remote_id_pattern=pattern,
+        tokens=tuple(tokens),
+    )
+
+
+def _check_networks(networks: list[Network], bot_localpart: str) -> None:
+    seen_tokens: dict[str, str] = {}
+    for i, net in enumerate(networks):
+        for other in networks[:i]:
+            if net.id == other.id:
+                raise ConfigError(f"networks[{i}].id", f"'{net.id}' is used twice")
+            a, b = net.localpart_prefix, other.localpart_prefix
+            if a.startswith(b) or b.startswith(a):
+                raise ConfigError(
+                    f"networks[{i}].ghost_localpart",
+                    f"ghost IDs could be confused with network '{other.id}' (prefixes '{a}', '{b}')",
+                )
+        for token in net.tokens:
+            if token in seen_tokens and seen_tokens[token] != net.id:
+                raise ConfigError(f"networks[{i}].tokens", f"shares a token with '{seen_tokens[token]}'")
+            seen_tokens[token] = net.id
+        if net.parse_ghost(f"@{bot_localpart}:{net.domain}") is not None:
+            raise ConfigError("appservice.bot_username", f"falls inside network '{net.id}' ghost IDs")
+
+
+def load_settings(config: Config) -> Settings:
+    r = _Reader(config)
+    domain = r.str("homeserver.domain", _DOMAIN)
+    if not isinstance(config.get("networks", None), list) or not config["networks"]:
+        raise ConfigError("networks", "must list at least one network")
+    networks = [_network(r, i, domain) for i in range(len(config["networks"]))]
+    bot = r.str("appservice.bot_username")
+    if not is_valid_localpart(bot):
+        raise ConfigError("appservice.bot_username", f"{bot!r} is not a valid localpart")
+    _check_networks(networks, bot)
+    level = r.str("logging.level").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("logging.level", f"must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    base_dir = Path(config.path).resolve().parent
+    min_size = r.int("database.min_size", 0, 1000)
+    max_size = r.int("database.max_size", 1, 1000)
+    if max_size < min_size:
+        raise ConfigError("database.max_size", "must not be below database.min_size")
+    return Settings(
+        homeserver_url=r.url("homeserver.address"),
+        domain=domain,
+        appservice_address=r.url("appservice.address"),
+        hostname=r.str("appservice.hostname"),
+        port=r.int("appservice.port", 1, 65535),
+        appservice_id=r.str("appservice.id"),
+        bot_localpart=bot,
+        as_token=r.str("appservice.as_token", secret=True),
+        hs_token=r.str("appservice.hs_token", secret=True),
+        database_url=_database_url(r.str("database.url"), base_dir),
+        db_min_size=min_size,
+        db_max_size=max_size,
+        max_body_bytes=r.int("api.max_body_bytes", 1024, 64 * 1024 * 1024),
+        creation_timeout=r.number("dm.creation_timeout", 1, 3600),
+        networks=Networks(networks),
+        log_level=level,
+    )
+
+
+def open_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load, upgrade in place (keeping the user's values), apply env overrides, validate."""
+    if not Path(path).exists():
+        raise ConfigError("(file)", f"{path} does not exist; create it with `dmbridge generate`")
+    config = Config(path)
+    config.load()
+    if not isinstance(config._data, dict):
+        raise ConfigError("(file)", f"{path} is not a YAML mapping")
+    config.update(save=os.access(path, os.W_OK))
+    config.apply_env(os.environ if environ is None else environ)
+    return load_settings(config)
+
+
+def write_registration(settings: Settings, path: str | Path) -> None:
+    yaml = YAML()
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    with open(path, "w") as stream:
+        yaml.dump(settings.registration(), stream)

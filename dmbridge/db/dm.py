@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mautrix.types import RoomID, UserID
+from mautrix.util.async_db import Database
+
+CREATING, ACTIVE, ENDED = "creating", "active", "ended"
+
+
+@dataclass(frozen=True)
+class DMRecord:
+    """A DM row with what the homeserver last told us about its members."""
+
+    ghost_id: UserID
+    user_id: UserID
+    network: str
+    remote_id: str
+    room_id: RoomID | None
+    state: str
+    claim: str | None
+    updated_at: int
+    user_membership: str | None
+    ghost_membership: str | None
+    others_joined: int
+    ghost_displayname: str | None
+
+
+_SELECT = """
+    SELECT dm.ghost_id, dm.user_id, dm.network, dm.remote_id, dm.room_id, dm.state, dm.claim,
+           dm.updated_at, u.membership AS user_membership, g.membership AS ghost_membership,
+           (SELECT COUNT(*) FROM room_member o
+             WHERE o.room_id = dm.room_id AND o.membership = 'join'
+               AND o.user_id <> dm.ghost_id AND o.user_id <> dm.user_id) AS others_joined,
+           gh.displayname AS ghost_displayname
+      FROM dm
+      LEFT JOIN room_member u ON u.room_id = dm.room_id AND u.user_id = dm.user_id
+      LEFT JOIN room_member g ON g.room_id = dm.room_id AND g.user_id = dm.ghost_id
+      LEFT JOIN ghost gh ON gh.user_id = dm.ghost_id
+"""
+
+
+def _record(row: Any) -> DMRecord:
+    return DMRecord(**{**dict(row), "others_joined": int(row["others_joined"] or 0)})
+
+
+class DMStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def get_current(self, ghost_id: UserID, user_id: UserID) -> DMRecord | None:
+        row = await self.db.fetchrow(
+            _SELECT + " WHERE dm.ghost_id=$1 AND dm.user_id=$2 AND dm.state <> 'ended'",
+            ghost_id, user_id,
+        )
+        return _record(row) if row else None
+
+    async def get_by_room(self, room_id: RoomID) -> DMRecord | None:
+        row = await self.db.fetchrow(_SELECT + " WHERE dm.room_id=$1", room_id)
+        return _record(row) if row else None
+
+    async def list(
+        self,
+        *,
+        network: str | None = None,
+        user_id: UserID | None = None,
+        ghost_id: UserID | None = None,
+        limit: int = 100,
+    ) -> list[DMRecord]:
+        rows = await self.db.fetch(
+            _SELECT + " WHERE dm.state = 'active'"
+            " AND ($1 IS NULL OR dm.network = $1)"
+            " AND ($2 IS NULL OR dm.user_id = $2)"
+            " AND ($3 IS NULL OR dm.ghost_id = $3)"
+            " ORDER BY dm.created_at, dm.room_id LIMIT $4",
+            network, user_id, ghost_id, limit,
+        )
+        return [_record(row) for row in rows]
+
+    async def active_rooms_of_ghost(self, ghost_id: UserID) -> dict[UserID, list[RoomID]]:
+        rows = await self.db.fetch(
+            "SELECT user_id, room_id FROM dm WHERE ghost_id=$1 AND state='active'"
+            " ORDER BY created_at",
+            ghost_id,
+        )
+        rooms: dict[UserID, list[RoomID]] = {}
+        for row in rows:
+            rooms.setdefault(row["user_id"], []).append(row["room_id"])
+        return rooms
+
+    async def claim(
+        self, ghost_id: UserID, user_id: UserID, network: str, remote_id: str, claim: str,
+        now_ms: int,
+    ) -> bool:
+        """Reserve the pair for a room about to be created; False if someone holds it."""
+        got = await self.db.fetchval(
+            "INSERT INTO dm (ghost_id, user_id, network, remote_id, state, claim, created_at,"
+            " updated_at) VALUES ($1, $2, $3, $4, 'creating', $5, $6, $6)"
+            " ON CONFLICT (ghost_id, user_id) WHERE state <> 'ended' DO NOTHING RETURNING claim",
+            ghost_id, user_id, network, remote_id, claim, now_ms,
+        )
+        return got is not None
+
+    async def take_over(
+        self, ghost_id: UserID, user_id: UserID, old_claim: str | None, claim: str, now_ms: int
+    ) -> bool:
+        """Take a stale creation over from a request that never finished it."""
+        got = await self.db.fetchval(
+            "UPDATE dm SET claim=$4, updated_at=$5 WHERE ghost_id=$1 AND user_id=$2"
+            " AND state='creating' AND claim=$3 RETURNING claim",
+            ghost_id, user_id, old_claim, claim, now_ms,
+        )
+        return got is not None
+
+    async def activate(
+        self, ghost_id: UserID, user_id: UserID, claim: str, room_id: RoomID, now_ms: int
+    ) -> bool:
+        got = await self.db.fetchval(
+            "UPDATE dm SET room_id=$4, state='active', claim=NULL, updated_at=$5"
+            " WHERE ghost_id=$1 AND user_id=$2 AND state='creating' AND claim=$3"
+            " RETURNING room_id",
+            ghost_id, user_id, claim, room_id, now_ms,
+        )
+        return got is not None
+
+    async def release(self, ghost_id: UserID, user_id: UserID, claim: str) -> None:
+        await self.db.execute(
+            "DELETE FROM dm WHERE ghost_id=$1 AND user_id=$2 AND state='creating' AND claim=$3",
+            ghost_id, user_id, claim,
+        )
+
+    async def end(self, room_id: RoomID, now_ms: int) -> None:
+        await self.db.execute(
+            "UPDATE dm SET state='ended', updated_at=$2 WHERE room_id=$1 AND state='active'",
+            room_id, now_ms,
+        )

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mautrix.types import UserID
+from mautrix.util.async_db import Database
+
+
+@dataclass
+class Ghost:
+    user_id: UserID
+    network: str
+    remote_id: str
+    displayname: str | None
+    registered: bool
+
+
+class GhostStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def get(self, user_id: UserID) -> Ghost | None:
+        row = await self.db.fetchrow(
+            "SELECT user_id, network, remote_id, displayname, registered FROM ghost"
+            " WHERE user_id=$1",
+            user_id,
+        )
+        return Ghost(**dict(row)) if row else None
+
+    async def mark_registered(self, user_id: UserID, network: str, remote_id: str) -> None:
+        await self.db.execute(
+            "INSERT INTO ghost (user_id, network, remote_id, registered) VALUES ($1, $2, $3, true)"
+            " ON CONFLICT (user_id) DO UPDATE SET registered=true",
+            user_id, network, remote_id,
+        )
+
+    async def set_displayname(self, user_id: UserID, displayname: str) -> None:
+        await self.db.execute(
+            "UPDATE ghost SET displayname=$2 WHERE user_id=$1", user_id, displayname
+        )

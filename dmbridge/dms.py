@@ -1,0 +1,367 @@
+"""Open or reuse the one DM room between a ghost and a Matrix user, and send into it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from mautrix.appservice import AppService
+from mautrix.api import Method, Path
+from mautrix.errors import MatrixRequestError, MForbidden, MNotFound
+from mautrix.types import EventID, EventType, RoomCreatePreset, RoomID, UserID
+
+from .config import Settings
+from .db import Stores, now_ms
+from .db.dm import ACTIVE, CREATING, DMRecord
+from .db.message import SentMessage
+from .errors import Busy, HomeserverError, InvalidParam, TooLarge, UnknownRecipient
+from .ghosts import Ghosts
+from .homeserver import Homeserver
+from .locks import KeyedLocks
+from .networks import Network
+
+log = logging.getLogger("dmbridge.dms")
+
+_USER_ID = re.compile(r"@[\x21-\x39\x3b-\x7e]+:[A-Za-z0-9.\-\[\]:]+")
+# Room versions where the creator holds power implicitly and must not be in power_levels.users.
+_CREATOR_POWER_VERSIONS = frozenset({"12", "org.matrix.hydra.11"})
+MAX_CONTENT_BYTES = 60_000  # below the homeserver's 64 KiB event limit, leaving room for the rest
+
+
+@dataclass(frozen=True)
+class DM:
+    room_id: RoomID
+    network: str
+    remote_id: str
+    ghost_id: UserID
+    user_id: UserID
+    user_membership: str | None
+
+    @classmethod
+    def of(cls, record: DMRecord) -> DM:
+        assert record.room_id is not None
+        return cls(
+            room_id=record.room_id, network=record.network, remote_id=record.remote_id,
+            ghost_id=record.ghost_id, user_id=record.user_id,
+            user_membership=record.user_membership,
+        )
+
+
+@dataclass(frozen=True)
+class OpenedDM:
+    dm: DM
+    created: bool
+
+
+@dataclass(frozen=True)
+class SendResult:
+    room_id: RoomID
+    event_id: EventID
+    room_created: bool
+    duplicate: bool
+
+
+def txn_id_for(network_id: str, remote_id: str, message_id: str) -> str:
+    """Deterministic: the homeserver drops a resend of the same platform message."""
+    digest = hashlib.sha256(f"{network_id}\0{remote_id}\0{message_id}".encode()).hexdigest()
+    return f"dmbridge.{digest[:40]}"
+
+
+def _unusable_reason(record: DMRecord) -> str | None:
+    """Why this DM room cannot take the next message as it is, or None if it can."""
+    if record.ghost_membership != "join":
+        return f"the ghost is not in the room ({record.ghost_membership or 'unknown'})"
+    if record.others_joined:
+        return f"{record.others_joined} other member(s) joined"
+    if record.user_membership in ("join", "invite"):
+        return None
+    return "user-left"
+
+
+@asynccontextmanager
+async def homeserver_errors(what: str) -> AsyncIterator[None]:
+    """Turn a homeserver failure into an error the platform can act on."""
+    try:
+        yield
+    except MatrixRequestError as e:
+        raise HomeserverError(f"the homeserver refused to {what}: {e.errcode} {e.message}") from e
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        raise HomeserverError(f"the homeserver could not be reached to {what}: {e!r}") from e
+
+
+class DMService:
+    """The Python API of the bridge: open_dm, send, list_dms."""
+
+    def __init__(
+        self, *, settings: Settings, stores: Stores, appservice: AppService, ghosts: Ghosts,
+        homeserver: Homeserver,
+    ) -> None:
+        self.settings = settings
+        self.networks = settings.networks
+        self.stores = stores
+        self.appservice = appservice
+        self.ghosts = ghosts
+        self.homeserver = homeserver
+        self._pair_locks: KeyedLocks[tuple[UserID, UserID]] = KeyedLocks()
+        self._direct_locks: KeyedLocks[UserID] = KeyedLocks()
+        self._room_version: str | None = None
+
+    # --- the Python API ---------------------------------------------------------------------
+
+    async def open_dm(
+        self, network_id: str, remote_id: str, user_id: str, *, sender_name: str | None = None
+    ) -> OpenedDM:
+        network = self.networks.get(network_id)
+        ghost_id = network.ghost_user_id(remote_id)
+        recipient = self._check_recipient(user_id)
+        record = await self.stores.dms.get_current(ghost_id, recipient)
+        if record and record.state == ACTIVE and _unusable_reason(record) is None:
+            await self._sync_displayname(network, remote_id, sender_name, record.ghost_displayname)
+            return OpenedDM(DM.of(record), created=False)
+        async with self._pair_locks.hold((ghost_id, recipient)):
+            return await self._open_locked(network, remote_id, ghost_id, recipient, sender_name)
+
+    async def send(
+        self, network_id: str, remote_id: str, user_id: str, *, message_id: str, text: str,
+        html: str | None = None, sender_name: str | None = None,
+    ) -> SendResult:
+        network = self.networks.get(network_id)
+        network.check_remote_id(remote_id)
+        if not isinstance(message_id, str) or not 0 < len(message_id) <= 255:
+            raise InvalidParam("message_id must be a string of 1 to 255 characters")
+        content: dict[str, Any] = {"msgtype": "m.text", "body": text}
+        if html is not None:
+            content.update(format="org.matrix.custom.html", formatted_body=html)
+        size = len(json.dumps(content).encode())
+        if size > MAX_CONTENT_BYTES:
+            raise TooLarge(f"the message is {size} bytes; at most {MAX_CONTENT_BYTES} fit an event")
+
+        sent = await self.stores.messages.get(network.id, remote_id, message_id)
+        if sent is not None:
+            return SendResult(sent.room_id, sent.event_id, room_created=False, duplicate=True)
+        opened = await self.open_dm(network.id, remote_id, user_id, sender_name=sender_name)
+        txn_id = txn_id_for(network.id, remote_id, message_id)
+        try:
+            event_id = await self._send_into(opened.dm, txn_id, content)
+        except MForbidden as e:
+            # Our view of the room was behind the homeserver's: retire the room, open afresh.
+            log.warning("send into %s refused (%s); opening a new DM", opened.dm.room_id, e)
+            await self.stores.dms.end(opened.dm.room_id, now_ms())
+            opened = await self.open_dm(network.id, remote_id, user_id, sender_name=sender_name)
+            event_id = await self._send_into(opened.dm, txn_id, content)
+        sent = await self.stores.messages.put(
+            network.id, remote_id, message_id, SentMessage(opened.dm.room_id, event_id), now_ms()
+        )
+        return SendResult(sent.room_id, sent.event_id, room_created=opened.created, duplicate=False)
+
+    async def list_dms(
+        self, *, network_id: str | None = None, user_id: str | None = None,
+        remote_id: str | None = None, limit: int = 100,
+    ) -> list[DM]:
+        ghost_id = None
+        if remote_id is not None:
+            if network_id is None:
+                raise InvalidParam("remote_id needs a network")
+            ghost_id = self.networks.get(network_id).ghost_user_id(remote_id)
+        elif network_id is not None:
+            self.networks.get(network_id)
+        records = await self.stores.dms.list(
+            network=network_id, user_id=UserID(user_id) if user_id else None, ghost_id=ghost_id,
+            limit=limit,
+        )
+        return [DM.of(r) for r in records]
+
+    # --- open or reuse ----------------------------------------------------------------------
+
+    async def _open_locked(
+        self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
+        sender_name: str | None,
+    ) -> OpenedDM:
+        deadline = time.monotonic() + self.settings.creation_timeout
+        while True:
+            record = await self.stores.dms.get_current(ghost_id, user_id)
+            if record is None:
+                await self._check_recipient_exists(user_id)
+                claim = secrets.token_hex(8)
+                if await self.stores.dms.claim(
+                    ghost_id, user_id, network.id, remote_id, claim, now_ms()
+                ):
+                    return await self._create(network, remote_id, ghost_id, user_id, sender_name,
+                                              claim)
+                continue  # another worker claimed the pair first; wait for its room
+            if record.state == CREATING:
+                if time.monotonic() >= deadline:
+                    stale = now_ms() - record.updated_at > self.settings.creation_timeout * 1000
+                    claim = secrets.token_hex(8)
+                    if stale and await self.stores.dms.take_over(
+                        ghost_id, user_id, record.claim, claim, now_ms()
+                    ):
+                        log.warning("taking over an unfinished DM creation for %s / %s",
+                                    ghost_id, user_id)
+                        return await self._create(network, remote_id, ghost_id, user_id,
+                                                  sender_name, claim)
+                    raise Busy(f"the DM between {ghost_id} and {user_id} is still being created")
+                await asyncio.sleep(0.05)
+                continue
+            reason = _unusable_reason(record)
+            if reason is None:
+                await self._sync_displayname(network, remote_id, sender_name,
+                                             record.ghost_displayname)
+                return OpenedDM(DM.of(record), created=False)
+            assert record.room_id is not None
+            if reason == "user-left" and await self._reinvite(record):
+                return OpenedDM(DM.of(record), created=False)
+            log.info("DM room %s (%s / %s) is no longer usable: %s; opening a new one",
+                     record.room_id, ghost_id, user_id, reason)
+            await self.stores.dms.end(record.room_id, now_ms())
+
+    async def _create(
+        self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
+        sender_name: str | None, claim: str,
+    ) -> OpenedDM:
+        try:
+            async with homeserver_errors("create the DM room"):
+                await self.ghosts.ensure_registered(network, remote_id)
+                ghost = await self.stores.ghosts.get(ghost_id)
+                await self._sync_displayname(network, remote_id, sender_name,
+                                             ghost.displayname if ghost else None)
+                room_id = await self._create_room(network, remote_id, ghost_id, user_id)
+        except BaseException:
+            await self.stores.dms.release(ghost_id, user_id, claim)
+            raise
+        await self.stores.members.assume(room_id, ghost_id, "join")
+        await self.stores.members.assume(room_id, user_id, "invite")
+        await self.appservice.state_store.joined(room_id, ghost_id)
+        await self.appservice.state_store.invited(room_id, user_id)
+        if not await self.stores.dms.activate(ghost_id, user_id, claim, room_id, now_ms()):
+            log.error("DM room %s was created after its claim was taken over; it is unused",
+                      room_id)
+            raise Busy(f"the DM between {ghost_id} and {user_id} was being created twice")
+        log.info("opened DM room %s between %s and %s", room_id, ghost_id, user_id)
+        try:
+            await self._add_to_m_direct(ghost_id, user_id, room_id)
+        except (MatrixRequestError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+            # The room works; m.direct is repaired by the ghost's next DM (it merges every room).
+            log.error("could not list %s in the m.direct of %s: %r", room_id, ghost_id, e)
+        record = await self.stores.dms.get_current(ghost_id, user_id)
+        assert record is not None
+        return OpenedDM(DM.of(record), created=True)
+
+    async def _create_room(
+        self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID
+    ) -> RoomID:
+        users = {user_id: 100}
+        if await self._default_room_version() not in _CREATOR_POWER_VERSIONS:
+            users[ghost_id] = 100
+        bridge_info = {
+            "bridgebot": self.settings.bot_user_id,
+            "creator": ghost_id,
+            "protocol": {"id": network.id, "displayname": network.name},
+            "channel": {"id": remote_id},
+        }
+        state_key = f"dmbridge://{network.id}/{remote_id}"
+        return await self.ghosts.intent(ghost_id).create_room(
+            preset=RoomCreatePreset.PRIVATE,
+            is_direct=True,
+            invitees=[user_id],
+            initial_state=[
+                {"type": kind, "state_key": state_key, "content": bridge_info}
+                for kind in ("m.bridge", "uk.half-shot.bridge")
+            ],
+            power_level_override={"users": users},
+        )
+
+    async def _default_room_version(self) -> str:
+        if self._room_version is None:
+            caps = await self.appservice.intent.api.request(Method.GET, Path.v3.capabilities)
+            version = caps.get("capabilities", {}).get("m.room_versions", {}).get("default", "")
+            self._room_version = str(version)
+        return self._room_version
+
+    async def _reinvite(self, record: DMRecord) -> bool:
+        """Invite a user who left back into the same room; False if the room refuses."""
+        assert record.room_id is not None
+        try:
+            await self.ghosts.intent(record.ghost_id).invite_user(
+                record.room_id, record.user_id, extra_content={"is_direct": True},
+                ensure_joined=False,
+            )
+        except MForbidden as e:
+            log.info("could not re-invite %s to %s: %s", record.user_id, record.room_id, e)
+            return False
+        except (MatrixRequestError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise HomeserverError(f"the homeserver refused to re-invite the user: {e}") from e
+        if record.user_membership is None:
+            await self.stores.members.assume(record.room_id, record.user_id, "invite")
+        else:
+            await self.stores.members.replace(
+                record.room_id, record.user_id, record.user_membership, "invite"
+            )
+        log.info("re-invited %s to DM room %s", record.user_id, record.room_id)
+        return True
+
+    async def _add_to_m_direct(self, ghost_id: UserID, user_id: UserID, room_id: RoomID) -> None:
+        """Read, merge, write the ghost's m.direct: other entries are never lost."""
+        async with self._direct_locks.hold(ghost_id):
+            intent = self.ghosts.intent(ghost_id)
+            try:
+                current = dict(await intent.get_account_data(EventType.DIRECT))
+            except MNotFound:
+                current = {}
+            merged: dict[str, Any] = {k: list(v) if isinstance(v, list) else v
+                                      for k, v in current.items()}
+            known = await self.stores.dms.active_rooms_of_ghost(ghost_id)
+            known.setdefault(user_id, []).append(room_id)
+            for uid, rooms in known.items():
+                entry = merged.setdefault(uid, [])
+                if isinstance(entry, list):
+                    entry.extend(r for r in rooms if r not in entry)
+            if merged != current:
+                await intent.set_account_data(EventType.DIRECT, merged)
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _check_recipient(self, user_id: str) -> UserID:
+        if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id) or len(user_id) > 255:
+            raise InvalidParam(f"recipient {user_id!r} is not a Matrix user ID (@user:server)")
+        if user_id == self.settings.bot_user_id or self.networks.parse_ghost(user_id):
+            raise InvalidParam(f"recipient {user_id} is a user of this bridge, not a Matrix user")
+        return UserID(user_id)
+
+    async def _check_recipient_exists(self, user_id: UserID) -> None:
+        if user_id.split(":", 1)[1] != self.settings.domain:
+            return  # asking another server would cost a federation request; the invite will tell
+        try:
+            await self.appservice.intent.get_profile(user_id)
+        except MNotFound:
+            raise UnknownRecipient(f"{user_id} does not exist on this homeserver") from None
+        except (MatrixRequestError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise HomeserverError(f"the homeserver could not look up the recipient: {e!r}") from e
+
+    async def _sync_displayname(
+        self, network: Network, remote_id: str, sender_name: str | None, current: str | None
+    ) -> None:
+        async with homeserver_errors("set the ghost's display name"):
+            await self.ghosts.sync_displayname(network, remote_id, sender_name, current)
+
+    async def _send_into(self, dm: DM, txn_id: str, content: dict[str, Any]) -> EventID:
+        try:
+            return await self.homeserver.send_event(
+                dm.ghost_id, dm.room_id, "m.room.message", txn_id, content
+            )
+        except MForbidden:
+            raise
+        except (MatrixRequestError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise HomeserverError(f"the homeserver did not take the message: {e!r}") from e
+
+

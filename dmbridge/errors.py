@@ -1,0 +1,83 @@
+"""Errors the bridge reports to platforms, each with its HTTP status and Matrix-style errcode."""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """An error with a precise answer for the caller; ``str(e)`` is safe to show."""
+
+    status = 500
+    errcode = "M_UNKNOWN"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_json(self) -> dict[str, str]:
+        return {"errcode": self.errcode, "error": self.message}
+
+
+class BadRequest(BridgeError):
+    status = 400
+    errcode = "M_BAD_JSON"
+
+
+class NotJSON(BadRequest):
+    errcode = "M_NOT_JSON"
+
+
+class InvalidParam(BadRequest):
+    errcode = "M_INVALID_PARAM"
+
+
+class InvalidRemoteID(BadRequest):
+    errcode = "DMBRIDGE_INVALID_REMOTE_ID"
+
+
+class MissingToken(BridgeError):
+    status = 401
+    errcode = "M_MISSING_TOKEN"
+
+
+class UnknownToken(BridgeError):
+    status = 401
+    errcode = "M_UNKNOWN_TOKEN"
+
+
+class Forbidden(BridgeError):
+    status = 403
+    errcode = "M_FORBIDDEN"
+
+
+class UnknownNetwork(BridgeError):
+    status = 404
+    errcode = "DMBRIDGE_UNKNOWN_NETWORK"
+
+
+class UnknownRecipient(BridgeError):
+    status = 404
+    errcode = "DMBRIDGE_UNKNOWN_RECIPIENT"
+
+
+class NotFound(BridgeError):
+    status = 404
+    errcode = "M_NOT_FOUND"
+
+
+class TooLarge(BridgeError):
+    status = 413
+    errcode = "M_TOO_LARGE"
+
+
+class HomeserverError(BridgeError):
+    """The homeserver refused or failed a request; the platform may retry later."""
+
+    status = 502
+    errcode = "DMBRIDGE_HOMESERVER_ERROR"
+
+
+class Busy(BridgeError):
+    """Another request (maybe in another worker) holds the DM being opened for too long."""
+
+    status = 503
+    errcode = "DMBRIDGE_BUSY"

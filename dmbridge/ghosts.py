@@ -1,0 +1,51 @@
+"""Ghosts: the Matrix accounts that stand for remote users. Registered once, named on change."""
+
+from __future__ import annotations
+
+import logging
+
+from mautrix.appservice import AppService, IntentAPI
+from mautrix.types import UserID
+
+from .db import Stores
+from .networks import Network
+
+log = logging.getLogger("dmbridge.ghosts")
+
+
+class Ghosts:
+    def __init__(self, appservice: AppService, stores: Stores) -> None:
+        self.appservice = appservice
+        self.stores = stores
+
+    def intent(self, user_id: UserID) -> IntentAPI:
+        return self.appservice.intent.user(user_id)
+
+    async def ensure_registered(self, network: Network, remote_id: str) -> UserID:
+        """Register the ghost on the homeserver unless the database says it already is."""
+        ghost_id = network.ghost_user_id(remote_id)
+        ghost = await self.stores.ghosts.get(ghost_id)
+        if ghost is None or not ghost.registered:
+            await self.intent(ghost_id).ensure_registered()
+            await self.stores.ghosts.mark_registered(ghost_id, network.id, remote_id)
+            log.info("registered ghost %s for %s user %s", ghost_id, network.id, remote_id)
+        # Tell mautrix too, so its intents skip their own registration request.
+        await self.appservice.state_store.registered(ghost_id)
+        return ghost_id
+
+    async def sync_displayname(
+        self, network: Network, remote_id: str, sender_name: str | None, current: str | None
+    ) -> None:
+        """Set the display name the platform implies; no request when it is unchanged.
+
+        A request without a sender name keeps the name the ghost already has.
+        """
+        if sender_name is None and current is not None:
+            return
+        wanted = network.ghost_displayname(remote_id, sender_name)
+        if wanted == current:
+            return
+        ghost_id = network.ghost_user_id(remote_id)
+        await self.intent(ghost_id).set_displayname(wanted)
+        await self.stores.ghosts.set_displayname(ghost_id, wanted)
+        log.info("display name of %s is now %r", ghost_id, wanted)

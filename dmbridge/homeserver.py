@@ -1,0 +1,106 @@
+"""Requests to the homeserver: counted, and the hot-path send made without extra layers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import Counter, deque
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from mautrix.errors import MatrixRequestError, make_request_error
+from mautrix.types import EventID, RoomID, UserID
+
+log = logging.getLogger("dmbridge.homeserver")
+
+_RETRY_STATUSES = (502, 503, 504)
+
+
+class RequestLog:
+    """Every request the bridge makes to the homeserver: a total, per-endpoint counts, recent ones."""
+
+    def __init__(self, recent: int = 1000) -> None:
+        self.total = 0
+        self.by_endpoint: Counter[str] = Counter()
+        self.recent: deque[tuple[str, str]] = deque(maxlen=recent)
+
+    def add(self, method: str, path: str) -> None:
+        self.total += 1
+        self.recent.append((method, path))
+        self.by_endpoint[f"{method} {_endpoint(path)}"] += 1
+
+    def trace_config(self) -> aiohttp.TraceConfig:
+        async def on_start(
+            _: aiohttp.ClientSession, __: SimpleNamespace, params: aiohttp.TraceRequestStartParams
+        ) -> None:
+            self.add(params.method, params.url.path)
+
+        config = aiohttp.TraceConfig()
+        config.on_request_start.append(on_start)
+        return config
+
+
+def _endpoint(path: str) -> str:
+    """The path with IDs replaced, so counts group by endpoint."""
+    parts = path.split("/")
+    out = []
+    for i, part in enumerate(parts):
+        prev = parts[i - 1] if i else ""
+        if part.startswith(("%21", "!", "%40", "@", "%24", "$")) or prev in ("send", "state"):
+            out.append("{id}" if prev != "send" else "{type}")
+        elif i >= 2 and parts[i - 2] == "send":
+            out.append("{txn}")
+        else:
+            out.append(part)
+    return "/".join(out)
+
+
+class Homeserver:
+    """The appservice's own HTTP path to the homeserver for the per-message send."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, as_token: str) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {as_token}"}
+
+    async def send_event(
+        self, ghost_id: UserID, room_id: RoomID, event_type: str, txn_id: str,
+        content: dict[str, Any], attempts: int = 3,
+    ) -> EventID:
+        """Send as a ghost. The txn_id makes retries (ours or the platform's) land once."""
+        url = (
+            f"{self.base_url}/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/"
+            f"{quote(event_type, safe='')}/{quote(txn_id, safe='')}"
+        )
+        body = json.dumps(content)
+        delay = 0.5
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self.session.put(
+                    url, data=body, params={"user_id": ghost_id},
+                    headers={**self._headers, "Content-Type": "application/json"},
+                ) as resp:
+                    text = await resp.text()
+                    if resp.status == 200:
+                        return EventID(json.loads(text)["event_id"])
+                    if resp.status not in _RETRY_STATUSES or attempt == attempts:
+                        raise _request_error(resp.status, text)
+            except aiohttp.ClientError as e:
+                if attempt == attempts:
+                    raise
+                log.warning("send to %s failed (%s), retrying", room_id, e)
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+
+def _request_error(status: int, text: str) -> MatrixRequestError:
+    try:
+        data = json.loads(text)
+        errcode, message = data.get("errcode"), data.get("error")
+    except (ValueError, AttributeError):
+        errcode, message = None, None
+    return make_request_error(status, text, errcode, message)

@@ -1,0 +1,97 @@
+"""What the homeserver tells the bridge: transactions of events, and questions about ghosts."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mautrix.appservice import AppService
+from mautrix.errors import MatrixRequestError
+from mautrix.types import Event, EventID, RoomID, SerializerError, UserID
+
+from .db import Stores, now_ms
+from .ghosts import Ghosts
+from .networks import Networks
+
+log = logging.getLogger("dmbridge.matrix")
+
+_MEMBERSHIPS = frozenset({"join", "invite", "leave", "ban", "knock"})
+PROCESSED_EVENT_TTL_MS = 7 * 24 * 3600 * 1000
+
+
+class MatrixHandler:
+    def __init__(
+        self, *, stores: Stores, networks: Networks, appservice: AppService, ghosts: Ghosts
+    ) -> None:
+        self.stores = stores
+        self.networks = networks
+        self.appservice = appservice
+        self.ghosts = ghosts
+
+    async def handle_transaction(self, txn_id: str, events: list[Any]) -> None:
+        """Record the events durably; returns only once they are committed.
+
+        Events already processed (a resent transaction, whatever its ID) change nothing.
+        Raises on a database failure, so the homeserver sends the transaction again.
+        """
+        fresh: list[dict[str, Any]] = []
+        at = now_ms()
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            for raw in events:
+                event_id = raw.get("event_id") if isinstance(raw, dict) else None
+                if not isinstance(event_id, str):
+                    log.warning("txn %s: skipping an event without an event_id: %.200r", txn_id, raw)
+                    continue
+                if not await self.stores.events.claim(conn, EventID(event_id), at):
+                    log.debug("txn %s: %s already processed", txn_id, event_id)
+                    continue
+                fresh.append(raw)
+                membership = _membership(raw)
+                if membership is not None:
+                    room_id, user_id = RoomID(raw["room_id"]), UserID(raw["state_key"])
+                    await self.stores.members.record(
+                        conn, room_id, user_id, membership, EventID(event_id)
+                    )
+                    log.info("%s: %s is now %s (%s)", room_id, user_id, membership, event_id)
+        for raw in fresh:
+            await self._update_state_store(raw)
+        if events:
+            log.debug("txn %s: %d events, %d new", txn_id, len(events), len(fresh))
+
+    async def _update_state_store(self, raw: dict[str, Any]) -> None:
+        """Keep mautrix's state store (used by its intents) in step with ours."""
+        try:
+            event = Event.deserialize(raw)
+        except SerializerError:
+            log.warning("could not parse event %s of type %s", raw.get("event_id"), raw.get("type"))
+            return
+        await self.appservice.state_store.update_state(event)
+
+    async def query_user(self, user_id: str) -> bool:
+        """Does this ghost exist? Registers it first, as the spec asks, when it is valid."""
+        if user_id == self.appservice.bot_mxid:
+            return True
+        parsed = self.networks.parse_ghost(user_id)
+        if parsed is None:
+            log.info("user query for %s: not a ghost of any configured network", user_id)
+            return False
+        network, remote_id = parsed
+        try:
+            await self.ghosts.ensure_registered(network, remote_id)
+        except MatrixRequestError as e:
+            log.error("user query for %s: registering failed: %s", user_id, e)
+            raise
+        return True
+
+    async def prune(self) -> None:
+        await self.stores.events.prune(now_ms() - PROCESSED_EVENT_TTL_MS)
+
+
+def _membership(raw: dict[str, Any]) -> str | None:
+    if raw.get("type") != "m.room.member" or not isinstance(raw.get("state_key"), str):
+        return None
+    if not isinstance(raw.get("room_id"), str):
+        return None
+    content = raw.get("content")
+    membership = content.get("membership") if isinstance(content, dict) else None
+    return membership if membership in _MEMBERSHIPS else None
