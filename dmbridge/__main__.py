@@ -153,7 +153,7 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("-c", "--config", type=Path, default=Path("config.yaml"),
                         help="config file (default: %(default)s)")
 
-    g = sub.add_parser("generate", help="write config.yaml with fresh tokens, and registration.yaml",
+    g = sub.add_parser("generate", help="write config.yaml (fresh tokens) and registration.yaml",
                        description="Write (or upgrade) the config from the packaged example, fill "
                        "in fresh tokens, and write the registration file for the homeserver.")
     with_config(g)

@@ -14,8 +14,7 @@ import logging
 
 import aiohttp
 from aiohttp import web
-from mautrix.appservice import AppService
-from mautrix.appservice.api import AppServiceAPI
+from mautrix.appservice import AppService, AppServiceAPI
 from mautrix.appservice.state_store import ASStateStore
 
 from .config import Settings
@@ -51,12 +50,13 @@ class BridgeAppService(AppService):
 
     def new_session(self, requests: RequestLog) -> aiohttp.ClientSession:
         """The one client session for the homeserver, with every request counted."""
-        self._http_session = aiohttp.ClientSession(
+        session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.connection_limit),
             headers={"User-Agent": self.default_ua},
             trace_configs=[requests.trace_config()],
         )
-        return self._http_session
+        self._http_session = session
+        return session
 
     async def start(self, host: str = "127.0.0.1", port: int = 8080) -> None:
         """As mautrix's start, but on the session from :meth:`new_session`."""
@@ -68,7 +68,7 @@ class BridgeAppService(AppService):
             token=self.as_token,
             state_store=self.state_store,
             bridge_name=self.bridge_name,
-            client_session=self._http_session,
+            client_session=self.http_session,
             default_retry_count=self.default_http_retry_count,
         ).bot_intent()
         self.runner = web.AppRunner(self.app, access_log=None)

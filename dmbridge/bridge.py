@@ -34,7 +34,7 @@ class Bridge:
             settings.database_url,
             upgrade_table=upgrade_table,
             db_args=self._db_args(settings),
-            log=logging.getLogger("dmbridge.db"),  # type: ignore[arg-type]
+            log=logging.getLogger("dmbridge.db"),
         )
         self.state_store = PgASStateStore(self.db)
         self.stores = Stores.over(self.db)

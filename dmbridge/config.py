@@ -151,7 +151,7 @@ class _Reader:
             raise ConfigError(key, "missing")
         return value
 
-    def str(self, key: str, pattern: re.Pattern[str] | None = None, secret: bool = False) -> str:
+    def text(self, key: str, pattern: re.Pattern[str] | None = None, secret: bool = False) -> str:
         value = self.get(key)
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(key, f"must be a non-empty string, got {value!r}")
@@ -162,13 +162,13 @@ class _Reader:
         return value
 
     def url(self, key: str) -> str:
-        value = self.str(key)
+        value = self.text(key)
         url = URL(value)
         if url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(key, f"must be an http(s) URL, got {value!r}")
         return value.rstrip("/")
 
-    def int(self, key: str, low: int, high: int) -> int:
+    def integer(self, key: str, low: int, high: int) -> int:
         value = self.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ConfigError(key, f"must be an integer from {low} to {high}, got {value!r}")
@@ -232,7 +232,9 @@ def _network(r: _Reader, i: int, domain: str) -> Network:
     try:
         pattern = re.compile(str(field("remote_id_pattern")))
     except re.error as e:
-        raise ConfigError(f"{key}.remote_id_pattern", f"not a valid regular expression: {e}")
+        raise ConfigError(
+            f"{key}.remote_id_pattern", f"not a valid regular expression: {e}"
+        ) from None
     tokens = raw.get("tokens")
     if not isinstance(tokens, list) or not tokens:
         raise ConfigError(f"{key}.tokens", "must be a list of at least one token")
@@ -262,48 +264,53 @@ def _check_networks(networks: list[Network], bot_localpart: str) -> None:
             if a.startswith(b) or b.startswith(a):
                 raise ConfigError(
                     f"networks[{i}].ghost_localpart",
-                    f"ghost IDs could be confused with network '{other.id}' (prefixes '{a}', '{b}')",
+                    f"ghost IDs could be confused with network '{other.id}' "
+                    f"(prefixes '{a}', '{b}')",
                 )
         for token in net.tokens:
             if token in seen_tokens and seen_tokens[token] != net.id:
-                raise ConfigError(f"networks[{i}].tokens", f"shares a token with '{seen_tokens[token]}'")
+                raise ConfigError(
+                    f"networks[{i}].tokens", f"shares a token with '{seen_tokens[token]}'"
+                )
             seen_tokens[token] = net.id
         if net.parse_ghost(f"@{bot_localpart}:{net.domain}") is not None:
-            raise ConfigError("appservice.bot_username", f"falls inside network '{net.id}' ghost IDs")
+            raise ConfigError(
+                "appservice.bot_username", f"falls inside network '{net.id}' ghost IDs"
+            )
 
 
 def load_settings(config: Config) -> Settings:
     r = _Reader(config)
-    domain = r.str("homeserver.domain", _DOMAIN)
+    domain = r.text("homeserver.domain", _DOMAIN)
     if not isinstance(config.get("networks", None), list) or not config["networks"]:
         raise ConfigError("networks", "must list at least one network")
     networks = [_network(r, i, domain) for i in range(len(config["networks"]))]
-    bot = r.str("appservice.bot_username")
+    bot = r.text("appservice.bot_username")
     if not is_valid_localpart(bot):
         raise ConfigError("appservice.bot_username", f"{bot!r} is not a valid localpart")
     _check_networks(networks, bot)
-    level = r.str("logging.level").upper()
+    level = r.text("logging.level").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("logging.level", f"must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
     base_dir = Path(config.path).resolve().parent
-    min_size = r.int("database.min_size", 0, 1000)
-    max_size = r.int("database.max_size", 1, 1000)
+    min_size = r.integer("database.min_size", 0, 1000)
+    max_size = r.integer("database.max_size", 1, 1000)
     if max_size < min_size:
         raise ConfigError("database.max_size", "must not be below database.min_size")
     return Settings(
         homeserver_url=r.url("homeserver.address"),
         domain=domain,
         appservice_address=r.url("appservice.address"),
-        hostname=r.str("appservice.hostname"),
-        port=r.int("appservice.port", 1, 65535),
-        appservice_id=r.str("appservice.id"),
+        hostname=r.text("appservice.hostname"),
+        port=r.integer("appservice.port", 1, 65535),
+        appservice_id=r.text("appservice.id"),
         bot_localpart=bot,
-        as_token=r.str("appservice.as_token", secret=True),
-        hs_token=r.str("appservice.hs_token", secret=True),
-        database_url=_database_url(r.str("database.url"), base_dir),
+        as_token=r.text("appservice.as_token", secret=True),
+        hs_token=r.text("appservice.hs_token", secret=True),
+        database_url=_database_url(r.text("database.url"), base_dir),
         db_min_size=min_size,
         db_max_size=max_size,
-        max_body_bytes=r.int("api.max_body_bytes", 1024, 64 * 1024 * 1024),
+        max_body_bytes=r.integer("api.max_body_bytes", 1024, 64 * 1024 * 1024),
         creation_timeout=r.number("dm.creation_timeout", 1, 3600),
         networks=Networks(networks),
         log_level=level,

@@ -34,6 +34,7 @@ def _prepare(workdir: Path) -> tuple[Path, Path]:
     """Write the demo's config and registration once; later runs reuse them (and their ports)."""
     from .__main__ import generate
 
+    workdir.mkdir(parents=True, exist_ok=True)
     config, registration = workdir / "config.yaml", workdir / "registration.yaml"
     if not config.exists():
         hs_port, bridge_port = _port(8008), _port(29340)
@@ -56,8 +57,7 @@ def _password(workdir: Path) -> str:
 
 
 async def run_demo(workdir: Path, *, once: bool) -> int:
-    workdir.mkdir(parents=True, exist_ok=True)
-    config_path, registration = _prepare(workdir)
+    config_path, registration = await asyncio.to_thread(_prepare, workdir)
     settings = open_config(config_path)
     network = next(iter(settings.networks))
     log.info("demo folder: %s", workdir)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from mautrix.appservice import AppService
 from mautrix.api import Method, Path
+from mautrix.appservice import AppService
 from mautrix.errors import MatrixRequestError, MForbidden, MNotFound
 from mautrix.types import EventID, EventType, RoomCreatePreset, RoomID, UserID
 
@@ -95,7 +95,7 @@ async def homeserver_errors(what: str) -> AsyncIterator[None]:
         yield
     except MatrixRequestError as e:
         raise HomeserverError(f"the homeserver refused to {what}: {e.errcode} {e.message}") from e
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         raise HomeserverError(f"the homeserver could not be reached to {what}: {e!r}") from e
 
 
@@ -175,7 +175,7 @@ class DMService:
             ghost_id = self.networks.get(network_id).ghost_user_id(remote_id)
         elif network_id is not None:
             self.networks.get(network_id)
-        records = await self.stores.dms.list(
+        records = await self.stores.dms.find(
             network=network_id, user_id=UserID(user_id) if user_id else None, ghost_id=ghost_id,
             limit=limit,
         )
@@ -250,7 +250,7 @@ class DMService:
         log.info("opened DM room %s between %s and %s", room_id, ghost_id, user_id)
         try:
             await self._add_to_m_direct(ghost_id, user_id, room_id)
-        except (MatrixRequestError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, MatrixRequestError, aiohttp.ClientError) as e:
             # The room works; m.direct is repaired by the ghost's next DM (it merges every room).
             log.error("could not list %s in the m.direct of %s: %r", room_id, ghost_id, e)
         record = await self.stores.dms.get_current(ghost_id, user_id)
@@ -294,12 +294,12 @@ class DMService:
         try:
             await self.ghosts.intent(record.ghost_id).invite_user(
                 record.room_id, record.user_id, extra_content={"is_direct": True},
-                ensure_joined=False,
+                ensure_joined=False,  # type: ignore[call-arg]  # taken by mautrix's wrapper
             )
         except MForbidden as e:
             log.info("could not re-invite %s to %s: %s", record.user_id, record.room_id, e)
             return False
-        except (MatrixRequestError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, MatrixRequestError, aiohttp.ClientError) as e:
             raise HomeserverError(f"the homeserver refused to re-invite the user: {e}") from e
         if record.user_membership is None:
             await self.stores.members.assume(record.room_id, record.user_id, "invite")
@@ -345,7 +345,7 @@ class DMService:
             await self.appservice.intent.get_profile(user_id)
         except MNotFound:
             raise UnknownRecipient(f"{user_id} does not exist on this homeserver") from None
-        except (MatrixRequestError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, MatrixRequestError, aiohttp.ClientError) as e:
             raise HomeserverError(f"the homeserver could not look up the recipient: {e!r}") from e
 
     async def _sync_displayname(
@@ -361,7 +361,7 @@ class DMService:
             )
         except MForbidden:
             raise
-        except (MatrixRequestError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, MatrixRequestError, aiohttp.ClientError) as e:
             raise HomeserverError(f"the homeserver did not take the message: {e!r}") from e
 
 

@@ -20,7 +20,7 @@ _RETRY_STATUSES = (502, 503, 504)
 
 
 class RequestLog:
-    """Every request the bridge makes to the homeserver: a total, per-endpoint counts, recent ones."""
+    """Every request the bridge makes to the homeserver: total, per endpoint, the latest."""
 
     def __init__(self, recent: int = 1000) -> None:
         self.total = 0

@@ -8,6 +8,7 @@ from typing import Any
 from mautrix.appservice import AppService
 from mautrix.errors import MatrixRequestError
 from mautrix.types import Event, EventID, RoomID, SerializerError, UserID
+from mautrix.util.async_db import Connection
 
 from .db import Stores, now_ms
 from .ghosts import Ghosts
@@ -36,11 +37,12 @@ class MatrixHandler:
         """
         fresh: list[dict[str, Any]] = []
         at = now_ms()
+        conn: Connection
         async with self.stores.db.acquire() as conn, conn.transaction():
             for raw in events:
                 event_id = raw.get("event_id") if isinstance(raw, dict) else None
                 if not isinstance(event_id, str):
-                    log.warning("txn %s: skipping an event without an event_id: %.200r", txn_id, raw)
+                    log.warning("txn %s: skipping an event with no event_id: %.200r", txn_id, raw)
                     continue
                 if not await self.stores.events.claim(conn, EventID(event_id), at):
                     log.debug("txn %s: %s already processed", txn_id, event_id)

@@ -60,7 +60,7 @@ class DMStore:
         row = await self.db.fetchrow(_SELECT + " WHERE dm.room_id=$1", room_id)
         return _record(row) if row else None
 
-    async def list(
+    async def find(
         self,
         *,
         network: str | None = None,

@@ -1,10 +1,9 @@
-from mautrix.util.async_db import Connection
+from mautrix.util.async_db import Connection, Scheme
 
 from . import upgrade_table
 
 
-@upgrade_table.register(description="Ghosts, DMs, memberships, sent messages, processed events")
-async def upgrade_v1(conn: Connection) -> None:
+async def upgrade_v1(conn: Connection, scheme: Scheme) -> None:
     await conn.execute("""
         CREATE TABLE ghost (
             user_id      TEXT PRIMARY KEY,
@@ -60,3 +59,8 @@ async def upgrade_v1(conn: Connection) -> None:
             received_at  BIGINT NOT NULL
         )
     """)
+
+
+upgrade_table.register(
+    upgrade_v1, description="Ghosts, DMs, memberships, sent messages, processed events"
+)
