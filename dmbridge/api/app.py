@@ -20,7 +20,7 @@ log = logging.getLogger("dmbridge.api")
 PREFIX = "/_dmbridge/v1"
 SERVICE = web.AppKey("service", DMService)
 SETTINGS = web.AppKey("settings", Settings)
-NETWORK = "dmbridge.network"
+NETWORK = web.RequestKey("network", Network)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _HTTP_ERRCODES = {404: "M_UNRECOGNIZED", 405: "M_UNRECOGNIZED", 413: "M_TOO_LARGE"}

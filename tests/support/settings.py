@@ -1,0 +1,62 @@
+"""Bridge settings for tests, built through the same path as a real config file."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from dmbridge.config import Config, Settings, load_settings
+
+SMS_TOKEN = "sms-token-0123456789abcdef"
+CHAT_TOKEN = "chat-token-0123456789abcdef"
+AS_TOKEN = "as-token-0123456789abcdef"
+HS_TOKEN = "hs-token-0123456789abcdef"
+
+NETWORKS = [
+    {
+        "id": "sms",
+        "name": "SMS",
+        "ghost_localpart": "dm_{network}_{remote_id}",
+        "displayname": "{name} (SMS)",
+        "remote_id_pattern": r"\+[1-9][0-9]{6,14}",
+        "tokens": [SMS_TOKEN],
+    },
+    {
+        "id": "chat",
+        "name": "Chat",
+        "ghost_localpart": "dm_{network}_{remote_id}",
+        "displayname": "{name} (Chat)",
+        "remote_id_pattern": "[A-Za-z0-9._-]{1,64}",
+        "tokens": [CHAT_TOKEN],
+    },
+]
+
+
+def make_settings(
+    folder: Path, *, homeserver_url: str, domain: str, port: int, db_url: str,
+    **overrides: Any,
+) -> Settings:
+    yaml = YAML()
+    data = yaml.load(resources.files("dmbridge").joinpath("example-config.yaml").read_text())
+    data["homeserver"]["address"] = homeserver_url
+    data["homeserver"]["domain"] = domain
+    data["appservice"].update(
+        address=f"http://127.0.0.1:{port}", hostname="127.0.0.1", port=port,
+        as_token=AS_TOKEN, hs_token=HS_TOKEN,
+    )
+    data["database"]["url"] = db_url
+    data["networks"] = NETWORKS
+    data["logging"]["level"] = "DEBUG"
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        data[section][name] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    with path.open("w") as f:
+        yaml.dump(data, f)
+    config = Config(path)
+    config.load()
+    return load_settings(config)
