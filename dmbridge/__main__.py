@@ -14,7 +14,14 @@ from typing import Any
 
 import aiohttp
 
-from .config import Config, ConfigError, load_settings, open_config, write_registration
+from .config import (
+    Config,
+    ConfigError,
+    check_shape,
+    load_settings,
+    open_config,
+    write_registration,
+)
 
 
 def _setup_logging(level: str) -> None:
@@ -38,6 +45,7 @@ def generate(
         config_path.chmod(0o600)
     config = Config(config_path)
     config.load()
+    check_shape(config, str(config_path))
     config.update(save=False)
     for key, value in overrides.items():
         if value is not None:
@@ -70,7 +78,12 @@ async def _run(config_path: Path) -> int:
     settings = open_config(config_path)
     _setup_logging(settings.log_level)
     bridge = Bridge(settings)
-    await bridge.start()
+    try:
+        await bridge.start()
+    except Exception as e:
+        debug = settings.log_level == "DEBUG"
+        logging.getLogger("dmbridge").error("could not start: %s", e, exc_info=debug)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

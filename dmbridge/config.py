@@ -20,6 +20,7 @@ from .networks import Network, Networks
 EXAMPLE = "pkg://dmbridge/example-config.yaml"
 ENV_PREFIX = "DMBRIDGE_"
 PLACEHOLDER = "generate"
+SECTIONS = ("homeserver", "appservice", "database", "api", "dm", "networks", "logging")
 _NETWORK_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _DOMAIN = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
@@ -73,8 +74,9 @@ class Config(BaseFileConfig):
             if not name.startswith(ENV_PREFIX):
                 continue
             path = name[len(ENV_PREFIX) :].lower().split("__")
-            value = YAML(typ="safe").load(raw) if raw else raw
-            _set_path(self._data, path, value, name)
+            if path[0] not in SECTIONS:
+                continue  # another program's DMBRIDGE_ variable (DMBRIDGE_CACHE, ...)
+            _set_path(self._data, path, raw, name)
             applied.append(".".join(path))
         return applied
 
@@ -93,9 +95,24 @@ def _set_path(data: Any, path: list[str], value: Any, env_name: str) -> None:
         else:
             raise ConfigError(".".join(path[:i]), f"{env_name} goes inside a plain value")
         if last:
-            data[index] = value
+            data[index] = _env_value(value, data[index] if _has(data, index) else None)
         else:
             data = data[index]
+
+
+def _has(data: Any, index: Any) -> bool:
+    return index in data if isinstance(data, dict) else index < len(data)
+
+
+def _env_value(raw: str, current: Any) -> Any:
+    """A string where the config holds a string (templates, tokens); otherwise a YAML scalar."""
+    if isinstance(current, str):
+        return raw
+    try:
+        value = YAML(typ="safe").load(raw)
+    except Exception:
+        return raw
+    return value if isinstance(value, str | int | float | bool) or value is None else raw
 
 
 @dataclass(frozen=True)
@@ -126,8 +143,8 @@ class Settings:
     def registration(self) -> dict[str, Any]:
         """The appservice registration the homeserver needs."""
         users = [{"exclusive": True, "regex": n.namespace_regex()} for n in self.networks]
-        users.append({"exclusive": True, "regex": "@" + re.escape(self.bot_localpart) + ":"
-                      + re.escape(self.domain)})
+        users.append({"exclusive": True, "regex": "^@" + re.escape(self.bot_localpart) + ":"
+                      + re.escape(self.domain) + "$"})
         return {
             "id": self.appservice_id,
             "url": self.appservice_address,
@@ -157,14 +174,20 @@ class _Reader:
             raise ConfigError(key, f"must be a non-empty string, got {value!r}")
         if secret and value == PLACEHOLDER:
             raise ConfigError(key, 'still "generate"; run `dmbridge generate` to fill it in')
+        if secret and len(value) < 16:
+            raise ConfigError(key, "must be 16 characters or more")
         if pattern and not pattern.fullmatch(value):
             raise ConfigError(key, f"{value!r} does not match {pattern.pattern}")
         return value
 
     def url(self, key: str) -> str:
         value = self.text(key)
-        url = URL(value)
-        if url.scheme not in ("http", "https") or not url.host:
+        try:
+            url = URL(value)
+            valid = url.scheme in ("http", "https") and bool(url.host) and url.port is not None
+        except ValueError:
+            valid = False
+        if not valid:
             raise ConfigError(key, f"must be an http(s) URL, got {value!r}")
         return value.rstrip("/")
 
@@ -225,7 +248,7 @@ def _network(r: _Reader, i: int, domain: str) -> Network:
     displayname = str(field("displayname"))
     try:
         displayname.format(name="n", remote_id="r", network_name="x")
-    except (KeyError, IndexError, ValueError) as e:
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
         raise ConfigError(
             f"{key}.displayname", f"may only use {{name}}, {{remote_id}}, {{network_name}}: {e}"
         ) from None
@@ -239,10 +262,10 @@ def _network(r: _Reader, i: int, domain: str) -> Network:
     if not isinstance(tokens, list) or not tokens:
         raise ConfigError(f"{key}.tokens", "must be a list of at least one token")
     for j, token in enumerate(tokens):
-        if not isinstance(token, str) or len(token) < 16:
-            raise ConfigError(f"{key}.tokens[{j}]", "must be a string of 16 characters or more")
         if token == PLACEHOLDER:
             raise ConfigError(f"{key}.tokens[{j}]", 'still "generate"; run `dmbridge generate`')
+        if not isinstance(token, str) or len(token) < 16:
+            raise ConfigError(f"{key}.tokens[{j}]", "must be a string of 16 characters or more")
     return Network(
         id=network_id,
         name=str(field("name")),
@@ -317,14 +340,26 @@ def load_settings(config: Config) -> Settings:
     )
 
 
+def check_shape(config: Config, path: str) -> None:
+    """Sections must be mappings (networks a list) before the upgrade can merge them."""
+    if not isinstance(config._data, dict):
+        raise ConfigError("(file)", f"{path} is not a YAML mapping")
+    for section in SECTIONS:
+        if section not in config._data:
+            continue
+        value, wanted = config._data[section], list if section == "networks" else dict
+        if not isinstance(value, wanted):
+            kind = "a list" if wanted is list else "a mapping of keys"
+            raise ConfigError(section, f"must be {kind}, got {value!r}")
+
+
 def open_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
     """Load, upgrade in place (keeping the user's values), apply env overrides, validate."""
     if not Path(path).exists():
         raise ConfigError("(file)", f"{path} does not exist; create it with `dmbridge generate`")
     config = Config(path)
     config.load()
-    if not isinstance(config._data, dict):
-        raise ConfigError("(file)", f"{path} is not a YAML mapping")
+    check_shape(config, str(path))
     config.update(save=os.access(path, os.W_OK))
     config.apply_env(os.environ if environ is None else environ)
     return load_settings(config)
@@ -333,5 +368,7 @@ def open_config(path: str | Path, environ: Mapping[str, str] | None = None) -> S
 def write_registration(settings: Settings, path: str | Path) -> None:
     yaml = YAML()
     yaml.indent(mapping=2, sequence=4, offset=2)
-    with open(path, "w") as stream:
+    # It holds both tokens: readable by the owner only, like config.yaml.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as stream:
         yaml.dump(settings.registration(), stream)

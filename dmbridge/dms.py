@@ -142,7 +142,7 @@ class DMService:
         content: dict[str, Any] = {"msgtype": "m.text", "body": text}
         if html is not None:
             content.update(format="org.matrix.custom.html", formatted_body=html)
-        size = len(json.dumps(content).encode())
+        size = len(json.dumps(content, ensure_ascii=False).encode())  # as the homeserver counts
         if size > MAX_CONTENT_BYTES:
             raise TooLarge(f"the message is {size} bytes; at most {MAX_CONTENT_BYTES} fit an event")
 
@@ -158,7 +158,10 @@ class DMService:
             log.warning("send into %s refused (%s); opening a new DM", opened.dm.room_id, e)
             await self.stores.dms.end(opened.dm.room_id, now_ms())
             opened = await self.open_dm(network.id, remote_id, user_id, sender_name=sender_name)
-            event_id = await self._send_into(opened.dm, txn_id, content)
+            try:
+                event_id = await self._send_into(opened.dm, txn_id, content)
+            except MForbidden as again:
+                raise HomeserverError(f"the homeserver refused the message: {again}") from again
         sent = await self.stores.messages.put(
             network.id, remote_id, message_id, SentMessage(opened.dm.room_id, event_id), now_ms()
         )
@@ -343,9 +346,12 @@ class DMService:
             return  # asking another server would cost a federation request; the invite will tell
         try:
             await self.appservice.intent.get_profile(user_id)
-        except MNotFound:
-            raise UnknownRecipient(f"{user_id} does not exist on this homeserver") from None
-        except (TimeoutError, MatrixRequestError, aiohttp.ClientError) as e:
+        except MatrixRequestError as e:
+            # Synapse answers 404 with M_UNKNOWN ("No row found") for users that do not exist.
+            if e.http_status == 404:
+                raise UnknownRecipient(f"{user_id} does not exist on this homeserver") from None
+            raise HomeserverError(f"the homeserver could not look up the recipient: {e!r}") from e
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise HomeserverError(f"the homeserver could not look up the recipient: {e!r}") from e
 
     async def _sync_displayname(

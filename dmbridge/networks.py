@@ -67,8 +67,8 @@ class Network:
 
     def namespace_regex(self) -> str:
         return (
-            "@" + re.escape(self.localpart_prefix) + ".+" + re.escape(self.localpart_suffix)
-            + ":" + re.escape(self.domain)
+            "^@" + re.escape(self.localpart_prefix) + ".+" + re.escape(self.localpart_suffix)
+            + ":" + re.escape(self.domain) + "$"
         )
 
     def accepts_token(self, token: str) -> bool:

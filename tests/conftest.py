@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,15 +18,18 @@ REQUIRE_ALL = os.environ.get("DMBRIDGE_TEST_REQUIRE_ALL") == "1"
 
 
 @pytest.fixture(scope="session")
-def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
+def pg_cluster() -> Iterator[PostgresCluster]:
     if find_pg_bin() is None:
         if REQUIRE_ALL:
             pytest.fail("PostgreSQL is not installed (apt-get install postgresql)")
         pytest.skip("PostgreSQL is not installed")
-    cluster = PostgresCluster(tmp_path_factory.mktemp("pg"))
+    # Outside pytest's temp tree: pytest resets its folders to 0700, which locks postgres out.
+    folder = Path(tempfile.mkdtemp(prefix="dmbridge-pg-"))
+    cluster = PostgresCluster(folder)
     cluster.start()
     yield cluster
     cluster.stop()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

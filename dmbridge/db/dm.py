@@ -70,9 +70,9 @@ class DMStore:
     ) -> list[DMRecord]:
         rows = await self.db.fetch(
             _SELECT + " WHERE dm.state = 'active'"
-            " AND ($1 IS NULL OR dm.network = $1)"
-            " AND ($2 IS NULL OR dm.user_id = $2)"
-            " AND ($3 IS NULL OR dm.ghost_id = $3)"
+            " AND (CAST($1 AS TEXT) IS NULL OR dm.network = $1)"
+            " AND (CAST($2 AS TEXT) IS NULL OR dm.user_id = $2)"
+            " AND (CAST($3 AS TEXT) IS NULL OR dm.ghost_id = $3)"
             " ORDER BY dm.created_at, dm.room_id LIMIT $4",
             network, user_id, ghost_id, limit,
         )
