@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
 from yarl import URL
 
 from dmbridge.__main__ import generate

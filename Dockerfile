@@ -1,0 +1,22 @@
+# dmbridge: slim, non-root, state and config in the /data volume.
+#   docker run --rm -v "$PWD/data:/data" IMAGE dmbridge generate -c /data/config.yaml \
+#       -r /data/registration.yaml --homeserver http://synapse:8008 --domain example.org \
+#       --address http://dmbridge:29340
+#   docker run -v "$PWD/data:/data" -p 29340:29340 IMAGE
+FROM python:3.11-slim
+
+RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin dmbridge \
+    && mkdir /data && chown dmbridge:dmbridge /data
+
+WORKDIR /opt/dmbridge
+COPY pyproject.toml README.md ./
+COPY dmbridge ./dmbridge
+RUN pip install --no-cache-dir . && rm -rf /opt/dmbridge
+
+USER dmbridge
+WORKDIR /data
+VOLUME /data
+EXPOSE 29340
+# Listen on every interface inside the container; the config file may still say 127.0.0.1.
+ENV DMBRIDGE_APPSERVICE__HOSTNAME=0.0.0.0
+CMD ["dmbridge", "run", "-c", "/data/config.yaml"]
