@@ -94,7 +94,7 @@ async def homeserver_errors(what: str) -> AsyncIterator[None]:
     try:
         yield
     except MatrixRequestError as e:
-        raise HomeserverError(f"the homeserver refused to {what}: {e.errcode} {e.message}") from e
+        raise HomeserverError(f"the homeserver refused to {what}: {e}") from e
     except (TimeoutError, aiohttp.ClientError) as e:
         raise HomeserverError(f"the homeserver could not be reached to {what}: {e!r}") from e
 

@@ -46,6 +46,6 @@ class Ghosts:
         if wanted == current:
             return
         ghost_id = network.ghost_user_id(remote_id)
-        await self.intent(ghost_id).set_displayname(wanted)
+        await self.intent(ghost_id).set_displayname(wanted, check_current=False)
         await self.stores.ghosts.set_displayname(ghost_id, wanted)
         log.info("display name of %s is now %r", ghost_id, wanted)

@@ -1,0 +1,215 @@
+"""Open-or-reuse against a fake homeserver that records every request the bridge makes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmbridge.bridge import Bridge
+from dmbridge.errors import HomeserverError, UnknownRecipient
+from tests.support.fake_homeserver import FakeHomeserver
+from tests.support.settings import AS_TOKEN, make_settings
+
+PHONE = "+15551234567"
+GHOST = "@dm_sms_=2b15551234567:localhost"
+MakeBridge = Callable[..., Awaitable[Bridge]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def hs() -> AsyncIterator[FakeHomeserver]:
+    server = FakeHomeserver(AS_TOKEN)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def make_bridge(hs: FakeHomeserver, db_url: str, tmp_path: Path
+                      ) -> AsyncIterator[MakeBridge]:
+    bridges: list[Bridge] = []
+
+    async def make(**overrides: Any) -> Bridge:
+        settings = make_settings(tmp_path / f"worker{len(bridges)}", homeserver_url=hs.url,
+                                 domain="localhost", port=_free_port(), db_url=db_url,
+                                 **overrides)
+        bridge = Bridge(settings)
+        await bridge.start()
+        bridges.append(bridge)
+        return bridge
+
+    yield make
+    for bridge in bridges:
+        await bridge.stop()
+
+
+@pytest.fixture
+async def bridge(make_bridge: MakeBridge) -> Bridge:
+    return await make_bridge()
+
+
+async def test_cold_path_requests_then_one_request_when_warm(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    start = len(hs.requests)
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi",
+                                  sender_name="Bob")
+    assert hs.names(start) == [
+        "GET profile",            # does the recipient exist?
+        "POST register",          # the ghost, once
+        "PUT displayname",        # its name, once
+        "GET capabilities",       # the default room version, once per process
+        "POST createRoom",
+        "GET account_data",       # m.direct: read ...
+        "PUT account_data",       # ... merge, write
+        "PUT send",
+    ]
+    assert first.room_created
+    start = len(hs.requests)
+    second = await bridge.dms.send("sms", PHONE, alice, message_id="2", text="again",
+                                   sender_name="Bob")
+    assert hs.names(start) == ["PUT send"]
+    assert second.room_id == first.room_id and not second.room_created
+    assert bridge.requests.by_endpoint["PUT /_matrix/client/v3/rooms/{id}/send/{type}/{txn}"] == 2
+
+
+async def test_room_is_created_as_a_direct_two_person_room(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    result = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    room = hs.rooms[result.room_id]
+    assert room.creator == GHOST
+    assert room.create["is_direct"] is True
+    assert room.create["preset"] == "private_chat"
+    assert room.create["invite"] == [alice]
+    # Room version 12: the creator has power implicitly and must not be listed.
+    assert room.create["power_level_content_override"] == {"users": {alice: 100}}
+    kinds = {e["type"]: e for e in room.create["initial_state"]}
+    assert set(kinds) == {"m.bridge", "uk.half-shot.bridge"}
+    assert kinds["m.bridge"]["content"]["protocol"]["id"] == "sms"
+    assert kinds["m.bridge"]["content"]["channel"]["id"] == PHONE
+    assert hs.displaynames[GHOST] == f"{PHONE} (SMS)"
+
+
+async def test_older_room_versions_list_the_ghost_in_power_levels(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    hs.room_version = "10"
+    alice = hs.add_human("alice")
+    result = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    override = hs.rooms[result.room_id].create["power_level_content_override"]
+    assert override == {"users": {alice: 100, GHOST: 100}}
+
+
+async def test_concurrent_first_messages_create_one_room(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    hs.delay["POST createRoom"] = 0.2
+    results = await asyncio.gather(*(
+        bridge.dms.send("sms", PHONE, alice, message_id=str(i), text=f"m{i}") for i in range(20)
+    ))
+    assert len({r.room_id for r in results}) == 1
+    assert hs.names().count("POST createRoom") == 1
+    assert len(hs.rooms[results[0].room_id].events) == 20
+
+
+async def test_two_workers_on_one_database_create_one_room(
+    make_bridge: MakeBridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    worker_a, worker_b = await make_bridge(), await make_bridge()
+    hs.delay["POST createRoom"] = 0.3
+    results = await asyncio.gather(*(
+        worker.dms.send("sms", PHONE, alice, message_id=str(i), text=f"m{i}")
+        for i, worker in enumerate([worker_a, worker_b] * 5)
+    ))
+    assert len({r.room_id for r in results}) == 1
+    assert hs.names().count("POST createRoom") == 1
+
+
+async def test_m_direct_is_merged_not_overwritten(bridge: Bridge, hs: FakeHomeserver) -> None:
+    alice, bob = hs.add_human("alice"), hs.add_human("bob")
+    hs.account_data[(GHOST, "m.direct")] = {"@elsewhere:example.org": ["!old"]}
+    a = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    b = await bridge.dms.send("sms", PHONE, bob, message_id="2", text="hi")
+    assert hs.account_data[(GHOST, "m.direct")] == {
+        "@elsewhere:example.org": ["!old"], alice: [a.room_id], bob: [b.room_id],
+    }
+
+
+async def test_retried_message_makes_no_request(bridge: Bridge, hs: FakeHomeserver) -> None:
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="x", text="hi")
+    start = len(hs.requests)
+    again = await bridge.dms.send("sms", PHONE, alice, message_id="x", text="hi")
+    assert hs.names(start) == []
+    assert (again.event_id, again.duplicate) == (first.event_id, True)
+
+
+async def test_unknown_recipient_leaves_nothing_behind(bridge: Bridge, hs: FakeHomeserver
+                                                       ) -> None:
+    with pytest.raises(UnknownRecipient, match="does not exist"):
+        await bridge.dms.send("sms", PHONE, "@ghostly:localhost", message_id="1", text="hi")
+    assert "POST createRoom" not in hs.names()
+    assert await bridge.dms.list_dms(network_id="sms") == []
+
+
+async def test_failed_room_creation_releases_the_pair(bridge: Bridge, hs: FakeHomeserver
+                                                      ) -> None:
+    alice = hs.add_human("alice")
+    hs.fail["POST createRoom"] = (500, {"errcode": "M_UNKNOWN", "error": "boom"})
+    with pytest.raises(HomeserverError, match="create the DM room"):
+        await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    del hs.fail["POST createRoom"]
+    result = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    assert result.room_created and len(hs.rooms) == 1
+
+
+async def test_a_refused_send_opens_a_new_room(bridge: Bridge, hs: FakeHomeserver) -> None:
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    hs.fail_next("PUT send", 403, {"errcode": "M_FORBIDDEN", "error": "not in room"})
+    second = await bridge.dms.send("sms", PHONE, alice, message_id="2", text="again")
+    assert second.room_id != first.room_id and second.room_created
+    assert [e["content"]["body"] for e in hs.rooms[second.room_id].events] == ["again"]
+
+
+async def test_left_user_is_reinvited_with_is_direct(bridge: Bridge, hs: FakeHomeserver) -> None:
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    await bridge.db.execute("UPDATE room_member SET membership='leave' WHERE user_id=$1", alice)
+    start = len(hs.requests)
+    second = await bridge.dms.send("sms", PHONE, alice, message_id="2", text="back?")
+    assert hs.names(start) == ["PUT member_state", "PUT send"]
+    assert second.room_id == first.room_id
+    [(room_id, user_id, content)] = hs.invites
+    assert (room_id, user_id) == (first.room_id, alice)
+    assert content["membership"] == "invite" and content["is_direct"] is True
+    assert await bridge.stores.members.get(first.room_id, alice) == "invite"
+
+
+async def test_display_name_changes_only_when_the_platform_says_so(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi", sender_name="Bob")
+    start = len(hs.requests)
+    await bridge.dms.send("sms", PHONE, alice, message_id="2", text="hi")
+    await bridge.dms.send("sms", PHONE, alice, message_id="3", text="hi", sender_name="Bob")
+    assert hs.names(start) == ["PUT send", "PUT send"]
+    await bridge.dms.send("sms", PHONE, alice, message_id="4", text="hi", sender_name="Robert")
+    assert hs.names(start)[2:] == ["PUT displayname", "PUT send"]
+    assert hs.displaynames[GHOST] == "Robert (SMS)"
