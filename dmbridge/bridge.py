@@ -46,12 +46,13 @@ class Bridge:
         )
         self.appservice.handler = self.matrix
         self._dms: DMService | None = None
+        self._homeserver: Homeserver | None = None
         self._prune_task: asyncio.Task[None] | None = None
 
     @staticmethod
     def _db_args(settings: Settings) -> dict[str, int]:
         if settings.database_url.startswith("sqlite"):
-            return {}
+            return {}  # mautrix's one connection: SQLite has a single writer anyway
         return {"min_size": settings.db_min_size, "max_size": settings.db_max_size}
 
     @property
@@ -65,11 +66,13 @@ class Bridge:
         await self.db.start()
         await self.state_store.upgrade_table.upgrade(self.db)
         await self.matrix.prune()
-        session = self.appservice.new_session(self.requests)
-        homeserver = Homeserver(session, self.settings.homeserver_url, self.settings.as_token)
+        self.appservice.new_session(self.requests)
+        self._homeserver = Homeserver(
+            self.settings.homeserver_url, self.settings.as_token, self.requests
+        )
         self._dms = DMService(
             settings=self.settings, stores=self.stores, appservice=self.appservice,
-            ghosts=self.ghosts, homeserver=homeserver,
+            ghosts=self.ghosts, homeserver=self._homeserver,
         )
         self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.settings))
         await self.appservice.start(self.settings.hostname, self.settings.port)
@@ -119,6 +122,8 @@ class Bridge:
         if self._prune_task:
             self._prune_task.cancel()
         await self.appservice.stop()
+        if self._homeserver is not None:
+            await self._homeserver.close()
         await self.db.stop()
 
 

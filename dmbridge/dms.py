@@ -125,11 +125,7 @@ class DMService:
         ghost_id = network.ghost_user_id(remote_id)
         recipient = self._check_recipient(user_id)
         record = await self.stores.dms.get_current(ghost_id, recipient)
-        if record and record.state == ACTIVE and _unusable_reason(record) is None:
-            await self._sync_displayname(network, remote_id, sender_name, record.ghost_displayname)
-            return OpenedDM(DM.of(record), created=False)
-        async with self._pair_locks.hold((ghost_id, recipient)):
-            return await self._open_locked(network, remote_id, ghost_id, recipient, sender_name)
+        return await self._open(network, remote_id, ghost_id, recipient, sender_name, record)
 
     async def send(
         self, network_id: str, remote_id: str, user_id: str, *, message_id: str, text: str,
@@ -146,10 +142,14 @@ class DMService:
         if size > MAX_CONTENT_BYTES:
             raise TooLarge(f"the message is {size} bytes; at most {MAX_CONTENT_BYTES} fit an event")
 
-        sent = await self.stores.messages.get(network.id, remote_id, message_id)
+        ghost_id = network.ghost_user_id(remote_id)
+        recipient = self._check_recipient(user_id)
+        record, sent = await self.stores.dms.get_for_send(
+            ghost_id, recipient, network.id, remote_id, message_id
+        )
         if sent is not None:
             return SendResult(sent.room_id, sent.event_id, room_created=False, duplicate=True)
-        opened = await self.open_dm(network.id, remote_id, user_id, sender_name=sender_name)
+        opened = await self._open(network, remote_id, ghost_id, recipient, sender_name, record)
         txn_id = txn_id_for(network.id, remote_id, message_id)
         try:
             event_id = await self._send_into(opened.dm, txn_id, content)
@@ -185,6 +185,17 @@ class DMService:
         return [DM.of(r) for r in records]
 
     # --- open or reuse ----------------------------------------------------------------------
+
+    async def _open(
+        self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
+        sender_name: str | None, record: DMRecord | None,
+    ) -> OpenedDM:
+        """Reuse the DM looked up as ``record`` if it is usable; otherwise fix or make one."""
+        if record and record.state == ACTIVE and _unusable_reason(record) is None:
+            await self._sync_displayname(network, remote_id, sender_name, record.ghost_displayname)
+            return OpenedDM(DM.of(record), created=False)
+        async with self._pair_locks.hold((ghost_id, user_id)):
+            return await self._open_locked(network, remote_id, ghost_id, user_id, sender_name)
 
     async def _open_locked(
         self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,

@@ -59,29 +59,39 @@ def _endpoint(path: str) -> str:
 
 
 class Homeserver:
-    """The appservice's own HTTP path to the homeserver for the per-message send."""
+    """The appservice's own HTTP path to the homeserver for the per-message send.
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, as_token: str) -> None:
-        self.session = session
+    It has a session of its own without aiohttp's tracing hooks (they cost about a fifth of a
+    send) and counts its requests into the same :class:`RequestLog` itself.
+    """
+
+    def __init__(self, base_url: str, as_token: str, requests: RequestLog) -> None:
+        self.session = aiohttp.ClientSession()
         self.base_url = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {as_token}"}
+        self.requests = requests
+        self._headers = {"Authorization": f"Bearer {as_token}",
+                         "Content-Type": "application/json"}
+
+    async def close(self) -> None:
+        await self.session.close()
 
     async def send_event(
         self, ghost_id: UserID, room_id: RoomID, event_type: str, txn_id: str,
         content: dict[str, Any], attempts: int = 3,
     ) -> EventID:
         """Send as a ghost. The txn_id makes retries (ours or the platform's) land once."""
-        url = (
-            f"{self.base_url}/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/"
+        path = (
+            f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/"
             f"{quote(event_type, safe='')}/{quote(txn_id, safe='')}"
         )
+        url = self.base_url + path
         body = json.dumps(content)
         delay = 0.5
         for attempt in range(1, attempts + 1):
+            self.requests.add("PUT", path)
             try:
                 async with self.session.put(
-                    url, data=body, params={"user_id": ghost_id},
-                    headers={**self._headers, "Content-Type": "application/json"},
+                    url, data=body, params={"user_id": ghost_id}, headers=self._headers
                 ) as resp:
                     text = await resp.text()
                     if resp.status == 200:

@@ -6,6 +6,8 @@ from typing import Any
 from mautrix.types import RoomID, UserID
 from mautrix.util.async_db import Database
 
+from .message import SentMessage
+
 CREATING, ACTIVE, ENDED = "creating", "active", "ended"
 
 
@@ -27,22 +29,35 @@ class DMRecord:
     ghost_displayname: str | None
 
 
-_SELECT = """
-    SELECT dm.ghost_id, dm.user_id, dm.network, dm.remote_id, dm.room_id, dm.state, dm.claim,
-           dm.updated_at, u.membership AS user_membership, g.membership AS ghost_membership,
-           (SELECT COUNT(*) FROM room_member o
-             WHERE o.room_id = dm.room_id AND o.membership = 'join'
-               AND o.user_id <> dm.ghost_id AND o.user_id <> dm.user_id) AS others_joined,
-           gh.displayname AS ghost_displayname
-      FROM dm
-      LEFT JOIN room_member u ON u.room_id = dm.room_id AND u.user_id = dm.user_id
-      LEFT JOIN room_member g ON g.room_id = dm.room_id AND g.user_id = dm.ghost_id
-      LEFT JOIN ghost gh ON gh.user_id = dm.ghost_id
+_COLUMNS = """
+    dm.ghost_id, dm.user_id, dm.network, dm.remote_id, dm.room_id, dm.state, dm.claim,
+    dm.updated_at, u.membership AS user_membership, g.membership AS ghost_membership,
+    (SELECT COUNT(*) FROM room_member o
+      WHERE o.room_id = dm.room_id AND o.membership = 'join'
+        AND o.user_id <> dm.ghost_id AND o.user_id <> dm.user_id) AS others_joined,
+    gh.displayname AS ghost_displayname
+"""
+_JOINS = """
+    LEFT JOIN room_member u ON u.room_id = dm.room_id AND u.user_id = dm.user_id
+    LEFT JOIN room_member g ON g.room_id = dm.room_id AND g.user_id = dm.ghost_id
+    LEFT JOIN ghost gh ON gh.user_id = dm.ghost_id
+"""
+_SELECT = f"SELECT {_COLUMNS} FROM dm {_JOINS}"
+# The pair's current DM and, in the same round trip, whether this message was already sent.
+_FOR_SEND = f"""
+    SELECT {_COLUMNS}, sm.room_id AS sent_room_id, sm.event_id AS sent_event_id
+      FROM (SELECT CAST($1 AS TEXT) AS ghost_id, CAST($2 AS TEXT) AS user_id) AS pair
+      LEFT JOIN dm ON dm.ghost_id = pair.ghost_id AND dm.user_id = pair.user_id
+                  AND dm.state <> 'ended'
+      {_JOINS}
+      LEFT JOIN sent_message sm
+             ON sm.network = $3 AND sm.remote_id = $4 AND sm.message_id = $5
 """
 
 
 def _record(row: Any) -> DMRecord:
-    return DMRecord(**{**dict(row), "others_joined": int(row["others_joined"] or 0)})
+    fields = {k: row[k] for k in DMRecord.__dataclass_fields__}
+    return DMRecord(**{**fields, "others_joined": int(row["others_joined"] or 0)})
 
 
 class DMStore:
@@ -55,6 +70,18 @@ class DMStore:
             ghost_id, user_id,
         )
         return _record(row) if row else None
+
+    async def get_for_send(
+        self, ghost_id: UserID, user_id: UserID, network: str, remote_id: str, message_id: str
+    ) -> tuple[DMRecord | None, SentMessage | None]:
+        """One round trip for the hot path: the pair's DM, and this message if already sent."""
+        row = await self.db.fetchrow(_FOR_SEND, ghost_id, user_id, network, remote_id,
+                                     message_id)
+        assert row is not None  # the pair subquery always yields one row
+        record = _record(row) if row["ghost_id"] is not None else None
+        sent = (SentMessage(row["sent_room_id"], row["sent_event_id"])
+                if row["sent_event_id"] is not None else None)
+        return record, sent
 
     async def get_by_room(self, room_id: RoomID) -> DMRecord | None:
         row = await self.db.fetchrow(_SELECT + " WHERE dm.room_id=$1", room_id)

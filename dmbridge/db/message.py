@@ -30,10 +30,12 @@ class SentMessageStore:
         self, network: str, remote_id: str, message_id: str, sent: SentMessage, at_ms: int
     ) -> SentMessage:
         """Store the mapping; if a concurrent retry stored one first, return that one."""
-        await self.db.execute(
+        inserted = await self.db.fetchval(
             "INSERT INTO sent_message (network, remote_id, message_id, room_id, event_id,"
             " created_at) VALUES ($1, $2, $3, $4, $5, $6)"
-            " ON CONFLICT (network, remote_id, message_id) DO NOTHING",
+            " ON CONFLICT (network, remote_id, message_id) DO NOTHING RETURNING event_id",
             network, remote_id, message_id, sent.room_id, sent.event_id, at_ms,
         )
+        if inserted is not None:
+            return sent
         return await self.get(network, remote_id, message_id) or sent

@@ -1,0 +1,133 @@
+"""Bridge-side cost of a warm message, side by side with a bare aiohttp PUT of the same send.
+
+The homeserver is a stub in its own process that answers at once, so what is measured is the
+client side: for the bridge, `DMService.send` (idempotency check, DM lookup, the PUT, the message
+map insert); for the baseline, one PUT with the as_token, nothing else. Rounds alternate
+between the two so drift on a shared machine hits both alike.
+
+    python -m bench.warm_path [--messages 2000] [--concurrency 1 8] [--db sqlite|postgres://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+
+from dmbridge.bridge import Bridge
+from tests.support.postgres import PostgresCluster
+from tests.support.settings import AS_TOKEN, make_settings
+
+PHONE = "+15551234567"
+GHOST = "@dm_sms_=2b15551234567:localhost"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _run(n: int, concurrency: int, one: Callable[[int], Awaitable[object]]) -> float:
+    """Messages per second for n messages with `concurrency` in flight."""
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            await one(i)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return n / (time.perf_counter() - start)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--db", default="sqlite",
+                        help="sqlite, postgres (a private throwaway cluster), or a postgres:// URL")
+    args = parser.parse_args()
+
+    # The stub runs in its own process so its CPU is not billed to either side.
+    stub = subprocess.Popen(  # noqa: ASYNC220  (once, before anything is measured)
+        [sys.executable, "-m", "bench.stub_homeserver", AS_TOKEN],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert stub.stdout is not None
+    hs_url = stub.stdout.readline().strip()
+    folder = Path(tempfile.mkdtemp(prefix="dmbridge-bench-"))
+    cluster = None
+    if args.db == "sqlite":
+        db_url = f"sqlite:///{folder / 'bench.db'}"
+    elif args.db == "postgres":
+        cluster = PostgresCluster(folder / "pg")
+        cluster.start()
+        db_url = cluster.create_database("bench")
+    else:
+        db_url = args.db
+    settings = make_settings(folder, homeserver_url=hs_url, domain="localhost",
+                             port=_free_port(), db_url=db_url)
+    bridge = Bridge(settings)
+    logging.disable(logging.INFO)
+    await bridge.start()
+    try:
+        alice = "@alice:localhost"
+        room_id = (await bridge.dms.send("sms", PHONE, alice, message_id="warmup",
+                                         text="hi")).room_id
+        run_id = uuid.uuid4().hex[:8]
+        send_url = f"{hs_url}/_matrix/client/v3/rooms/{room_id}/send/m.room.message/"
+        headers = {"Authorization": f"Bearer {AS_TOKEN}", "Content-Type": "application/json"}
+
+        async with aiohttp.ClientSession() as session:
+            async def bare(i: int) -> object:
+                body = '{"msgtype": "m.text", "body": "benchmark message"}'
+                async with session.put(f"{send_url}bare-{run_id}-{i}", data=body,
+                                       params={"user_id": GHOST}, headers=headers) as resp:
+                    return (await resp.json())["event_id"]
+
+            print(f"warm message cost, {args.messages} messages per round, median of "
+                  f"{args.rounds} rounds, database {args.db}")
+            print(f"{'concurrency':>11}  {'bare PUT msg/s':>14}  {'bridge msg/s':>12}  "
+                  f"{'bare µs/msg':>11}  {'bridge µs/msg':>13}  {'ratio':>5}  hs req/msg")
+            for conc in args.concurrency:
+                bare_rates, bridge_rates = [], []
+                for r in range(args.rounds):
+                    tag = f"{run_id}-{conc}-{r}"
+
+                    async def via_bridge(i: int, tag: str = tag) -> object:
+                        return await bridge.dms.send("sms", PHONE, alice,
+                                                     message_id=f"{tag}-{i}",
+                                                     text="benchmark message")
+
+                    bare_rates.append(await _run(args.messages, conc, bare))
+                    before = bridge.requests.total
+                    bridge_rates.append(await _run(args.messages, conc, via_bridge))
+                    per_msg = (bridge.requests.total - before) / args.messages
+                b, g = statistics.median(bare_rates), statistics.median(bridge_rates)
+                print(f"{conc:>11}  {b:>14.0f}  {g:>12.0f}  {1e6 / b:>11.0f}  {1e6 / g:>13.0f}"
+                      f"  {b / g:>5.2f}  {per_msg:.2f}")
+    finally:
+        await bridge.stop()
+        assert stub.stdin is not None
+        stub.stdin.close()
+        stub.wait(10)
+        if cluster is not None:
+            cluster.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

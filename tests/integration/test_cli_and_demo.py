@@ -1,0 +1,99 @@
+"""The command line as an admin uses it, and the quick-start demo as a newcomer sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+from nio import AsyncClient, InviteMemberEvent, LoginResponse, SyncResponse
+
+from dmbridge.bridge import Bridge
+from dmbridge.localhs import LocalSynapse, ensure_synapse
+from tests.integration.conftest import BridgeFactory, Homeserver
+
+
+async def _dmbridge(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dmbridge", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_admin_send_and_list_dms_through_the_running_bridge(
+    bridge: Bridge, new_human, tmp_path: Path
+) -> None:
+    human = await new_human()
+    config = str(tmp_path / "bridge" / "config.yaml")
+    code, out, err = await _dmbridge("send", "-c", config, "--network", "chat",
+                                     "--sender", "admin-test", "--sender-name", "Admin",
+                                     "--to", human.user_id, "--text", "test DM from the CLI")
+    assert code == 0, err
+    sent = json.loads(out)
+    assert sent["room_created"] is True
+    invite = await human.wait_invite(sent["room_id"])
+    assert invite.sender == "@dm_chat_admin-test:localhost"
+    await human.join(sent["room_id"])
+    [message] = await human.wait_messages(sent["room_id"], 1)
+    assert message["content"]["body"] == "test DM from the CLI"
+
+    code, out, err = await _dmbridge("list-dms", "-c", config, "--user", human.user_id)
+    assert code == 0, err
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [line[:4] for line in lines] == [["chat", "admin-test", human.user_id,
+                                             sent["room_id"]]]
+
+    code, _, err = await _dmbridge("send", "-c", config, "--network", "chat", "--sender",
+                                   "x", "--to", "@nobody-at-all:localhost", "--text", "hi")
+    assert code == 1 and "DMBRIDGE_UNKNOWN_RECIPIENT" in _ + err
+
+
+async def test_failed_self_ping_names_the_unreachable_url(
+    start_bridge: BridgeFactory, homeserver: Homeserver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The registration tells the homeserver to call the usual port; this bridge listens elsewhere.
+    caplog.set_level(logging.ERROR, logger="dmbridge")
+    wrong_port = homeserver.bridge_port + 1
+    bridge = await start_bridge(**{"appservice.port": wrong_port})
+    assert not await bridge.ping()
+    expected = f"could not reach the bridge at http://127.0.0.1:{homeserver.bridge_port}"
+    assert any(expected in r.getMessage() for r in caplog.records), caplog.text
+
+
+async def test_quickstart_demo_leaves_alice_a_direct_message(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    code, out, err = await _dmbridge("demo", "--workdir", str(workdir), "--once")
+    assert code == 0, err[-3000:]
+    assert "log in as:   alice" in out
+    password = (workdir / "alice-password.txt").read_text().strip()
+    assert password in out
+
+    # Start the demo's homeserver again and look as alice would, with a real client.
+    synapse = LocalSynapse(workdir / "synapse", python=ensure_synapse(),
+                           port=int(out.split("homeserver:  http://127.0.0.1:")[1].split()[0]))
+    await asyncio.to_thread(synapse.start)
+    client = AsyncClient(synapse.base_url, "@alice:localhost")
+    try:
+        assert isinstance(await client.login(password), LoginResponse)
+        sync = await client.sync(timeout=1000)
+        assert isinstance(sync, SyncResponse)
+        [(room_id, room)] = sync.rooms.invite.items()
+        invite = [e for e in room.invite_state if isinstance(e, InviteMemberEvent)
+                  and e.state_key == "@alice:localhost"][-1]
+        assert invite.sender == "@dm_example_demo-contact:localhost"
+        assert invite.content["is_direct"] is True
+        assert room_id in out
+        await client.join(room_id)
+        messages = await client.room_messages(room_id, limit=20)
+        bodies = [e.source["content"].get("body") for e in messages.chunk  # type: ignore[union-attr]
+                  if e.source.get("type") == "m.room.message"]
+        assert bodies == ["Hello from dmbridge! This DM was routed in through the bridge's API."]
+    finally:
+        await client.close()
+        await asyncio.to_thread(synapse.stop)
