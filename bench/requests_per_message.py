@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import statistics
 import tempfile
 import time
@@ -25,18 +24,13 @@ from mautrix.types import UserID
 
 from dmbridge.bridge import Bridge
 from dmbridge.config import write_registration
-from dmbridge.localhs import LocalSynapse, ensure_synapse
+from dmbridge.localhs import LocalSynapse, ensure_synapse, free_port
 from tests.support.settings import AS_TOKEN, make_settings
 
 PHONE = "+15551234567"
 GHOST = "@dm_sms_=2b15551234567:localhost"
 PASSWORD = "bench-password-123"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _join(hs_url: str, user: str, room_id: str) -> None:
@@ -77,7 +71,7 @@ async def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     folder = Path(tempfile.mkdtemp(prefix="dmbridge-bench-"))
-    port = _free_port()
+    port = free_port()
     synapse = LocalSynapse(folder / "hs", registration_files=[folder / "registration.yaml"],
                            python=ensure_synapse())
     settings = make_settings(folder / "bridge", homeserver_url=synapse.base_url,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,17 +25,13 @@ from pathlib import Path
 import aiohttp
 
 from dmbridge.bridge import Bridge
+from dmbridge.localhs import free_port
 from tests.support.postgres import PostgresCluster
 from tests.support.settings import AS_TOKEN, make_settings
 
 PHONE = "+15551234567"
 GHOST = "@dm_sms_=2b15551234567:localhost"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _run(n: int, concurrency: int, one: Callable[[int], Awaitable[object]]) -> float:
@@ -80,7 +75,7 @@ async def main() -> None:
     else:
         db_url = args.db
     settings = make_settings(folder, homeserver_url=hs_url, domain="localhost",
-                             port=_free_port(), db_url=db_url)
+                             port=free_port(), db_url=db_url)
     bridge = Bridge(settings)
     logging.disable(logging.INFO)
     await bridge.start()

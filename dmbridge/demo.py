@@ -6,28 +6,18 @@ import asyncio
 import logging
 import secrets
 import signal
-import socket
 from pathlib import Path
 
 import aiohttp
 
 from .bridge import Bridge
 from .config import open_config
-from .localhs import LocalSynapse, ensure_synapse
+from .localhs import LocalSynapse, ensure_synapse, free_port
 
 log = logging.getLogger("dmbridge.demo")
 
 DEMO_USER = "alice"
 DEMO_SENDER = "demo-contact"
-
-
-def _port(preferred: int) -> int:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _prepare(workdir: Path) -> tuple[Path, Path]:
@@ -37,7 +27,7 @@ def _prepare(workdir: Path) -> tuple[Path, Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     config, registration = workdir / "config.yaml", workdir / "registration.yaml"
     if not config.exists():
-        hs_port, bridge_port = _port(8008), _port(29340)
+        hs_port, bridge_port = free_port(8008), free_port(29340)
         generate(config, registration, {
             "homeserver.address": f"http://127.0.0.1:{hs_port}",
             "homeserver.domain": "localhost",

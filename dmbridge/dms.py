@@ -132,7 +132,8 @@ class DMService:
         html: str | None = None, sender_name: str | None = None,
     ) -> SendResult:
         network = self.networks.get(network_id)
-        network.check_remote_id(remote_id)
+        ghost_id = network.ghost_user_id(remote_id)
+        recipient = self._check_recipient(user_id)
         if not isinstance(message_id, str) or not 0 < len(message_id) <= 255:
             raise InvalidParam("message_id must be a string of 1 to 255 characters")
         content: dict[str, Any] = {"msgtype": "m.text", "body": text}
@@ -142,8 +143,6 @@ class DMService:
         if size > MAX_CONTENT_BYTES:
             raise TooLarge(f"the message is {size} bytes; at most {MAX_CONTENT_BYTES} fit an event")
 
-        ghost_id = network.ghost_user_id(remote_id)
-        recipient = self._check_recipient(user_id)
         record, sent = await self.stores.dms.get_for_send(
             ghost_id, recipient, network.id, remote_id, message_id
         )

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["SYNAPSE_VERSION", "LocalSynapse", "cache_dir", "ensure_synapse"]
+__all__ = ["SYNAPSE_VERSION", "LocalSynapse", "cache_dir", "ensure_synapse", "free_port"]
 
 SYNAPSE_VERSION = "1.163.2"
 
@@ -147,10 +147,16 @@ def _run_install(cmd: list[str]) -> None:
         )
 
 
-def _free_port() -> int:
-    # Racy in theory (the port is released before Synapse binds it), fine for local use.
+def free_port(preferred: int = 0) -> int:
+    """A port on 127.0.0.1 that is free now: ``preferred`` if it is, else any.
+
+    Racy in theory (the port is released before the caller binds it), fine for local use.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
 
@@ -174,7 +180,7 @@ class LocalSynapse:
         self.workdir = Path(workdir).resolve()
         self.server_name = server_name
         # Chosen now so base_url is known (e.g. for the bridge config) before start().
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.registration_files = [Path(p).resolve() for p in registration_files]
         self._python = python

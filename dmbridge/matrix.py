@@ -61,13 +61,19 @@ class MatrixHandler:
             log.debug("txn %s: %d events, %d new", txn_id, len(events), len(fresh))
 
     async def _update_state_store(self, raw: dict[str, Any]) -> None:
-        """Keep mautrix's state store (used by its intents) in step with ours."""
+        """Keep mautrix's state store (a cache for its intents) in step with ours.
+
+        Runs after our commit, so a failure here is logged, not turned into a resend.
+        """
         try:
             event = Event.deserialize(raw)
         except SerializerError:
             log.warning("could not parse event %s of type %s", raw.get("event_id"), raw.get("type"))
             return
-        await self.appservice.state_store.update_state(event)
+        try:
+            await self.appservice.state_store.update_state(event)
+        except Exception:
+            log.exception("could not update the state cache with %s", raw.get("event_id"))
 
     async def query_user(self, user_id: str) -> bool:
         """Does this ghost exist? Registers it first, as the spec asks, when it is valid."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -16,18 +15,13 @@ from nio import AsyncClient, LoginResponse
 
 from dmbridge.bridge import Bridge
 from dmbridge.config import Settings, write_registration
-from dmbridge.localhs import LocalSynapse, ensure_synapse
+from dmbridge.localhs import LocalSynapse, ensure_synapse, free_port
 from tests.support.matrix import Human
 from tests.support.settings import make_settings
 
 DOMAIN = "localhost"
 PASSWORD = "correct horse battery staple"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Homeserver:
@@ -47,7 +41,7 @@ class Homeserver:
 @pytest.fixture(scope="session")
 def homeserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Homeserver]:
     folder = tmp_path_factory.mktemp("synapse")
-    bridge_port = _free_port()
+    bridge_port = free_port()
     synapse = LocalSynapse(folder / "hs", server_name=DOMAIN,
                            registration_files=[folder / "registration.yaml"],
                            python=ensure_synapse())

@@ -10,10 +10,11 @@ import logging
 import os
 import pwd
 import re
-import socket
 import stat
 import subprocess
 from pathlib import Path
+
+from dmbridge.localhs import free_port
 
 __all__ = ["PostgresCluster", "find_pg_bin"]
 
@@ -39,12 +40,6 @@ def find_pg_bin() -> Path | None:
     return max(candidates)[1] if candidates else None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
 
 def _tail(path: Path) -> str:
     try:
@@ -61,7 +56,7 @@ class PostgresCluster:
         self.workdir = Path(workdir).resolve()
         self.datadir = self.workdir / "data"
         self.logfile = self.workdir / "pg.log"
-        self.port = _free_port()
+        self.port = free_port()
         self._running = False
         bindir = find_pg_bin()
         if bindir is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 
 from dmbridge.bridge import Bridge
 from dmbridge.errors import HomeserverError, UnknownRecipient
+from dmbridge.localhs import free_port
 from tests.support.fake_homeserver import FakeHomeserver
 from tests.support.settings import AS_TOKEN, make_settings
 
@@ -19,11 +19,6 @@ PHONE = "+15551234567"
 GHOST = "@dm_sms_=2b15551234567:localhost"
 MakeBridge = Callable[..., Awaitable[Bridge]]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -41,7 +36,7 @@ async def make_bridge(hs: FakeHomeserver, db_url: str, tmp_path: Path
 
     async def make(**overrides: Any) -> Bridge:
         settings = make_settings(tmp_path / f"worker{len(bridges)}", homeserver_url=hs.url,
-                                 domain="localhost", port=_free_port(), db_url=db_url,
+                                 domain="localhost", port=free_port(), db_url=db_url,
                                  **overrides)
         bridge = Bridge(settings)
         await bridge.start()
