@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import shutil
 import signal
 from pathlib import Path
 
@@ -64,18 +65,21 @@ async def run_demo(workdir: Path, *, once: bool) -> int:
         bridge = Bridge(settings)
         await bridge.start()
         room_id = await _send_demo_dm(settings.port, network.id, network.tokens[0], user_id)
+        command = shutil.which("dmbridge") or "dmbridge"
         print(f"""
-dmbridge demo is running.
+dmbridge demo {"ran" if once else "is running"}.
   homeserver:  {synapse.base_url}   (a throwaway Synapse, data in {synapse.workdir})
   log in as:   {DEMO_USER}  password: {password}
   you have:    a DM invite from "Demo Contact" ({network.id} user {DEMO_SENDER}) in {room_id}
 
 Open a Matrix client (for example Element: sign in, edit the homeserver to {synapse.base_url}),
-accept the invite, and read the message. Route another one in with:
-  dmbridge send -c {config_path} --network {network.id} --sender {DEMO_SENDER} \\
+accept the invite, and read the message. While it runs, route another one in with:
+  {command} send -c {config_path} --network {network.id} --sender {DEMO_SENDER} \\
       --to {user_id} --text 'Hello again'
 """, flush=True)
-        if not once:
+        if once:
+            print("--once: stopping now; run without it to keep the bridge and homeserver up.")
+        else:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
