@@ -12,6 +12,7 @@ from typing import Any
 
 from mautrix.util.config import BaseFileConfig, ConfigUpdateHelper
 from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 from yarl import URL
 
 from .localpart import is_valid_localpart
@@ -110,7 +111,7 @@ def _env_value(raw: str, current: Any) -> Any:
         return raw
     try:
         value = YAML(typ="safe").load(raw)
-    except Exception:
+    except YAMLError:
         return raw
     return value if isinstance(value, str | int | float | bool) or value is None else raw
 

@@ -83,10 +83,6 @@ class DMStore:
                 if row["sent_event_id"] is not None else None)
         return record, sent
 
-    async def get_by_room(self, room_id: RoomID) -> DMRecord | None:
-        row = await self.db.fetchrow(_SELECT + " WHERE dm.room_id=$1", room_id)
-        return _record(row) if row else None
-
     async def find(
         self,
         *,

@@ -51,27 +51,36 @@ async def test_first_message_arrives_as_a_direct_invite(
     assert power["users"].get(human.user_id) == 100
 
 
+async def _joined_dm(bridge: Bridge, platform: Platform, human: Human, phone: str,
+                    message_id: str, text: str) -> str:
+    """First message; the human accepts; returns once the bridge has recorded the join."""
+    status, first = await platform.send("sms", SMS_TOKEN, message_id, sender=phone,
+                                        recipient=human.user_id, text=text)
+    assert status == 200, first
+    room_id: str = first["room_id"]
+    await human.wait_invite(room_id)
+    await human.join(room_id)
+    await wait_for(lambda: _membership(bridge, room_id, human.user_id, "join"),
+                   what="the bridge to learn of the join")
+    return room_id
+
+
 async def test_second_message_reuses_the_room_with_one_request(
     bridge: Bridge, platform: Platform, new_human
 ) -> None:
     human = await new_human()
     phone = _phone()
-    _, first = await platform.send("sms", SMS_TOKEN, "a", sender=phone,
-                                   recipient=human.user_id, text="one")
-    await human.wait_invite(first["room_id"])
-    await human.join(first["room_id"])
-    await wait_for(lambda: _membership(bridge, first["room_id"], human.user_id, "join"),
-                   what="the bridge to learn of the join")
+    room_id = await _joined_dm(bridge, platform, human, phone, "a", "one")
 
     before = bridge.requests.total
     status, second = await platform.send("sms", SMS_TOKEN, "b", sender=phone,
                                          recipient=human.user_id, text="two")
     assert status == 200, second
-    assert second["room_id"] == first["room_id"] and second["room_created"] is False
+    assert second["room_id"] == room_id and second["room_created"] is False
     assert bridge.requests.total - before == 1
     method, path = bridge.requests.recent[-1]
     assert method == "PUT" and "/send/m.room.message/" in path
-    texts = [m["content"]["body"] for m in await human.wait_messages(first["room_id"], 2)]
+    texts = [m["content"]["body"] for m in await human.wait_messages(room_id, 2)]
     assert texts == ["one", "two"]
 
 
@@ -153,12 +162,7 @@ async def test_user_who_left_is_invited_back_into_the_same_room(
 ) -> None:
     human = await new_human()
     phone = _phone()
-    _, first = await platform.send("sms", SMS_TOKEN, "l1", sender=phone,
-                                   recipient=human.user_id, text="hi")
-    room_id = first["room_id"]
-    await human.wait_invite(room_id)
-    await human.join(room_id)
-    await wait_for(lambda: _membership(bridge, room_id, human.user_id, "join"), what="join")
+    room_id = await _joined_dm(bridge, platform, human, phone, "l1", "hi")
     await human.leave(room_id)
     await wait_for(lambda: _membership(bridge, room_id, human.user_id, "leave"), what="leave")
 
@@ -179,11 +183,7 @@ async def test_a_third_member_makes_the_next_message_open_a_new_dm(
 ) -> None:
     human, friend = await new_human(), await new_human()
     phone = _phone()
-    _, first = await platform.send("sms", SMS_TOKEN, "t1", sender=phone,
-                                   recipient=human.user_id, text="private")
-    room_id = first["room_id"]
-    await human.wait_invite(room_id)
-    await human.join(room_id)
+    room_id = await _joined_dm(bridge, platform, human, phone, "t1", "private")
     await human.client.room_invite(room_id, friend.user_id)
     await friend.wait_invite(room_id)
     await friend.join(room_id)
