@@ -83,6 +83,10 @@ async def _run(config_path: Path) -> int:
     except Exception as e:
         debug = settings.log_level == "DEBUG"
         logging.getLogger("dmbridge").error("could not start: %s", e, exc_info=debug)
+        try:  # what did start (the database's thread, sockets) must not keep the process alive
+            await bridge.stop()
+        except Exception as again:
+            logging.getLogger("dmbridge").debug("cleaning up after the failed start: %r", again)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -17,7 +17,9 @@ from .db import Stores, upgrade_table
 from .dms import DMService
 from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
+from .invites import InviteHandler
 from .matrix import MatrixHandler
+from .outbox import Outbox
 
 log = logging.getLogger("dmbridge")
 
@@ -42,12 +44,16 @@ class Bridge:
         self.ghosts = Ghosts(self.appservice, self.stores)
         self.matrix = MatrixHandler(
             stores=self.stores, networks=settings.networks, appservice=self.appservice,
-            ghosts=self.ghosts,
+            ghosts=self.ghosts, on_leave=settings.on_leave,
         )
         self.appservice.handler = self.matrix
+        self.outbox = Outbox(stores=self.stores, networks=settings.networks,
+                             settings=settings.delivery)
+        self.matrix.on_queued = self.outbox.wake
         self._dms: DMService | None = None
         self._homeserver: Homeserver | None = None
         self._prune_task: asyncio.Task[None] | None = None
+        self._invites: InviteHandler | None = None
 
     @staticmethod
     def _db_args(settings: Settings) -> dict[str, int]:
@@ -74,7 +80,13 @@ class Bridge:
             settings=self.settings, stores=self.stores, appservice=self.appservice,
             ghosts=self.ghosts, homeserver=self._homeserver,
         )
-        self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.settings))
+        self._invites = InviteHandler(
+            stores=self.stores, networks=self.settings.networks, ghosts=self.ghosts,
+            appservice=self.appservice, dms=self._dms, queued=self.outbox.wake,
+        )
+        self.matrix.on_invited = self._invites.wake
+        self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox,
+                                                            self.settings))
         await self.appservice.start(self.settings.hostname, self.settings.port)
         self._prune_task = asyncio.create_task(self._prune_loop())
         log.info("listening on http://%s:%d (API under %s)", self.settings.hostname,
@@ -82,6 +94,8 @@ class Bridge:
         await self._register_bot()
         if ping:
             await self.ping()
+        await self.outbox.start()
+        self._invites.start()
         self.appservice.ready = True
 
     async def _register_bot(self) -> None:
@@ -114,13 +128,17 @@ class Bridge:
             await asyncio.sleep(PRUNE_INTERVAL_S)
             try:
                 await self.matrix.prune()
+                await self.outbox.prune()
             except Exception:
-                log.exception("pruning processed events failed")
+                log.exception("pruning processed events and delivered items failed")
 
     async def stop(self) -> None:
         log.info("stopping")
         if self._prune_task:
             self._prune_task.cancel()
+        if self._invites is not None:
+            await self._invites.stop()
+        await self.outbox.stop()
         await self.appservice.stop()
         if self._homeserver is not None:
             await self._homeserver.close()

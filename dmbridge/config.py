@@ -16,12 +16,16 @@ from ruamel.yaml.error import YAMLError
 from yarl import URL
 
 from .localpart import is_valid_localpart
-from .networks import Network, Networks
+from .networks import PULL, PUSH, Delivery, Network, Networks
+from .permissions import RuleError, UserRules
 
 EXAMPLE = "pkg://dmbridge/example-config.yaml"
 ENV_PREFIX = "DMBRIDGE_"
 PLACEHOLDER = "generate"
-SECTIONS = ("homeserver", "appservice", "database", "api", "dm", "networks", "logging")
+SECTIONS = (
+    "homeserver", "appservice", "database", "api", "dm", "delivery", "networks", "logging"
+)
+ON_LEAVE = ("reinvite", "new_room")
 _NETWORK_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _DOMAIN = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
@@ -50,6 +54,10 @@ class Config(BaseFileConfig):
             copy(f"database.{key}")
         copy("api.max_body_bytes")
         copy("dm.creation_timeout")
+        copy("dm.on_leave")
+        for key in ("max_attempts", "max_age", "initial_backoff", "max_backoff", "timeout",
+                    "concurrency", "pull_ack_timeout", "pull_max_wait"):
+            copy(f"delivery.{key}")
         copy("networks")
         copy("logging.level")
 
@@ -66,6 +74,10 @@ class Config(BaseFileConfig):
                 if token == PLACEHOLDER:
                     tokens[i] = secrets.token_urlsafe(32)
                     changed = True
+            delivery = network.get("delivery")
+            if isinstance(delivery, dict) and delivery.get("secret") == PLACEHOLDER:
+                delivery["secret"] = secrets.token_urlsafe(32)
+                changed = True
         return changed
 
     def apply_env(self, environ: Mapping[str, str]) -> list[str]:
@@ -117,6 +129,20 @@ def _env_value(raw: str, current: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class DeliverySettings:
+    """How hard the bridge tries to hand platforms what they are owed."""
+
+    max_attempts: int = 20
+    max_age: float = 86400.0
+    initial_backoff: float = 1.0
+    max_backoff: float = 600.0
+    timeout: float = 10.0
+    concurrency: int = 8
+    pull_ack_timeout: float = 60.0
+    pull_max_wait: float = 60.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the bridge needs, validated. Built only through :func:`load_settings`."""
 
@@ -136,6 +162,8 @@ class Settings:
     creation_timeout: float
     networks: Networks
     log_level: str
+    on_leave: str = "reinvite"
+    delivery: DeliverySettings = DeliverySettings()
 
     @property
     def bot_user_id(self) -> str:
@@ -259,6 +287,9 @@ def _network(r: _Reader, i: int, domain: str) -> Network:
         raise ConfigError(
             f"{key}.remote_id_pattern", f"not a valid regular expression: {e}"
         ) from None
+    delivery = _delivery(raw.get("delivery"), key)
+    send_to = _rules(raw, key, "send_to")
+    invites_from = _rules(raw, key, "invites_from")
     tokens = raw.get("tokens")
     if not isinstance(tokens, list) or not tokens:
         raise ConfigError(f"{key}.tokens", "must be a list of at least one token")
@@ -275,7 +306,51 @@ def _network(r: _Reader, i: int, domain: str) -> Network:
         displayname=displayname,
         remote_id_pattern=pattern,
         tokens=tuple(tokens),
+        delivery=delivery,
+        send_to=send_to,
+        invites_from=invites_from,
     )
+
+
+def _delivery(raw: Any, key: str) -> Delivery:
+    if raw is None:
+        return Delivery()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}.delivery", "must be a mapping with mode, url, secret")
+    mode = raw.get("mode", PULL)
+    if mode not in (PUSH, PULL):
+        raise ConfigError(f"{key}.delivery.mode", f"must be {PUSH} or {PULL}, got {mode!r}")
+    if mode == PULL:
+        return Delivery()
+    url = raw.get("url")
+    try:
+        parsed = URL(url) if isinstance(url, str) else None
+        valid = parsed is not None and parsed.scheme in ("http", "https") and bool(parsed.host)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError(f"{key}.delivery.url", f"must be an http(s) URL, got {url!r}")
+    secret = raw.get("secret")
+    if secret == PLACEHOLDER:
+        raise ConfigError(f"{key}.delivery.secret", 'still "generate"; run `dmbridge generate`')
+    if not isinstance(secret, str) or len(secret) < 16:
+        raise ConfigError(f"{key}.delivery.secret", "must be a string of 16 characters or more")
+    return Delivery(mode=PUSH, url=str(url), secret=secret)
+
+
+def _rules(raw: dict[str, Any], key: str, name: str) -> UserRules:
+    permissions = raw.get("permissions")
+    if permissions is None:
+        return UserRules.parse(["*"])
+    if not isinstance(permissions, dict):
+        raise ConfigError(f"{key}.permissions", "must be a mapping with send_to, invites_from")
+    entries = permissions.get(name, ["*"])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{key}.permissions.{name}", f"must be a list, got {entries!r}")
+    try:
+        return UserRules.parse(entries)
+    except RuleError as e:
+        raise ConfigError(f"{key}.permissions.{name}", str(e)) from None
 
 
 def _check_networks(networks: list[Network], bot_localpart: str) -> None:
@@ -338,7 +413,25 @@ def load_settings(config: Config) -> Settings:
         creation_timeout=r.number("dm.creation_timeout", 1, 3600),
         networks=Networks(networks),
         log_level=level,
+        on_leave=_on_leave(r),
+        delivery=DeliverySettings(
+            max_attempts=r.integer("delivery.max_attempts", 1, 1000),
+            max_age=r.number("delivery.max_age", 1, 90 * 86400),
+            initial_backoff=r.number("delivery.initial_backoff", 0.01, 3600),
+            max_backoff=r.number("delivery.max_backoff", 0.01, 86400),
+            timeout=r.number("delivery.timeout", 0.1, 600),
+            concurrency=r.integer("delivery.concurrency", 1, 256),
+            pull_ack_timeout=r.number("delivery.pull_ack_timeout", 1, 86400),
+            pull_max_wait=r.number("delivery.pull_max_wait", 1, 600),
+        ),
     )
+
+
+def _on_leave(r: _Reader) -> str:
+    value = r.text("dm.on_leave")
+    if value not in ON_LEAVE:
+        raise ConfigError("dm.on_leave", f"must be one of {', '.join(ON_LEAVE)}, got {value!r}")
+    return value
 
 
 def check_shape(config: Config, path: str) -> None:

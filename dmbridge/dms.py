@@ -19,14 +19,26 @@ from mautrix.api import Method, Path
 from mautrix.appservice import AppService
 from mautrix.errors import MatrixRequestError, MForbidden, MNotFound
 from mautrix.types import EventID, EventType, RoomCreatePreset, RoomID, UserID
+from mautrix.util.async_db import Connection
 
+from . import payloads
 from .config import Settings
 from .db import Stores, now_ms
-from .db.dm import ACTIVE, CREATING, DMRecord
+from .db.dm import ACTIVE, CREATING, DECLINED, ENDED, JOINING, DMRecord
 from .db.message import SentMessage
-from .errors import Busy, HomeserverError, InvalidParam, TooLarge, UnknownRecipient
+from .errors import (
+    Busy,
+    Declined,
+    HomeserverError,
+    InvalidParam,
+    NotFound,
+    NotPermitted,
+    TooLarge,
+    UnknownRecipient,
+)
 from .ghosts import Ghosts
 from .homeserver import Homeserver
+from .lifecycle import move
 from .locks import KeyedLocks
 from .networks import Network
 
@@ -35,6 +47,11 @@ log = logging.getLogger("dmbridge.dms")
 _USER_ID = re.compile(r"@[\x21-\x39\x3b-\x7e]+:[A-Za-z0-9.\-\[\]:]+")
 # Room versions where the creator holds power implicitly and must not be in power_levels.users.
 _CREATOR_POWER_VERSIONS = frozenset({"12", "org.matrix.hydra.11"})
+_DECLINE_WORDING = {
+    "invite_rejected": "rejected the invite",
+    "ghost_kicked": "removed this contact from the DM",
+    "ghost_banned": "banned this contact from the DM",
+}
 MAX_CONTENT_BYTES = 60_000  # below the homeserver's 64 KiB event limit, leaving room for the rest
 
 
@@ -46,6 +63,8 @@ class DM:
     ghost_id: UserID
     user_id: UserID
     user_membership: str | None
+    state: str = ACTIVE
+    reason: str | None = None
 
     @classmethod
     def of(cls, record: DMRecord) -> DM:
@@ -53,7 +72,7 @@ class DM:
         return cls(
             room_id=record.room_id, network=record.network, remote_id=record.remote_id,
             ghost_id=record.ghost_id, user_id=record.user_id,
-            user_membership=record.user_membership,
+            user_membership=record.user_membership, state=record.state, reason=record.reason,
         )
 
 
@@ -75,6 +94,14 @@ def txn_id_for(network_id: str, remote_id: str, message_id: str) -> str:
     """Deterministic: the homeserver drops a resend of the same platform message."""
     digest = hashlib.sha256(f"{network_id}\0{remote_id}\0{message_id}".encode()).hexdigest()
     return f"dmbridge.{digest[:40]}"
+
+
+def _declined(record: DMRecord) -> Declined:
+    how = _DECLINE_WORDING.get(record.reason or "", "declined DMs from this contact")
+    return Declined(
+        f"{record.user_id} {how}; nothing more is sent to them until they reach out again"
+        f" (reason: {record.reason})"
+    )
 
 
 def _unusable_reason(record: DMRecord) -> str | None:
@@ -123,7 +150,7 @@ class DMService:
     ) -> OpenedDM:
         network = self.networks.get(network_id)
         ghost_id = network.ghost_user_id(remote_id)
-        recipient = self._check_recipient(user_id)
+        recipient = self._check_recipient(user_id, network)
         record = await self.stores.dms.get_current(ghost_id, recipient)
         return await self._open(network, remote_id, ghost_id, recipient, sender_name, record)
 
@@ -133,7 +160,7 @@ class DMService:
     ) -> SendResult:
         network = self.networks.get(network_id)
         ghost_id = network.ghost_user_id(remote_id)
-        recipient = self._check_recipient(user_id)
+        recipient = self._check_recipient(user_id, network)
         if not isinstance(message_id, str) or not 0 < len(message_id) <= 255:
             raise InvalidParam("message_id must be a string of 1 to 255 characters")
         content: dict[str, Any] = {"msgtype": "m.text", "body": text}
@@ -183,6 +210,20 @@ class DMService:
         )
         return [DM.of(r) for r in records]
 
+    async def clear_declined(self, network_id: str, remote_id: str, user_id: str) -> bool:
+        """An admin lifts a decline: the platform may write to the user again."""
+        network = self.networks.get(network_id)
+        ghost_id = network.ghost_user_id(remote_id)
+        conn: Connection
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            record = await self.stores.dms.current_in(conn, ghost_id, user_id)
+            if record is None or record.state != DECLINED:
+                raise NotFound(f"{user_id} has not declined DMs from {network.id} user {remote_id}")
+            await move(self.stores, conn, record, ENDED, "cleared_by_admin", None, now_ms(),
+                       payloads.DM_CLEARED)
+        log.info("cleared the decline of %s for %s user %s", user_id, network.id, remote_id)
+        return True
+
     # --- open or reuse ----------------------------------------------------------------------
 
     async def _open(
@@ -212,6 +253,14 @@ class DMService:
                     return await self._create(network, remote_id, ghost_id, user_id, sender_name,
                                               claim)
                 continue  # another worker claimed the pair first; wait for its room
+            if record.state == DECLINED:
+                raise _declined(record)
+            if record.state == JOINING:
+                # The user invited the ghost and it is joining: that room is about to be the DM.
+                if time.monotonic() >= deadline:
+                    raise Busy(f"{ghost_id} is still joining the DM {user_id} invited it to")
+                await asyncio.sleep(0.05)
+                continue
             if record.state == CREATING:
                 if time.monotonic() >= deadline:
                     stale = now_ms() - record.updated_at > self.settings.creation_timeout * 1000
@@ -232,7 +281,8 @@ class DMService:
                                              record.ghost_displayname)
                 return OpenedDM(DM.of(record), created=False)
             assert record.room_id is not None
-            if reason == "user-left" and await self._reinvite(record):
+            if (reason == "user-left" and self.settings.on_leave == "reinvite"
+                    and await self._reinvite(record)):
                 return OpenedDM(DM.of(record), created=False)
             log.info("DM room %s (%s / %s) is no longer usable: %s; opening a new one",
                      record.room_id, ghost_id, user_id, reason)
@@ -262,7 +312,7 @@ class DMService:
             raise Busy(f"the DM between {ghost_id} and {user_id} was being created twice")
         log.info("opened DM room %s between %s and %s", room_id, ghost_id, user_id)
         try:
-            await self._add_to_m_direct(ghost_id, user_id, room_id)
+            await self.add_to_m_direct(ghost_id, user_id, room_id)
         except (TimeoutError, MatrixRequestError, aiohttp.ClientError) as e:
             # The room works; m.direct is repaired by the ghost's next DM (it merges every room).
             log.error("could not list %s in the m.direct of %s: %r", room_id, ghost_id, e)
@@ -323,7 +373,7 @@ class DMService:
         log.info("re-invited %s to DM room %s", record.user_id, record.room_id)
         return True
 
-    async def _add_to_m_direct(self, ghost_id: UserID, user_id: UserID, room_id: RoomID) -> None:
+    async def add_to_m_direct(self, ghost_id: UserID, user_id: UserID, room_id: RoomID) -> None:
         """Read, merge, write the ghost's m.direct: other entries are never lost."""
         async with self._direct_locks.hold(ghost_id):
             intent = self.ghosts.intent(ghost_id)
@@ -344,11 +394,14 @@ class DMService:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _check_recipient(self, user_id: str) -> UserID:
+    def _check_recipient(self, user_id: str, network: Network) -> UserID:
         if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id) or len(user_id) > 255:
             raise InvalidParam(f"recipient {user_id!r} is not a Matrix user ID (@user:server)")
         if user_id == self.settings.bot_user_id or self.networks.parse_ghost(user_id):
             raise InvalidParam(f"recipient {user_id} is a user of this bridge, not a Matrix user")
+        if not network.send_to.allows(user_id):
+            raise NotPermitted(f"network '{network.id}' may not write to {user_id}"
+                               " (networks[].permissions.send_to)")
         return UserID(user_id)
 
     async def _check_recipient_exists(self, user_id: UserID) -> None:

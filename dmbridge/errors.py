@@ -81,3 +81,17 @@ class Busy(BridgeError):
 
     status = 503
     errcode = "DMBRIDGE_BUSY"
+
+
+class Declined(BridgeError):
+    """The Matrix user turned this contact down; nothing is sent until they reach out again."""
+
+    status = 403
+    errcode = "DMBRIDGE_DECLINED"
+
+
+class NotPermitted(BridgeError):
+    """The network's permissions do not cover this Matrix user."""
+
+    status = 403
+    errcode = "DMBRIDGE_NOT_PERMITTED"

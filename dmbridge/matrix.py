@@ -3,31 +3,46 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from mautrix.appservice import AppService
 from mautrix.errors import MatrixRequestError
-from mautrix.types import Event, EventID, RoomID, SerializerError, UserID
+from mautrix.types import Event, EventID, SerializerError
 from mautrix.util.async_db import Connection
 
 from .db import Stores, now_ms
 from .ghosts import Ghosts
+from .lifecycle import Lifecycle
 from .networks import Networks
 
 log = logging.getLogger("dmbridge.matrix")
 
-_MEMBERSHIPS = frozenset({"join", "invite", "leave", "ban", "knock"})
 PROCESSED_EVENT_TTL_MS = 7 * 24 * 3600 * 1000
 
 
 class MatrixHandler:
     def __init__(
-        self, *, stores: Stores, networks: Networks, appservice: AppService, ghosts: Ghosts
+        self, *, stores: Stores, networks: Networks, appservice: AppService, ghosts: Ghosts,
+        on_leave: str,
     ) -> None:
         self.stores = stores
         self.networks = networks
         self.appservice = appservice
         self.ghosts = ghosts
+        self.on_leave = on_leave
+        self._queued: set[str] = set()
+        self._invited = False
+        self.lifecycle = Lifecycle(
+            stores=stores, networks=networks, bot_user_id=appservice.bot_mxid, on_leave=on_leave,
+            queued=self._queued.add, invited=self._mark_invited,
+        )
+        # Told after each commit: which networks have new outbox items, and of new invites.
+        self.on_queued: Callable[[set[str]], None] = lambda networks: None
+        self.on_invited: Callable[[], None] = lambda: None
+
+    def _mark_invited(self) -> None:
+        self._invited = True
 
     async def handle_transaction(self, txn_id: str, events: list[Any]) -> None:
         """Record the events durably; returns only once they are committed.
@@ -38,6 +53,8 @@ class MatrixHandler:
         fresh: list[dict[str, Any]] = []
         at = now_ms()
         conn: Connection
+        self._queued.clear()
+        self._invited = False
         async with self.stores.db.acquire() as conn, conn.transaction():
             for raw in events:
                 event_id = raw.get("event_id") if isinstance(raw, dict) else None
@@ -48,17 +65,34 @@ class MatrixHandler:
                     log.debug("txn %s: %s already processed", txn_id, event_id)
                     continue
                 fresh.append(raw)
-                membership = _membership(raw)
-                if membership is not None:
-                    room_id, user_id = RoomID(raw["room_id"]), UserID(raw["state_key"])
-                    await self.stores.members.record(
-                        conn, room_id, user_id, membership, EventID(event_id)
-                    )
-                    log.info("%s: %s is now %s (%s)", room_id, user_id, membership, event_id)
+                await self._apply(conn, txn_id, raw, at)
+        queued, invited = set(self._queued), self._invited
+        if queued:
+            self.on_queued(queued)
+        if invited:
+            self.on_invited()
         for raw in fresh:
             await self._update_state_store(raw)
         if events:
             log.debug("txn %s: %d events, %d new", txn_id, len(events), len(fresh))
+
+    async def _apply(self, conn: Connection, txn_id: str, raw: dict[str, Any], at: int) -> None:
+        """Apply one event in a savepoint: an event that fails is logged and skipped.
+
+        If even the rollback fails, the database itself is in trouble: the error goes up and
+        the homeserver resends the whole transaction.
+        """
+        await conn.execute("SAVEPOINT dmbridge_event")
+        try:
+            if _well_formed(raw):
+                await self.lifecycle.apply(conn, raw, at)
+            else:
+                log.warning("txn %s: event %s is malformed; skipped", txn_id, raw.get("event_id"))
+        except Exception:
+            await conn.execute("ROLLBACK TO SAVEPOINT dmbridge_event")
+            log.exception("txn %s: could not handle event %s (%s in %s); skipped", txn_id,
+                          raw.get("event_id"), raw.get("type"), raw.get("room_id"))
+        await conn.execute("RELEASE SAVEPOINT dmbridge_event")
 
     async def _update_state_store(self, raw: dict[str, Any]) -> None:
         """Keep mautrix's state store (a cache for its intents) in step with ours.
@@ -95,11 +129,7 @@ class MatrixHandler:
         await self.stores.events.prune(now_ms() - PROCESSED_EVENT_TTL_MS)
 
 
-def _membership(raw: dict[str, Any]) -> str | None:
-    if raw.get("type") != "m.room.member" or not isinstance(raw.get("state_key"), str):
-        return None
-    if not isinstance(raw.get("room_id"), str):
-        return None
-    content = raw.get("content")
-    membership = content.get("membership") if isinstance(content, dict) else None
-    return membership if membership in _MEMBERSHIPS else None
+def _well_formed(raw: dict[str, Any]) -> bool:
+    if not isinstance(raw.get("room_id"), str) or not isinstance(raw.get("content"), dict):
+        return False
+    return raw.get("type") != "m.room.member" or isinstance(raw.get("state_key"), str)

@@ -11,6 +11,19 @@ from mautrix.types import UserID
 
 from . import localpart
 from .errors import InvalidRemoteID, UnknownNetwork
+from .permissions import UserRules
+
+PUSH, PULL = "webhook", "pull"
+EVERYONE = UserRules(everyone=True, servers=frozenset(), users=frozenset())
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How the network receives what its users are owed: pushed to a webhook, or pulled."""
+
+    mode: str = PULL
+    url: str | None = None
+    secret: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,11 @@ class Network:
     """Template with ``{name}``, ``{remote_id}`` and ``{network_name}``."""
     remote_id_pattern: re.Pattern[str]
     tokens: tuple[str, ...] = field(repr=False)
+    delivery: Delivery = Delivery()
+    send_to: UserRules = EVERYONE
+    """Matrix users this network may write to."""
+    invites_from: UserRules = EVERYONE
+    """Matrix users who may start a DM with this network's ghosts by inviting one."""
 
     @property
     def localpart_prefix(self) -> str:

@@ -13,12 +13,14 @@ from ..config import Settings
 from ..dms import DMService
 from ..errors import BridgeError, Forbidden, MissingToken, UnknownToken
 from ..networks import Network
+from ..outbox import Outbox
 from . import handlers
 
 log = logging.getLogger("dmbridge.api")
 
 PREFIX = "/_dmbridge/v1"
 SERVICE = web.AppKey("service", DMService)
+OUTBOX = web.AppKey("outbox", Outbox)
 SETTINGS = web.AppKey("settings", Settings)
 NETWORK = web.RequestKey("network", Network)
 
@@ -74,13 +76,18 @@ async def openapi(_: web.Request) -> web.Response:
     return web.Response(text=text, content_type="application/yaml")
 
 
-def make_api_app(service: DMService, settings: Settings) -> web.Application:
+def make_api_app(service: DMService, outbox: Outbox, settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_boundary, network_auth])
     app[SERVICE] = service
+    app[OUTBOX] = outbox
     app[SETTINGS] = settings
     app.router.add_get("/openapi.yaml", openapi)
     app.router.add_get("/health", handlers.health)
     app.router.add_put("/networks/{network}/messages/{message_id}", handlers.send_message)
     app.router.add_post("/networks/{network}/dms", handlers.open_dm)
     app.router.add_get("/networks/{network}/dms", handlers.list_dms)
+    app.router.add_get("/networks/{network}/events", handlers.pull_events)
+    app.router.add_post("/networks/{network}/events/ack", handlers.ack_events)
+    app.router.add_get("/networks/{network}/dead-letters", handlers.dead_letters)
+    app.router.add_post("/networks/{network}/dead-letters/retry", handlers.retry_dead_letters)
     return app

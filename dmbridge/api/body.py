@@ -45,3 +45,28 @@ def required_string(body: dict[str, Any], key: str, max_len: int = 65536) -> str
     value = string(body, key, max_len=max_len)
     assert value is not None
     return value
+
+
+def id_list(body: dict[str, Any], key: str, max_items: int = 1000) -> list[int]:
+    value = body.get(key)
+    if not isinstance(value, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in value
+    ):
+        raise BadRequest(f"'{key}' must be a list of positive integer ids")
+    if len(value) > max_items:
+        raise TooLarge(f"'{key}' holds more than {max_items} ids")
+    return value
+
+
+def query_number(query: Any, key: str, default: float, low: float, high: float,
+                 integer: bool = True) -> float:
+    raw = query.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise BadRequest(f"'{key}' must be {'an integer' if integer else 'a number'}") from None
+    if not low <= value <= high:
+        raise BadRequest(f"'{key}' must be from {low:g} to {high:g}")
+    return value

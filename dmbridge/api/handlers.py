@@ -7,9 +7,9 @@ from typing import Any
 from aiohttp import web
 
 from ..dms import DM
-from ..errors import BadRequest
+from ..outbox import describe
 from . import app as api
-from .body import read_object, required_string, string
+from .body import id_list, query_number, read_object, required_string, string
 
 
 def _dm_json(dm: DM) -> dict[str, Any]:
@@ -20,6 +20,7 @@ def _dm_json(dm: DM) -> dict[str, Any]:
         "ghost_id": dm.ghost_id,
         "user_id": dm.user_id,
         "user_membership": dm.user_membership,
+        "state": dm.state,
     }
 
 
@@ -58,12 +59,7 @@ async def open_dm(request: web.Request) -> web.Response:
 async def list_dms(request: web.Request) -> web.Response:
     network = request[api.NETWORK]
     query = request.rel_url.query
-    try:
-        limit = int(query.get("limit", "100"))
-    except ValueError:
-        raise BadRequest("'limit' must be an integer") from None
-    if not 1 <= limit <= 1000:
-        raise BadRequest("'limit' must be from 1 to 1000")
+    limit = int(query_number(query, "limit", 100, 1, 1000))
     dms = await request.app[api.SERVICE].list_dms(
         network_id=network.id, user_id=query.get("user_id"), remote_id=query.get("remote_id"),
         limit=limit,
@@ -74,3 +70,33 @@ async def list_dms(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     await request.app[api.SERVICE].stores.db.fetchval("SELECT 1")
     return web.json_response({"status": "ok"})
+
+
+async def pull_events(request: web.Request) -> web.Response:
+    """Long-poll for what the network's users are owed; acknowledge with POST .../events/ack."""
+    query = request.rel_url.query
+    after = int(query_number(query, "after", 0, 0, 2**62))
+    limit = int(query_number(query, "limit", 100, 1, 1000))
+    wait = query_number(query, "wait", 0, 0, 3600, integer=False)
+    items = await request.app[api.OUTBOX].pull(request[api.NETWORK], after, wait, limit)
+    next_after = max([after, *(i.id for i in items)])
+    return web.json_response({"events": [i.event() for i in items], "next_after": next_after})
+
+
+async def ack_events(request: web.Request) -> web.Response:
+    body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
+    count = await request.app[api.OUTBOX].ack(request[api.NETWORK], id_list(body, "ids"))
+    return web.json_response({"acknowledged": count})
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    limit = int(query_number(request.rel_url.query, "limit", 100, 1, 1000))
+    items = await request.app[api.OUTBOX].dead_letters(request[api.NETWORK], limit)
+    return web.json_response({"dead_letters": [describe(i) for i in items]})
+
+
+async def retry_dead_letters(request: web.Request) -> web.Response:
+    body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
+    ids = None if body.get("all") is True else id_list(body, "ids")
+    requeued = await request.app[api.OUTBOX].retry(request[api.NETWORK], ids)
+    return web.json_response({"requeued": requeued})

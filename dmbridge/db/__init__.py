@@ -10,8 +10,11 @@ from mautrix.util.async_db import Database
 from .dm import DMStore
 from .event import ProcessedEventStore
 from .ghost import GhostStore
+from .history import HistoryStore
+from .invite import InviteStore
 from .member import MemberStore
 from .message import SentMessageStore
+from .outbox import OutboxStore
 from .upgrade import upgrade_table
 
 
@@ -27,6 +30,9 @@ class Stores:
     members: MemberStore
     messages: SentMessageStore
     events: ProcessedEventStore
+    outbox: OutboxStore
+    history: HistoryStore
+    invites: InviteStore
 
     @classmethod
     def over(cls, db: Database) -> Stores:
@@ -37,6 +43,9 @@ class Stores:
             members=MemberStore(db),
             messages=SentMessageStore(db),
             events=ProcessedEventStore(db),
+            outbox=OutboxStore(db),
+            history=HistoryStore(db),
+            invites=InviteStore(db),
         )
 
 

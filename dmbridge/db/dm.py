@@ -4,11 +4,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from mautrix.types import RoomID, UserID
-from mautrix.util.async_db import Database
+from mautrix.util.async_db import Connection, Database
 
 from .message import SentMessage
 
 CREATING, ACTIVE, ENDED = "creating", "active", "ended"
+DECLINED = "declined"  # the user turned the contact down: nothing is sent until they reach out
+JOINING = "joining"  # the user invited the ghost; the ghost is joining
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class DMRecord:
     ghost_membership: str | None
     others_joined: int
     ghost_displayname: str | None
+    reason: str | None
+    user_displayname: str | None
 
 
 _COLUMNS = """
@@ -35,7 +39,7 @@ _COLUMNS = """
     (SELECT COUNT(*) FROM room_member o
       WHERE o.room_id = dm.room_id AND o.membership = 'join'
         AND o.user_id <> dm.ghost_id AND o.user_id <> dm.user_id) AS others_joined,
-    gh.displayname AS ghost_displayname
+    gh.displayname AS ghost_displayname, dm.reason, u.displayname AS user_displayname
 """
 _JOINS = """
     LEFT JOIN room_member u ON u.room_id = dm.room_id AND u.user_id = dm.user_id
@@ -82,6 +86,43 @@ class DMStore:
         sent = (SentMessage(row["sent_room_id"], row["sent_event_id"])
                 if row["sent_event_id"] is not None else None)
         return record, sent
+
+    @staticmethod
+    async def by_room(conn: Connection, room_id: str) -> DMRecord | None:
+        """The DM row of a room, whatever its state."""
+        row = await conn.fetchrow(_SELECT + " WHERE dm.room_id=$1", room_id)
+        return _record(row) if row else None
+
+    @staticmethod
+    async def current_in(conn: Connection, ghost_id: str, user_id: str) -> DMRecord | None:
+        row = await conn.fetchrow(
+            _SELECT + " WHERE dm.ghost_id=$1 AND dm.user_id=$2 AND dm.state <> 'ended'",
+            ghost_id, user_id,
+        )
+        return _record(row) if row else None
+
+    @staticmethod
+    async def set_state(
+        conn: Connection, room_id: str, state: str, reason: str, now_ms: int
+    ) -> None:
+        await conn.execute(
+            "UPDATE dm SET state=$2, reason=$3, claim=NULL, updated_at=$4 WHERE room_id=$1",
+            room_id, state, reason, now_ms,
+        )
+
+    @staticmethod
+    async def adopt(
+        conn: Connection, ghost_id: str, user_id: str, network: str, remote_id: str,
+        room_id: str, state: str, reason: str, now_ms: int,
+    ) -> None:
+        """Make ``room_id`` the pair's DM; the caller has ended the pair's previous one."""
+        await conn.execute(
+            "INSERT INTO dm (ghost_id, user_id, network, remote_id, room_id, state, reason,"
+            " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)"
+            " ON CONFLICT (room_id) DO UPDATE SET state=excluded.state, reason=excluded.reason,"
+            " claim=NULL, updated_at=excluded.updated_at",
+            ghost_id, user_id, network, remote_id, room_id, state, reason, now_ms,
+        )
 
     async def find(
         self,

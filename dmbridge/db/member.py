@@ -12,21 +12,31 @@ class MemberStore:
 
     @staticmethod
     async def record(
-        conn: Connection, room_id: RoomID, user_id: UserID, membership: str, event_id: EventID
-    ) -> None:
-        await conn.execute(
-            "INSERT INTO room_member (room_id, user_id, membership, event_id)"
-            " VALUES ($1, $2, $3, $4) ON CONFLICT (room_id, user_id)"
-            " DO UPDATE SET membership=excluded.membership, event_id=excluded.event_id",
-            room_id, user_id, membership, event_id,
+        conn: Connection, room_id: RoomID, user_id: UserID, membership: str, event_id: EventID,
+        displayname: str | None = None,
+    ) -> str | None:
+        """Store the membership; returns the one it replaces (None if it is the first)."""
+        previous = await conn.fetchval(
+            "SELECT membership FROM room_member WHERE room_id=$1 AND user_id=$2",
+            room_id, user_id,
         )
+        await conn.execute(
+            "INSERT INTO room_member (room_id, user_id, membership, event_id, displayname)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (room_id, user_id)"
+            " DO UPDATE SET membership=excluded.membership, event_id=excluded.event_id,"
+            " displayname=excluded.displayname",
+            room_id, user_id, membership, event_id, displayname,
+        )
+        return str(previous) if previous is not None else None
 
-    async def assume(self, room_id: RoomID, user_id: UserID, membership: str) -> None:
+    async def assume(
+        self, room_id: RoomID, user_id: UserID, membership: str, displayname: str | None = None
+    ) -> None:
         """Record what our own request just did, unless a transaction already told us more."""
         await self.db.execute(
-            "INSERT INTO room_member (room_id, user_id, membership) VALUES ($1, $2, $3)"
-            " ON CONFLICT (room_id, user_id) DO NOTHING",
-            room_id, user_id, membership,
+            "INSERT INTO room_member (room_id, user_id, membership, displayname)"
+            " VALUES ($1, $2, $3, $4) ON CONFLICT (room_id, user_id) DO NOTHING",
+            room_id, user_id, membership, displayname,
         )
 
     async def replace(

@@ -153,7 +153,7 @@ async def test_open_dm_without_sending_and_list_dms(
         assert listed["dms"] == [{
             "room_id": opened["room_id"], "network": "chat", "remote_id": "dave",
             "ghost_id": "@dm_chat_dave:localhost", "user_id": human.user_id,
-            "user_membership": "join",
+            "user_membership": "join", "state": "active",
         }]
     status, listed = await platform.call("GET", "/networks/sms/dms", SMS_TOKEN,
                                          params={"user_id": human.user_id})

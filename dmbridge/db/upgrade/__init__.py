@@ -4,4 +4,5 @@ from mautrix.util.async_db import UpgradeTable
 
 upgrade_table = UpgradeTable(database_name="dmbridge")
 
-from . import v01_initial  # noqa: E402,F401  (registers itself on import)
+# Each module registers itself on import, in version order.
+from . import v01_initial, v02_outbox_lifecycle  # noqa: E402,F401

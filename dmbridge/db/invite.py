@@ -1,0 +1,59 @@
+"""Invites of ghosts by Matrix users, kept until the ghost has joined or refused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mautrix.util.async_db import Connection, Database
+
+
+@dataclass(frozen=True)
+class GhostInvite:
+    room_id: str
+    ghost_id: str
+    inviter: str
+    is_direct: bool
+    event_id: str
+    received_at: int
+
+
+class InviteStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @staticmethod
+    async def add(conn: Connection, invite: GhostInvite) -> None:
+        await conn.execute(
+            "INSERT INTO ghost_invite (room_id, ghost_id, inviter, is_direct, event_id,"
+            " received_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (room_id, ghost_id)"
+            " DO UPDATE SET inviter=excluded.inviter, is_direct=excluded.is_direct,"
+            " event_id=excluded.event_id, received_at=excluded.received_at",
+            invite.room_id, invite.ghost_id, invite.inviter, invite.is_direct, invite.event_id,
+            invite.received_at,
+        )
+
+    @staticmethod
+    async def drop(conn: Connection, room_id: str, ghost_id: str) -> None:
+        await conn.execute(
+            "DELETE FROM ghost_invite WHERE room_id=$1 AND ghost_id=$2", room_id, ghost_id
+        )
+
+    async def done(self, invite: GhostInvite) -> None:
+        """Forget an invite once answered, unless a newer invite replaced it meanwhile."""
+        await self.db.execute(
+            "DELETE FROM ghost_invite WHERE room_id=$1 AND ghost_id=$2 AND event_id=$3",
+            invite.room_id, invite.ghost_id, invite.event_id,
+        )
+
+    async def all(self) -> list[GhostInvite]:
+        rows = await self.db.fetch(
+            "SELECT room_id, ghost_id, inviter, is_direct, event_id, received_at"
+            " FROM ghost_invite ORDER BY received_at"
+        )
+        return [_invite(r) for r in rows]
+
+
+def _invite(row: Any) -> GhostInvite:
+    fields = {k: row[k] for k in GhostInvite.__dataclass_fields__}
+    return GhostInvite(**{**fields, "is_direct": bool(fields["is_direct"])})

@@ -1,0 +1,167 @@
+"""A Matrix user invites a ghost: the ghost joins and the room becomes their DM, or it declines.
+
+Invites are recorded in the transaction that brought them, then answered here; one that was not
+answered before a crash is answered after the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import aiohttp
+from mautrix.api import Method, Path
+from mautrix.appservice import AppService
+from mautrix.errors import MatrixRequestError
+from mautrix.types import RoomID, UserID
+from mautrix.util.async_db import Connection
+
+from . import payloads
+from .db import Stores, now_ms
+from .db.dm import ACTIVE, CREATING, ENDED, JOINING
+from .db.invite import GhostInvite
+from .dms import DMService
+from .ghosts import Ghosts
+from .lifecycle import move
+from .networks import Network, Networks
+
+log = logging.getLogger("dmbridge.invites")
+
+RETRY_S = 10.0
+
+
+class InviteHandler:
+    def __init__(self, *, stores: Stores, networks: Networks, ghosts: Ghosts,
+                 appservice: AppService, dms: DMService,
+                 queued: Callable[[set[str]], None]) -> None:
+        self.stores = stores
+        self.networks = networks
+        self.ghosts = ghosts
+        self.appservice = appservice
+        self.dms = dms
+        self._queued = queued
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._wake.set()  # answer what was left over from before a restart
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), RETRY_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                for invite in await self.stores.invites.all():
+                    await self.answer(invite)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("answering invites failed; trying again in %.0f s", RETRY_S)
+
+    async def answer(self, invite: GhostInvite) -> None:
+        parsed = self.networks.parse_ghost(invite.ghost_id)
+        if parsed is None:
+            await self.stores.invites.done(invite)
+            return
+        network, remote_id = parsed
+        refusal = self._refusal(network, invite)
+        try:
+            await self.ghosts.ensure_registered(network, remote_id)
+            if refusal is not None:
+                await self._leave(invite, refusal)
+                log.info("%s declined the invite of %s to %s: %s", invite.ghost_id,
+                         invite.inviter, invite.room_id, refusal)
+            else:
+                if not await self._accept(network, remote_id, invite):
+                    return  # left for the next round
+        except (TimeoutError, aiohttp.ClientError) as e:
+            log.warning("could not answer the invite of %s to %s yet: %r", invite.ghost_id,
+                        invite.room_id, e)
+            return
+        await self.stores.invites.done(invite)
+
+    def _refusal(self, network: Network, invite: GhostInvite) -> str | None:
+        if network.invites_from.nobody:
+            return f"{network.name} contacts cannot be messaged first from Matrix."
+        if not network.invites_from.allows(invite.inviter):
+            return f"You are not permitted to start conversations with {network.name} contacts."
+        if not invite.is_direct:
+            return f"{network.name} contacts only take direct chats: invite them as a DM."
+        return None
+
+    async def _leave(self, invite: GhostInvite, reason: str) -> None:
+        try:
+            await self.ghosts.intent(UserID(invite.ghost_id)).api.request(
+                Method.POST, Path.v3.rooms[RoomID(invite.room_id)].leave,
+                content={"reason": reason},
+            )
+        except MatrixRequestError as e:
+            log.info("could not decline the invite to %s (already gone?): %s", invite.room_id, e)
+
+    async def _accept(self, network: Network, remote_id: str, invite: GhostInvite) -> bool:
+        """Join and make the room the pair's DM; False to try again later."""
+        ghost_id, user_id, room_id = (UserID(invite.ghost_id), UserID(invite.inviter),
+                                      RoomID(invite.room_id))
+        now = now_ms()
+        conn: Connection
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            current = await self.stores.dms.current_in(conn, ghost_id, user_id)
+            if current is not None and current.state == CREATING:
+                log.info("%s: a DM for %s / %s is being created; answering the invite later",
+                         room_id, ghost_id, user_id)
+                return False
+            if current is not None and current.room_id != room_id:
+                await move(self.stores, conn, current, ENDED, "replaced", invite.event_id, now,
+                           None)
+            await self.stores.dms.adopt(conn, ghost_id, user_id, network.id, remote_id, room_id,
+                                        JOINING, "user_invited", now)
+        intent = self.ghosts.intent(ghost_id)
+        try:
+            await intent.api.request(Method.POST, Path.v3.rooms[room_id].join, content={})
+            members = await intent.get_joined_members(room_id)
+        except MatrixRequestError as e:
+            log.info("%s could not join %s (invite withdrawn?): %s", ghost_id, room_id, e)
+            await self._finish(room_id, ENDED, "join_failed", invite, None)
+            return True
+        await self.appservice.state_store.joined(room_id, ghost_id)
+        await self.stores.members.assume(room_id, ghost_id, "join")
+        await self.stores.members.replace(room_id, ghost_id, "invite", "join")
+        for member_id, member in members.items():
+            await self.stores.members.assume(room_id, member_id, "join", member.displayname)
+        others = [m for m in members if m not in (ghost_id, user_id)]
+        if others:
+            await self._leave(invite, f"{network.name} contacts only take one-to-one chats.")
+            await self._finish(room_id, ENDED, "not_one_to_one", invite, None)
+            return True
+        await self._finish(room_id, ACTIVE, "user_invited", invite, payloads.DM_STARTED)
+        try:
+            await self.dms.add_to_m_direct(ghost_id, user_id, room_id)
+        except (TimeoutError, MatrixRequestError, aiohttp.ClientError) as e:
+            log.error("could not list %s in the m.direct of %s: %r", room_id, ghost_id, e)
+        log.info("%s joined %s at the invite of %s; it is their DM now", ghost_id, room_id,
+                 user_id)
+        return True
+
+    async def _finish(self, room_id: RoomID, state: str, reason: str, invite: GhostInvite,
+                      notice: str | None) -> None:
+        conn: Connection
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            dm = await self.stores.dms.by_room(conn, room_id)
+            if dm is None or dm.state != JOINING:
+                return  # something newer (a leave, a kick) already moved it on
+            await move(self.stores, conn, dm, state, reason, invite.event_id, now_ms(), notice)
+        if notice is not None:
+            self._queued({dm.network})

@@ -1,0 +1,249 @@
+"""Getting what platforms are owed to them: webhook pushes with retries, pulls with acks.
+
+Items come from the outbox table, written in the same transaction as the homeserver events that
+caused them. Nothing is forgotten on a crash: a delivery holds a short lease on its item, and an
+item whose lease ran out is simply delivered again (receivers drop repeats by idempotency key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import secrets
+import time
+
+import aiohttp
+
+from . import payloads
+from .config import DeliverySettings
+from .db import Stores, now_ms
+from .db.outbox import OutboxItem
+from .errors import InvalidParam
+from .networks import PULL, PUSH, Network, Networks
+from .webhook import Outcome, WebhookClient
+
+log = logging.getLogger("dmbridge.outbox")
+
+POLL_S = 1.0  # how often the database is checked for work other workers (or the CLI) queued
+SWEEP_S = 5.0  # how often pull networks' expired items are looked for
+LEASE_SLACK_S = 5.0
+DONE_TTL_MS = 7 * 24 * 3600 * 1000
+
+
+def backoff(attempt: int, settings: DeliverySettings, rng: random.Random | None = None) -> float:
+    """Seconds before retry ``attempt`` + 1: doubling from initial_backoff, capped, jittered.
+
+    The jitter takes the wait from half to all of the nominal delay ("equal jitter"), so
+    receivers coming back are not hit by every bridge at once, and waits still grow.
+    """
+    nominal = min(settings.max_backoff, settings.initial_backoff * 2 ** max(0, attempt - 1))
+    return (rng or random).uniform(nominal / 2, nominal)
+
+
+class Outbox:
+    def __init__(self, *, stores: Stores, networks: Networks, settings: DeliverySettings) -> None:
+        self.stores = stores
+        self.networks = networks
+        self.settings = settings
+        self._push = [n.id for n in networks if n.delivery.mode == PUSH]
+        self._pull = [n.id for n in networks if n.delivery.mode == PULL]
+        self._wake = asyncio.Event()
+        self._pull_signals: dict[str, asyncio.Event] = {n.id: asyncio.Event() for n in networks}
+        self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._webhook: WebhookClient | None = None
+        self._owner = secrets.token_hex(4)
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        self._webhook = WebhookClient(self._session, self.settings.timeout)
+        self._task = asyncio.create_task(self._run())
+        log.info("delivering to %d webhook network(s) %s; %d pull network(s) %s",
+                 len(self._push), self._push, len(self._pull), self._pull)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = list(self._in_flight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def wake(self, networks: set[str]) -> None:
+        """New items were committed for these networks."""
+        self._wake.set()
+        for network in networks:
+            signal = self._pull_signals.get(network)
+            if signal is not None:
+                signal.set()
+
+    async def _run(self) -> None:
+        last_sweep = 0.0
+        while True:
+            try:
+                if time.monotonic() - last_sweep >= SWEEP_S:
+                    last_sweep = time.monotonic()
+                    await self._expire_pulled()
+                wait = await self._dispatch()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the delivery loop failed; trying again shortly")
+                wait = POLL_S
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def _dispatch(self) -> float:
+        """Start delivering every due lane head we have room for; seconds until worth a look."""
+        free = self.settings.concurrency - len(self._in_flight)
+        now = now_ms()
+        if free > 0:
+            heads = await self.stores.outbox.due_heads(self._push, now, free + len(self._in_flight))
+            lease_ms = int((self.settings.timeout + LEASE_SLACK_S) * 1000)
+            for item in heads:
+                if free <= 0:
+                    break
+                if item.id in self._in_flight:
+                    continue
+                if await self.stores.outbox.lease(item.id, now, now + lease_ms):
+                    self._in_flight[item.id] = asyncio.create_task(self._deliver(item))
+                    free -= 1
+        next_due = await self.stores.outbox.next_due_at(self._push)
+        if next_due is None:
+            return POLL_S
+        return min(POLL_S, max(0.01, (next_due - now_ms()) / 1000))
+
+    async def _deliver(self, item: OutboxItem) -> None:
+        network = self.networks.get(item.network)
+        attempt = item.attempts + 1
+        try:
+            assert self._webhook is not None
+            outcome = await self._webhook.post(network, item, attempt)
+            if outcome.ok:
+                await self.stores.outbox.delivered(item.id, attempt, now_ms())
+                log.info("delivered outbox %d (%s %s) to %s on attempt %d", item.id, item.type,
+                         item.idempotency_key, item.network, attempt)
+            else:
+                await self._failed(network, item, attempt, outcome)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("delivering outbox %d failed unexpectedly; its lease will run out",
+                          item.id)
+        finally:
+            self._in_flight.pop(item.id, None)
+            self._wake.set()  # the lane's next item may go now
+
+    async def _failed(self, network: Network, item: OutboxItem, attempt: int,
+                      outcome: Outcome) -> None:
+        now = now_ms()
+        deadline = item.queued_at + int(self.settings.max_age * 1000)
+        if attempt >= self.settings.max_attempts or now >= deadline:
+            why = f"gave up after {attempt} attempt(s); last: {outcome.error}"
+            await self._kill(item, attempt, why)
+            return
+        delay = backoff(attempt, self.settings)
+        if outcome.retry_after is not None:
+            delay = max(delay, outcome.retry_after)
+        next_at = min(now + int(delay * 1000), deadline)
+        await self.stores.outbox.retry_later(item.id, attempt, next_at, outcome.error)
+        log.warning("delivery of outbox %d to %s failed (attempt %d: %s); next try in %.1f s",
+                    item.id, network.id, attempt, outcome.error, (next_at - now) / 1000)
+
+    async def _kill(self, item: OutboxItem, attempts: int, why: str) -> None:
+        """Make the item a dead letter, and tell the platform (once it can be reached)."""
+        if not await self.stores.outbox.kill(item.id, attempts, why, now_ms()):
+            return
+        log.error("outbox %d (%s %s for %s) is now a dead letter: %s", item.id, item.type,
+                  item.idempotency_key, item.network, why)
+        if item.type == payloads.DELIVERY_FAILED:
+            return  # never a notice about a notice
+        event = item.event()
+        lane = payloads.Lane(item.network, item.remote_id, item.user_id,
+                             str(event.get("ghost_id", "")))
+        now = now_ms()
+        payload = payloads.delivery_failed(lane, event, attempts, why, now)
+        await self.stores.outbox.add_now(
+            network=item.network, remote_id=item.remote_id, user_id=item.user_id,
+            type=payloads.DELIVERY_FAILED, key=payload["idempotency_key"], payload=payload,
+            now=now,
+        )
+        self.wake({item.network})
+
+    async def _expire_pulled(self) -> None:
+        cutoff = now_ms() - int(self.settings.max_age * 1000)
+        for item in await self.stores.outbox.expired(self._pull, cutoff, 100):
+            await self._kill(item, item.attempts,
+                             f"not acknowledged within {self.settings.max_age:g} s")
+
+    # --- pull -------------------------------------------------------------------------------
+
+    async def pull(self, network: Network, after: int, wait: float, limit: int
+                   ) -> list[OutboxItem]:
+        """Long-poll: items after the cursor (and any due again), waiting up to ``wait`` s."""
+        if network.delivery.mode != PULL:
+            raise InvalidParam(f"network '{network.id}' receives events by webhook, not by pull")
+        wait = min(max(0.0, wait), self.settings.pull_max_wait)
+        deadline = time.monotonic() + wait
+        signal = self._pull_signals[network.id]
+        redeliver_ms = int(self.settings.pull_ack_timeout * 1000)
+        while True:
+            signal.clear()
+            now = now_ms()
+            items = await self.stores.outbox.pull(network.id, after, now, now - redeliver_ms,
+                                                  limit)
+            remaining = deadline - time.monotonic()
+            if items or remaining <= 0:
+                return items
+            try:
+                await asyncio.wait_for(signal.wait(), min(POLL_S, remaining))
+            except TimeoutError:
+                pass
+
+    async def ack(self, network: Network, ids: list[int]) -> int:
+        count = await self.stores.outbox.ack(network.id, ids, now_ms())
+        log.info("%s acknowledged %d of %d event(s)", network.id, count, len(ids))
+        return count
+
+    # --- dead letters -----------------------------------------------------------------------
+
+    async def dead_letters(self, network: Network, limit: int) -> list[OutboxItem]:
+        return await self.stores.outbox.dead_letters(network.id, limit)
+
+    async def retry(self, network: Network, ids: list[int] | None) -> list[int]:
+        requeued = await self.stores.outbox.requeue(network.id, ids, now_ms())
+        if requeued:
+            log.info("%s: %d dead letter(s) queued again: %s", network.id, len(requeued),
+                     requeued)
+            self.wake({network.id})
+        return requeued
+
+    async def prune(self) -> None:
+        await self.stores.outbox.prune(now_ms() - DONE_TTL_MS)
+
+
+def describe(item: OutboxItem) -> dict[str, object]:
+    """A dead letter as the API and CLI show it."""
+    return {
+        "id": item.id,
+        "type": item.type,
+        "idempotency_key": item.idempotency_key,
+        "remote_id": item.remote_id,
+        "user_id": item.user_id,
+        "attempts": item.attempts,
+        "error": item.last_error,
+        "created_at": item.created_at,
+        "failed_at": item.finished_at,
+        "event": json.loads(item.payload),
+    }
