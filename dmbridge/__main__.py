@@ -162,6 +162,59 @@ def cmd_list_dms(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    if args.retry or args.retry_all:
+        body: dict[str, Any] = {"all": True} if args.retry_all else {"ids": args.retry}
+        results = asyncio.run(_api(args.config, "POST", "/networks/{network}/dead-letters/retry",
+                                   args.network, body))
+        failed = False
+        for network, status, data in results:
+            if status != 200:
+                print(f"{network}: {status} {data}", file=sys.stderr)
+                failed = True
+            elif data["requeued"]:
+                print(f"{network}: queued again: {' '.join(map(str, data['requeued']))}")
+        return 1 if failed else 0
+    results = asyncio.run(_api(args.config, "GET", "/networks/{network}/dead-letters",
+                               args.network, query={"limit": "1000"}))
+    failed = False
+    for network, status, data in results:
+        if status != 200:
+            print(f"{network}: {status} {data}", file=sys.stderr)
+            failed = True
+            continue
+        for item in data["dead_letters"]:
+            print(f"{network}\t{item['id']}\t{item['type']}\t{item['remote_id']}\t"
+                  f"{item['user_id']}\t{item['attempts']}\t{item['error']}")
+    return 1 if failed else 0
+
+
+async def _clear_declined(config_path: Path, network_id: str, remote_id: str, user: str) -> int:
+    from mautrix.util.async_db import Database
+
+    from .db import Stores, upgrade_table
+    from .errors import BridgeError
+    from .lifecycle import clear_declined
+
+    settings = open_config(config_path)
+    db = Database.create(settings.database_url, upgrade_table=upgrade_table)
+    await db.start()
+    try:
+        await clear_declined(Stores.over(db), settings.networks.get(network_id), remote_id, user)
+    except BridgeError as e:
+        print(f"dmbridge: {e.message}", file=sys.stderr)
+        return 1
+    finally:
+        await db.stop()
+    print(f"{user} may be written to by {network_id} user {remote_id} again; the next message "
+          "opens a new DM")
+    return 0
+
+
+def cmd_clear_declined(args: argparse.Namespace) -> int:
+    return asyncio.run(_clear_declined(args.config, args.network, args.remote_id, args.user))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dmbridge", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -219,6 +272,26 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--user", help="only DMs with this Matrix user")
     ls.add_argument("--remote-id", help="only DMs with this remote user (needs --network)")
     ls.set_defaults(func=cmd_list_dms)
+
+    dl = sub.add_parser("dead-letters", help="list or retry undeliverable replies and notices",
+                        description="List dead letters (items a platform never accepted), one "
+                        "per line: network, id, type, remote ID, Matrix user, attempts, last "
+                        "error. With --retry or --retry-all, queue them for delivery again.")
+    with_config(dl)
+    dl.add_argument("--network", help="only this network")
+    dl.add_argument("--retry", type=int, nargs="+", metavar="ID", help="queue these again")
+    dl.add_argument("--retry-all", action="store_true", help="queue every dead letter again")
+    dl.set_defaults(func=cmd_dead_letters)
+
+    cd = sub.add_parser("clear-declined", help="let a network write to a user who declined",
+                        description="Lift a decline (the user rejected the invite, or kicked or "
+                        "banned the contact): the next message from the platform opens a new DM. "
+                        "Works on the database directly, with or without the bridge running.")
+    with_config(cd)
+    cd.add_argument("--network", required=True, help="network ID")
+    cd.add_argument("--remote-id", required=True, help="the remote user's ID on that network")
+    cd.add_argument("--user", required=True, help="the Matrix user who declined")
+    cd.set_defaults(func=cmd_clear_declined)
     return p
 
 

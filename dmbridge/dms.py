@@ -19,26 +19,23 @@ from mautrix.api import Method, Path
 from mautrix.appservice import AppService
 from mautrix.errors import MatrixRequestError, MForbidden, MNotFound
 from mautrix.types import EventID, EventType, RoomCreatePreset, RoomID, UserID
-from mautrix.util.async_db import Connection
 
-from . import payloads
 from .config import Settings
 from .db import Stores, now_ms
-from .db.dm import ACTIVE, CREATING, DECLINED, ENDED, JOINING, DMRecord
+from .db.dm import ACTIVE, CREATING, DECLINED, JOINING, DMRecord
 from .db.message import SentMessage
 from .errors import (
     Busy,
     Declined,
     HomeserverError,
     InvalidParam,
-    NotFound,
     NotPermitted,
     TooLarge,
     UnknownRecipient,
 )
 from .ghosts import Ghosts
 from .homeserver import Homeserver
-from .lifecycle import move
+from .lifecycle import clear_declined
 from .locks import KeyedLocks
 from .networks import Network
 
@@ -210,19 +207,9 @@ class DMService:
         )
         return [DM.of(r) for r in records]
 
-    async def clear_declined(self, network_id: str, remote_id: str, user_id: str) -> bool:
+    async def clear_declined(self, network_id: str, remote_id: str, user_id: str) -> None:
         """An admin lifts a decline: the platform may write to the user again."""
-        network = self.networks.get(network_id)
-        ghost_id = network.ghost_user_id(remote_id)
-        conn: Connection
-        async with self.stores.db.acquire() as conn, conn.transaction():
-            record = await self.stores.dms.current_in(conn, ghost_id, user_id)
-            if record is None or record.state != DECLINED:
-                raise NotFound(f"{user_id} has not declined DMs from {network.id} user {remote_id}")
-            await move(self.stores, conn, record, ENDED, "cleared_by_admin", None, now_ms(),
-                       payloads.DM_CLEARED)
-        log.info("cleared the decline of %s for %s user %s", user_id, network.id, remote_id)
-        return True
+        await clear_declined(self.stores, self.networks.get(network_id), remote_id, user_id)
 
     # --- open or reuse ----------------------------------------------------------------------
 

@@ -7,18 +7,19 @@ transition, its history row and the notice owed to the platform commit together 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from mautrix.types import EventID, RoomID, UserID
 from mautrix.util.async_db import Connection
 
 from . import payloads
-from .db import Stores
+from .db import Stores, now_ms
 from .db.dm import ACTIVE, CREATING, DECLINED, ENDED, JOINING, DMRecord
 from .db.history import Transition
 from .db.invite import GhostInvite
-from .networks import Networks
+from .errors import NotFound
+from .networks import Network, Networks
 
 log = logging.getLogger("dmbridge.lifecycle")
 
@@ -26,27 +27,34 @@ _MEMBERSHIPS = frozenset({"join", "invite", "leave", "ban", "knock"})
 _MESSAGES = frozenset({"m.room.message", "m.sticker"})
 
 
+@dataclass
+class Effects:
+    """What a transaction left for after its commit: outbox items to deliver, invites."""
+
+    networks: set[str] = field(default_factory=set)
+    invites: bool = False
+
+
 def lane_of(dm: DMRecord) -> payloads.Lane:
     return payloads.Lane(dm.network, dm.remote_id, dm.user_id, dm.ghost_id)
 
 
 class Lifecycle:
-    def __init__(self, *, stores: Stores, networks: Networks, bot_user_id: str, on_leave: str,
-                 queued: Callable[[str], None], invited: Callable[[], None]) -> None:
+    def __init__(self, *, stores: Stores, networks: Networks, bot_user_id: str, on_leave: str
+                 ) -> None:
         self.stores = stores
         self.networks = networks
         self.bot_user_id = bot_user_id
         self.on_leave = on_leave
-        self._queued = queued
-        self._invited = invited
 
-    async def apply(self, conn: Connection, raw: dict[str, Any], now: int) -> None:
+    async def apply(self, conn: Connection, raw: dict[str, Any], now: int, effects: Effects
+                    ) -> None:
         """Apply one new event from the homeserver."""
         kind = raw.get("type")
         if kind == "m.room.member":
-            await self._member(conn, raw, now)
+            await self._member(conn, raw, now, effects)
         elif kind in _MESSAGES:
-            await self._message(conn, raw, now)
+            await self._message(conn, raw, now, effects)
         elif kind == "m.room.encrypted":
             dm = await self.stores.dms.by_room(conn, str(raw.get("room_id")))
             if dm is not None and raw.get("sender") == dm.user_id:
@@ -55,7 +63,8 @@ class Lifecycle:
 
     # --- memberships ------------------------------------------------------------------------
 
-    async def _member(self, conn: Connection, raw: dict[str, Any], now: int) -> None:
+    async def _member(self, conn: Connection, raw: dict[str, Any], now: int, effects: Effects
+                      ) -> None:
         content = raw.get("content")
         if not isinstance(content, dict) or content.get("membership") not in _MEMBERSHIPS:
             return
@@ -79,7 +88,7 @@ class Lifecycle:
                 await self.stores.invites.add(conn, GhostInvite(
                     room_id, user_id, sender, content.get("is_direct") is True, event_id, now,
                 ))
-                self._invited()
+                effects.invites = True
                 return
             if membership in ("leave", "ban"):
                 await self.stores.invites.drop(conn, room_id, user_id)  # invite withdrawn
@@ -87,36 +96,40 @@ class Lifecycle:
         dm = await self.stores.dms.by_room(conn, room_id)
         if dm is None or dm.state not in (ACTIVE, JOINING):
             return
+        change = self._transition(dm, user_id, membership, previous, sender)
+        if change is not None:
+            state, reason, notice = change
+            await move(self.stores, conn, dm, state, reason, event_id, now, notice)
+            effects.networks.add(dm.network)
+
+    def _transition(self, dm: DMRecord, user_id: str, membership: str, previous: str | None,
+                    sender: str) -> tuple[str, str, str] | None:
+        """What a membership change does to a current DM: (state, reason, notice), or None."""
         if user_id == dm.user_id:
             if membership == "leave" and previous == "invite" and sender == user_id:
-                await self._move(conn, dm, DECLINED, "invite_rejected", event_id, now,
-                                 payloads.DM_DECLINED)
-            elif membership == "leave":
-                if self.on_leave == "new_room":
-                    await self._move(conn, dm, ENDED, "user_left", event_id, now,
-                                     payloads.DM_USER_LEFT)
-                else:  # the room stays the DM; the next message re-invites the user
-                    await self._move(conn, dm, dm.state, "user_left", event_id, now,
-                                     payloads.DM_USER_LEFT)
-            elif membership == "ban":
-                await self._move(conn, dm, ENDED, "user_banned", event_id, now,
-                                 payloads.DM_ENDED)
-        elif user_id == dm.ghost_id:
+                return DECLINED, "invite_rejected", payloads.DM_DECLINED
+            if membership == "leave":
+                # By default the room stays the DM and the next message re-invites the user.
+                state = ENDED if self.on_leave == "new_room" else dm.state
+                return state, "user_left", payloads.DM_USER_LEFT
+            if membership == "ban":
+                return ENDED, "user_banned", payloads.DM_ENDED
+            return None
+        if user_id == dm.ghost_id:
             if membership not in ("leave", "ban"):
-                return
+                return None
             if sender == dm.user_id:
                 reason = "ghost_banned" if membership == "ban" else "ghost_kicked"
-                await self._move(conn, dm, DECLINED, reason, event_id, now, payloads.DM_DECLINED)
-            else:
-                await self._move(conn, dm, ENDED, "ghost_removed", event_id, now,
-                                 payloads.DM_ENDED)
-        elif membership == "join":
-            await self._move(conn, dm, ENDED, "third_party_joined", event_id, now,
-                             payloads.DM_ENDED)
+                return DECLINED, reason, payloads.DM_DECLINED
+            return ENDED, "ghost_removed", payloads.DM_ENDED
+        if membership == "join":
+            return ENDED, "third_party_joined", payloads.DM_ENDED
+        return None
 
     # --- messages ---------------------------------------------------------------------------
 
-    async def _message(self, conn: Connection, raw: dict[str, Any], now: int) -> None:
+    async def _message(self, conn: Connection, raw: dict[str, Any], now: int, effects: Effects
+                       ) -> None:
         room_id, event_id = str(raw.get("room_id")), str(raw.get("event_id"))
         dm = await self.stores.dms.by_room(conn, room_id)
         if dm is None or raw.get("sender") != dm.user_id:
@@ -131,6 +144,7 @@ class Lifecycle:
                          room_id, event_id)
                 return
             await self._reach_out(conn, dm, event_id, now)
+            effects.networks.add(dm.network)
         item = await self.stores.outbox.add(
             conn, network=dm.network, remote_id=dm.remote_id, user_id=dm.user_id,
             type=payloads.MESSAGE, key=event_id, now=now,
@@ -139,7 +153,7 @@ class Lifecycle:
         if item is not None:
             log.info("%s: message %s from %s queued for %s user %s (outbox %d)", room_id,
                      event_id, dm.user_id, dm.network, dm.remote_id, item)
-            self._queued(dm.network)
+            effects.networks.add(dm.network)
 
     async def _reach_out(self, conn: Connection, dm: DMRecord, event_id: str, now: int) -> None:
         """The user wrote in an old DM: it becomes the pair's DM again, lifting any decline."""
@@ -147,16 +161,10 @@ class Lifecycle:
         if current is not None and current.state == CREATING:
             return  # a new room is being opened right now; it will be the DM
         if current is not None:
-            await self._move(conn, current, ENDED, "replaced", event_id, now, None)
-        await self._move(conn, dm, ACTIVE, "user_wrote", event_id, now, payloads.DM_STARTED)
+            await move(self.stores, conn, current, ENDED, "replaced", event_id, now, None)
+        await move(self.stores, conn, dm, ACTIVE, "user_wrote", event_id, now, payloads.DM_STARTED)
 
     # --- transitions ------------------------------------------------------------------------
-
-    async def _move(self, conn: Connection, dm: DMRecord, state: str, reason: str,
-                    event_id: str | None, now: int, notice: str | None) -> None:
-        await move(self.stores, conn, dm, state, reason, event_id, now, notice)
-        if notice is not None:
-            self._queued(dm.network)
 
     def _is_bridge(self, user_id: str) -> bool:
         return user_id == self.bot_user_id or self.networks.parse_ghost(user_id) is not None
@@ -180,3 +188,16 @@ async def move(stores: Stores, conn: Connection, dm: DMRecord, state: str, reaso
             conn, network=dm.network, remote_id=dm.remote_id, user_id=dm.user_id, type=notice,
             key=payload["idempotency_key"], payload=payload, now=now,
         )
+
+
+async def clear_declined(stores: Stores, network: Network, remote_id: str, user_id: str) -> None:
+    """An admin lifts a decline; the pair's next message opens a new DM. Raises NotFound."""
+    ghost_id = network.ghost_user_id(remote_id)
+    conn: Connection
+    async with stores.db.acquire() as conn, conn.transaction():
+        record = await stores.dms.current_in(conn, ghost_id, user_id)
+        if record is None or record.state != DECLINED:
+            raise NotFound(f"{user_id} has not declined DMs from {network.id} user {remote_id}")
+        await move(stores, conn, record, ENDED, "cleared_by_admin", None, now_ms(),
+                   payloads.DM_CLEARED)
+    log.info("cleared the decline of %s for %s user %s", user_id, network.id, remote_id)

@@ -13,7 +13,7 @@ from mautrix.util.async_db import Connection
 
 from .db import Stores, now_ms
 from .ghosts import Ghosts
-from .lifecycle import Lifecycle
+from .lifecycle import Effects, Lifecycle
 from .networks import Networks
 
 log = logging.getLogger("dmbridge.matrix")
@@ -31,18 +31,12 @@ class MatrixHandler:
         self.appservice = appservice
         self.ghosts = ghosts
         self.on_leave = on_leave
-        self._queued: set[str] = set()
-        self._invited = False
         self.lifecycle = Lifecycle(
             stores=stores, networks=networks, bot_user_id=appservice.bot_mxid, on_leave=on_leave,
-            queued=self._queued.add, invited=self._mark_invited,
         )
         # Told after each commit: which networks have new outbox items, and of new invites.
         self.on_queued: Callable[[set[str]], None] = lambda networks: None
         self.on_invited: Callable[[], None] = lambda: None
-
-    def _mark_invited(self) -> None:
-        self._invited = True
 
     async def handle_transaction(self, txn_id: str, events: list[Any]) -> None:
         """Record the events durably; returns only once they are committed.
@@ -53,8 +47,7 @@ class MatrixHandler:
         fresh: list[dict[str, Any]] = []
         at = now_ms()
         conn: Connection
-        self._queued.clear()
-        self._invited = False
+        effects = Effects()
         async with self.stores.db.acquire() as conn, conn.transaction():
             for raw in events:
                 event_id = raw.get("event_id") if isinstance(raw, dict) else None
@@ -65,18 +58,18 @@ class MatrixHandler:
                     log.debug("txn %s: %s already processed", txn_id, event_id)
                     continue
                 fresh.append(raw)
-                await self._apply(conn, txn_id, raw, at)
-        queued, invited = set(self._queued), self._invited
-        if queued:
-            self.on_queued(queued)
-        if invited:
+                await self._apply(conn, txn_id, raw, at, effects)
+        if effects.networks:
+            self.on_queued(effects.networks)
+        if effects.invites:
             self.on_invited()
         for raw in fresh:
             await self._update_state_store(raw)
         if events:
             log.debug("txn %s: %d events, %d new", txn_id, len(events), len(fresh))
 
-    async def _apply(self, conn: Connection, txn_id: str, raw: dict[str, Any], at: int) -> None:
+    async def _apply(self, conn: Connection, txn_id: str, raw: dict[str, Any], at: int,
+                     effects: Effects) -> None:
         """Apply one event in a savepoint: an event that fails is logged and skipped.
 
         If even the rollback fails, the database itself is in trouble: the error goes up and
@@ -85,7 +78,7 @@ class MatrixHandler:
         await conn.execute("SAVEPOINT dmbridge_event")
         try:
             if _well_formed(raw):
-                await self.lifecycle.apply(conn, raw, at)
+                await self.lifecycle.apply(conn, raw, at, effects)
             else:
                 log.warning("txn %s: event %s is malformed; skipped", txn_id, raw.get("event_id"))
         except Exception:

@@ -70,10 +70,15 @@ class Outbox:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        in_flight = list(self._in_flight)
         tasks = list(self._in_flight.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await self.stores.outbox.release(in_flight)
+        except Exception as e:  # the leases then simply run out
+            log.warning("could not release %d delivery lease(s): %r", len(in_flight), e)
         if self._session is not None:
             await self._session.close()
 

@@ -105,6 +105,14 @@ class OutboxStore:
         )
         return got is not None
 
+    async def release(self, ids: list[int]) -> None:
+        """Give up leases (on shutdown), so the items go out at once after a restart."""
+        if ids:
+            await self.db.execute(
+                f"UPDATE outbox SET lease_until=NULL WHERE id IN ({_in([str(i) for i in ids], 1)})",
+                *ids,
+            )
+
     async def delivered(self, item_id: int, attempts: int, now: int) -> None:
         await self.db.execute(
             "UPDATE outbox SET state='delivered', attempts=$2, finished_at=$3, lease_until=NULL,"

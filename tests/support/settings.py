@@ -37,8 +37,10 @@ NETWORKS = [
 
 def make_settings(
     folder: Path, *, homeserver_url: str, domain: str, port: int, db_url: str,
-    **overrides: Any,
+    networks: dict[str, dict[str, Any]] | None = None, **overrides: Any,
 ) -> Settings:
+    """Settings for tests. ``overrides`` are "section.key" values; ``networks`` adds keys to
+    the named test networks, e.g. ``{"sms": {"delivery": {"mode": "webhook", ...}}}``."""
     yaml = YAML()
     data = yaml.load(resources.files("dmbridge").joinpath("example-config.yaml").read_text())
     data["homeserver"]["address"] = homeserver_url
@@ -48,7 +50,7 @@ def make_settings(
         as_token=AS_TOKEN, hs_token=HS_TOKEN,
     )
     data["database"]["url"] = db_url
-    data["networks"] = NETWORKS
+    data["networks"] = [{**n, **(networks or {}).get(str(n["id"]), {})} for n in NETWORKS]
     data["logging"]["level"] = "DEBUG"
     for key, value in overrides.items():
         section, name = key.split(".")
