@@ -64,7 +64,8 @@ class MatrixHandler:
         if effects.invites:
             self.on_invited()
         for raw in fresh:
-            await self._update_state_store(raw)
+            if "state_key" in raw:  # the cache holds room state only; messages pass it by
+                await self._update_state_store(raw)
         if events:
             log.debug("txn %s: %d events, %d new", txn_id, len(events), len(fresh))
 
