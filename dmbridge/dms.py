@@ -93,6 +93,12 @@ def txn_id_for(network_id: str, remote_id: str, message_id: str) -> str:
     return f"dmbridge.{digest[:40]}"
 
 
+def _check_permitted(network: Network, user_id: UserID) -> None:
+    if not network.send_to.allows(user_id):
+        raise NotPermitted(f"network '{network.id}' may not write to {user_id}"
+                           " (networks[].permissions.send_to)")
+
+
 def _declined(record: DMRecord) -> Declined:
     how = _DECLINE_WORDING.get(record.reason or "", "declined DMs from this contact")
     return Declined(
@@ -147,7 +153,8 @@ class DMService:
     ) -> OpenedDM:
         network = self.networks.get(network_id)
         ghost_id = network.ghost_user_id(remote_id)
-        recipient = self._check_recipient(user_id, network)
+        recipient = self._check_recipient(user_id)
+        _check_permitted(network, recipient)
         record = await self.stores.dms.get_current(ghost_id, recipient)
         return await self._open(network, remote_id, ghost_id, recipient, sender_name, record)
 
@@ -157,7 +164,7 @@ class DMService:
     ) -> SendResult:
         network = self.networks.get(network_id)
         ghost_id = network.ghost_user_id(remote_id)
-        recipient = self._check_recipient(user_id, network)
+        recipient = self._check_recipient(user_id)
         if not isinstance(message_id, str) or not 0 < len(message_id) <= 255:
             raise InvalidParam("message_id must be a string of 1 to 255 characters")
         content: dict[str, Any] = {"msgtype": "m.text", "body": text}
@@ -172,6 +179,7 @@ class DMService:
         )
         if sent is not None:
             return SendResult(sent.room_id, sent.event_id, room_created=False, duplicate=True)
+        _check_permitted(network, recipient)
         opened = await self._open(network, remote_id, ghost_id, recipient, sender_name, record)
         txn_id = txn_id_for(network.id, remote_id, message_id)
         try:
@@ -381,14 +389,11 @@ class DMService:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _check_recipient(self, user_id: str, network: Network) -> UserID:
+    def _check_recipient(self, user_id: str) -> UserID:
         if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id) or len(user_id) > 255:
             raise InvalidParam(f"recipient {user_id!r} is not a Matrix user ID (@user:server)")
         if user_id == self.settings.bot_user_id or self.networks.parse_ghost(user_id):
             raise InvalidParam(f"recipient {user_id} is a user of this bridge, not a Matrix user")
-        if not network.send_to.allows(user_id):
-            raise NotPermitted(f"network '{network.id}' may not write to {user_id}"
-                               " (networks[].permissions.send_to)")
         return UserID(user_id)
 
     async def _check_recipient_exists(self, user_id: UserID) -> None:

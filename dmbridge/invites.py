@@ -19,7 +19,7 @@ from mautrix.util.async_db import Connection
 
 from . import payloads
 from .db import Stores, now_ms
-from .db.dm import ACTIVE, CREATING, ENDED, JOINING
+from .db.dm import ACTIVE, CREATING, ENDED, JOINING, DMRecord
 from .db.invite import GhostInvite
 from .dms import DMService
 from .ghosts import Ghosts
@@ -116,25 +116,38 @@ class InviteHandler:
         ghost_id, user_id, room_id = (UserID(invite.ghost_id), UserID(invite.inviter),
                                       RoomID(invite.room_id))
         now = now_ms()
+        one_to_one = f"{network.name} contacts only take one-to-one chats."
+        previous: DMRecord | None = None
         conn: Connection
         async with self.stores.db.acquire() as conn, conn.transaction():
+            existing = await self.stores.dms.by_room(conn, room_id)
+            taken = existing is not None and (existing.ghost_id, existing.user_id) != (
+                ghost_id, user_id)
             current = await self.stores.dms.current_in(conn, ghost_id, user_id)
-            if current is not None and current.state == CREATING:
+            if not taken and current is not None and current.state == CREATING:
                 log.info("%s: a DM for %s / %s is being created; answering the invite later",
                          room_id, ghost_id, user_id)
                 return False
-            if current is not None and current.room_id != room_id:
-                await move(self.stores, conn, current, ENDED, "replaced", invite.event_id, now,
-                           None)
-            await self.stores.dms.adopt(conn, ghost_id, user_id, network.id, remote_id, room_id,
-                                        JOINING, "user_invited", now)
+            if not taken:
+                if current is not None and current.room_id != room_id:
+                    # The user's newest room wins; the old one comes back if this one fails.
+                    previous = current
+                    await move(self.stores, conn, current, ENDED, "replaced", invite.event_id,
+                               now, None)
+                await self.stores.dms.adopt(conn, ghost_id, user_id, network.id, remote_id,
+                                            room_id, JOINING, "user_invited", now)
+        if taken:
+            log.info("%s declined the invite to %s: it is already another contact's DM",
+                     ghost_id, room_id)
+            await self._leave(invite, one_to_one)
+            return True
         intent = self.ghosts.intent(ghost_id)
         try:
             await intent.api.request(Method.POST, Path.v3.rooms[room_id].join, content={})
             members = await intent.get_joined_members(room_id)
         except MatrixRequestError as e:
             log.info("%s could not join %s (invite withdrawn?): %s", ghost_id, room_id, e)
-            await self._finish(room_id, ENDED, "join_failed", invite, None)
+            await self._finish(room_id, ENDED, "join_failed", invite, None, previous)
             return True
         await self.appservice.state_store.joined(room_id, ghost_id)
         await self.stores.members.assume(room_id, ghost_id, "join")
@@ -143,8 +156,8 @@ class InviteHandler:
             await self.stores.members.assume(room_id, member_id, "join", member.displayname)
         others = [m for m in members if m not in (ghost_id, user_id)]
         if others:
-            await self._leave(invite, f"{network.name} contacts only take one-to-one chats.")
-            await self._finish(room_id, ENDED, "not_one_to_one", invite, None)
+            await self._leave(invite, one_to_one)
+            await self._finish(room_id, ENDED, "not_one_to_one", invite, None, previous)
             return True
         await self._finish(room_id, ACTIVE, "user_invited", invite, payloads.DM_STARTED)
         try:
@@ -156,12 +169,20 @@ class InviteHandler:
         return True
 
     async def _finish(self, room_id: RoomID, state: str, reason: str, invite: GhostInvite,
-                      notice: str | None) -> None:
+                      notice: str | None, previous: DMRecord | None = None) -> None:
+        """Settle the joining room; on failure the DM it replaced (if any) is the DM again."""
         conn: Connection
         async with self.stores.db.acquire() as conn, conn.transaction():
             dm = await self.stores.dms.by_room(conn, room_id)
             if dm is None or dm.state != JOINING:
                 return  # something newer (a leave, a kick) already moved it on
-            await move(self.stores, conn, dm, state, reason, invite.event_id, now_ms(), notice)
+            now = now_ms()
+            await move(self.stores, conn, dm, state, reason, invite.event_id, now, notice)
+            if previous is not None and previous.room_id is not None and state == ENDED:
+                old = await self.stores.dms.by_room(conn, previous.room_id)
+                free = await self.stores.dms.current_in(conn, dm.ghost_id, dm.user_id) is None
+                if free and old is not None and old.state == ENDED and old.reason == "replaced":
+                    await move(self.stores, conn, old, previous.state, "restored",
+                               invite.event_id, now, None)
         if notice is not None:
             self._queued({dm.network})

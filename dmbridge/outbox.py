@@ -197,8 +197,7 @@ class Outbox:
     async def pull(self, network: Network, after: int, wait: float, limit: int
                    ) -> list[OutboxItem]:
         """Long-poll: items after the cursor (and any due again), waiting up to ``wait`` s."""
-        if network.delivery.mode != PULL:
-            raise InvalidParam(f"network '{network.id}' receives events by webhook, not by pull")
+        self.check_pull(network)
         wait = min(max(0.0, wait), self.settings.pull_max_wait)
         deadline = time.monotonic() + wait
         signal = self._pull_signals[network.id]
@@ -216,7 +215,13 @@ class Outbox:
             except TimeoutError:
                 pass
 
+    @staticmethod
+    def check_pull(network: Network) -> None:
+        if network.delivery.mode != PULL:
+            raise InvalidParam(f"network '{network.id}' receives events by webhook, not by pull")
+
     async def ack(self, network: Network, ids: list[int]) -> int:
+        self.check_pull(network)
         count = await self.stores.outbox.ack(network.id, ids, now_ms())
         log.info("%s acknowledged %d of %d event(s)", network.id, count, len(ids))
         return count

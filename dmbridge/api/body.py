@@ -68,5 +68,5 @@ def query_number(query: Any, key: str, default: float, low: float, high: float,
     except ValueError:
         raise BadRequest(f"'{key}' must be {'an integer' if integer else 'a number'}") from None
     if not low <= value <= high:
-        raise BadRequest(f"'{key}' must be from {low:g} to {high:g}")
+        raise BadRequest(f"'{key}' must be from {low:.0f} to {high:.0f}")
     return value
