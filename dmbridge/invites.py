@@ -20,6 +20,7 @@ from mautrix.util.async_db import Connection
 from . import payloads
 from .db import Stores, now_ms
 from .db.dm import ACTIVE, CREATING, ENDED, JOINING, DMRecord
+from .db.history import Transition
 from .db.invite import GhostInvite
 from .dms import DMService
 from .ghosts import Ghosts
@@ -136,6 +137,10 @@ class InviteHandler:
                                now, None)
                 await self.stores.dms.adopt(conn, ghost_id, user_id, network.id, remote_id,
                                             room_id, JOINING, "user_invited", now)
+                await self.stores.history.record(conn, Transition(
+                    ghost_id, user_id, network.id, remote_id, room_id, JOINING, "user_invited",
+                    invite.event_id, now,
+                ))
         if taken:
             log.info("%s declined the invite to %s: it is already another contact's DM",
                      ghost_id, room_id)

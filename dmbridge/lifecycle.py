@@ -121,8 +121,8 @@ class Lifecycle:
             if sender == dm.user_id:
                 reason = "ghost_banned" if membership == "ban" else "ghost_kicked"
                 return DECLINED, reason, payloads.DM_DECLINED
-            if sender == dm.ghost_id:
-                return None  # the bridge itself made the ghost leave, and recorded why
+            if sender == dm.ghost_id and dm.state == JOINING:
+                return None  # the bridge refused the room itself, and records why
             return ENDED, "ghost_removed", payloads.DM_ENDED
         if membership == "join":
             return ENDED, "third_party_joined", payloads.DM_ENDED
