@@ -59,8 +59,9 @@ class InviteHandler:
 
     async def _run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), RETRY_S)
+            try:  # not wait_for: on 3.11 it can swallow a cancellation (gh-86296)
+                async with asyncio.timeout(RETRY_S):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

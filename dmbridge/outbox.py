@@ -8,7 +8,6 @@ item whose lease ran out is simply delivered again (receivers drop repeats by id
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import secrets
@@ -103,8 +102,9 @@ class Outbox:
             except Exception:
                 log.exception("the delivery loop failed; trying again shortly")
                 wait = POLL_S
-            try:
-                await asyncio.wait_for(self._wake.wait(), wait)
+            try:  # not wait_for: on 3.11 it can swallow a cancellation (gh-86296)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
@@ -210,8 +210,9 @@ class Outbox:
             remaining = deadline - time.monotonic()
             if items or remaining <= 0:
                 return items
-            try:
-                await asyncio.wait_for(signal.wait(), min(POLL_S, remaining))
+            try:  # not wait_for: on 3.11 it can swallow a cancellation (gh-86296)
+                async with asyncio.timeout(min(POLL_S, remaining)):
+                    await signal.wait()
             except TimeoutError:
                 pass
 
@@ -255,5 +256,5 @@ def describe(item: OutboxItem) -> dict[str, object]:
         "error": item.last_error,
         "created_at": item.created_at,
         "failed_at": item.finished_at,
-        "event": json.loads(item.payload),
+        "event": item.event(),
     }

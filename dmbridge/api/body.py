@@ -50,7 +50,7 @@ def required_string(body: dict[str, Any], key: str, max_len: int = 65536) -> str
 def id_list(body: dict[str, Any], key: str, max_items: int = 1000) -> list[int]:
     value = body.get(key)
     if not isinstance(value, list) or not all(
-        isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in value
+        isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**62 for i in value
     ):
         raise BadRequest(f"'{key}' must be a list of positive integer ids")
     if len(value) > max_items:

@@ -98,8 +98,9 @@ class OutboxStore:
         return int(value) if value is not None else None
 
     async def lease(self, item_id: int, now: int, until: int) -> bool:
+        """Hold the item for one delivery attempt, counted now: a crash mid-way still counts."""
         got = await self.db.fetchval(
-            "UPDATE outbox SET lease_until=$3 WHERE id=$1 AND state='pending'"
+            "UPDATE outbox SET lease_until=$3, attempts=attempts+1 WHERE id=$1 AND state='pending'"
             " AND (lease_until IS NULL OR lease_until < $2) RETURNING id",
             item_id, now, until,
         )
