@@ -13,7 +13,8 @@ from ruamel.yaml import YAML
 from yarl import URL
 
 from dmbridge.__main__ import generate
-from dmbridge.config import ConfigError, open_config
+from dmbridge.config import ConfigError, DeliverySettings, open_config
+from dmbridge.networks import Delivery
 
 Edit = Callable[[Any], None]
 
@@ -314,3 +315,255 @@ def test_file_that_is_not_a_mapping(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         open_config(path, environ={})
     assert str(info.value) == f"config key '(file)': {path} is not a YAML mapping"
+
+
+# --- delivery, permissions and dm.on_leave --------------------------------------------------
+
+
+WEBHOOK_SECRET = "webhook-secret-0123456789"
+
+
+def network_key(name: str, value: Any) -> Edit:
+    def change(data: Any) -> None:
+        data["networks"][0][name] = value
+
+    return change
+
+
+def drop_network_keys(*names: str) -> Edit:
+    def change(data: Any) -> None:
+        for name in names:
+            data["networks"][0].pop(name, None)
+
+    return change
+
+
+DELIVERY_INVALID = {
+    "webhook without url": (
+        network_key("delivery", {"mode": "webhook", "secret": WEBHOOK_SECRET}),
+        "networks[0].delivery.url", "must be an http(s) URL, got None",
+    ),
+    "webhook url not http": (
+        network_key("delivery", {"mode": "webhook", "url": "ftp://platform.example/hook",
+                                 "secret": WEBHOOK_SECRET}),
+        "networks[0].delivery.url", "must be an http(s) URL",
+    ),
+    "webhook url without host": (
+        network_key("delivery", {"mode": "webhook", "url": "http://", "secret": WEBHOOK_SECRET}),
+        "networks[0].delivery.url", "must be an http(s) URL",
+    ),
+    "webhook secret placeholder": (
+        network_key("delivery", {"mode": "webhook", "url": "https://platform.example/hook",
+                                 "secret": "generate"}),
+        "networks[0].delivery.secret", 'still "generate"; run `dmbridge generate`',
+    ),
+    "webhook secret short": (
+        network_key("delivery", {"mode": "webhook", "url": "https://platform.example/hook",
+                                 "secret": "x" * 15}),
+        "networks[0].delivery.secret", "must be a string of 16 characters or more",
+    ),
+    "webhook secret missing": (
+        network_key("delivery", {"mode": "webhook", "url": "https://platform.example/hook"}),
+        "networks[0].delivery.secret", "must be a string of 16 characters or more",
+    ),
+    "webhook secret not a string": (
+        network_key("delivery", {"mode": "webhook", "url": "https://platform.example/hook",
+                                 "secret": 12345678901234567890}),
+        "networks[0].delivery.secret", "must be a string of 16 characters or more",
+    ),
+    "delivery mode unknown": (
+        network_key("delivery", {"mode": "push", "url": "https://platform.example/hook",
+                                 "secret": WEBHOOK_SECRET}),
+        "networks[0].delivery.mode", "must be webhook or pull, got 'push'",
+    ),
+    "delivery not a mapping": (
+        network_key("delivery", "webhook"),
+        "networks[0].delivery", "must be a mapping with mode, url, secret",
+    ),
+    "send_to bad entry": (
+        network_key("permissions", {"send_to": ["example.org", "not a server!"]}),
+        "networks[0].permissions.send_to", "'not a server!' is not '*', a server name",
+    ),
+    "send_to user without server": (
+        network_key("permissions", {"send_to": ["@alice"]}),
+        "networks[0].permissions.send_to", "'@alice'",
+    ),
+    "send_to not a list": (
+        network_key("permissions", {"send_to": "*"}),
+        "networks[0].permissions.send_to", "must be a list, got '*'",
+    ),
+    "invites_from bad entry": (
+        network_key("permissions", {"invites_from": [""]}),
+        "networks[0].permissions.invites_from", "is not '*', a server name or a user ID",
+    ),
+    "permissions not a mapping": (
+        network_key("permissions", ["*"]),
+        "networks[0].permissions", "must be a mapping with send_to, invites_from",
+    ),
+    "on_leave unknown": (
+        set_key("dm.on_leave", "kick"),
+        "dm.on_leave", "must be one of reinvite, new_room, got 'kick'",
+    ),
+    "on_leave not a string": (
+        set_key("dm.on_leave", 1),
+        "dm.on_leave", "must be a non-empty string",
+    ),
+    "max_attempts zero": (
+        set_key("delivery.max_attempts", 0),
+        "delivery.max_attempts", "must be an integer from 1 to 1000, got 0",
+    ),
+    "max_attempts too many": (
+        set_key("delivery.max_attempts", 1001), "delivery.max_attempts", "got 1001",
+    ),
+    "max_attempts not whole": (
+        set_key("delivery.max_attempts", 2.5), "delivery.max_attempts", "got 2.5",
+    ),
+    "max_attempts boolean": (
+        set_key("delivery.max_attempts", True), "delivery.max_attempts", "got True",
+    ),
+    "max_age zero": (
+        set_key("delivery.max_age", 0), "delivery.max_age", "must be a number from 1 to",
+    ),
+    "max_age over 90 days": (
+        set_key("delivery.max_age", 90 * 86400 + 1), "delivery.max_age", "got 7776001",
+    ),
+    "initial_backoff zero": (
+        set_key("delivery.initial_backoff", 0), "delivery.initial_backoff", "got 0",
+    ),
+    "max_backoff text": (
+        set_key("delivery.max_backoff", "1m"), "delivery.max_backoff", "got '1m'",
+    ),
+    "timeout too small": (
+        set_key("delivery.timeout", 0.05), "delivery.timeout", "from 0.1 to 600, got 0.05",
+    ),
+    "concurrency zero": (
+        set_key("delivery.concurrency", 0), "delivery.concurrency", "from 1 to 256, got 0",
+    ),
+    "concurrency too high": (
+        set_key("delivery.concurrency", 257), "delivery.concurrency", "got 257",
+    ),
+    "pull_ack_timeout zero": (
+        set_key("delivery.pull_ack_timeout", 0), "delivery.pull_ack_timeout", "got 0",
+    ),
+    "pull_max_wait too long": (
+        set_key("delivery.pull_max_wait", 601), "delivery.pull_max_wait",
+        "from 1 to 600, got 601",
+    ),
+}
+
+
+@pytest.mark.parametrize(("change", "key", "problem"), DELIVERY_INVALID.values(),
+                         ids=DELIVERY_INVALID.keys())
+def test_delivery_permissions_on_leave_validation(
+    config_path: Path, change: Edit, key: str, problem: str
+) -> None:
+    edit(config_path, change)
+    with pytest.raises(ConfigError) as info:
+        open_config(config_path, environ={})
+    assert info.value.key == key
+    assert str(info.value).startswith(f"config key '{key}': ")
+    assert problem in str(info.value)
+
+
+def test_generate_fills_the_delivery_secret(config_path: Path) -> None:
+    secret = load(config_path)["networks"][0]["delivery"]["secret"]
+    assert secret != "generate" and len(secret) >= 32
+    assert secret not in tokens(load(config_path))
+    # Switched to webhook, the generated secret is the one used to sign.
+    edit(config_path, set_key("networks.0.delivery.mode", "webhook"))
+    delivery = open_config(config_path, environ={}).networks.get("example").delivery
+    assert (delivery.mode, delivery.url, delivery.secret) == (
+        "webhook", "https://platform.example/dmbridge/webhook", secret)
+
+
+def test_generate_again_fills_a_new_placeholder_and_keeps_the_rest(config_path: Path) -> None:
+    before = tokens(load(config_path))
+    edit(config_path, set_key("networks.0.delivery.secret", "generate"))
+    edit(config_path, set_key("networks.0.delivery.mode", "webhook"))
+    generate(config_path, config_path.parent / "registration.yaml", {})
+    after = load(config_path)
+    secret = after["networks"][0]["delivery"]["secret"]
+    assert secret != "generate" and len(secret) >= 32
+    assert tokens(after) == before
+    assert open_config(config_path, environ={}).networks.get("example").delivery.secret == secret
+
+
+def test_generated_defaults_are_pull_and_everyone(config_path: Path) -> None:
+    settings = open_config(config_path, environ={})
+    network = settings.networks.get("example")
+    assert network.delivery == Delivery()
+    assert network.send_to.everyone and network.invites_from.everyone
+    assert settings.on_leave == "reinvite"
+    assert settings.delivery == DeliverySettings()
+
+
+def test_without_delivery_or_permissions_keys(config_path: Path) -> None:
+    edit(config_path, drop_network_keys("delivery", "permissions"))
+    network = open_config(config_path, environ={}).networks.get("example")
+    assert (network.delivery.mode, network.delivery.url, network.delivery.secret) == (
+        "pull", None, None)
+    assert network.send_to.allows("@anyone:anywhere.example")
+    assert network.invites_from.allows("@anyone:anywhere.example")
+    assert not network.send_to.nobody
+
+
+def test_pull_mode_ignores_url_and_secret(config_path: Path) -> None:
+    edit(config_path, network_key("delivery", {"mode": "pull", "url": "not a url",
+                                               "secret": "short"}))
+    assert open_config(config_path, environ={}).networks.get("example").delivery == Delivery()
+
+
+def test_permissions_are_parsed(config_path: Path) -> None:
+    edit(config_path, network_key("permissions", {"send_to": ["example.org", "@bob:other.net"],
+                                                  "invites_from": []}))
+    network = open_config(config_path, environ={}).networks.get("example")
+    assert network.send_to.allows("@alice:example.org")
+    assert network.send_to.allows("@bob:other.net")
+    assert not network.send_to.allows("@carol:other.net")
+    assert network.invites_from.nobody
+    assert not network.invites_from.allows("@alice:example.org")
+
+
+def test_permissions_with_only_one_list_default_the_other_to_everyone(
+    config_path: Path,
+) -> None:
+    edit(config_path, network_key("permissions", {"send_to": ["example.org"]}))
+    network = open_config(config_path, environ={}).networks.get("example")
+    assert not network.send_to.allows("@carol:other.net")
+    assert network.invites_from.allows("@carol:other.net")
+
+
+def test_delivery_settings_are_read(config_path: Path) -> None:
+    for key, value in {"max_attempts": 5, "max_age": 3600, "initial_backoff": 0.5,
+                       "max_backoff": 60, "timeout": 2.5, "concurrency": 3,
+                       "pull_ack_timeout": 20, "pull_max_wait": 25}.items():
+        edit(config_path, set_key(f"delivery.{key}", value))
+    edit(config_path, set_key("dm.on_leave", "new_room"))
+    settings = open_config(config_path, environ={})
+    assert settings.delivery == DeliverySettings(
+        max_attempts=5, max_age=3600.0, initial_backoff=0.5, max_backoff=60.0, timeout=2.5,
+        concurrency=3, pull_ack_timeout=20.0, pull_max_wait=25.0)
+    assert settings.on_leave == "new_room"
+
+
+def test_delivery_mode_from_the_environment(config_path: Path) -> None:
+    environ = {
+        "DMBRIDGE_NETWORKS__0__DELIVERY__MODE": "webhook",
+        "DMBRIDGE_NETWORKS__0__DELIVERY__URL": "http://127.0.0.1:9000/hook",
+        "DMBRIDGE_DELIVERY__MAX_ATTEMPTS": "7",
+    }
+    settings = open_config(config_path, environ=environ)
+    delivery = settings.networks.get("example").delivery
+    assert (delivery.mode, delivery.url) == ("webhook", "http://127.0.0.1:9000/hook")
+    assert settings.delivery.max_attempts == 7
+
+
+def test_upgrade_adds_missing_delivery_section(config_path: Path) -> None:
+    text = config_path.read_text()
+    start = text.index("# Delivery of Matrix users' replies")
+    end = text.index("\n\n", start) + 2
+    config_path.write_text(text[:start] + text[end:])
+    assert "max_attempts" not in config_path.read_text()
+    settings = open_config(config_path, environ={})
+    assert settings.delivery == DeliverySettings()
+    assert "max_attempts: 20" in config_path.read_text()
