@@ -162,7 +162,7 @@ class Lifecycle:
         current = await self.stores.dms.current_in(conn, dm.ghost_id, dm.user_id)
         if current is not None and current.state == CREATING:
             return  # a new room is being opened right now; it will be the DM
-        if current is not None:
+        if current is not None and current.room_id != dm.room_id:
             await move(self.stores, conn, current, ENDED, "replaced", event_id, now, None)
         await move(self.stores, conn, dm, ACTIVE, "user_wrote", event_id, now, payloads.DM_STARTED)
 

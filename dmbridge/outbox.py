@@ -124,6 +124,8 @@ class Outbox:
                 if await self.stores.outbox.lease(item.id, now, now + lease_ms):
                     self._in_flight[item.id] = asyncio.create_task(self._deliver(item))
                     free -= 1
+        if self._in_flight:
+            return POLL_S  # each delivery wakes the loop when it ends; no need to ask now
         next_due = await self.stores.outbox.next_due_at(self._push)
         if next_due is None:
             return POLL_S

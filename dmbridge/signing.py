@@ -37,4 +37,6 @@ def verify(secret: str, timestamp: str, sig: str, body: bytes, *, now: float | N
         return False
     if age > window:
         return False
+    if not sig.isascii():
+        return False
     return hmac.compare_digest(signature(secret, timestamp, body).encode(), sig.encode())

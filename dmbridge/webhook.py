@@ -15,6 +15,7 @@ from .networks import Network
 
 DELIVERY_HEADER = "X-Dmbridge-Delivery"
 ATTEMPT_HEADER = "X-Dmbridge-Attempt"
+MAX_RETRY_AFTER = 30 * 24 * 3600.0  # beyond any sane max_age; keeps the arithmetic finite
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,16 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return min(MAX_RETRY_AFTER,
+               max(0.0, when.timestamp() - (time.time() if now is None else now)))
 
 
 class WebhookClient:

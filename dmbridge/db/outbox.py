@@ -89,10 +89,14 @@ class OutboxStore:
     async def next_due_at(self, networks: list[str]) -> int | None:
         if not networks:
             return None
+        # Lane heads only: an item queued behind another is not due until its head is done.
         value = await self.db.fetchval(
-            "SELECT MIN(CASE WHEN lease_until IS NOT NULL AND lease_until > next_attempt_at"
-            " THEN lease_until ELSE next_attempt_at END) FROM outbox"
-            f" WHERE state = 'pending' AND network IN ({_in(networks, 1)})",
+            "SELECT MIN(CASE WHEN o.lease_until IS NOT NULL AND o.lease_until > o.next_attempt_at"
+            " THEN o.lease_until ELSE o.next_attempt_at END) FROM outbox o"
+            f" WHERE o.state = 'pending' AND o.network IN ({_in(networks, 1)})"
+            " AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.state = 'pending'"
+            "   AND p.network = o.network AND p.remote_id = o.remote_id"
+            "   AND p.user_id = o.user_id AND p.id < o.id)",
             *networks,
         )
         return int(value) if value is not None else None

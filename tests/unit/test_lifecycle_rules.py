@@ -1,0 +1,701 @@
+"""A DM's life from the homeserver's transactions: leaves, declines, strangers and replies.
+
+Runs MatrixHandler.handle_transaction on a real database (both backends) with hand-made events;
+no homeserver is involved.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from mautrix.util.async_db import Database
+
+from dmbridge.db import Stores, now_ms, upgrade_table
+from dmbridge.db.dm import ACTIVE, DECLINED, ENDED, JOINING, DMRecord
+from dmbridge.errors import NotFound
+from dmbridge.ghosts import Ghosts
+from dmbridge.lifecycle import clear_declined
+from dmbridge.matrix import MatrixHandler
+from dmbridge.networks import Networks
+from tests.support.postgres import PostgresCluster
+from tests.unit.test_networks import make_network
+
+SMS = make_network()
+NETWORKS = Networks([SMS])
+REMOTE = "+15551234567"
+GHOST = SMS.ghost_user_id(REMOTE)
+USER = "@alice:example.org"
+STRANGER = "@mallory:example.org"
+BOT = "@dmbridge_bot:example.org"
+ROOM = "!dm:example.org"
+
+_counter = itertools.count()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.queued: list[set[str]] = []
+        self.invited = 0
+
+
+@pytest.fixture(scope="module")
+def module_pg_url(request: pytest.FixtureRequest) -> str:
+    """One PostgreSQL database per module: createdb costs ~0.3 s, emptying it ~0.02 s."""
+    cluster: PostgresCluster = request.getfixturevalue("pg_cluster")
+    return cluster.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stores]:
+    """Empty, migrated tables on each backend (like conftest's ``db_url``, but faster)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'dmbridge.db'}"
+    else:
+        url = request.getfixturevalue("module_pg_url")
+    db = Database.create(url, upgrade_table=upgrade_table)
+    await db.start()
+    if request.param == "postgres":
+        tables = [r["tablename"] for r in await db.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname='public' AND tablename<>'version'")]
+        await db.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
+    yield Stores.over(db)
+    await db.stop()
+
+
+async def _noop(event: Any) -> None:
+    return None
+
+
+def make_handler(stores: Stores, on_leave: str = "reinvite") -> tuple[MatrixHandler, Recorder]:
+    appservice = SimpleNamespace(bot_mxid=BOT, state_store=SimpleNamespace(update_state=_noop))
+    handler = MatrixHandler(stores=stores, networks=NETWORKS, appservice=cast(Any, appservice),
+                            ghosts=cast(Ghosts, None), on_leave=on_leave)
+    recorder = Recorder()
+    handler.on_queued = lambda networks: recorder.queued.append(set(networks))
+
+    def invited() -> None:
+        recorder.invited += 1
+
+    handler.on_invited = invited
+    return handler, recorder
+
+
+@pytest.fixture
+def handler(stores: Stores) -> tuple[MatrixHandler, Recorder]:
+    return make_handler(stores)
+
+
+async def open_dm(stores: Stores, room_id: str = ROOM, *, user: str = "join",
+                  ghost: str = "join", user_name: str | None = "Alice") -> None:
+    """A DM the bridge opened: the pair's row, active, with the memberships it assumes."""
+    claim = f"claim-{next(_counter)}"
+    assert await stores.dms.claim(GHOST, USER, "sms", REMOTE, claim, now_ms())
+    assert await stores.dms.activate(GHOST, USER, claim, room_id, now_ms())
+    await stores.members.assume(room_id, GHOST, ghost)
+    await stores.members.assume(room_id, USER, user, user_name)
+
+
+def new_event_id() -> str:
+    return f"$event{next(_counter)}"
+
+
+def member(state_key: str, membership: str, *, sender: str | None = None,
+           room_id: str = ROOM, event_id: str | None = None, **content: Any) -> dict[str, Any]:
+    return {
+        "type": "m.room.member",
+        "room_id": room_id,
+        "sender": sender or state_key,
+        "state_key": state_key,
+        "event_id": event_id or new_event_id(),
+        "origin_server_ts": 1_700_000_000_000,
+        "content": {"membership": membership, **content},
+    }
+
+
+def message(sender: str = USER, body: str = "hello", *, room_id: str = ROOM,
+            event_id: str | None = None, **content: Any) -> dict[str, Any]:
+    return {
+        "type": "m.room.message",
+        "room_id": room_id,
+        "sender": sender,
+        "event_id": event_id or new_event_id(),
+        "origin_server_ts": 1_700_000_000_123,
+        "content": {"msgtype": "m.text", "body": body, **content},
+    }
+
+
+async def send(handler: MatrixHandler, *events: dict[str, Any]) -> None:
+    await handler.handle_transaction(f"txn{next(_counter)}", list(events))
+
+
+async def dm_of(stores: Stores, room_id: str = ROOM) -> DMRecord:
+    async with stores.db.acquire() as conn:
+        dm = await stores.dms.by_room(conn, room_id)
+    assert dm is not None
+    return dm
+
+
+async def outbox(stores: Stores) -> list[dict[str, Any]]:
+    """Every queued item as the platform would get it, with type and id, in order."""
+    rows = await stores.db.fetch(
+        "SELECT id, type, idempotency_key, network, remote_id, user_id, payload FROM outbox"
+        " ORDER BY id"
+    )
+    items = []
+    for row in rows:
+        payload = json.loads(row["payload"])
+        assert payload["type"] == row["type"]
+        assert payload["idempotency_key"] == row["idempotency_key"]
+        assert (row["network"], row["remote_id"], row["user_id"]) == ("sms", REMOTE, USER)
+        items.append({"id": row["id"], **payload})
+    return items
+
+
+async def history(stores: Stores) -> list[tuple[str | None, str, str, str | None]]:
+    return [(t.room_id, t.state, t.reason, t.event_id)
+            for t in await stores.history.of_pair(GHOST, USER)]
+
+
+def notice(item: dict[str, Any]) -> tuple[str, str, str, str | None]:
+    return item["type"], item["dm"]["state"], item["dm"]["reason"], item["dm"]["event_id"]
+
+
+# --- memberships ----------------------------------------------------------------------------
+
+
+async def test_user_rejecting_the_invite_declines(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, rec = handler
+    await open_dm(stores, user="invite")
+    leave = member(USER, "leave")
+    await send(h, leave)
+    dm = await dm_of(stores)
+    assert (dm.state, dm.reason) == (DECLINED, "invite_rejected")
+    [item] = await outbox(stores)
+    assert notice(item) == ("dm.declined", "declined", "invite_rejected", leave["event_id"])
+    assert item["idempotency_key"] == f"dm.declined:{leave['event_id']}"
+    assert (item["network"], item["remote_id"], item["ghost_id"], item["user_id"],
+            item["room_id"]) == ("sms", REMOTE, GHOST, USER, ROOM)
+    assert await history(stores) == [(ROOM, DECLINED, "invite_rejected", leave["event_id"])]
+    assert rec.queued == [{"sms"}]
+    # The pair's slot is held: no new DM can be claimed while declined.
+    assert not await stores.dms.claim(GHOST, USER, "sms", REMOTE, "again", now_ms())
+
+
+async def test_rejection_known_from_prev_content_when_no_membership_was_recorded(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    claim = "claim-unsigned"
+    assert await stores.dms.claim(GHOST, USER, "sms", REMOTE, claim, now_ms())
+    assert await stores.dms.activate(GHOST, USER, claim, ROOM, now_ms())
+    leave = member(USER, "leave")
+    leave["unsigned"] = {"prev_content": {"membership": "invite"}}
+    await send(h, leave)
+    assert ((await dm_of(stores)).state, (await dm_of(stores)).reason) == (
+        DECLINED, "invite_rejected")
+
+
+async def test_invite_withdrawn_by_someone_else_is_not_a_rejection(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    await open_dm(stores, user="invite")
+    await send(h, member(USER, "leave", sender=GHOST))
+    assert (await dm_of(stores)).state != DECLINED
+
+
+async def test_user_leaving_a_joined_dm_with_reinvite(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, rec = handler
+    await open_dm(stores)
+    leave = member(USER, "leave")
+    await send(h, leave)
+    dm = await dm_of(stores)
+    assert dm.state == ACTIVE
+    assert dm.user_membership == "leave"
+    [item] = await outbox(stores)
+    assert notice(item) == ("dm.user_left", "active", "user_left", leave["event_id"])
+    assert await history(stores) == [(ROOM, ACTIVE, "user_left", leave["event_id"])]
+    assert rec.queued == [{"sms"}]
+
+
+async def test_user_leaving_a_joined_dm_with_new_room(stores: Stores) -> None:
+    h, _ = make_handler(stores, on_leave="new_room")
+    await open_dm(stores)
+    leave = member(USER, "leave")
+    await send(h, leave)
+    dm = await dm_of(stores)
+    assert (dm.state, dm.reason) == (ENDED, "user_left")
+    [item] = await outbox(stores)
+    assert notice(item) == ("dm.user_left", "ended", "user_left", leave["event_id"])
+    assert await history(stores) == [(ROOM, ENDED, "user_left", leave["event_id"])]
+    # The pair is free for a new room.
+    assert await stores.dms.claim(GHOST, USER, "sms", REMOTE, "next", now_ms())
+
+
+async def test_user_banned_ends_the_dm(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    await open_dm(stores)
+    ban = member(USER, "ban", sender=STRANGER)
+    await send(h, ban)
+    assert ((await dm_of(stores)).state, (await dm_of(stores)).reason) == (ENDED, "user_banned")
+    [item] = await outbox(stores)
+    assert notice(item) == ("dm.ended", "ended", "user_banned", ban["event_id"])
+
+
+@pytest.mark.parametrize(("membership", "reason"), [("leave", "ghost_kicked"),
+                                                    ("ban", "ghost_banned")])
+async def test_user_removing_the_ghost_declines(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder], membership: str, reason: str
+) -> None:
+    h, _ = handler
+    await open_dm(stores)
+    kick = member(GHOST, membership, sender=USER)
+    await send(h, kick)
+    dm = await dm_of(stores)
+    assert (dm.state, dm.reason, dm.ghost_membership) == (DECLINED, reason, membership)
+    [item] = await outbox(stores)
+    assert notice(item) == ("dm.declined", "declined", reason, kick["event_id"])
+    assert await history(stores) == [(ROOM, DECLINED, reason, kick["event_id"])]
+
+
+async def test_ghost_kicked_by_a_third_person_ends_the_dm(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    await open_dm(stores)
+    kick = member(GHOST, "leave", sender=STRANGER)
+    await send(h, kick)
+    dm = await dm_of(stores)
+    assert (dm.state, dm.reason) == (ENDED, "ghost_removed")
+    [item] = await outbox(stores)
+    assert notice(item) == ("dm.ended", "ended", "ghost_removed", kick["event_id"])
+    assert await history(stores) == [(ROOM, ENDED, "ghost_removed", kick["event_id"])]
+
+
+async def test_ghost_leaving_by_itself_ends_an_active_dm(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    await open_dm(stores)
+    leave = member(GHOST, "leave")
+    await send(h, leave)
+    assert ((await dm_of(stores)).state, (await dm_of(stores)).reason) == (
+        ENDED, "ghost_removed")
+    assert [notice(i) for i in await outbox(stores)] == [
+        ("dm.ended", "ended", "ghost_removed", leave["event_id"])]
+
+
+async def test_ghost_leaving_a_room_it_is_joining_is_the_bridges_own_refusal(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    async with stores.db.acquire() as conn:
+        await stores.dms.adopt(conn, GHOST, USER, "sms", REMOTE, ROOM, JOINING, "user_invited",
+                               now_ms())
+    await send(h, member(GHOST, "leave"))
+    assert (await dm_of(stores)).state == JOINING
+    assert await outbox(stores) == []
+    # Kicked by someone else while joining: that still ends it.
+    kick = member(GHOST, "leave", sender=STRANGER)
+    await send(h, kick)
+    assert ((await dm_of(stores)).state, (await dm_of(stores)).reason) == (
+        ENDED, "ghost_removed")
+
+
+async def test_third_party_joining_ends_the_dm(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, rec = handler
+    await open_dm(stores)
+    await send(h, member(STRANGER, "invite", sender=USER))  # an invite alone changes nothing
+    assert (await dm_of(stores)).state == ACTIVE
+    assert await outbox(stores) == []
+    assert rec.queued == []
+    join = member(STRANGER, "join")
+    await send(h, join)
+    dm = await dm_of(stores)
+    assert (dm.state, dm.reason, dm.others_joined) == (ENDED, "third_party_joined", 1)
+    [item] = await outbox(stores)
+    assert notice(item) == ("dm.ended", "ended", "third_party_joined", join["event_id"])
+    assert await history(stores) == [(ROOM, ENDED, "third_party_joined", join["event_id"])]
+    # Messages from that room are no longer delivered.
+    await send(h, message(body="still there?"))
+    assert len(await outbox(stores)) == 1
+
+
+async def test_an_ended_dm_ignores_further_memberships(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    await open_dm(stores)
+    await send(h, member(STRANGER, "join"))
+    await send(h, member(GHOST, "leave", sender=USER), member(USER, "leave"))
+    assert ((await dm_of(stores)).state, (await dm_of(stores)).reason) == (
+        ENDED, "third_party_joined")
+    assert len(await outbox(stores)) == 1
+    assert len(await history(stores)) == 1
+
+
+async def test_memberships_in_other_rooms_change_nothing(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, rec = handler
+    await open_dm(stores)
+    other = "!other:example.org"
+    await send(h, member(USER, "leave", room_id=other), member(STRANGER, "join", room_id=other),
+               message(room_id=other))
+    assert (await dm_of(stores)).state == ACTIVE
+    assert await outbox(stores) == []
+    assert await history(stores) == []
+    assert rec.queued == []
+
+
+async def test_a_user_inviting_a_ghost_is_recorded_for_the_invite_handler(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, rec = handler
+    room = "!new:example.org"
+    invite = member(GHOST, "invite", sender=USER, room_id=room, is_direct=True)
+    await send(h, invite)
+    [recorded] = await stores.invites.all()
+    assert (recorded.room_id, recorded.ghost_id, recorded.inviter, recorded.is_direct,
+            recorded.event_id) == (room, GHOST, USER, True, invite["event_id"])
+    assert rec.invited == 1
+    # The bridge's own invites are not answered as if a user made them.
+    await send(h, member(GHOST, "invite", sender=BOT, room_id="!mine:example.org"))
+    assert len(await stores.invites.all()) == 1
+    assert rec.invited == 1
+    # Withdrawn before the ghost answered: forgotten.
+    await send(h, member(GHOST, "leave", sender=USER, room_id=room))
+    assert await stores.invites.all() == []
+
+
+# --- messages -------------------------------------------------------------------------------
+
+
+async def test_users_message_is_queued_with_its_payload(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, rec = handler
+    await open_dm(stores)
+    before = now_ms()
+    msg = message(body="hi *there*", format="org.matrix.custom.html",
+                  formatted_body="hi <em>there</em>")
+    await send(h, msg)
+    [item] = await outbox(stores)
+    assert before <= item["queued_at"] <= now_ms()
+    assert item == {
+        "id": item["id"],
+        "type": "message",
+        "idempotency_key": msg["event_id"],
+        "network": "sms",
+        "remote_id": REMOTE,
+        "ghost_id": GHOST,
+        "user_id": USER,
+        "room_id": ROOM,
+        "queued_at": item["queued_at"],
+        "message": {
+            "event_id": msg["event_id"],
+            "sender": {"user_id": USER, "displayname": "Alice"},
+            "recipient": REMOTE,
+            "msgtype": "m.text",
+            "text": "hi *there*",
+            "html": "hi <em>there</em>",
+            "sent_at": 1_700_000_000_123,
+        },
+    }
+    assert rec.queued == [{"sms"}]
+    assert await history(stores) == []
+
+
+async def test_plain_message_has_no_html_and_the_latest_displayname(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    await open_dm(stores, user_name=None)
+    # A displayname change arrives as a join event; a formatted_body without the html format
+    # is not html.
+    await send(h, member(USER, "join", displayname="Alice A."),
+               message(body="plain", formatted_body="<b>x</b>"),
+               message(body="", msgtype="m.emote"))
+    first, second = await outbox(stores)
+    assert first["message"]["html"] is None
+    assert first["message"]["sender"]["displayname"] == "Alice A."
+    assert (second["message"]["msgtype"], second["message"]["text"]) == ("m.emote", "")
+    assert (await dm_of(stores)).state == ACTIVE  # the user's own join is no third party
+
+
+async def test_a_resent_event_is_not_queued_twice(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, rec = handler
+    await open_dm(stores)
+    msg = message()
+    await h.handle_transaction("txn-a", [msg])
+    await h.handle_transaction("txn-b", [msg])  # a homeserver restarted its transaction IDs
+    await h.handle_transaction("txn-a", [msg])
+    assert len(await outbox(stores)) == 1
+    assert rec.queued == [{"sms"}]
+
+
+async def test_a_resent_leave_is_not_noticed_twice(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    await open_dm(stores)
+    leave = member(USER, "leave")
+    await send(h, leave)
+    await send(h, leave)
+    assert len(await outbox(stores)) == 1
+    assert len(await history(stores)) == 1
+
+
+@pytest.mark.parametrize("sender", [GHOST, STRANGER, BOT])
+async def test_messages_from_anyone_but_the_user_are_not_queued(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder], sender: str
+) -> None:
+    h, rec = handler
+    await open_dm(stores)
+    await send(h, message(sender=sender))
+    assert await outbox(stores) == []
+    assert rec.queued == []
+
+
+async def test_encrypted_and_other_events_are_not_queued(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    await open_dm(stores)
+    await send(
+        h,
+        {"type": "m.room.encrypted", "room_id": ROOM, "sender": USER, "event_id": new_event_id(),
+         "origin_server_ts": 1, "content": {"algorithm": "m.megolm.v1.aes-sha2"}},
+        {"type": "m.reaction", "room_id": ROOM, "sender": USER, "event_id": new_event_id(),
+         "origin_server_ts": 1, "content": {}},
+    )
+    assert await outbox(stores) == []
+
+
+async def test_a_sticker_is_queued(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    await open_dm(stores)
+    sticker = {"type": "m.sticker", "room_id": ROOM, "sender": USER, "event_id": new_event_id(),
+               "origin_server_ts": 5, "content": {"body": "a cat", "url": "mxc://x/y"}}
+    await send(h, sticker)
+    [item] = await outbox(stores)
+    assert item["message"]["text"] == "a cat"
+    assert item["message"]["msgtype"] is None
+
+
+async def test_writing_in_an_ended_room_with_the_ghost_makes_it_the_dm_again(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, rec = handler
+    await open_dm(stores)
+    join = member(STRANGER, "join")
+    await send(h, join)
+    await send(h, member(STRANGER, "leave"))
+    assert (await dm_of(stores)).state == ENDED
+    msg = message(body="back to us two")
+    await send(h, msg)
+    dm = await dm_of(stores)
+    assert (dm.state, dm.reason) == (ACTIVE, "user_wrote")
+    ended, started, queued = await outbox(stores)
+    assert notice(ended)[:3] == ("dm.ended", "ended", "third_party_joined")
+    assert notice(started) == ("dm.started", "active", "user_wrote", msg["event_id"])
+    assert (queued["type"], queued["idempotency_key"]) == ("message", msg["event_id"])
+    assert await history(stores) == [
+        (ROOM, ENDED, "third_party_joined", join["event_id"]),
+        (ROOM, ACTIVE, "user_wrote", msg["event_id"]),
+    ]
+    assert rec.queued[-1] == {"sms"}
+
+
+async def test_writing_in_an_older_room_replaces_the_current_dm(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    old, new = "!old:example.org", "!new:example.org"
+    await open_dm(stores, old)
+    await send(h, member(STRANGER, "join", room_id=old), member(STRANGER, "leave", room_id=old))
+    await open_dm(stores, new)
+    msg = message(room_id=old)
+    await send(h, msg)
+    assert ((await dm_of(stores, old)).state, (await dm_of(stores, old)).reason) == (
+        ACTIVE, "user_wrote")
+    assert ((await dm_of(stores, new)).state, (await dm_of(stores, new)).reason) == (
+        ENDED, "replaced")
+    assert (await history(stores))[-2:] == [
+        (new, ENDED, "replaced", msg["event_id"]),
+        (old, ACTIVE, "user_wrote", msg["event_id"]),
+    ]
+    types = [i["type"] for i in await outbox(stores)]
+    assert types == ["dm.ended", "dm.started", "message"]  # no notice for the replaced room
+
+
+async def test_writing_lifts_a_decline_when_the_ghost_is_still_there(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    await open_dm(stores, user="invite")
+    reject = member(USER, "leave")
+    await send(h, reject)
+    join = member(USER, "join")
+    msg = message(body="changed my mind")
+    await send(h, join, msg)
+    dm = await dm_of(stores)
+    assert (dm.state, dm.reason) == (ACTIVE, "user_wrote")
+    assert [notice(i) for i in (await outbox(stores))[:2]] == [
+        ("dm.declined", "declined", "invite_rejected", reject["event_id"]),
+        ("dm.started", "active", "user_wrote", msg["event_id"]),
+    ]
+    assert (await outbox(stores))[2]["idempotency_key"] == msg["event_id"]
+    # The room went from declined straight back to active: it was never "ended, replaced".
+    assert await history(stores) == [
+        (ROOM, DECLINED, "invite_rejected", reject["event_id"]),
+        (ROOM, ACTIVE, "user_wrote", msg["event_id"]),
+    ]
+
+
+async def test_writing_where_the_ghost_is_gone_delivers_nothing(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    await open_dm(stores)
+    await send(h, member(GHOST, "leave", sender=USER))
+    await send(h, message(body="hello?"))
+    dm = await dm_of(stores)
+    assert (dm.state, dm.reason) == (DECLINED, "ghost_kicked")
+    assert [i["type"] for i in await outbox(stores)] == ["dm.declined"]
+    assert len(await history(stores)) == 1
+
+
+# --- failures -------------------------------------------------------------------------------
+
+
+async def test_an_event_that_fails_is_skipped_and_the_rest_applied(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder], caplog: pytest.LogCaptureFixture
+) -> None:
+    h, _ = handler
+    await open_dm(stores)
+    bad, good = message(body="bad"), message(body="good")
+    apply = h.lifecycle.apply
+
+    async def failing(conn: Any, raw: dict[str, Any], *args: Any) -> None:
+        await apply(conn, raw, *args)  # it writes its outbox row, then fails: rolled back
+        if raw["event_id"] == bad["event_id"]:
+            raise RuntimeError("boom")
+
+    h.lifecycle.apply = failing  # type: ignore[method-assign]
+    await send(h, bad, good)
+    [item] = await outbox(stores)
+    assert item["idempotency_key"] == good["event_id"]
+    assert bad["event_id"] in caplog.text
+    # The bad event counts as processed: a resend does not apply it again.
+    h.lifecycle.apply = apply  # type: ignore[method-assign]
+    await send(h, bad)
+    assert [i["idempotency_key"] for i in await outbox(stores)] == [good["event_id"]]
+    assert (await dm_of(stores)).state == ACTIVE
+
+
+async def test_a_failing_membership_rolls_back_its_own_writes_only(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    await open_dm(stores)
+    kick = member(GHOST, "leave", sender=USER)
+    join = member(STRANGER, "join", room_id="!elsewhere:example.org")
+    apply = h.lifecycle.apply
+
+    async def failing(conn: Any, raw: dict[str, Any], *args: Any) -> None:
+        await apply(conn, raw, *args)
+        if raw["event_id"] == kick["event_id"]:
+            raise RuntimeError("boom")
+
+    h.lifecycle.apply = failing  # type: ignore[method-assign]
+    await send(h, kick, join)
+    dm = await dm_of(stores)
+    assert (dm.state, dm.ghost_membership) == (ACTIVE, "join")  # the kick left no trace
+    assert await outbox(stores) == []
+    assert await history(stores) == []
+    assert await stores.members.get("!elsewhere:example.org", STRANGER) == "join"
+
+
+async def test_malformed_events_are_skipped(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    await open_dm(stores)
+    good = message()
+    await send(
+        h,
+        "not an event",
+        {"type": "m.room.message", "room_id": ROOM, "sender": USER},  # no event_id
+        {"type": "m.room.message", "room_id": ROOM, "sender": USER, "event_id": new_event_id(),
+         "content": "text"},
+        {"type": "m.room.member", "room_id": ROOM, "sender": USER, "event_id": new_event_id(),
+         "content": {"membership": "leave"}},  # no state_key
+        {"type": "m.room.member", "room_id": ROOM, "sender": USER, "state_key": USER,
+         "event_id": new_event_id(), "content": {"membership": "sideways"}},
+        good,
+    )
+    [item] = await outbox(stores)
+    assert item["idempotency_key"] == good["event_id"]
+    assert (await dm_of(stores)).state == ACTIVE
+
+
+# --- an admin lifting a decline, and the state cache ----------------------------------------
+
+
+async def test_clear_declined(stores: Stores, handler: tuple[MatrixHandler, Recorder]) -> None:
+    h, _ = handler
+    await open_dm(stores)
+    with pytest.raises(NotFound):
+        await clear_declined(stores, SMS, REMOTE, USER)  # active, not declined
+    await send(h, member(GHOST, "ban", sender=USER))
+    await clear_declined(stores, SMS, REMOTE, USER)
+    dm = await dm_of(stores)
+    assert (dm.state, dm.reason) == (ENDED, "cleared_by_admin")
+    declined, cleared = await outbox(stores)
+    assert declined["type"] == "dm.declined"
+    assert notice(cleared) == ("dm.cleared", "ended", "cleared_by_admin", None)
+    assert cleared["idempotency_key"].startswith("dm.cleared:sms:+15551234567:@alice:")
+    assert (await history(stores))[-1] == (ROOM, ENDED, "cleared_by_admin", None)
+    with pytest.raises(NotFound):
+        await clear_declined(stores, SMS, REMOTE, USER)  # nothing left to clear
+    assert await stores.dms.claim(GHOST, USER, "sms", REMOTE, "fresh", now_ms())
+
+
+async def test_state_cache_gets_new_state_events_only(stores: Stores) -> None:
+    h, _ = make_handler(stores)
+    seen: list[str] = []
+
+    async def update_state(event: Any) -> None:
+        seen.append(str(event.event_id))
+        if len(seen) == 1:
+            raise RuntimeError("cache trouble")  # after the commit: logged, not raised
+
+    h.appservice.state_store.update_state = update_state
+    await open_dm(stores)
+    leave, msg = member(STRANGER, "leave"), message()
+    join = member(STRANGER, "join")
+    await send(h, join, msg, leave)
+    assert seen == [join["event_id"], leave["event_id"]]
+    await send(h, join)  # already processed: not again
+    assert len(seen) == 2
+    assert (await dm_of(stores)).state == ENDED
