@@ -11,9 +11,15 @@ from pathlib import Path
 import pytest
 from nio import AsyncClient, InviteMemberEvent, LoginResponse, SyncResponse
 
+from dmbridge import payloads
 from dmbridge.bridge import Bridge
+from dmbridge.db import now_ms
 from dmbridge.localhs import LocalSynapse, ensure_synapse
-from tests.integration.conftest import BridgeFactory, Homeserver
+from tests.integration.conftest import BridgeFactory, Homeserver, Platform, wait_for
+from tests.support.settings import CHAT_TOKEN
+from tests.support.webhook import WebhookReceiver
+
+WEBHOOK_SECRET = "cli-test-secret-0123456789"
 
 
 async def _dmbridge(*args: str) -> tuple[int, str, str]:
@@ -97,3 +103,85 @@ async def test_quickstart_demo_leaves_alice_a_direct_message(tmp_path: Path) -> 
     finally:
         await client.close()
         await asyncio.to_thread(synapse.stop)
+
+
+async def test_admin_lists_and_retries_dead_letters(
+    start_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """`dmbridge dead-letters` shows what a platform never accepted, and sends it again."""
+    rx = WebhookReceiver(WEBHOOK_SECRET)  # not listening yet: every delivery is refused
+    bridge = await start_bridge(
+        networks={"sms": {"delivery": {"mode": "webhook", "url": rx.url,
+                                       "secret": WEBHOOK_SECRET}}},
+        **{"delivery.max_attempts": 1},
+    )
+    config = str(tmp_path / "bridge" / "config.yaml")
+    lane = payloads.Lane("sms", "+15551230000", "@someone:localhost", "@dm_sms_x:localhost")
+    item_ids = []
+    for n in range(2):
+        payload = payloads.notice(lane, payloads.DM_ENDED, "!r:localhost", "ended", "test",
+                                  f"$cli-{n}", now_ms())
+        item_ids.append(await bridge.stores.outbox.add_now(
+            network="sms", remote_id=lane.remote_id, user_id=lane.user_id,
+            type=payloads.DM_ENDED, key=payload["idempotency_key"], payload=payload,
+            now=now_ms(),
+        ))
+    bridge.outbox.wake({"sms"})
+
+    async def both_dead() -> bool:
+        dead = await bridge.stores.outbox.dead_letters("sms", 100)
+        return {d.id for d in dead} >= set(item_ids)
+
+    await wait_for(both_dead, what="two dead letters")
+    code, out, err = await _dmbridge("dead-letters", "-c", config, "--network", "sms")
+    assert code == 0, err
+    rows = [line.split("\t") for line in out.splitlines()]
+    listed = {int(row[1]): row for row in rows if row[2] == payloads.DM_ENDED}
+    assert set(listed) == set(item_ids), out
+    assert all(row[0] == "sms" and row[3] == lane.remote_id and "gave up" in row[6]
+               for row in listed.values()), out
+
+    await rx.start()
+    try:
+        code, out, err = await _dmbridge("dead-letters", "-c", config, "--network", "sms",
+                                         "--retry", str(item_ids[0]))
+        assert (code, out.strip()) == (0, f"sms: queued again: {item_ids[0]}"), err
+        [first] = await rx.wait_accepted(1)
+        assert first.json["idempotency_key"] == f"{payloads.DM_ENDED}:$cli-0"
+        code, out, err = await _dmbridge("dead-letters", "-c", config, "--retry-all")
+        assert code == 0 and f"sms: queued again: {item_ids[1]}" in out, (out, err)
+        delivered = await rx.wait_accepted(2)
+        assert delivered[1].json["idempotency_key"] == f"{payloads.DM_ENDED}:$cli-1"
+        assert all(d.signature_ok for d in delivered)
+    finally:
+        await rx.stop()
+
+
+async def test_admin_clears_a_decline(bridge: Bridge, platform: Platform, new_human,
+                                      tmp_path: Path) -> None:
+    """After `dmbridge clear-declined`, a platform may write to a user who rejected it."""
+    human = await new_human()
+    config = str(tmp_path / "bridge" / "config.yaml")
+    body = {"sender": "carol", "recipient": human.user_id, "text": "hello"}
+    status, sent = await platform.send("chat", CHAT_TOKEN, "m1", **body)
+    assert status == 200, sent
+    await human.wait_invite(sent["room_id"])
+    await human.reject(sent["room_id"])
+
+    attempts = iter(range(1000))
+
+    async def declined() -> bool:  # each try is a new message: a sent one would be a duplicate
+        status, err = await platform.send("chat", CHAT_TOKEN, f"m2-{next(attempts)}", **body)
+        return status == 403 and err["errcode"] == "DMBRIDGE_DECLINED"
+
+    await wait_for(declined, what="the decline")
+    code, out, err = await _dmbridge("clear-declined", "-c", config, "--network", "chat",
+                                     "--remote-id", "carol", "--user", human.user_id)
+    assert code == 0 and "opens a new DM" in out, err
+    status, again = await platform.send("chat", CHAT_TOKEN, "m3", **body)
+    assert status == 200 and again["room_created"] is True and again["room_id"] != sent["room_id"]
+    await human.wait_invite(again["room_id"])
+
+    code, out, err = await _dmbridge("clear-declined", "-c", config, "--network", "chat",
+                                     "--remote-id", "carol", "--user", human.user_id)
+    assert code == 1 and "has not declined" in err, (out, err)
