@@ -33,6 +33,7 @@ from .errors import (
     TooLarge,
     UnknownRecipient,
 )
+from .formatting import compose
 from .ghosts import Ghosts
 from .homeserver import Homeserver
 from .lifecycle import clear_declined
@@ -159,17 +160,19 @@ class DMService:
         return await self._open(network, remote_id, ghost_id, recipient, sender_name, record)
 
     async def send(
-        self, network_id: str, remote_id: str, user_id: str, *, message_id: str, text: str,
-        html: str | None = None, sender_name: str | None = None,
+        self, network_id: str, remote_id: str, user_id: str, *, message_id: str,
+        text: str | None = None, html: str | None = None, markdown: str | None = None,
+        msgtype: str = "text", sender_name: str | None = None,
     ) -> SendResult:
+        """Send a message from a remote user; ``html`` is sanitised, ``markdown`` rendered."""
         network = self.networks.get(network_id)
         ghost_id = network.ghost_user_id(remote_id)
         recipient = self._check_recipient(user_id)
         if not isinstance(message_id, str) or not 0 < len(message_id) <= 255:
             raise InvalidParam("message_id must be a string of 1 to 255 characters")
-        content: dict[str, Any] = {"msgtype": "m.text", "body": text}
-        if html is not None:
-            content.update(format="org.matrix.custom.html", formatted_body=html)
+        content: dict[str, Any] = compose(
+            text=text, html=html, markdown=markdown, msgtype=msgtype
+        ).content()
         size = len(json.dumps(content, ensure_ascii=False).encode())  # as the homeserver counts
         if size > MAX_CONTENT_BYTES:
             raise TooLarge(f"the message is {size} bytes; at most {MAX_CONTENT_BYTES} fit an event")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .formatting import HTML_FORMAT, sanitize
+
 MESSAGE = "message"
 DM_STARTED = "dm.started"  # the Matrix user started (or resumed) a conversation
 DM_USER_LEFT = "dm.user_left"  # the user left; the next message re-invites or opens a room
@@ -42,8 +44,10 @@ def message(lane: Lane, room_id: str, raw: dict[str, Any], displayname: str | No
     content = raw.get("content") if isinstance(raw.get("content"), dict) else {}
     assert isinstance(content, dict)
     html = content.get("formatted_body")
-    if content.get("format") != "org.matrix.custom.html" or not isinstance(html, str):
+    if content.get("format") != HTML_FORMAT or not isinstance(html, str):
         html = None
+    else:  # whatever a Matrix client sent, the platform gets no scripts or styles
+        html = sanitize(html) or None
     body = content.get("body")
     event_id = str(raw["event_id"])
     return {

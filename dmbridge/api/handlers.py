@@ -32,8 +32,10 @@ async def send_message(request: web.Request) -> web.Response:
         required_string(body, "sender", 255),
         required_string(body, "recipient", 255),
         message_id=request.match_info["message_id"],
-        text=required_string(body, "text"),
+        text=string(body, "text", required=False),
         html=string(body, "html", required=False),
+        markdown=string(body, "markdown", required=False),
+        msgtype=string(body, "msgtype", required=False, max_len=16) or "text",
         sender_name=string(body, "sender_name", required=False, max_len=255),
     )
     return web.json_response({
