@@ -98,8 +98,12 @@ class BridgeAppService(AppService):
         events = body.get("events") if isinstance(body, dict) else None
         if not isinstance(events, list):
             return _error(400, "M_BAD_JSON", "the transaction has no 'events' list")
+        # Typing and receipts; a homeserver that knows both keys sends the same list twice.
+        ephemeral = body.get("ephemeral", body.get("de.sorunome.msc2409.ephemeral"))
+        if not isinstance(ephemeral, list):
+            ephemeral = []
         try:
-            await self.handler.handle_transaction(txn_id, events)
+            await self.handler.handle_transaction(txn_id, events, ephemeral)
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception:

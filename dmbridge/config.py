@@ -181,6 +181,9 @@ class Settings:
             "hs_token": self.hs_token,
             "sender_localpart": self.bot_localpart,
             "rate_limited": False,
+            # Typing and read receipts (MSC2409), under the stable and the older unstable key.
+            "receive_ephemeral": True,
+            "de.sorunome.msc2409.push_ephemeral": True,
             "namespaces": {"users": users, "aliases": [], "rooms": []},
         }
 

@@ -29,6 +29,7 @@ from .errors import (
     Declined,
     HomeserverError,
     InvalidParam,
+    NotFound,
     NotPermitted,
     TooLarge,
     UnknownRecipient,
@@ -200,6 +201,43 @@ class DMService:
             network.id, remote_id, message_id, SentMessage(opened.dm.room_id, event_id), now_ms()
         )
         return SendResult(sent.room_id, sent.event_id, room_created=opened.created, duplicate=False)
+
+    async def set_typing(self, network_id: str, remote_id: str, user_id: str, *, typing: bool,
+                         timeout_ms: int = 30_000) -> RoomID:
+        """Show (or stop showing) the remote user typing in their current DM."""
+        dm = await self._current(network_id, remote_id, user_id)
+        content: dict[str, Any] = {"typing": typing}
+        if typing:
+            content["timeout"] = timeout_ms
+        async with homeserver_errors("show the typing notice"):
+            await self.ghosts.intent(dm.ghost_id).api.request(
+                Method.PUT, Path.v3.rooms[dm.room_id].typing[dm.ghost_id], content=content,
+            )
+        return dm.room_id
+
+    async def mark_read(self, network_id: str, remote_id: str, user_id: str, *, event_id: str
+                        ) -> RoomID:
+        """The remote user has read the DM up to ``event_id``, a message they were delivered."""
+        dm = await self._current(network_id, remote_id, user_id)
+        if not await self.stores.outbox.was_delivered_message(
+            dm.network, dm.remote_id, dm.user_id, event_id
+        ):
+            raise NotFound(f"{event_id} is not a message this DM delivered to {dm.network}")
+        async with homeserver_errors("send the read receipt"):
+            await self.ghosts.intent(dm.ghost_id).api.request(
+                Method.POST, Path.v3.rooms[dm.room_id].receipt["m.read"][EventID(event_id)],
+                content={},
+            )
+        return dm.room_id
+
+    async def _current(self, network_id: str, remote_id: str, user_id: str) -> DM:
+        network = self.networks.get(network_id)
+        ghost_id = network.ghost_user_id(remote_id)
+        record = await self.stores.dms.get_current(ghost_id, self._check_recipient(user_id))
+        if record is None or record.state != ACTIVE or record.room_id is None:
+            raise NotFound(f"there is no open DM between {network.id} user {remote_id} and "
+                           f"{user_id}")
+        return DM.of(record)
 
     async def list_dms(
         self, *, network_id: str | None = None, user_id: str | None = None,

@@ -46,6 +46,7 @@ class Lifecycle:
         self.networks = networks
         self.bot_user_id = bot_user_id
         self.on_leave = on_leave
+        self._typing: dict[str, bool] = {}  # is the DM's user typing, per room, as last told
 
     async def apply(self, conn: Connection, raw: dict[str, Any], now: int, effects: Effects
                     ) -> None:
@@ -60,6 +61,41 @@ class Lifecycle:
             if dm is not None and raw.get("sender") == dm.user_id:
                 log.warning("%s: encrypted message %s cannot be read by the bridge; not delivered",
                             raw.get("room_id"), raw.get("event_id"))
+
+    async def apply_ephemeral(self, conn: Connection, edu: dict[str, Any], now: int,
+                              effects: Effects) -> None:
+        """Typing and read receipts of the DM's user, for the platform."""
+        kind, room_id, content = edu.get("type"), str(edu["room_id"]), edu["content"]
+        if kind not in ("m.typing", "m.receipt"):
+            return
+        dm = await self.stores.dms.by_room(conn, room_id)
+        if dm is None or dm.state != ACTIVE:
+            return
+        lane = lane_of(dm)
+        items: list[dict[str, Any]] = []
+        if kind == "m.typing":
+            user_ids = content.get("user_ids")
+            is_typing = isinstance(user_ids, list) and dm.user_id in user_ids
+            if self._typing.get(room_id, False) != is_typing:
+                self._typing[room_id] = is_typing
+                items.append(payloads.typing(lane, room_id, is_typing, now))
+        else:
+            for event_id, receipts in content.items():
+                mine = (receipts.get("m.read") or {}).get(dm.user_id) if isinstance(
+                    receipts, dict) else None
+                if not isinstance(mine, dict):
+                    continue
+                message_id = await self.stores.messages.message_id_of(
+                    conn, dm.network, dm.remote_id, event_id)
+                if message_id is not None:
+                    items.append(payloads.read(lane, room_id, event_id, message_id,
+                                               mine.get("ts"), now))
+        for payload in items:
+            await self.stores.outbox.add(
+                conn, network=dm.network, remote_id=dm.remote_id, user_id=dm.user_id,
+                type=payload["type"], key=payload["idempotency_key"], payload=payload, now=now,
+            )
+            effects.networks.add(dm.network)
 
     # --- memberships ------------------------------------------------------------------------
 

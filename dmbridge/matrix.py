@@ -38,7 +38,8 @@ class MatrixHandler:
         self.on_queued: Callable[[set[str]], None] = lambda networks: None
         self.on_invited: Callable[[], None] = lambda: None
 
-    async def handle_transaction(self, txn_id: str, events: list[Any]) -> None:
+    async def handle_transaction(self, txn_id: str, events: list[Any],
+                                 ephemeral: list[Any] | None = None) -> None:
         """Record the events durably; returns only once they are committed.
 
         Events already processed (a resent transaction, whatever its ID) change nothing.
@@ -59,6 +60,11 @@ class MatrixHandler:
                     continue
                 fresh.append(raw)
                 await self._apply(conn, txn_id, raw, at, effects)
+            for edu in ephemeral or []:
+                if isinstance(edu, dict) and isinstance(edu.get("room_id"), str) and isinstance(
+                    edu.get("content"), dict
+                ):
+                    await self._apply(conn, txn_id, edu, at, effects, ephemeral=True)
         if effects.networks:
             self.on_queued(effects.networks)
         if effects.invites:
@@ -70,7 +76,7 @@ class MatrixHandler:
             log.debug("txn %s: %d events, %d new", txn_id, len(events), len(fresh))
 
     async def _apply(self, conn: Connection, txn_id: str, raw: dict[str, Any], at: int,
-                     effects: Effects) -> None:
+                     effects: Effects, ephemeral: bool = False) -> None:
         """Apply one event in a savepoint: an event that fails is logged and skipped.
 
         If even the rollback fails, the database itself is in trouble: the error goes up and
@@ -78,7 +84,9 @@ class MatrixHandler:
         """
         await conn.execute("SAVEPOINT dmbridge_event")
         try:
-            if _well_formed(raw):
+            if ephemeral:
+                await self.lifecycle.apply_ephemeral(conn, raw, at, effects)
+            elif _well_formed(raw):
                 await self.lifecycle.apply(conn, raw, at, effects)
             else:
                 log.warning("txn %s: event %s is malformed; skipped", txn_id, raw.get("event_id"))

@@ -14,6 +14,8 @@ DM_DECLINED = "dm.declined"  # the user turned the contact down: sends fail unti
 DM_ENDED = "dm.ended"  # the room is no longer a DM; the next message opens a new one
 DM_CLEARED = "dm.cleared"  # an admin lifted a decline
 DELIVERY_FAILED = "delivery.failed"  # an earlier item became a dead letter
+TYPING = "typing"  # the Matrix user started or stopped typing in the DM
+READ = "read"  # the Matrix user read the DM up to one of the platform's messages
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,21 @@ def notice(lane: Lane, type_: str, room_id: str | None, state: str, reason: str,
     return {
         **lane.envelope(type_, key, room_id, now),
         "dm": {"state": state, "reason": reason, "event_id": event_id},
+    }
+
+
+def typing(lane: Lane, room_id: str, is_typing: bool, now: int) -> dict[str, Any]:
+    key = f"{TYPING}:{room_id}:{lane.user_id}:{now}:{int(is_typing)}"
+    return {**lane.envelope(TYPING, key, room_id, now), "typing": is_typing}
+
+
+def read(lane: Lane, room_id: str, event_id: str, message_id: str, ts: Any, now: int
+         ) -> dict[str, Any]:
+    key = f"{READ}:{event_id}:{lane.user_id}"
+    return {
+        **lane.envelope(READ, key, room_id, now),
+        "read": {"event_id": event_id, "message_id": message_id,
+                 "ts": ts if isinstance(ts, int) else None},
     }
 
 

@@ -86,6 +86,8 @@ def make_api_app(service: DMService, outbox: Outbox, settings: Settings) -> web.
     app.router.add_put("/networks/{network}/messages/{message_id}", handlers.send_message)
     app.router.add_post("/networks/{network}/dms", handlers.open_dm)
     app.router.add_get("/networks/{network}/dms", handlers.list_dms)
+    app.router.add_put("/networks/{network}/typing", handlers.set_typing)
+    app.router.add_post("/networks/{network}/read", handlers.mark_read)
     app.router.add_get("/networks/{network}/events", handlers.pull_events)
     app.router.add_post("/networks/{network}/events/ack", handlers.ack_events)
     app.router.add_get("/networks/{network}/dead-letters", handlers.dead_letters)

@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from ..dms import DM
+from ..errors import BadRequest
 from ..outbox import describe
 from . import app as api
 from .body import id_list, query_number, read_object, required_string, string
@@ -72,6 +73,30 @@ async def list_dms(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     await request.app[api.SERVICE].stores.db.fetchval("SELECT 1")
     return web.json_response({"status": "ok"})
+
+
+async def set_typing(request: web.Request) -> web.Response:
+    body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
+    typing = body.get("typing")
+    if not isinstance(typing, bool):
+        raise BadRequest("'typing' must be true or false")
+    timeout = body.get("timeout_ms", 30_000)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 600_000:
+        raise BadRequest("'timeout_ms' must be an integer from 1 to 600000")
+    room_id = await request.app[api.SERVICE].set_typing(
+        request[api.NETWORK].id, required_string(body, "sender", 255),
+        required_string(body, "recipient", 255), typing=typing, timeout_ms=timeout,
+    )
+    return web.json_response({"room_id": room_id})
+
+
+async def mark_read(request: web.Request) -> web.Response:
+    body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
+    room_id = await request.app[api.SERVICE].mark_read(
+        request[api.NETWORK].id, required_string(body, "sender", 255),
+        required_string(body, "recipient", 255), event_id=required_string(body, "event_id", 255),
+    )
+    return web.json_response({"room_id": room_id})
 
 
 async def pull_events(request: web.Request) -> web.Response:

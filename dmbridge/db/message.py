@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mautrix.types import EventID, RoomID
-from mautrix.util.async_db import Database
+from mautrix.util.async_db import Connection, Database
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,17 @@ class SentMessageStore:
             network, remote_id, message_id,
         )
         return SentMessage(row["room_id"], row["event_id"]) if row else None
+
+    @staticmethod
+    async def message_id_of(conn: Connection, network: str, remote_id: str, event_id: str
+                            ) -> str | None:
+        """The platform's ID of a message it sent, by the Matrix event it became."""
+        value = await conn.fetchval(
+            "SELECT message_id FROM sent_message WHERE event_id=$1 AND network=$2"
+            " AND remote_id=$3",
+            event_id, network, remote_id,
+        )
+        return str(value) if value is not None else None
 
     async def put(
         self, network: str, remote_id: str, message_id: str, sent: SentMessage, at_ms: int

@@ -212,6 +212,16 @@ class OutboxStore:
             )
         return sorted(int(r["id"]) for r in rows)
 
+    async def was_delivered_message(self, network: str, remote_id: str, user_id: str,
+                                    event_id: str) -> bool:
+        """Is ``event_id`` a Matrix message queued for this DM's platform (and not pruned)?"""
+        value = await self.db.fetchval(
+            "SELECT id FROM outbox WHERE idempotency_key=$1 AND type='message' AND network=$2"
+            " AND remote_id=$3 AND user_id=$4",
+            event_id, network, remote_id, user_id,
+        )
+        return value is not None
+
     async def get(self, item_id: int) -> OutboxItem | None:
         row = await self.db.fetchrow(f"SELECT {_COLUMNS} FROM outbox WHERE id=$1", item_id)
         return _item(row) if row else None
