@@ -21,8 +21,6 @@ import asyncio
 import json
 import logging
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -31,21 +29,14 @@ from typing import Any
 
 import aiohttp
 
+from bench.support import DB_HELP, database, spawn, stop
 from dmbridge import signing
 from dmbridge.bridge import Bridge
 from dmbridge.localhs import free_port
-from tests.support.postgres import PostgresCluster
 from tests.support.settings import AS_TOKEN, HS_TOKEN, make_settings
 
 ALICE = "@alice:localhost"
 SECRET = "bench-secret-0123456789"
-
-
-def _spawn(module: str, *args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", module, *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().strip()
 
 
 def _message(room_id: str, n: int, run: str) -> dict[str, Any]:
@@ -61,21 +52,13 @@ async def main() -> None:
     parser.add_argument("--dms", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--db", default="sqlite",
-                        help="sqlite, postgres (a private throwaway cluster), or a postgres:// URL")
+                        help=DB_HELP)
     args = parser.parse_args()
 
-    stub, hs_url = _spawn("bench.stub_homeserver", AS_TOKEN)
-    receiver, rx_url = _spawn("bench.stub_receiver")
+    stub, hs_url = spawn("bench.stub_homeserver", AS_TOKEN)
+    receiver, rx_url = spawn("bench.stub_receiver")
     folder = Path(tempfile.mkdtemp(prefix="dmbridge-bench-"))
-    cluster = None
-    if args.db == "sqlite":
-        db_url = f"sqlite:///{folder / 'bench.db'}"
-    elif args.db == "postgres":
-        cluster = PostgresCluster(folder / "pg")
-        cluster.start()
-        db_url = cluster.create_database("bench")
-    else:
-        db_url = args.db
+    db_url, cluster = database(args.db, folder)
     port = free_port()
     settings = make_settings(
         folder, homeserver_url=hs_url, domain="localhost", port=port, db_url=db_url,
@@ -152,10 +135,8 @@ async def main() -> None:
                       f"{gr:>12.0f}  {br / gr:>5.2f}")
     finally:
         await bridge.stop()
-        for proc in (stub, receiver):
-            assert proc.stdin is not None
-            proc.stdin.close()
-            proc.wait(10)
+        stop(stub)
+        stop(receiver)
         if cluster is not None:
             cluster.stop()
 

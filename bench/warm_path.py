@@ -14,8 +14,6 @@ import argparse
 import asyncio
 import logging
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -24,9 +22,9 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.support import DB_HELP, database, spawn, stop
 from dmbridge.bridge import Bridge
 from dmbridge.localhs import free_port
-from tests.support.postgres import PostgresCluster
 from tests.support.settings import AS_TOKEN, make_settings
 
 PHONE = "+15551234567"
@@ -54,26 +52,12 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--db", default="sqlite",
-                        help="sqlite, postgres (a private throwaway cluster), or a postgres:// URL")
+                        help=DB_HELP)
     args = parser.parse_args()
 
-    # The stub runs in its own process so its CPU is not billed to either side.
-    stub = subprocess.Popen(  # noqa: ASYNC220  (once, before anything is measured)
-        [sys.executable, "-m", "bench.stub_homeserver", AS_TOKEN],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-    assert stub.stdout is not None
-    hs_url = stub.stdout.readline().strip()
+    stub, hs_url = spawn("bench.stub_homeserver", AS_TOKEN)
     folder = Path(tempfile.mkdtemp(prefix="dmbridge-bench-"))
-    cluster = None
-    if args.db == "sqlite":
-        db_url = f"sqlite:///{folder / 'bench.db'}"
-    elif args.db == "postgres":
-        cluster = PostgresCluster(folder / "pg")
-        cluster.start()
-        db_url = cluster.create_database("bench")
-    else:
-        db_url = args.db
+    db_url, cluster = database(args.db, folder)
     settings = make_settings(folder, homeserver_url=hs_url, domain="localhost",
                              port=free_port(), db_url=db_url)
     bridge = Bridge(settings)
@@ -117,9 +101,7 @@ async def main() -> None:
                       f"  {b / g:>5.2f}  {per_msg:.2f}")
     finally:
         await bridge.stop()
-        assert stub.stdin is not None
-        stub.stdin.close()
-        stub.wait(10)
+        stop(stub)
         if cluster is not None:
             cluster.stop()
 

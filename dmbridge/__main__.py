@@ -144,49 +144,47 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if status == 200 else 1
 
 
+def _each_ok(results: list[tuple[str, int, Any]]) -> tuple[list[tuple[str, Any]], int]:
+    """The answers of the networks that succeeded; failures go to stderr. And the exit code."""
+    ok = []
+    for network, status, data in results:
+        if status == 200:
+            ok.append((network, data))
+        else:
+            print(f"{network}: {status} {data}", file=sys.stderr)
+    return ok, 0 if len(ok) == len(results) else 1
+
+
 def cmd_list_dms(args: argparse.Namespace) -> int:
     query = {k: v for k, v in (("user_id", args.user), ("remote_id", args.remote_id)) if v}
     if args.remote_id and not args.network:
         raise SystemExit("dmbridge: --remote-id needs --network")
-    results = asyncio.run(_api(args.config, "GET", "/networks/{network}/dms", args.network,
-                               query=query))
-    failed = False
-    for network, status, data in results:
-        if status != 200:
-            print(f"{network}: {status} {data}", file=sys.stderr)
-            failed = True
-            continue
+    ok, code = _each_ok(asyncio.run(_api(args.config, "GET", "/networks/{network}/dms",
+                                         args.network, query=query)))
+    for network, data in ok:
         for dm in data["dms"]:
             print(f"{network}\t{dm['remote_id']}\t{dm['user_id']}\t{dm['room_id']}\t"
                   f"{dm['user_membership']}")
-    return 1 if failed else 0
+    return code
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     if args.retry or args.retry_all:
         body: dict[str, Any] = {"all": True} if args.retry_all else {"ids": args.retry}
-        results = asyncio.run(_api(args.config, "POST", "/networks/{network}/dead-letters/retry",
-                                   args.network, body))
-        failed = False
-        for network, status, data in results:
-            if status != 200:
-                print(f"{network}: {status} {data}", file=sys.stderr)
-                failed = True
-            elif data["requeued"]:
+        ok, code = _each_ok(asyncio.run(_api(
+            args.config, "POST", "/networks/{network}/dead-letters/retry", args.network, body
+        )))
+        for network, data in ok:
+            if data["requeued"]:
                 print(f"{network}: queued again: {' '.join(map(str, data['requeued']))}")
-        return 1 if failed else 0
-    results = asyncio.run(_api(args.config, "GET", "/networks/{network}/dead-letters",
-                               args.network, query={"limit": "1000"}))
-    failed = False
-    for network, status, data in results:
-        if status != 200:
-            print(f"{network}: {status} {data}", file=sys.stderr)
-            failed = True
-            continue
+        return code
+    ok, code = _each_ok(asyncio.run(_api(args.config, "GET", "/networks/{network}/dead-letters",
+                                         args.network, query={"limit": "1000"})))
+    for network, data in ok:
         for item in data["dead_letters"]:
             print(f"{network}\t{item['id']}\t{item['type']}\t{item['remote_id']}\t"
                   f"{item['user_id']}\t{item['attempts']}\t{item['error']}")
-    return 1 if failed else 0
+    return code
 
 
 async def _clear_declined(config_path: Path, network_id: str, remote_id: str, user: str) -> int:

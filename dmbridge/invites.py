@@ -17,7 +17,7 @@ from mautrix.errors import MatrixRequestError
 from mautrix.types import RoomID, UserID
 from mautrix.util.async_db import Connection
 
-from . import payloads
+from . import payloads, wake
 from .db import Stores, now_ms
 from .db.dm import ACTIVE, CREATING, ENDED, JOINING, DMRecord
 from .db.history import Transition
@@ -59,11 +59,7 @@ class InviteHandler:
 
     async def _run(self) -> None:
         while True:
-            try:  # not wait_for: on 3.11 it can swallow a cancellation (gh-86296)
-                async with asyncio.timeout(RETRY_S):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+            await wake.wait(self._wake, RETRY_S)
             self._wake.clear()
             try:
                 for invite in await self.stores.invites.all():

@@ -15,7 +15,7 @@ import time
 
 import aiohttp
 
-from . import payloads
+from . import payloads, wake
 from .config import DeliverySettings
 from .db import Stores, now_ms
 from .db.outbox import OutboxItem
@@ -102,11 +102,7 @@ class Outbox:
             except Exception:
                 log.exception("the delivery loop failed; trying again shortly")
                 wait = POLL_S
-            try:  # not wait_for: on 3.11 it can swallow a cancellation (gh-86296)
-                async with asyncio.timeout(wait):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+            await wake.wait(self._wake, wait)
             self._wake.clear()
 
     async def _dispatch(self) -> float:
@@ -212,11 +208,7 @@ class Outbox:
             remaining = deadline - time.monotonic()
             if items or remaining <= 0:
                 return items
-            try:  # not wait_for: on 3.11 it can swallow a cancellation (gh-86296)
-                async with asyncio.timeout(min(POLL_S, remaining)):
-                    await signal.wait()
-            except TimeoutError:
-                pass
+            await wake.wait(signal, min(POLL_S, remaining))
 
     @staticmethod
     def check_pull(network: Network) -> None:

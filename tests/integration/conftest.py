@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from mautrix.types import RoomID, UserID
 from nio import AsyncClient, LoginResponse
 
 from dmbridge.bridge import Bridge
@@ -134,3 +135,19 @@ async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 30.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what} after {timeout} s")
         await asyncio.sleep(0.1)
+
+
+async def bridge_sees(bridge: Bridge, room_id: str, user_id: str, membership: str) -> None:
+    """Wait until the bridge has recorded this membership from the homeserver's transactions."""
+    async def recorded() -> bool:
+        return await bridge.stores.members.get(RoomID(room_id), UserID(user_id)) == membership
+
+    await wait_for(recorded, what=f"the bridge to record {user_id} as {membership} in {room_id}")
+
+
+async def accept_dm(human: Human, room_id: str, bridge: Bridge | None) -> None:
+    """The human accepts the ghost's invite; with a ``bridge``, until it has recorded the join."""
+    await human.wait_invite(room_id)
+    await human.join(room_id)
+    if bridge is not None:
+        await bridge_sees(bridge, room_id, human.user_id, "join")

@@ -13,11 +13,10 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-from mautrix.types import RoomID, UserID
 from nio import ProfileSetDisplayNameResponse
 
 from dmbridge.bridge import Bridge
-from tests.integration.conftest import BridgeFactory, Homeserver, Platform, wait_for
+from tests.integration.conftest import BridgeFactory, Homeserver, Platform, accept_dm, wait_for
 from tests.support.matrix import Human
 from tests.support.process import BridgeProcess
 from tests.support.settings import CHAT_TOKEN, HS_TOKEN, SMS_TOKEN
@@ -59,14 +58,7 @@ async def _joined_dm(platform: Platform, human: Human, phone: str,
                                         sender=phone, recipient=human.user_id, text="Hi, Bob?")
     assert status == 200, first
     room_id: str = first["room_id"]
-    await human.wait_invite(room_id)
-    await human.join(room_id)
-    if bridge is not None:
-        async def joined() -> bool:
-            state = await bridge.stores.members.get(RoomID(room_id), UserID(human.user_id))
-            return state == "join"
-
-        await wait_for(joined, what="the bridge to learn of the join")
+    await accept_dm(human, room_id, bridge)
     return room_id
 
 

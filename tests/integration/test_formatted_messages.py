@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from dmbridge.bridge import Bridge
-from tests.integration.conftest import Platform, wait_for
+from tests.integration.conftest import Platform, accept_dm
 from tests.support.feed import Feed
 from tests.support.settings import CHAT_TOKEN
 
@@ -53,13 +53,7 @@ async def test_matrix_formatting_reaches_the_platform_clean(
     human = await new_human()
     contact = f"f{uuid.uuid4().hex[:10]}"
     room_id = (await _send(platform, contact, human.user_id, text="hi"))["room_id"]
-    await human.wait_invite(room_id)
-    await human.join(room_id)
-
-    async def joined() -> bool:
-        return await bridge.stores.members.get(room_id, human.user_id) == "join"  # type: ignore[arg-type]
-
-    await wait_for(joined, what="the bridge to learn of the join")
+    await accept_dm(human, room_id, bridge)
     await human.say(room_id, "bold move",
                     html='<b style="color:red">bold</b> move<script>alert(1)</script>')
     feed = Feed(platform)

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 
 from dmbridge.bridge import Bridge
-from tests.integration.conftest import Homeserver, Platform, wait_for
+from tests.integration.conftest import Homeserver, Platform, bridge_sees, wait_for
 from tests.support.settings import AS_TOKEN, CHAT_TOKEN, HS_TOKEN, SMS_TOKEN
 
 
@@ -144,7 +144,7 @@ async def test_open_dm_without_sending_and_list_dms(
     assert again["created"] is False and again["room_id"] == opened["room_id"]
     await human.wait_invite(opened["room_id"])
     await human.join(opened["room_id"])
-    await wait_for(lambda: _joined(bridge, opened["room_id"], human.user_id), what="join")
+    await bridge_sees(bridge, opened["room_id"], human.user_id, "join")
 
     for params in ({"user_id": human.user_id}, {"remote_id": "dave"}):
         status, listed = await platform.call("GET", "/networks/chat/dms", CHAT_TOKEN,
@@ -159,6 +159,3 @@ async def test_open_dm_without_sending_and_list_dms(
                                          params={"user_id": human.user_id})
     assert listed == {"dms": []}
 
-
-async def _joined(bridge: Bridge, room_id: str, user_id: str) -> bool:
-    return await bridge.stores.members.get(room_id, user_id) == "join"  # type: ignore[arg-type]

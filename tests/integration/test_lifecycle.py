@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     BridgeFactory,
     Homeserver,
     Platform,
+    accept_dm,
     wait_for,
 )
 from tests.support.feed import Feed
@@ -64,18 +65,11 @@ async def _refused_as_declined(platform: Platform, human: Human, contact: str) -
     return str(body["error"])
 
 
-async def _membership(bridge: Bridge, room_id: str, user_id: str, expected: str) -> bool:
-    return await bridge.stores.members.get(room_id, user_id) == expected  # type: ignore[arg-type]
-
-
 async def _joined_dm(bridge: Bridge, platform: Platform, human: Human, contact: str) -> str:
     """The platform writes first; the human accepts; returns once the bridge knows of the join."""
     first = await _sent(platform, human, contact, "hello")
     room_id: str = first["room_id"]
-    await human.wait_invite(room_id)
-    await human.join(room_id)
-    await wait_for(lambda: _membership(bridge, room_id, human.user_id, "join"),
-                   what="the bridge to learn of the join")
+    await accept_dm(human, room_id, bridge)
     return room_id
 
 

@@ -6,7 +6,7 @@ import asyncio
 import uuid
 
 from dmbridge.bridge import Bridge
-from tests.integration.conftest import BridgeFactory, Platform, wait_for
+from tests.integration.conftest import BridgeFactory, Platform, accept_dm, bridge_sees
 from tests.support.matrix import Human
 from tests.support.settings import SMS_TOKEN
 
@@ -58,10 +58,7 @@ async def _joined_dm(bridge: Bridge, platform: Platform, human: Human, phone: st
                                         recipient=human.user_id, text=text)
     assert status == 200, first
     room_id: str = first["room_id"]
-    await human.wait_invite(room_id)
-    await human.join(room_id)
-    await wait_for(lambda: _membership(bridge, room_id, human.user_id, "join"),
-                   what="the bridge to learn of the join")
+    await accept_dm(human, room_id, bridge)
     return room_id
 
 
@@ -82,10 +79,6 @@ async def test_second_message_reuses_the_room_with_one_request(
     assert method == "PUT" and "/send/m.room.message/" in path
     texts = [m["content"]["body"] for m in await human.wait_messages(room_id, 2)]
     assert texts == ["one", "two"]
-
-
-async def _membership(bridge: Bridge, room_id: str, user_id: str, expected: str) -> bool:
-    return await bridge.stores.members.get(room_id, user_id) == expected  # type: ignore[arg-type]
 
 
 async def test_restart_reuses_the_same_room(
@@ -164,7 +157,7 @@ async def test_user_who_left_is_invited_back_into_the_same_room(
     phone = _phone()
     room_id = await _joined_dm(bridge, platform, human, phone, "l1", "hi")
     await human.leave(room_id)
-    await wait_for(lambda: _membership(bridge, room_id, human.user_id, "leave"), what="leave")
+    await bridge_sees(bridge, room_id, human.user_id, "leave")
 
     human.invites.clear()
     status, second = await platform.send("sms", SMS_TOKEN, "l2", sender=phone,
@@ -187,7 +180,7 @@ async def test_a_third_member_makes_the_next_message_open_a_new_dm(
     await human.client.room_invite(room_id, friend.user_id)
     await friend.wait_invite(room_id)
     await friend.join(room_id)
-    await wait_for(lambda: _membership(bridge, room_id, friend.user_id, "join"), what="friend")
+    await bridge_sees(bridge, room_id, friend.user_id, "join")
 
     status, second = await platform.send("sms", SMS_TOKEN, "t2", sender=phone,
                                          recipient=human.user_id, text="still private")

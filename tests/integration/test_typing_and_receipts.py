@@ -6,7 +6,7 @@ import uuid
 from typing import Any
 
 from dmbridge.bridge import Bridge
-from tests.integration.conftest import Platform, wait_for
+from tests.integration.conftest import Platform, accept_dm
 from tests.support.feed import Feed
 from tests.support.settings import CHAT_TOKEN
 
@@ -22,13 +22,7 @@ async def test_typing_and_receipts_cross_both_ways(
                                        recipient=human.user_id, text="Are you there?")
     assert status == 200, sent
     room_id = sent["room_id"]
-    await human.wait_invite(room_id)
-    await human.join(room_id)
-
-    async def joined() -> bool:
-        return await bridge.stores.members.get(room_id, human.user_id) == "join"  # type: ignore[arg-type]
-
-    await wait_for(joined, what="the bridge to learn of the join")
+    await accept_dm(human, room_id, bridge)
     feed = Feed(platform)
 
     # The human types, stops, and reads the platform's message.

@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import itertools
 import json
-import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
-from mautrix.util.async_db import Database
 
-from dmbridge.db import Stores, now_ms, upgrade_table
+from dmbridge.db import Stores, now_ms
 from dmbridge.db.dm import ACTIVE, DECLINED, ENDED, JOINING, DMRecord
 from dmbridge.errors import NotFound
 from dmbridge.ghosts import Ghosts
 from dmbridge.lifecycle import clear_declined
 from dmbridge.matrix import MatrixHandler
 from dmbridge.networks import Networks
-from tests.support.postgres import PostgresCluster
 from tests.unit.test_networks import make_network
 
 SMS = make_network()
@@ -43,30 +38,6 @@ class Recorder:
     def __init__(self) -> None:
         self.queued: list[set[str]] = []
         self.invited = 0
-
-
-@pytest.fixture(scope="module")
-def module_pg_url(request: pytest.FixtureRequest) -> str:
-    """One PostgreSQL database per module: createdb costs ~0.3 s, emptying it ~0.02 s."""
-    cluster: PostgresCluster = request.getfixturevalue("pg_cluster")
-    return cluster.create_database(f"t_{uuid.uuid4().hex[:12]}")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stores]:
-    """Empty, migrated tables on each backend (like conftest's ``db_url``, but faster)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'dmbridge.db'}"
-    else:
-        url = request.getfixturevalue("module_pg_url")
-    db = Database.create(url, upgrade_table=upgrade_table)
-    await db.start()
-    if request.param == "postgres":
-        tables = [r["tablename"] for r in await db.fetch(
-            "SELECT tablename FROM pg_tables WHERE schemaname='public' AND tablename<>'version'")]
-        await db.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
-    yield Stores.over(db)
-    await db.stop()
 
 
 async def _noop(event: Any) -> None:

@@ -1,0 +1,37 @@
+"""Fixtures for the unit tests that need the bridge's tables on both database backends."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from mautrix.util.async_db import Database
+
+from dmbridge.db import Stores, upgrade_table
+from tests.support.postgres import PostgresCluster
+
+
+@pytest.fixture(scope="module")
+def module_pg_url(request: pytest.FixtureRequest) -> str:
+    """One PostgreSQL database per module: createdb costs ~0.3 s, emptying it ~0.02 s."""
+    cluster: PostgresCluster = request.getfixturevalue("pg_cluster")
+    return cluster.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stores]:
+    """Empty, migrated tables on each backend (like conftest's ``db_url``, but faster)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'dmbridge.db'}"
+    else:
+        url = request.getfixturevalue("module_pg_url")
+    db = Database.create(url, upgrade_table=upgrade_table)
+    await db.start()
+    if request.param == "postgres":
+        tables = [r["tablename"] for r in await db.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname='public' AND tablename<>'version'")]
+        await db.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
+    yield Stores.over(db)
+    await db.stop()
