@@ -19,6 +19,7 @@ from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
 from .invites import InviteHandler
 from .matrix import MatrixHandler
+from .media import MediaLinks, MediaService
 from .outbox import Outbox
 
 log = logging.getLogger("dmbridge")
@@ -47,8 +48,10 @@ class Bridge:
             ghosts=self.ghosts, on_leave=settings.on_leave,
         )
         self.appservice.handler = self.matrix
+        self.links = MediaLinks(settings.as_token, settings.media.public_url,
+                                settings.media.link_ttl)
         self.outbox = Outbox(stores=self.stores, networks=settings.networks,
-                             settings=settings.delivery)
+                             settings=settings.delivery, present=self.links.attach)
         self.matrix.on_queued = self.outbox.wake
         self._dms: DMService | None = None
         self._homeserver: Homeserver | None = None
@@ -76,16 +79,18 @@ class Bridge:
         self._homeserver = Homeserver(
             self.settings.homeserver_url, self.settings.as_token, self.requests
         )
+        media = MediaService(settings=self.settings, stores=self.stores,
+                             homeserver=self._homeserver, links=self.links)
         self._dms = DMService(
             settings=self.settings, stores=self.stores, appservice=self.appservice,
-            ghosts=self.ghosts, homeserver=self._homeserver,
+            ghosts=self.ghosts, homeserver=self._homeserver, media=media,
         )
         self._invites = InviteHandler(
             stores=self.stores, networks=self.settings.networks, ghosts=self.ghosts,
             appservice=self.appservice, dms=self._dms, queued=self.outbox.wake,
         )
         self.matrix.on_invited = self._invites.wake
-        self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox,
+        self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox, media,
                                                             self.settings))
         await self.appservice.start(self.settings.hostname, self.settings.port)
         self._prune_task = asyncio.create_task(self._prune_loop())

@@ -23,7 +23,8 @@ EXAMPLE = "pkg://dmbridge/example-config.yaml"
 ENV_PREFIX = "DMBRIDGE_"
 PLACEHOLDER = "generate"
 SECTIONS = (
-    "homeserver", "appservice", "database", "api", "dm", "delivery", "networks", "logging"
+    "homeserver", "appservice", "database", "api", "dm", "delivery", "media", "networks",
+    "logging",
 )
 ON_LEAVE = ("reinvite", "new_room")
 _NETWORK_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -58,6 +59,8 @@ class Config(BaseFileConfig):
         for key in ("max_attempts", "max_age", "initial_backoff", "max_backoff", "timeout",
                     "concurrency", "pull_ack_timeout", "pull_max_wait"):
             copy(f"delivery.{key}")
+        for key in ("max_upload_bytes", "link_ttl", "public_url"):
+            copy(f"media.{key}")
         copy("networks")
         copy("logging.level")
 
@@ -143,6 +146,16 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class MediaSettings:
+    """Media platforms upload, and the links through which they fetch Matrix users' media."""
+
+    max_upload_bytes: int = 50 * 1024 * 1024
+    link_ttl: float = 86400.0
+    public_url: str = ""
+    """The bridge's address as platforms reach it; links to media start with it."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the bridge needs, validated. Built only through :func:`load_settings`."""
 
@@ -164,6 +177,7 @@ class Settings:
     log_level: str
     on_leave: str = "reinvite"
     delivery: DeliverySettings = DeliverySettings()
+    media: MediaSettings = MediaSettings()
 
     @property
     def bot_user_id(self) -> str:
@@ -427,7 +441,19 @@ def load_settings(config: Config) -> Settings:
             pull_ack_timeout=r.number("delivery.pull_ack_timeout", 1, 86400),
             pull_max_wait=r.number("delivery.pull_max_wait", 1, 600),
         ),
+        media=MediaSettings(
+            max_upload_bytes=r.integer("media.max_upload_bytes", 1024, 4 * 1024**3),
+            link_ttl=r.number("media.link_ttl", 10, 30 * 86400),
+            public_url=_public_url(r),
+        ),
     )
+
+
+def _public_url(r: _Reader) -> str:
+    """media.public_url, or appservice.address when it is left empty."""
+    if r.config.get("media.public_url", None) in (None, ""):
+        return r.url("appservice.address")
+    return r.url("media.public_url")
 
 
 def _on_leave(r: _Reader) -> str:

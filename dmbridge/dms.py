@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import mimetypes
 import re
 import secrets
 import time
@@ -23,7 +24,8 @@ from mautrix.types import EventID, EventType, RoomCreatePreset, RoomID, UserID
 from .config import Settings
 from .db import Stores, now_ms
 from .db.dm import ACTIVE, CREATING, DECLINED, JOINING, DMRecord
-from .db.message import SentMessage
+from .db.media import Media
+from .db.message import EDIT, MESSAGE, REACTION, SentMessage
 from .errors import (
     Busy,
     Declined,
@@ -39,7 +41,18 @@ from .ghosts import Ghosts
 from .homeserver import Homeserver
 from .lifecycle import clear_declined
 from .locks import KeyedLocks
+from .media import MediaService, content_info, msgtype_for
 from .networks import Network
+from .relations import (
+    NotYours,
+    Target,
+    check_reaction_key,
+    check_room,
+    edit_content,
+    reaction_content,
+    reply_content,
+    resolve,
+)
 
 log = logging.getLogger("dmbridge.dms")
 
@@ -95,6 +108,53 @@ def txn_id_for(network_id: str, remote_id: str, message_id: str) -> str:
     return f"dmbridge.{digest[:40]}"
 
 
+@dataclass(frozen=True)
+class Profile:
+    """What the platform says about its user; None leaves that part as it is."""
+
+    name: str | None = None
+    avatar: str | None = None
+
+
+def _check_message_id(message_id: object, what: str = "message_id") -> None:
+    if not isinstance(message_id, str) or not 0 < len(message_id) <= 255:
+        raise InvalidParam(f"{what} must be a string of 1 to 255 characters")
+
+
+def _check_size(content: dict[str, Any]) -> None:
+    size = len(json.dumps(content, ensure_ascii=False).encode())  # as the homeserver counts
+    if size > MAX_CONTENT_BYTES:
+        raise TooLarge(f"the message is {size} bytes; at most {MAX_CONTENT_BYTES} fit an event")
+
+
+def _duplicate(sent: SentMessage, kind: str, message_id: str) -> SendResult:
+    """A retried request: the first answer again, unless the ID was used for something else."""
+    if sent.kind != kind:
+        raise InvalidParam(f"{message_id} was already used for a {sent.kind} by this sender;"
+                           " message, edit and reaction IDs share one space")
+    return SendResult(sent.room_id, sent.event_id, room_created=False, duplicate=True)
+
+
+def _media_content(media: Media, text: str | None, html: str | None, markdown: str | None
+                   ) -> dict[str, Any]:
+    """An m.image / m.video / m.audio / m.file event; the text, if any, is its caption."""
+    filename = media.filename or _default_filename(media.mimetype)
+    content: dict[str, Any] = {
+        "msgtype": msgtype_for(media.mimetype), "body": filename, "filename": filename,
+        "url": media.content_uri, "info": content_info(media),
+    }
+    if text is not None or html is not None or markdown is not None:
+        caption = compose(text=text, html=html, markdown=markdown).content()
+        content.update({k: v for k, v in caption.items() if k != "msgtype"})
+    return content
+
+
+def _default_filename(mimetype: str) -> str:
+    kind = mimetype.split("/", 1)[0]
+    return (kind if kind in ("image", "video", "audio") else "file") + (
+        mimetypes.guess_extension(mimetype) or "")
+
+
 def _check_permitted(network: Network, user_id: UserID) -> None:
     if not network.send_to.allows(user_id):
         raise NotPermitted(f"network '{network.id}' may not write to {user_id}"
@@ -136,9 +196,10 @@ class DMService:
 
     def __init__(
         self, *, settings: Settings, stores: Stores, appservice: AppService, ghosts: Ghosts,
-        homeserver: Homeserver,
+        homeserver: Homeserver, media: MediaService,
     ) -> None:
         self.settings = settings
+        self.media = media
         self.networks = settings.networks
         self.stores = stores
         self.appservice = appservice
@@ -151,56 +212,145 @@ class DMService:
     # --- the Python API ---------------------------------------------------------------------
 
     async def open_dm(
-        self, network_id: str, remote_id: str, user_id: str, *, sender_name: str | None = None
+        self, network_id: str, remote_id: str, user_id: str, *, sender_name: str | None = None,
+        sender_avatar: str | None = None,
     ) -> OpenedDM:
         network = self.networks.get(network_id)
         ghost_id = network.ghost_user_id(remote_id)
         recipient = self._check_recipient(user_id)
         _check_permitted(network, recipient)
         record = await self.stores.dms.get_current(ghost_id, recipient)
-        return await self._open(network, remote_id, ghost_id, recipient, sender_name, record)
+        profile = Profile(sender_name, sender_avatar)
+        return await self._open(network, remote_id, ghost_id, recipient, profile, record)
 
     async def send(
         self, network_id: str, remote_id: str, user_id: str, *, message_id: str,
         text: str | None = None, html: str | None = None, markdown: str | None = None,
-        msgtype: str = "text", sender_name: str | None = None,
+        msgtype: str = "text", sender_name: str | None = None, sender_avatar: str | None = None,
+        media: str | None = None, reply_to: Target | None = None, edits: str | None = None,
     ) -> SendResult:
-        """Send a message from a remote user; ``html`` is sanitised, ``markdown`` rendered."""
+        """Send a message from a remote user; ``html`` is sanitised, ``markdown`` rendered.
+
+        ``media`` is a content URI the network uploaded (the text becomes its caption);
+        ``reply_to`` makes it a reply, ``edits`` (one of the sender's message IDs) an edit.
+        """
         network = self.networks.get(network_id)
         ghost_id = network.ghost_user_id(remote_id)
         recipient = self._check_recipient(user_id)
-        if not isinstance(message_id, str) or not 0 < len(message_id) <= 255:
-            raise InvalidParam("message_id must be a string of 1 to 255 characters")
-        content: dict[str, Any] = compose(
-            text=text, html=html, markdown=markdown, msgtype=msgtype
-        ).content()
-        size = len(json.dumps(content, ensure_ascii=False).encode())  # as the homeserver counts
-        if size > MAX_CONTENT_BYTES:
-            raise TooLarge(f"the message is {size} bytes; at most {MAX_CONTENT_BYTES} fit an event")
+        _check_message_id(message_id)
+        if edits is not None and (reply_to is not None or media is not None):
+            raise InvalidParam("an edit replaces a message's text; it takes no reply_to or media")
+        if media is not None:
+            if msgtype != "text":
+                raise InvalidParam("a media message's msgtype follows the media's type")
+            uploaded = await self.media.uploaded(network, media, "media")
+            content = _media_content(uploaded, text, html, markdown)
+        else:
+            content = compose(text=text, html=html, markdown=markdown, msgtype=msgtype).content()
+        kind = EDIT if edits is not None else MESSAGE
+        target = Target(message_id=edits) if edits is not None else reply_to
+        _check_size(content if edits is None else edit_content(content, EventID("$" + "x" * 60)))
 
         record, sent = await self.stores.dms.get_for_send(
             ghost_id, recipient, network.id, remote_id, message_id
         )
         if sent is not None:
-            return SendResult(sent.room_id, sent.event_id, room_created=False, duplicate=True)
+            return _duplicate(sent, kind, message_id)
         _check_permitted(network, recipient)
-        opened = await self._open(network, remote_id, ghost_id, recipient, sender_name, record)
+        purpose = "edit" if edits is not None else "reply to"
+        resolved = None
+        if target is not None:
+            resolved = await resolve(self.stores, network.id, remote_id, recipient, target,
+                                     purpose=purpose)
+        profile = Profile(sender_name, sender_avatar)
+        opened = await self._open(network, remote_id, ghost_id, recipient, profile, record)
+        if resolved is not None and target is not None:
+            check_room(resolved, opened.dm.room_id, target, purpose)
+            content = (edit_content(content, resolved.event_id) if edits is not None
+                       else reply_content(content, resolved.event_id))
         txn_id = txn_id_for(network.id, remote_id, message_id)
         try:
             event_id = await self._send_into(opened.dm, txn_id, content)
         except MForbidden as e:
+            if resolved is not None:  # a new room would not hold the target either
+                raise HomeserverError(f"the homeserver refused the message: {e}") from e
             # Our view of the room was behind the homeserver's: retire the room, open afresh.
             log.warning("send into %s refused (%s); opening a new DM", opened.dm.room_id, e)
             await self.stores.dms.end(opened.dm.room_id, now_ms())
-            opened = await self.open_dm(network.id, remote_id, user_id, sender_name=sender_name)
+            opened = await self.open_dm(network.id, remote_id, user_id, sender_name=sender_name,
+                                        sender_avatar=sender_avatar)
             try:
                 event_id = await self._send_into(opened.dm, txn_id, content)
             except MForbidden as again:
                 raise HomeserverError(f"the homeserver refused the message: {again}") from again
         sent = await self.stores.messages.put(
-            network.id, remote_id, message_id, SentMessage(opened.dm.room_id, event_id), now_ms()
+            network.id, remote_id, message_id,
+            SentMessage(opened.dm.room_id, event_id, kind,
+                        resolved.event_id if resolved is not None else None),
+            now_ms(),
         )
         return SendResult(sent.room_id, sent.event_id, room_created=opened.created, duplicate=False)
+
+    async def react(self, network_id: str, remote_id: str, user_id: str, *, reaction_id: str,
+                    target: Target, key: str) -> SendResult:
+        """The remote user reacts to a message of their DM with ``key`` (an emoji, usually)."""
+        network = self.networks.get(network_id)
+        ghost_id = network.ghost_user_id(remote_id)
+        recipient = self._check_recipient(user_id)
+        _check_message_id(reaction_id, "reaction_id")
+        key = check_reaction_key(key)
+        record, sent = await self.stores.dms.get_for_send(
+            ghost_id, recipient, network.id, remote_id, reaction_id
+        )
+        if sent is not None:
+            return _duplicate(sent, REACTION, reaction_id)
+        _check_permitted(network, recipient)
+        if record is not None and record.state == DECLINED:
+            raise _declined(record)
+        if record is None or record.state != ACTIVE or record.room_id is None:
+            raise NotFound(f"there is no open DM between {network.id} user {remote_id} and "
+                           f"{user_id}")
+        resolved = await resolve(self.stores, network.id, remote_id, recipient, target,
+                                 purpose="react to")
+        check_room(resolved, record.room_id, target, "react to")
+        dm = DM.of(record)
+        try:
+            event_id = await self.homeserver.send_event(
+                dm.ghost_id, dm.room_id, "m.reaction",
+                txn_id_for(network.id, remote_id, reaction_id),
+                reaction_content(key, resolved.event_id),
+            )
+        except (TimeoutError, MatrixRequestError, aiohttp.ClientError) as e:
+            raise HomeserverError(f"the homeserver did not take the reaction: {e!r}") from e
+        sent = await self.stores.messages.put(
+            network.id, remote_id, reaction_id,
+            SentMessage(dm.room_id, event_id, REACTION, resolved.event_id), now_ms(),
+        )
+        return SendResult(sent.room_id, sent.event_id, room_created=False, duplicate=False)
+
+    async def redact(self, network_id: str, remote_id: str, *, message_id: str,
+                     reason: str | None = None) -> SendResult:
+        """Delete something the remote user sent: a message, an edit, or a reaction."""
+        network = self.networks.get(network_id)
+        ghost_id = network.ghost_user_id(remote_id)
+        _check_message_id(message_id)
+        sent = await self.stores.messages.get(network.id, remote_id, message_id)
+        if sent is None:
+            if await self.stores.messages.sender_of(network.id, message_id):
+                raise NotYours(f"message {message_id} was sent by another {network.id} user;"
+                               " only its sender can delete it")
+            raise NotFound(f"{remote_id} sent no message {message_id} through the bridge")
+        digest = hashlib.sha256(f"redact\0{network.id}\0{remote_id}\0{message_id}".encode())
+        async with homeserver_errors("delete the message"):
+            event_id = await self.homeserver.redact(
+                ghost_id, sent.room_id, sent.event_id, f"dmbridge.{digest.hexdigest()[:40]}",
+                reason,
+            )
+        await self.stores.messages.mark_redacted(network.id, remote_id, message_id, now_ms())
+        log.info("%s user %s deleted %s (%s in %s)", network.id, remote_id, message_id,
+                 sent.event_id, sent.room_id)
+        return SendResult(sent.room_id, event_id, room_created=False,
+                          duplicate=sent.redacted_at is not None)
 
     async def set_typing(self, network_id: str, remote_id: str, user_id: str, *, typing: bool,
                          timeout_ms: int = 30_000) -> RoomID:
@@ -219,9 +369,13 @@ class DMService:
                         ) -> RoomID:
         """The remote user has read the DM up to ``event_id``, a message they were delivered."""
         dm = await self._current(network_id, remote_id, user_id)
-        if not await self.stores.outbox.was_delivered_message(
+        received = await self.stores.matrix_messages.get(event_id)
+        delivered = received is not None and (received.network, received.remote_id,
+                                              received.user_id) == (dm.network, dm.remote_id,
+                                                                    dm.user_id)
+        if not delivered and not await self.stores.outbox.was_delivered_message(
             dm.network, dm.remote_id, dm.user_id, event_id
-        ):
+        ):  # the outbox answers for messages delivered before the message map existed
             raise NotFound(f"{event_id} is not a message this DM delivered to {dm.network}")
         async with homeserver_errors("send the read receipt"):
             await self.ghosts.intent(dm.ghost_id).api.request(
@@ -264,18 +418,19 @@ class DMService:
 
     async def _open(
         self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
-        sender_name: str | None, record: DMRecord | None,
+        profile: Profile, record: DMRecord | None,
     ) -> OpenedDM:
         """Reuse the DM looked up as ``record`` if it is usable; otherwise fix or make one."""
         if record and record.state == ACTIVE and _unusable_reason(record) is None:
-            await self._sync_displayname(network, remote_id, sender_name, record.ghost_displayname)
+            await self._sync_profile(network, remote_id, profile, record.ghost_displayname,
+                                     record.ghost_avatar_url)
             return OpenedDM(DM.of(record), created=False)
         async with self._pair_locks.hold((ghost_id, user_id)):
-            return await self._open_locked(network, remote_id, ghost_id, user_id, sender_name)
+            return await self._open_locked(network, remote_id, ghost_id, user_id, profile)
 
     async def _open_locked(
         self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
-        sender_name: str | None,
+        profile: Profile,
     ) -> OpenedDM:
         deadline = time.monotonic() + self.settings.creation_timeout
         while True:
@@ -286,7 +441,7 @@ class DMService:
                 if await self.stores.dms.claim(
                     ghost_id, user_id, network.id, remote_id, claim, now_ms()
                 ):
-                    return await self._create(network, remote_id, ghost_id, user_id, sender_name,
+                    return await self._create(network, remote_id, ghost_id, user_id, profile,
                                               claim)
                 continue  # another worker claimed the pair first; wait for its room
             if record.state == DECLINED:
@@ -307,14 +462,14 @@ class DMService:
                         log.warning("taking over an unfinished DM creation for %s / %s",
                                     ghost_id, user_id)
                         return await self._create(network, remote_id, ghost_id, user_id,
-                                                  sender_name, claim)
+                                                  profile, claim)
                     raise Busy(f"the DM between {ghost_id} and {user_id} is still being created")
                 await asyncio.sleep(0.05)
                 continue
             reason = _unusable_reason(record)
             if reason is None:
-                await self._sync_displayname(network, remote_id, sender_name,
-                                             record.ghost_displayname)
+                await self._sync_profile(network, remote_id, profile, record.ghost_displayname,
+                                         record.ghost_avatar_url)
                 return OpenedDM(DM.of(record), created=False)
             assert record.room_id is not None
             if (reason == "user-left" and self.settings.on_leave == "reinvite"
@@ -326,14 +481,15 @@ class DMService:
 
     async def _create(
         self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
-        sender_name: str | None, claim: str,
+        profile: Profile, claim: str,
     ) -> OpenedDM:
         try:
             async with homeserver_errors("create the DM room"):
                 await self.ghosts.ensure_registered(network, remote_id)
                 ghost = await self.stores.ghosts.get(ghost_id)
-                await self._sync_displayname(network, remote_id, sender_name,
-                                             ghost.displayname if ghost else None)
+                await self._sync_profile(network, remote_id, profile,
+                                         ghost.displayname if ghost else None,
+                                         ghost.avatar_url if ghost else None)
                 room_id = await self._create_room(network, remote_id, ghost_id, user_id)
         except BaseException:
             await self.stores.dms.release(ghost_id, user_id, claim)
@@ -450,11 +606,20 @@ class DMService:
         except (TimeoutError, aiohttp.ClientError) as e:
             raise HomeserverError(f"the homeserver could not look up the recipient: {e!r}") from e
 
-    async def _sync_displayname(
-        self, network: Network, remote_id: str, sender_name: str | None, current: str | None
+    async def _sync_profile(
+        self, network: Network, remote_id: str, profile: Profile, name: str | None,
+        avatar: str | None,
     ) -> None:
-        async with homeserver_errors("set the ghost's display name"):
-            await self.ghosts.sync_displayname(network, remote_id, sender_name, current)
+        """The ghost's name and avatar as the platform last said; no request when unchanged."""
+        async with homeserver_errors("set the ghost's profile"):
+            await self.ghosts.sync_displayname(network, remote_id, profile.name, name)
+            if profile.avatar is not None and profile.avatar != avatar:
+                if profile.avatar:  # "" removes the avatar
+                    uploaded = await self.media.uploaded(network, profile.avatar, "sender_avatar")
+                    if not uploaded.mimetype.startswith("image/"):
+                        raise InvalidParam(f"'sender_avatar' must be an image, not"
+                                           f" {uploaded.mimetype}")
+                await self.ghosts.set_avatar(network, remote_id, profile.avatar)
 
     async def _send_into(self, dm: DM, txn_id: str, content: dict[str, Any]) -> EventID:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from mautrix.appservice import AppService, IntentAPI
-from mautrix.types import UserID
+from mautrix.types import ContentURI, UserID
 
 from .db import Stores
 from .networks import Network
@@ -49,3 +49,10 @@ class Ghosts:
         await self.intent(ghost_id).set_displayname(wanted, check_current=False)
         await self.stores.ghosts.set_displayname(ghost_id, wanted)
         log.info("display name of %s is now %r", ghost_id, wanted)
+
+    async def set_avatar(self, network: Network, remote_id: str, content_uri: str) -> None:
+        """Set (or, with "", remove) the ghost's avatar; the caller checks it changed."""
+        ghost_id = network.ghost_user_id(remote_id)
+        await self.intent(ghost_id).set_avatar_url(ContentURI(content_uri), check_current=False)
+        await self.stores.ghosts.set_avatar(ghost_id, content_uri)
+        log.info("avatar of %s is now %r", ghost_id, content_uri or None)

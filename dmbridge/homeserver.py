@@ -7,7 +7,7 @@ import json
 import logging
 from collections import Counter, deque
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 import aiohttp
@@ -51,7 +51,7 @@ def _endpoint(path: str) -> str:
         prev = parts[i - 1] if i else ""
         if part.startswith(("%21", "!", "%40", "@", "%24", "$")) or prev in ("send", "state"):
             out.append("{id}" if prev != "send" else "{type}")
-        elif i >= 2 and parts[i - 2] == "send":
+        elif i >= 2 and parts[i - 2] in ("send", "redact"):
             out.append("{txn}")
         else:
             out.append(part)
@@ -84,6 +84,24 @@ class Homeserver:
             f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/"
             f"{quote(event_type, safe='')}/{quote(txn_id, safe='')}"
         )
+        return await self._put_event(ghost_id, room_id, path, content, attempts)
+
+    async def redact(
+        self, ghost_id: UserID, room_id: RoomID, event_id: EventID, txn_id: str,
+        reason: str | None = None, attempts: int = 3,
+    ) -> EventID:
+        """Redact an event as a ghost; the txn_id makes a repeated deletion land once."""
+        path = (
+            f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/redact/"
+            f"{quote(event_id, safe='')}/{quote(txn_id, safe='')}"
+        )
+        return await self._put_event(ghost_id, room_id, path,
+                                     {"reason": reason} if reason else {}, attempts)
+
+    async def _put_event(
+        self, ghost_id: UserID, room_id: RoomID, path: str, content: dict[str, Any],
+        attempts: int,
+    ) -> EventID:
         url = self.base_url + path
         body = json.dumps(content)
         delay = 0.5
@@ -101,10 +119,38 @@ class Homeserver:
             except aiohttp.ClientError as e:
                 if attempt == attempts:
                     raise
-                log.warning("send to %s failed (%s), retrying", room_id, e)
+                log.warning("request to %s failed (%s), retrying", room_id, e)
             await asyncio.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")
+
+    async def upload(self, data: BinaryIO, mimetype: str, filename: str | None, size: int
+                     ) -> str:
+        """Store bytes in the homeserver's media repository (as the bridge bot)."""
+        path = "/_matrix/media/v3/upload"
+        self.requests.add("POST", path)
+        headers = {**self._headers, "Content-Type": mimetype, "Content-Length": str(size)}
+        params = {"filename": filename} if filename else None
+        async with self.session.post(self.base_url + path, data=data, params=params,
+                                     headers=headers) as resp:
+            text = await resp.text()
+            if resp.status != 200:
+                raise _request_error(resp.status, text)
+            return str(json.loads(text)["content_uri"])
+
+    async def download(self, server: str, media_id: str) -> aiohttp.ClientResponse:
+        """Open the homeserver's authenticated media download; the caller reads and closes it."""
+        path = f"/_matrix/client/v1/media/download/{quote(server, safe='')}/" \
+            f"{quote(media_id, safe='')}"
+        self.requests.add("GET", path)
+        resp = await self.session.get(
+            self.base_url + path, headers={"Authorization": self._headers["Authorization"]},
+        )
+        if resp.status != 200:
+            text = await resp.text()
+            resp.release()
+            raise _request_error(resp.status, text)
+        return resp
 
 
 def _request_error(status: int, text: str) -> MatrixRequestError:

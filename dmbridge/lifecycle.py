@@ -18,6 +18,7 @@ from .db import Stores, now_ms
 from .db.dm import ACTIVE, CREATING, DECLINED, ENDED, JOINING, DMRecord
 from .db.history import Transition
 from .db.invite import GhostInvite
+from .db.message import EDIT, MESSAGE, REACTION, MatrixMessage
 from .errors import NotFound
 from .networks import Network, Networks
 
@@ -25,6 +26,7 @@ log = logging.getLogger("dmbridge.lifecycle")
 
 _MEMBERSHIPS = frozenset({"join", "invite", "leave", "ban", "knock"})
 _MESSAGES = frozenset({"m.room.message", "m.sticker"})
+_RELATED = frozenset({"m.reaction", "m.room.redaction"})
 
 
 @dataclass
@@ -54,7 +56,7 @@ class Lifecycle:
         kind = raw.get("type")
         if kind == "m.room.member":
             await self._member(conn, raw, now, effects)
-        elif kind in _MESSAGES:
+        elif kind in _MESSAGES or kind in _RELATED:
             await self._message(conn, raw, now, effects)
         elif kind == "m.room.encrypted":
             dm = await self.stores.dms.by_room(conn, str(raw.get("room_id")))
@@ -168,30 +170,101 @@ class Lifecycle:
 
     async def _message(self, conn: Connection, raw: dict[str, Any], now: int, effects: Effects
                        ) -> None:
+        """A Matrix user's message, edit, reaction or deletion in a DM, queued for the platform."""
         room_id, event_id = str(raw.get("room_id")), str(raw.get("event_id"))
         dm = await self.stores.dms.by_room(conn, room_id)
         if dm is None or raw.get("sender") != dm.user_id:
             return  # not a DM, or the ghost's own message coming back
         if dm.others_joined:
-            log.info("%s: message %s not delivered: the room has other members, not a DM",
-                     room_id, event_id)
+            log.info("%s: %s %s not delivered: the room has other members, not a DM",
+                     room_id, raw.get("type"), event_id)
             return
         if dm.state in (ENDED, DECLINED):
-            if dm.ghost_membership != "join":
-                log.info("%s: message %s not delivered: the ghost is not in the room",
-                         room_id, event_id)
+            if dm.ghost_membership != "join" or raw.get("type") not in _MESSAGES:
+                log.info("%s: %s %s not delivered: the room is no longer the DM", room_id,
+                         raw.get("type"), event_id)
                 return
             await self._reach_out(conn, dm, event_id, now)
             effects.networks.add(dm.network)
+        payload, mapped = await self._outgoing(conn, dm, raw, now)
+        if payload is None:
+            return
+        if mapped is not None:
+            await self.stores.matrix_messages.add(conn, mapped, now)
         item = await self.stores.outbox.add(
             conn, network=dm.network, remote_id=dm.remote_id, user_id=dm.user_id,
-            type=payloads.MESSAGE, key=event_id, now=now,
-            payload=payloads.message(lane_of(dm), room_id, raw, dm.user_displayname, now),
+            type=payload["type"], key=event_id, now=now, payload=payload,
         )
         if item is not None:
-            log.info("%s: message %s from %s queued for %s user %s (outbox %d)", room_id,
-                     event_id, dm.user_id, dm.network, dm.remote_id, item)
+            log.info("%s: %s %s from %s queued for %s user %s (outbox %d)", room_id,
+                     payload["type"], event_id, dm.user_id, dm.network, dm.remote_id, item)
             effects.networks.add(dm.network)
+
+    async def _outgoing(self, conn: Connection, dm: DMRecord, raw: dict[str, Any], now: int
+                        ) -> tuple[dict[str, Any] | None, MatrixMessage | None]:
+        """The platform's payload for a user's event, and its row in the message map."""
+        room_id = dm.room_id
+        assert room_id is not None
+        kind, content = raw.get("type"), raw["content"]
+        lane, event_id = lane_of(dm), EventID(str(raw["event_id"]))
+        relates = content.get("m.relates_to")
+        relates = relates if isinstance(relates, dict) else {}
+
+        def mapped(what: str, target: str | None = None, key: str | None = None
+                   ) -> MatrixMessage:
+            return MatrixMessage(event_id, room_id, dm.network, dm.remote_id, dm.user_id,
+                                 what, EventID(target) if target else None, key)
+
+        if kind == "m.room.redaction":
+            redacts = content.get("redacts", raw.get("redacts"))  # in content from room v11
+            of = await self._target(conn, dm, redacts) if isinstance(redacts, str) else None
+            if of is None:
+                log.info("%s: redaction %s of %s not delivered: the platform never had it",
+                         dm.room_id, event_id, redacts)
+                return None, None
+            reason = content.get("reason") if isinstance(content.get("reason"), str) else None
+            return payloads.redaction(lane, room_id, raw, of, reason, now), None
+        if kind == "m.reaction":
+            target, key = relates.get("event_id"), relates.get("key")
+            if relates.get("rel_type") != "m.annotation" or not isinstance(target, str) or (
+                    not isinstance(key, str)):
+                log.info("%s: reaction %s is malformed; not delivered", dm.room_id, event_id)
+                return None, None
+            to = await self._target(conn, dm, target) or payloads.target(target, None, "unknown")
+            return (payloads.reaction(lane, room_id, raw, key, to, now),
+                    mapped(REACTION, target, key))
+        new_content = content.get("m.new_content")
+        if relates.get("rel_type") == "m.replace" and isinstance(new_content, dict):
+            target = str(relates.get("event_id"))
+            original = await self.stores.matrix_messages.get_in(conn, target)
+            if original is not None and original.user_id == dm.user_id and (
+                    original.network, original.remote_id) == (dm.network, dm.remote_id):
+                return (payloads.edit(lane, room_id, raw, new_content, target, now),
+                        mapped(EDIT, target))
+            # The platform never had the original: the edited text arrives as a message.
+            return (payloads.message(lane, room_id, raw, dm.user_displayname, now,
+                                     content=new_content), mapped(MESSAGE))
+        in_reply_to = relates.get("m.in_reply_to")
+        reply_to = None
+        if isinstance(in_reply_to, dict) and isinstance(in_reply_to.get("event_id"), str):
+            answered = in_reply_to["event_id"]
+            reply_to = await self._target(conn, dm, answered) or payloads.target(
+                answered, None, "unknown")
+        return (payloads.message(lane, room_id, raw, dm.user_displayname, now,
+                                 reply_to=reply_to), mapped(MESSAGE))
+
+    async def _target(self, conn: Connection, dm: DMRecord, event_id: str
+                      ) -> dict[str, Any] | None:
+        """An event of this DM the platform knows: one it sent, or one it was given."""
+        message_id = await self.stores.messages.message_id_of(conn, dm.network, dm.remote_id,
+                                                               event_id)
+        if message_id is not None:
+            return payloads.target(event_id, message_id)
+        known = await self.stores.matrix_messages.get_in(conn, event_id)
+        if known is not None and (known.network, known.remote_id, known.user_id) == (
+                dm.network, dm.remote_id, dm.user_id):
+            return payloads.target(event_id, None, known.kind)
+        return None
 
     async def _reach_out(self, conn: Connection, dm: DMRecord, event_id: str, now: int) -> None:
         """The user wrote in an old DM: it becomes the pair's DM again, lifting any decline."""

@@ -12,6 +12,7 @@ import logging
 import random
 import secrets
 import time
+from typing import Any
 
 import aiohttp
 
@@ -21,7 +22,7 @@ from .db import Stores, now_ms
 from .db.outbox import OutboxItem
 from .errors import InvalidParam
 from .networks import PULL, PUSH, Network, Networks
-from .webhook import Outcome, WebhookClient
+from .webhook import Outcome, Present, WebhookClient, as_stored
 
 log = logging.getLogger("dmbridge.outbox")
 
@@ -42,8 +43,11 @@ def backoff(attempt: int, settings: DeliverySettings, rng: random.Random | None 
 
 
 class Outbox:
-    def __init__(self, *, stores: Stores, networks: Networks, settings: DeliverySettings) -> None:
+    def __init__(self, *, stores: Stores, networks: Networks, settings: DeliverySettings,
+                 present: Present = as_stored) -> None:
         self.stores = stores
+        # Last touches as an event is handed out (fresh media links), pushed or pulled.
+        self._present = present
         self.networks = networks
         self.settings = settings
         self._push = [n.id for n in networks if n.delivery.mode == PUSH]
@@ -56,11 +60,15 @@ class Outbox:
         self._webhook: WebhookClient | None = None
         self._owner = secrets.token_hex(4)
 
+    def present(self, item: OutboxItem) -> dict[str, Any]:
+        """The event as the platform receives it now."""
+        return self._present(item.event())
+
     # --- running ----------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
-        self._webhook = WebhookClient(self._session, self.settings.timeout)
+        self._webhook = WebhookClient(self._session, self.settings.timeout, self._present)
         self._task = asyncio.create_task(self._run())
         log.info("delivering to %d webhook network(s) %s; %d pull network(s) %s",
                  len(self._push), self._push, len(self._pull), self._pull)

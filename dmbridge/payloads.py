@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,13 @@ DM_CLEARED = "dm.cleared"  # an admin lifted a decline
 DELIVERY_FAILED = "delivery.failed"  # an earlier item became a dead letter
 TYPING = "typing"  # the Matrix user started or stopped typing in the DM
 READ = "read"  # the Matrix user read the DM up to one of the platform's messages
+EDIT = "edit"  # the Matrix user edited one of their messages
+REACTION = "reaction"  # the Matrix user reacted to a message
+REDACTION = "redaction"  # the Matrix user deleted a message or took a reaction back
+
+MEDIA_MSGTYPES = frozenset({"m.image", "m.file", "m.audio", "m.video"})
+_MXC = re.compile(r"mxc://[A-Za-z0-9.\-:\[\]]+/[A-Za-z0-9_\-]+")
+_REPLY_HTML = re.compile(r"^\s*<mx-reply>.*?</mx-reply>", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -41,16 +49,16 @@ class Lane:
 
 
 def message(lane: Lane, room_id: str, raw: dict[str, Any], displayname: str | None,
-            now: int) -> dict[str, Any]:
-    """A Matrix user's message, as the platform receives it."""
-    content = raw.get("content") if isinstance(raw.get("content"), dict) else {}
+            now: int, *, reply_to: dict[str, Any] | None = None,
+            content: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Matrix user's message, as the platform receives it.
+
+    ``content`` replaces the event's own (an edit of a message the platform never got arrives
+    as a message with the edited content); ``reply_to`` names the message it answers.
+    """
+    if content is None:
+        content = raw.get("content") if isinstance(raw.get("content"), dict) else {}
     assert isinstance(content, dict)
-    html = content.get("formatted_body")
-    if content.get("format") != HTML_FORMAT or not isinstance(html, str):
-        html = None
-    else:  # whatever a Matrix client sent, the platform gets no scripts or styles
-        html = sanitize(html) or None
-    body = content.get("body")
     event_id = str(raw["event_id"])
     return {
         **lane.envelope(MESSAGE, event_id, room_id, now),
@@ -58,11 +66,104 @@ def message(lane: Lane, room_id: str, raw: dict[str, Any], displayname: str | No
             "event_id": event_id,
             "sender": {"user_id": lane.user_id, "displayname": displayname},
             "recipient": lane.remote_id,
-            "msgtype": content.get("msgtype") if isinstance(content.get("msgtype"), str) else None,
-            "text": body if isinstance(body, str) else "",
-            "html": html,
+            **_text_of(content, raw.get("type") == "m.sticker", reply_to is not None),
+            "media": _media_of(content),
+            "reply_to": reply_to,
             "sent_at": raw.get("origin_server_ts"),
         },
+    }
+
+
+def _text_of(content: dict[str, Any], sticker: bool = False, is_reply: bool = False
+             ) -> dict[str, Any]:
+    """msgtype, text and cleaned html; a media message's text is its caption (or "")."""
+    msgtype = "m.sticker" if sticker else content.get("msgtype")
+    html = content.get("formatted_body")
+    if content.get("format") != HTML_FORMAT or not isinstance(html, str):
+        html = None
+    else:  # whatever a Matrix client sent, the platform gets no scripts or styles
+        html = sanitize(_REPLY_HTML.sub("", html) if is_reply else html) or None
+    raw_body = content.get("body")
+    body = raw_body if isinstance(raw_body, str) else ""
+    if is_reply:
+        body = _strip_reply_fallback(body)
+    if msgtype in MEDIA_MSGTYPES:  # a sticker's body describes it: that stays its text
+        filename = content.get("filename")
+        body = body if isinstance(filename, str) and body != filename else ""
+        html = html if body else None
+    return {"msgtype": msgtype if isinstance(msgtype, str) else None, "text": body, "html": html}
+
+
+def _strip_reply_fallback(body: str) -> str:
+    """Older clients quote the message they answer ("> <@user> text" lines, then a blank)."""
+    lines = body.split("\n")
+    if not lines or not lines[0].startswith("> <"):
+        return body
+    i = 0
+    while i < len(lines) and lines[i].startswith(">"):
+        i += 1
+    return "\n".join(lines[i + 1 if i < len(lines) and not lines[i] else i:])
+
+
+def _media_of(content: dict[str, Any]) -> dict[str, Any] | None:
+    """A Matrix user's file, image, video or audio; the link is added as it is handed out."""
+    url = content.get("url")
+    if not isinstance(url, str) or not _MXC.fullmatch(url):
+        return None  # not media, or encrypted media the bridge cannot read
+    info = content.get("info") if isinstance(content.get("info"), dict) else {}
+    assert isinstance(info, dict)
+
+    def number(key: str) -> int | None:
+        value = info.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    name = content.get("filename") if isinstance(content.get("filename"), str) else (
+        content.get("body") if isinstance(content.get("body"), str)
+        and content.get("msgtype") in MEDIA_MSGTYPES else None)
+    mimetype = info.get("mimetype")
+    return {
+        "content_uri": url,
+        "name": name,
+        "mimetype": mimetype if isinstance(mimetype, str) else None,
+        "size": number("size"),
+        "width": number("w"),
+        "height": number("h"),
+        "duration_ms": number("duration"),
+    }
+
+
+def target(event_id: str, message_id: str | None, kind: str = "message") -> dict[str, Any]:
+    """What a relation points at: the event, and the platform's own ID if it sent it."""
+    return {"event_id": event_id, "message_id": message_id, "kind": kind}
+
+
+def edit(lane: Lane, room_id: str, raw: dict[str, Any], new_content: dict[str, Any],
+         target_event_id: str, now: int) -> dict[str, Any]:
+    event_id = str(raw["event_id"])
+    return {
+        **lane.envelope(EDIT, event_id, room_id, now),
+        "edit": {"event_id": event_id, "target": target(target_event_id, None),
+                 **_text_of(new_content), "edited_at": raw.get("origin_server_ts")},
+    }
+
+
+def reaction(lane: Lane, room_id: str, raw: dict[str, Any], key: str, to: dict[str, Any],
+             now: int) -> dict[str, Any]:
+    event_id = str(raw["event_id"])
+    return {
+        **lane.envelope(REACTION, event_id, room_id, now),
+        "reaction": {"event_id": event_id, "key": key, "target": to,
+                     "sent_at": raw.get("origin_server_ts")},
+    }
+
+
+def redaction(lane: Lane, room_id: str, raw: dict[str, Any], of: dict[str, Any],
+              reason: str | None, now: int) -> dict[str, Any]:
+    event_id = str(raw["event_id"])
+    return {
+        **lane.envelope(REDACTION, event_id, room_id, now),
+        "redaction": {"event_id": event_id, "target": of, "reason": reason,
+                      "sent_at": raw.get("origin_server_ts")},
     }
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import aiohttp
 
@@ -26,8 +28,16 @@ class Outcome:
     """Seconds the receiver asked us to wait (``Retry-After``), if it did."""
 
 
-def body_of(item: OutboxItem) -> bytes:
-    return json.dumps(item.event(), ensure_ascii=False, separators=(",", ":")).encode()
+Present = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def as_stored(event: dict[str, Any]) -> dict[str, Any]:
+    return event
+
+
+def body_of(item: OutboxItem, present: Present = as_stored) -> bytes:
+    """The exact bytes a receiver gets (and the signature covers)."""
+    return json.dumps(present(item.event()), ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -48,14 +58,16 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
 
 
 class WebhookClient:
-    def __init__(self, session: aiohttp.ClientSession, timeout: float) -> None:
+    def __init__(self, session: aiohttp.ClientSession, timeout: float,
+                 present: Present = as_stored) -> None:
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.present = present
 
     async def post(self, network: Network, item: OutboxItem, attempt: int) -> Outcome:
         url, secret = network.delivery.url, network.delivery.secret
         assert url is not None and secret is not None
-        body = body_of(item)
+        body = body_of(item, self.present)
         headers = {
             "Content-Type": "application/json",
             "User-Agent": f"dmbridge/{__version__}",

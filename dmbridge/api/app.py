@@ -12,6 +12,7 @@ from aiohttp import web
 from ..config import Settings
 from ..dms import DMService
 from ..errors import BridgeError, Forbidden, MissingToken, UnknownToken
+from ..media import MediaService
 from ..networks import Network
 from ..outbox import Outbox
 from . import handlers
@@ -21,6 +22,7 @@ log = logging.getLogger("dmbridge.api")
 PREFIX = "/_dmbridge/v1"
 SERVICE = web.AppKey("service", DMService)
 OUTBOX = web.AppKey("outbox", Outbox)
+MEDIA = web.AppKey("media", MediaService)
 SETTINGS = web.AppKey("settings", Settings)
 NETWORK = web.RequestKey("network", Network)
 
@@ -76,14 +78,20 @@ async def openapi(_: web.Request) -> web.Response:
     return web.Response(text=text, content_type="application/yaml")
 
 
-def make_api_app(service: DMService, outbox: Outbox, settings: Settings) -> web.Application:
+def make_api_app(service: DMService, outbox: Outbox, media: MediaService, settings: Settings
+                 ) -> web.Application:
     app = web.Application(middlewares=[error_boundary, network_auth])
     app[SERVICE] = service
+    app[MEDIA] = media
     app[OUTBOX] = outbox
     app[SETTINGS] = settings
     app.router.add_get("/openapi.yaml", openapi)
     app.router.add_get("/health", handlers.health)
     app.router.add_put("/networks/{network}/messages/{message_id}", handlers.send_message)
+    app.router.add_delete("/networks/{network}/messages/{message_id}", handlers.delete_message)
+    app.router.add_put("/networks/{network}/reactions/{reaction_id}", handlers.react)
+    app.router.add_post("/networks/{network}/media", handlers.upload_media)
+    app.router.add_get("/networks/{network}/media/{server}/{media_id}", handlers.download_media)
     app.router.add_post("/networks/{network}/dms", handlers.open_dm)
     app.router.add_get("/networks/{network}/dms", handlers.list_dms)
     app.router.add_put("/networks/{network}/typing", handlers.set_typing)

@@ -6,9 +6,11 @@ from typing import Any
 
 from aiohttp import web
 
-from ..dms import DM
-from ..errors import BadRequest
+from ..dms import DM, SendResult
+from ..errors import BadRequest, TooLarge
+from ..media import media_headers
 from ..outbox import describe
+from ..relations import Target
 from . import app as api
 from .body import id_list, query_number, read_object, required_string, string
 
@@ -38,13 +40,93 @@ async def send_message(request: web.Request) -> web.Response:
         markdown=string(body, "markdown", required=False),
         msgtype=string(body, "msgtype", required=False, max_len=16) or "text",
         sender_name=string(body, "sender_name", required=False, max_len=255),
+        sender_avatar=_avatar(body),
+        media=string(body, "media", required=False, max_len=255),
+        reply_to=Target.parse(body, "reply_to"),
+        edits=string(body, "edits", required=False, max_len=255),
     )
+    return _sent_json(result)
+
+
+def _sent_json(result: SendResult) -> web.Response:
     return web.json_response({
         "room_id": result.room_id,
         "event_id": result.event_id,
         "room_created": result.room_created,
         "duplicate": result.duplicate,
     })
+
+
+def _avatar(body: dict[str, Any]) -> str | None:
+    value = body.get("sender_avatar")
+    if value == "":
+        return ""
+    return string(body, "sender_avatar", required=False, max_len=255)
+
+
+async def react(request: web.Request) -> web.Response:
+    body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
+    target = Target.parse(body, "target")
+    if target is None:
+        raise BadRequest("'target' is required: {\"message_id\": ...} or {\"event_id\": ...}")
+    result = await request.app[api.SERVICE].react(
+        request[api.NETWORK].id,
+        required_string(body, "sender", 255),
+        required_string(body, "recipient", 255),
+        reaction_id=request.match_info["reaction_id"],
+        target=target,
+        key=body.get("key"),  # type: ignore[arg-type]  # checked by the service
+    )
+    return _sent_json(result)
+
+
+async def delete_message(request: web.Request) -> web.Response:
+    query = request.rel_url.query
+    sender = query.get("sender")
+    if not sender:
+        raise BadRequest("the 'sender' query parameter is required")
+    reason = query.get("reason")
+    if reason is not None and len(reason) > 1000:
+        raise TooLarge("'reason' is longer than 1000 characters")
+    result = await request.app[api.SERVICE].redact(
+        request[api.NETWORK].id, sender, message_id=request.match_info["message_id"],
+        reason=reason or None,
+    )
+    return web.json_response({"room_id": result.room_id, "event_id": result.event_id,
+                              "duplicate": result.duplicate})
+
+
+async def upload_media(request: web.Request) -> web.Response:
+    """The body is the file itself; its Content-Type says what it is and is checked."""
+    media = await request.app[api.MEDIA].upload(
+        request[api.NETWORK], request.content.iter_chunked(65536),
+        content_type=request.headers.get("Content-Type"), length=request.content_length,
+        filename=request.rel_url.query.get("filename"),
+    )
+    return web.json_response({
+        "content_uri": media.content_uri, "mimetype": media.mimetype, "size": media.size,
+        "filename": media.filename, "width": media.width, "height": media.height,
+    }, status=201)
+
+
+async def download_media(request: web.Request) -> web.StreamResponse:
+    """A Matrix user's media, through a link the bridge gave this network."""
+    service = request.app[api.MEDIA]
+    server, media_id = request.match_info["server"], request.match_info["media_id"]
+    query = request.rel_url.query
+    upstream = await service.open_download(request[api.NETWORK], server, media_id,
+                                           query.get("expires"), query.get("sig"))
+    try:
+        response = web.StreamResponse(headers=media_headers(upstream.headers))
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_chunked(65536):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        upstream.release()
 
 
 async def open_dm(request: web.Request) -> web.Response:
@@ -55,6 +137,7 @@ async def open_dm(request: web.Request) -> web.Response:
         required_string(body, "sender", 255),
         required_string(body, "recipient", 255),
         sender_name=string(body, "sender_name", required=False, max_len=255),
+        sender_avatar=_avatar(body),
     )
     return web.json_response({**_dm_json(opened.dm), "created": opened.created})
 
@@ -107,7 +190,9 @@ async def pull_events(request: web.Request) -> web.Response:
     wait = query_number(query, "wait", 0, 0, 3600, integer=False)
     items = await request.app[api.OUTBOX].pull(request[api.NETWORK], after, wait, limit)
     next_after = max([after, *(i.id for i in items)])
-    return web.json_response({"events": [i.event() for i in items], "next_after": next_after})
+    outbox = request.app[api.OUTBOX]
+    return web.json_response({"events": [outbox.present(i) for i in items],
+                              "next_after": next_after})
 
 
 async def ack_events(request: web.Request) -> web.Response:

@@ -12,8 +12,9 @@ from .event import ProcessedEventStore
 from .ghost import GhostStore
 from .history import HistoryStore
 from .invite import InviteStore
+from .media import MediaStore
 from .member import MemberStore
-from .message import SentMessageStore
+from .message import MatrixMessageStore, SentMessageStore
 from .outbox import OutboxStore
 from .upgrade import upgrade_table
 
@@ -29,6 +30,8 @@ class Stores:
     dms: DMStore
     members: MemberStore
     messages: SentMessageStore
+    matrix_messages: MatrixMessageStore
+    media: MediaStore
     events: ProcessedEventStore
     outbox: OutboxStore
     history: HistoryStore
@@ -42,6 +45,8 @@ class Stores:
             dms=DMStore(db),
             members=MemberStore(db),
             messages=SentMessageStore(db),
+            matrix_messages=MatrixMessageStore(db),
+            media=MediaStore(db),
             events=ProcessedEventStore(db),
             outbox=OutboxStore(db),
             history=HistoryStore(db),

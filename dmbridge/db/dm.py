@@ -31,6 +31,7 @@ class DMRecord:
     ghost_displayname: str | None
     reason: str | None
     user_displayname: str | None
+    ghost_avatar_url: str | None = None
 
 
 _COLUMNS = """
@@ -39,7 +40,8 @@ _COLUMNS = """
     (SELECT COUNT(*) FROM room_member o
       WHERE o.room_id = dm.room_id AND o.membership = 'join'
         AND o.user_id <> dm.ghost_id AND o.user_id <> dm.user_id) AS others_joined,
-    gh.displayname AS ghost_displayname, dm.reason, u.displayname AS user_displayname
+    gh.displayname AS ghost_displayname, dm.reason, u.displayname AS user_displayname,
+    gh.avatar_url AS ghost_avatar_url
 """
 _JOINS = """
     LEFT JOIN room_member u ON u.room_id = dm.room_id AND u.user_id = dm.user_id
@@ -49,7 +51,8 @@ _JOINS = """
 _SELECT = f"SELECT {_COLUMNS} FROM dm {_JOINS}"
 # The pair's current DM and, in the same round trip, whether this message was already sent.
 _FOR_SEND = f"""
-    SELECT {_COLUMNS}, sm.room_id AS sent_room_id, sm.event_id AS sent_event_id
+    SELECT {_COLUMNS}, sm.room_id AS sent_room_id, sm.event_id AS sent_event_id,
+           sm.kind AS sent_kind
       FROM (SELECT CAST($1 AS TEXT) AS ghost_id, CAST($2 AS TEXT) AS user_id) AS pair
       LEFT JOIN dm ON dm.ghost_id = pair.ghost_id AND dm.user_id = pair.user_id
                   AND dm.state <> 'ended'
@@ -83,7 +86,7 @@ class DMStore:
                                      message_id)
         assert row is not None  # the pair subquery always yields one row
         record = _record(row) if row["ghost_id"] is not None else None
-        sent = (SentMessage(row["sent_room_id"], row["sent_event_id"])
+        sent = (SentMessage(row["sent_room_id"], row["sent_event_id"], row["sent_kind"])
                 if row["sent_event_id"] is not None else None)
         return record, sent
 

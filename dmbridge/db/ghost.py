@@ -13,6 +13,7 @@ class Ghost:
     remote_id: str
     displayname: str | None
     registered: bool
+    avatar_url: str | None = None
 
 
 class GhostStore:
@@ -21,7 +22,7 @@ class GhostStore:
 
     async def get(self, user_id: UserID) -> Ghost | None:
         row = await self.db.fetchrow(
-            "SELECT user_id, network, remote_id, displayname, registered FROM ghost"
+            "SELECT user_id, network, remote_id, displayname, registered, avatar_url FROM ghost"
             " WHERE user_id=$1",
             user_id,
         )
@@ -37,4 +38,9 @@ class GhostStore:
     async def set_displayname(self, user_id: UserID, displayname: str) -> None:
         await self.db.execute(
             "UPDATE ghost SET displayname=$2 WHERE user_id=$1", user_id, displayname
+        )
+
+    async def set_avatar(self, user_id: UserID, avatar_url: str) -> None:
+        await self.db.execute(
+            "UPDATE ghost SET avatar_url=$2 WHERE user_id=$1", user_id, avatar_url
         )

@@ -1,15 +1,32 @@
+"""The message map, both ways: what platforms sent (by their IDs) and what Matrix users sent."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from mautrix.types import EventID, RoomID
 from mautrix.util.async_db import Connection, Database
+
+MESSAGE = "message"
+EDIT = "edit"
+REACTION = "reaction"
+
+_SENT_COLUMNS = "room_id, event_id, kind, target_event_id, redacted_at"
 
 
 @dataclass(frozen=True)
 class SentMessage:
     room_id: RoomID
     event_id: EventID
+    kind: str = MESSAGE
+    target_event_id: EventID | None = None
+    redacted_at: int | None = None
+
+
+def _sent(row: Any) -> SentMessage:
+    return SentMessage(row["room_id"], row["event_id"], row["kind"], row["target_event_id"],
+                       row["redacted_at"])
 
 
 class SentMessageStore:
@@ -20,11 +37,19 @@ class SentMessageStore:
 
     async def get(self, network: str, remote_id: str, message_id: str) -> SentMessage | None:
         row = await self.db.fetchrow(
-            "SELECT room_id, event_id FROM sent_message"
+            f"SELECT {_SENT_COLUMNS} FROM sent_message"
             " WHERE network=$1 AND remote_id=$2 AND message_id=$3",
             network, remote_id, message_id,
         )
-        return SentMessage(row["room_id"], row["event_id"]) if row else None
+        return _sent(row) if row else None
+
+    async def sender_of(self, network: str, message_id: str) -> str | None:
+        """Which of the network's remote users sent ``message_id`` (if any did)."""
+        value = await self.db.fetchval(
+            "SELECT remote_id FROM sent_message WHERE network=$1 AND message_id=$2 LIMIT 1",
+            network, message_id,
+        )
+        return str(value) if value is not None else None
 
     @staticmethod
     async def message_id_of(conn: Connection, network: str, remote_id: str, event_id: str
@@ -43,10 +68,61 @@ class SentMessageStore:
         """Store the mapping; if a concurrent retry stored one first, return that one."""
         inserted = await self.db.fetchval(
             "INSERT INTO sent_message (network, remote_id, message_id, room_id, event_id,"
-            " created_at) VALUES ($1, $2, $3, $4, $5, $6)"
+            " created_at, kind, target_event_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
             " ON CONFLICT (network, remote_id, message_id) DO NOTHING RETURNING event_id",
-            network, remote_id, message_id, sent.room_id, sent.event_id, at_ms,
+            network, remote_id, message_id, sent.room_id, sent.event_id, at_ms, sent.kind,
+            sent.target_event_id,
         )
         if inserted is not None:
             return sent
         return await self.get(network, remote_id, message_id) or sent
+
+    async def mark_redacted(self, network: str, remote_id: str, message_id: str, at_ms: int
+                            ) -> None:
+        await self.db.execute(
+            "UPDATE sent_message SET redacted_at=$4 WHERE network=$1 AND remote_id=$2"
+            " AND message_id=$3 AND redacted_at IS NULL",
+            network, remote_id, message_id, at_ms,
+        )
+
+
+@dataclass(frozen=True)
+class MatrixMessage:
+    """A Matrix user's event that a platform was given (a message, an edit, a reaction)."""
+
+    event_id: EventID
+    room_id: RoomID
+    network: str
+    remote_id: str
+    user_id: str
+    kind: str
+    target_event_id: EventID | None = None
+    reaction_key: str | None = None
+
+
+_MATRIX_COLUMNS = ("event_id, room_id, network, remote_id, user_id, kind, target_event_id,"
+                   " reaction_key")
+
+
+class MatrixMessageStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @staticmethod
+    async def add(conn: Connection, message: MatrixMessage, at_ms: int) -> None:
+        await conn.execute(
+            f"INSERT INTO matrix_message ({_MATRIX_COLUMNS}, created_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id) DO NOTHING",
+            message.event_id, message.room_id, message.network, message.remote_id,
+            message.user_id, message.kind, message.target_event_id, message.reaction_key, at_ms,
+        )
+
+    @staticmethod
+    async def get_in(conn: Connection | Database, event_id: str) -> MatrixMessage | None:
+        row = await conn.fetchrow(
+            f"SELECT {_MATRIX_COLUMNS} FROM matrix_message WHERE event_id=$1", event_id
+        )
+        return MatrixMessage(**dict(row)) if row else None
+
+    async def get(self, event_id: str) -> MatrixMessage | None:
+        return await self.get_in(self.db, event_id)

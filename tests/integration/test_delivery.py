@@ -126,6 +126,8 @@ async def test_reply_reaches_the_webhook_signed_with_sender_recipient_and_text(
         "msgtype": "m.text",
         "text": "See you at *8*",
         "html": "See you at <em>8</em>",
+        "media": None,
+        "reply_to": None,
         "sent_at": sent["origin_server_ts"],
     }
     assert second.json["message"]["text"] == "bring snacks"

@@ -385,6 +385,8 @@ async def test_users_message_is_queued_with_its_payload(
             "msgtype": "m.text",
             "text": "hi *there*",
             "html": "hi <em>there</em>",
+            "media": None,
+            "reply_to": None,
             "sent_at": 1_700_000_000_123,
         },
     }
@@ -470,7 +472,9 @@ async def test_a_sticker_is_queued(
     await send(h, sticker)
     [item] = await outbox(stores)
     assert item["message"]["text"] == "a cat"
-    assert item["message"]["msgtype"] is None
+    assert item["message"]["msgtype"] == "m.sticker"
+    assert item["message"]["media"]["content_uri"] == "mxc://x/y"
+    assert item["message"]["media"]["name"] is None
 
 
 async def test_writing_in_an_ended_room_with_the_ghost_makes_it_the_dm_again(

@@ -5,4 +5,9 @@ from mautrix.util.async_db import UpgradeTable
 upgrade_table = UpgradeTable(database_name="dmbridge")
 
 # Each module registers itself on import, in version order.
-from . import v01_initial, v02_outbox_lifecycle, v03_sent_message_event  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    v01_initial,
+    v02_outbox_lifecycle,
+    v03_sent_message_event,
+    v04_message_map_media,
+)

@@ -1,0 +1,134 @@
+"""Replies, edits and reactions from platforms: finding the Matrix event a platform points at.
+
+A platform names a target by its own ``message_id`` (a message it sent through the bridge) or
+by the ``event_id`` it was given for a Matrix user's message. Either way the target must be a
+message of the pair's current DM room; anything else is a precise error, never a guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mautrix.types import EventID, RoomID
+
+from .db import Stores
+from .db.message import MESSAGE
+from .errors import BadRequest, BridgeError, Forbidden, InvalidParam, NotFound
+
+MAX_REACTION_KEY = 64
+
+
+class TargetElsewhere(BridgeError):
+    """The target lives in an earlier DM room between the pair, not the current one."""
+
+    status = 409
+    errcode = "DMBRIDGE_TARGET_IN_OTHER_ROOM"
+
+
+class NotYours(Forbidden):
+    errcode = "DMBRIDGE_NOT_YOUR_MESSAGE"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a platform points at: one of its own messages, or a Matrix user's event."""
+
+    message_id: str | None = None
+    event_id: str | None = None
+
+    @classmethod
+    def parse(cls, body: dict[str, Any], key: str) -> Target | None:
+        value = body.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict) or len(value) != 1 or not (
+            set(value) <= {"message_id", "event_id"}
+        ):
+            raise BadRequest(f"'{key}' must be {{\"message_id\": ...}} (a message you sent) or "
+                             f"{{\"event_id\": ...}} (a Matrix user's message you received)")
+        (field, ident), = value.items()
+        if not isinstance(ident, str) or not 0 < len(ident) <= 255:
+            raise BadRequest(f"'{key}.{field}' must be a string of 1 to 255 characters")
+        return cls(**{field: ident})
+
+    def __str__(self) -> str:
+        return f"message {self.message_id}" if self.message_id else f"event {self.event_id}"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    event_id: EventID
+    room_id: RoomID
+    by_sender: bool  # the remote user sent it through the bridge (else: the Matrix user did)
+
+
+async def resolve(stores: Stores, network: str, remote_id: str, user_id: str, target: Target,
+                  *, purpose: str) -> Resolved:
+    """The event behind ``target`` in the DM of (network, remote_id, user_id).
+
+    ``purpose`` ("reply to", "edit", "react to") words the errors. Only messages can be
+    targets: not reactions, edits, or messages already deleted.
+    """
+    if target.message_id is not None:
+        sent = await stores.messages.get(network, remote_id, target.message_id)
+        if sent is None:
+            if purpose == "edit" and await stores.messages.sender_of(network, target.message_id):
+                raise NotYours(f"message {target.message_id} was sent by another {network} user;"
+                               " only its sender can edit it")
+            raise NotFound(f"{remote_id} sent no message {target.message_id} through the bridge;"
+                           f" there is nothing to {purpose}")
+        if sent.kind != MESSAGE:
+            raise InvalidParam(f"{target} is a {sent.kind}, not a message; cannot {purpose} it")
+        if sent.redacted_at is not None:
+            raise NotFound(f"{target} was deleted; cannot {purpose} it")
+        return Resolved(sent.event_id, sent.room_id, by_sender=True)
+    assert target.event_id is not None
+    received = await stores.matrix_messages.get(target.event_id)
+    if received is None or (received.network, received.remote_id, received.user_id) != (
+        network, remote_id, user_id
+    ):
+        raise NotFound(f"{target.event_id} is not a message {remote_id} received from {user_id};"
+                       f" there is nothing to {purpose}")
+    if purpose == "edit":
+        raise NotYours(f"{target.event_id} was sent by {user_id}; only its sender can edit it")
+    if received.kind != MESSAGE:
+        raise InvalidParam(f"{target} is a {received.kind}, not a message; cannot {purpose} it")
+    return Resolved(received.event_id, received.room_id, by_sender=False)
+
+
+_PASSIVE = {"reply to": "replied to", "edit": "edited", "react to": "reacted to"}
+
+
+def check_room(resolved: Resolved, room_id: RoomID, target: Target, purpose: str) -> None:
+    if resolved.room_id != room_id:
+        raise TargetElsewhere(
+            f"{target} is in an earlier DM room ({resolved.room_id}); the pair's DM is now"
+            f" {room_id}, so it can no longer be {_PASSIVE.get(purpose, purpose)}"
+        )
+
+
+def reply_content(content: dict[str, Any], target: EventID) -> dict[str, Any]:
+    return {**content, "m.relates_to": {"m.in_reply_to": {"event_id": target}}}
+
+
+def edit_content(new: dict[str, Any], target: EventID) -> dict[str, Any]:
+    """An m.replace: the full new content, and a '* ' fallback for clients without edits."""
+    content: dict[str, Any] = {**new, "body": f"* {new['body']}"}
+    if "formatted_body" in new:
+        content["formatted_body"] = f"* {new['formatted_body']}"
+    content["m.new_content"] = new
+    content["m.relates_to"] = {"rel_type": "m.replace", "event_id": target}
+    return content
+
+
+def reaction_content(key: str, target: EventID) -> dict[str, Any]:
+    return {"m.relates_to": {"rel_type": "m.annotation", "event_id": target, "key": key}}
+
+
+def check_reaction_key(key: object) -> str:
+    if not isinstance(key, str) or not key.strip():
+        raise BadRequest("'key' must be a non-empty string (an emoji, usually)")
+    if len(key) > MAX_REACTION_KEY or any(ord(c) < 32 for c in key):
+        raise InvalidParam(f"'key' must be at most {MAX_REACTION_KEY} printable characters")
+    return key
