@@ -130,8 +130,9 @@ def _check_size(content: dict[str, Any]) -> None:
 def _duplicate(sent: SentMessage, kind: str, message_id: str) -> SendResult:
     """A retried request: the first answer again, unless the ID was used for something else."""
     if sent.kind != kind:
-        raise InvalidParam(f"{message_id} was already used for a {sent.kind} by this sender;"
-                           " message, edit and reaction IDs share one space")
+        article = "an" if sent.kind[:1] in "aeiou" else "a"
+        raise InvalidParam(f"{message_id} was already used for {article} {sent.kind} by this"
+                           " sender; message, edit and reaction IDs share one space")
     return SendResult(sent.room_id, sent.event_id, room_created=False, duplicate=True)
 
 

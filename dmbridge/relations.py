@@ -79,7 +79,7 @@ async def resolve(stores: Stores, network: str, remote_id: str, user_id: str, ta
             raise NotFound(f"{remote_id} sent no message {target.message_id} through the bridge;"
                            f" there is nothing to {purpose}")
         if sent.kind != MESSAGE:
-            raise InvalidParam(f"{target} is a {sent.kind}, not a message; cannot {purpose} it")
+            raise InvalidParam(f"{target} is {_a(sent.kind)}, not a message; cannot {purpose} it")
         if sent.redacted_at is not None:
             raise NotFound(f"{target} was deleted; cannot {purpose} it")
         return Resolved(sent.event_id, sent.room_id, by_sender=True)
@@ -93,8 +93,13 @@ async def resolve(stores: Stores, network: str, remote_id: str, user_id: str, ta
     if purpose == "edit":
         raise NotYours(f"{target.event_id} was sent by {user_id}; only its sender can edit it")
     if received.kind != MESSAGE:
-        raise InvalidParam(f"{target} is a {received.kind}, not a message; cannot {purpose} it")
+        raise InvalidParam(f"{target} is {_a(received.kind)}, not a message;"
+                           f" cannot {purpose} it")
     return Resolved(received.event_id, received.room_id, by_sender=False)
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[:1] in "aeiou" else f"a {kind}"
 
 
 _PASSIVE = {"reply to": "replied to", "edit": "edited", "react to": "reacted to"}

@@ -44,6 +44,7 @@ class FakeHomeserver:
         """Endpoint name -> (status, body) to answer instead of doing the work."""
         self.fail_times: dict[str, int] = {}
         self.delay: dict[str, float] = {}
+        self.media: dict[str, tuple[str, bytes]] = {}
         self.server: TestServer | None = None
 
     @property
@@ -76,6 +77,9 @@ class FakeHomeserver:
         app.router.add_put(v3 + "/rooms/{room_id}/state/m.room.member/{state_key}",
                            self._member_state, name="member_state")
         app.router.add_post("/_matrix/client/v1/appservice/{id}/ping", self._ping, name="ping")
+        app.router.add_post("/_matrix/media/v3/upload", self._upload, name="upload")
+        app.router.add_get("/_matrix/client/v1/media/download/{server}/{media_id}",
+                           self._download, name="download")
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()
 
@@ -118,6 +122,22 @@ class FakeHomeserver:
 
     async def _ping(self, _: web.Request) -> web.Response:
         return web.json_response({"duration_ms": 1})
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        data = bytearray()
+        async for chunk in request.content.iter_chunked(65536):
+            data += chunk
+        media_id = uuid.uuid4().hex
+        self.media[media_id] = (request.content_type, bytes(data))
+        if not self.record and len(self.media) > 8:  # benchmarks: keep memory bounded
+            del self.media[next(iter(self.media))]
+        return web.json_response({"content_uri": f"mxc://{self.domain}/{media_id}"})
+
+    async def _download(self, request: web.Request) -> web.Response:
+        found = self.media.get(request.match_info["media_id"])
+        if found is None:
+            return web.json_response({"errcode": "M_NOT_FOUND", "error": "no media"}, status=404)
+        return web.Response(body=found[1], content_type=found[0])
 
     async def _register(self, request: web.Request) -> web.Response:
         body = await request.json()
