@@ -185,12 +185,23 @@ class MediaService:
             if mimetype.startswith("image/"):
                 width, height = _dimensions(spool)
             spool.seek(0)
-            content_uri = await self.homeserver.upload(spool, mimetype, name, size)
+            content_uri = await self._store(spool, mimetype, name, size)
         media = Media(ContentURI(content_uri), network.id, mimetype, size, name, width, height)
         await self.stores.media.add(media, now_ms())
         log.info("%s uploaded %s (%s, %d bytes%s)", network.id, content_uri, mimetype, size,
                  f", {width}x{height}" if width else "")
         return media
+
+    async def _store(self, spool: BinaryIO, mimetype: str, name: str | None, size: int) -> str:
+        try:
+            return await self.homeserver.upload(spool, mimetype, name, size)
+        except MatrixRequestError as e:
+            if e.http_status == 413:
+                raise TooLarge(f"the homeserver refused {size} bytes as too large: {e.message}"
+                               " (lower media.max_upload_bytes to its max_upload_size)") from e
+            raise HomeserverError(f"the homeserver refused the upload: {e}") from e
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise HomeserverError(f"the homeserver could not be reached to upload: {e!r}") from e
 
     async def uploaded(self, network: Network, content_uri: str, what: str) -> Media:
         """Media this network uploaded, by its content URI; 404 for anything else."""
