@@ -353,6 +353,23 @@ class DMService:
         return SendResult(sent.room_id, event_id, room_created=False,
                           duplicate=sent.redacted_at is not None)
 
+    async def set_profile(self, network_id: str, remote_id: str, *, name: str | None = None,
+                          avatar: str | None = None) -> tuple[UserID, str | None, str | None]:
+        """Update a ghost's name and avatar without a message; no request for what is unchanged.
+
+        Returns the ghost's ID, display name and avatar as they now are.
+        """
+        network = self.networks.get(network_id)
+        async with homeserver_errors("register the ghost"):
+            ghost_id = await self.ghosts.ensure_registered(network, remote_id)
+        ghost = await self.stores.ghosts.get(ghost_id)
+        await self._sync_profile(network, remote_id, Profile(name, avatar),
+                                 ghost.displayname if ghost else None,
+                                 ghost.avatar_url if ghost else None)
+        ghost = await self.stores.ghosts.get(ghost_id)
+        assert ghost is not None
+        return ghost_id, ghost.displayname, ghost.avatar_url or None
+
     async def set_typing(self, network_id: str, remote_id: str, user_id: str, *, typing: bool,
                          timeout_ms: int = 30_000) -> RoomID:
         """Show (or stop showing) the remote user typing in their current DM."""

@@ -90,6 +90,7 @@ def make_api_app(service: DMService, outbox: Outbox, media: MediaService, settin
     app.router.add_put("/networks/{network}/messages/{message_id}", handlers.send_message)
     app.router.add_delete("/networks/{network}/messages/{message_id}", handlers.delete_message)
     app.router.add_put("/networks/{network}/reactions/{reaction_id}", handlers.react)
+    app.router.add_put("/networks/{network}/ghosts/{remote_id}/profile", handlers.set_profile)
     app.router.add_post("/networks/{network}/media", handlers.upload_media)
     app.router.add_get("/networks/{network}/media/{server}/{media_id}", handlers.download_media)
     app.router.add_post("/networks/{network}/dms", handlers.open_dm)

@@ -57,11 +57,22 @@ def _sent_json(result: SendResult) -> web.Response:
     })
 
 
-def _avatar(body: dict[str, Any]) -> str | None:
-    value = body.get("sender_avatar")
-    if value == "":
+def _avatar(body: dict[str, Any], key: str = "sender_avatar") -> str | None:
+    """An uploaded image's content URI; "" removes the avatar."""
+    if body.get(key) == "":
         return ""
-    return string(body, "sender_avatar", required=False, max_len=255)
+    return string(body, key, required=False, max_len=255)
+
+
+async def set_profile(request: web.Request) -> web.Response:
+    """A ghost's display name and avatar, as the platform says; absent keys stay as they are."""
+    body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
+    ghost_id, name, avatar = await request.app[api.SERVICE].set_profile(
+        request[api.NETWORK].id, request.match_info["remote_id"],
+        name=string(body, "name", required=False, max_len=255),
+        avatar=_avatar(body, "avatar"),
+    )
+    return web.json_response({"ghost_id": ghost_id, "displayname": name, "avatar_url": avatar})
 
 
 async def react(request: web.Request) -> web.Response:
