@@ -221,6 +221,8 @@ class DMService:
         recipient = self._check_recipient(user_id)
         _check_permitted(network, recipient)
         record = await self.stores.dms.get_current(ghost_id, recipient)
+        if record is None or sender_avatar != record.ghost_avatar_url:
+            await self._check_avatar(network, sender_avatar)  # before a room or a ghost exists
         profile = Profile(sender_name, sender_avatar)
         return await self._open(network, remote_id, ghost_id, recipient, profile, record)
 
@@ -263,6 +265,8 @@ class DMService:
         if target is not None:
             resolved = await resolve(self.stores, network.id, remote_id, recipient, target,
                                      purpose=purpose)
+        if record is None or sender_avatar != record.ghost_avatar_url:
+            await self._check_avatar(network, sender_avatar)  # before a room or a ghost exists
         profile = Profile(sender_name, sender_avatar)
         opened = await self._open(network, remote_id, ghost_id, recipient, profile, record)
         if resolved is not None and target is not None:
@@ -360,6 +364,8 @@ class DMService:
         Returns the ghost's ID, display name and avatar as they now are.
         """
         network = self.networks.get(network_id)
+        network.ghost_user_id(remote_id)  # a bad remote ID is refused before anything else
+        await self._check_avatar(network, avatar, "avatar")
         async with homeserver_errors("register the ghost"):
             ghost_id = await self.ghosts.ensure_registered(network, remote_id)
         ghost = await self.stores.ghosts.get(ghost_id)
@@ -629,15 +635,22 @@ class DMService:
         avatar: str | None,
     ) -> None:
         """The ghost's name and avatar as the platform last said; no request when unchanged."""
+        new_avatar = profile.avatar is not None and profile.avatar != avatar
+        if new_avatar:  # checked before anything changes: a refused request changes nothing
+            await self._check_avatar(network, profile.avatar)
         async with homeserver_errors("set the ghost's profile"):
             await self.ghosts.sync_displayname(network, remote_id, profile.name, name)
-            if profile.avatar is not None and profile.avatar != avatar:
-                if profile.avatar:  # "" removes the avatar
-                    uploaded = await self.media.uploaded(network, profile.avatar, "sender_avatar")
-                    if not uploaded.mimetype.startswith("image/"):
-                        raise InvalidParam(f"'sender_avatar' must be an image, not"
-                                           f" {uploaded.mimetype}")
+            if new_avatar:
+                assert profile.avatar is not None
                 await self.ghosts.set_avatar(network, remote_id, profile.avatar)
+
+    async def _check_avatar(self, network: Network, avatar: str | None,
+                            what: str = "sender_avatar") -> None:
+        """An avatar must be an image the network uploaded; "" (remove) always passes."""
+        if avatar:
+            uploaded = await self.media.uploaded(network, avatar, what)
+            if not uploaded.mimetype.startswith("image/"):
+                raise InvalidParam(f"'{what}' must be an image, not {uploaded.mimetype}")
 
     async def _send_into(self, dm: DM, txn_id: str, content: dict[str, Any]) -> EventID:
         try:

@@ -136,7 +136,8 @@ class MediaLinks:
     def check(self, network: str, content_uri: str, expires: str | None, sig: str | None,
               now: float | None = None) -> None:
         """Refuse a link that was not made for this network and media, or has expired."""
-        if not expires or not sig or not expires.isdigit() or not sig.isascii():
+        if not expires or not sig or not (expires.isascii() and expires.isdigit()) or len(
+                expires) > 15 or not sig.isascii():
             raise Forbidden("the media link needs its 'expires' and 'sig' parameters")
         if not hmac.compare_digest(self._signature(network, content_uri, int(expires)), sig):
             raise Forbidden("the media link's signature does not match")
