@@ -265,6 +265,8 @@ class DMService:
         if target is not None:
             resolved = await resolve(self.stores, network.id, remote_id, recipient, target,
                                      purpose=purpose)
+            # Refused before any room is opened: a target elsewhere changes nothing.
+            check_room(resolved, record.room_id if record else None, target, purpose)
         if record is None or sender_avatar != record.ghost_avatar_url:
             await self._check_avatar(network, sender_avatar)  # before a room or a ghost exists
         profile = Profile(sender_name, sender_avatar)

@@ -223,6 +223,12 @@ class Lifecycle:
                          dm.room_id, event_id, redacts)
                 return None, None
             reason = content.get("reason") if isinstance(content.get("reason"), str) else None
+            assert isinstance(redacts, str)
+            if of["message_id"] is not None:
+                await self.stores.messages.redacted_by_user(conn, dm.network, dm.remote_id,
+                                                            redacts, now)
+            else:
+                await self.stores.matrix_messages.redacted(conn, redacts, now)
             return payloads.redaction(lane, room_id, raw, of, reason, now), None
         if kind == "m.reaction":
             target, key = relates.get("event_id"), relates.get("key")
@@ -256,10 +262,9 @@ class Lifecycle:
     async def _target(self, conn: Connection, dm: DMRecord, event_id: str
                       ) -> dict[str, Any] | None:
         """An event of this DM the platform knows: one it sent, or one it was given."""
-        message_id = await self.stores.messages.message_id_of(conn, dm.network, dm.remote_id,
-                                                               event_id)
-        if message_id is not None:
-            return payloads.target(event_id, message_id)
+        sent = await self.stores.messages.by_event(conn, dm.network, dm.remote_id, event_id)
+        if sent is not None:
+            return payloads.target(event_id, *sent)
         known = await self.stores.matrix_messages.get_in(conn, event_id)
         if known is not None and (known.network, known.remote_id, known.user_id) == (
                 dm.network, dm.remote_id, dm.user_id):

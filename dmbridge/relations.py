@@ -7,6 +7,7 @@ message of the pair's current DM room; anything else is a precise error, never a
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from .db.message import MESSAGE
 from .errors import BadRequest, BridgeError, Forbidden, InvalidParam, NotFound
 
 MAX_REACTION_KEY = 64
+_INVISIBLE = frozenset({"Cf", "Mn", "Me", "Zs", "Zl", "Zp"})
 
 
 class TargetElsewhere(BridgeError):
@@ -80,6 +82,10 @@ async def resolve(stores: Stores, network: str, remote_id: str, user_id: str, ta
                            f" there is nothing to {purpose}")
         if sent.kind != MESSAGE:
             raise InvalidParam(f"{target} is {_a(sent.kind)}, not a message; cannot {purpose} it")
+        dm = await stores.dms.by_room(stores.db, sent.room_id)  # type: ignore[arg-type]
+        if dm is not None and dm.user_id != user_id:
+            raise NotFound(f"{target} was sent to {dm.user_id}, not {user_id}; there is nothing"
+                           f" to {purpose} in this DM")
         if sent.redacted_at is not None:
             raise NotFound(f"{target} was deleted; cannot {purpose} it")
         return Resolved(sent.event_id, sent.room_id, by_sender=True)
@@ -92,6 +98,8 @@ async def resolve(stores: Stores, network: str, remote_id: str, user_id: str, ta
                        f" there is nothing to {purpose}")
     if purpose == "edit":
         raise NotYours(f"{target.event_id} was sent by {user_id}; only its sender can edit it")
+    if received.redacted_at is not None:
+        raise NotFound(f"{target} was deleted; cannot {purpose} it")
     if received.kind != MESSAGE:
         raise InvalidParam(f"{target} is {_a(received.kind)}, not a message;"
                            f" cannot {purpose} it")
@@ -105,11 +113,14 @@ def _a(kind: str) -> str:
 _PASSIVE = {"reply to": "replied to", "edit": "edited", "react to": "reacted to"}
 
 
-def check_room(resolved: Resolved, room_id: RoomID, target: Target, purpose: str) -> None:
+def check_room(resolved: Resolved, room_id: RoomID | None, target: Target, purpose: str
+               ) -> None:
+    """The target must be in the pair's current DM room (checked before a room is opened)."""
     if resolved.room_id != room_id:
+        now = f"the pair's DM is now {room_id}" if room_id else "the pair has no open DM now"
         raise TargetElsewhere(
-            f"{target} is in an earlier DM room ({resolved.room_id}); the pair's DM is now"
-            f" {room_id}, so it can no longer be {_PASSIVE.get(purpose, purpose)}"
+            f"{target} is in an earlier DM room ({resolved.room_id}); {now}, so it can no"
+            f" longer be {_PASSIVE.get(purpose, purpose)}"
         )
 
 
@@ -134,6 +145,10 @@ def reaction_content(key: str, target: EventID) -> dict[str, Any]:
 def check_reaction_key(key: object) -> str:
     if not isinstance(key, str) or not key.strip():
         raise BadRequest("'key' must be a non-empty string (an emoji, usually)")
-    if len(key) > MAX_REACTION_KEY or any(ord(c) < 32 for c in key):
+    categories = [unicodedata.category(c) for c in key]
+    # Joiners and variation selectors belong in emoji; control characters never do, and a
+    # key of nothing but invisible characters shows nothing.
+    if len(key) > MAX_REACTION_KEY or any(c in ("Cc", "Cs", "Co", "Cn") for c in categories) or (
+            all(c in _INVISIBLE for c in categories)):
         raise InvalidParam(f"'key' must be at most {MAX_REACTION_KEY} printable characters")
     return key

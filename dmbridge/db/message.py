@@ -52,6 +52,27 @@ class SentMessageStore:
         return str(value) if value is not None else None
 
     @staticmethod
+    async def by_event(conn: Connection, network: str, remote_id: str, event_id: str
+                       ) -> tuple[str, str] | None:
+        """The platform's ID and the kind of what it sent, by the Matrix event it became."""
+        row = await conn.fetchrow(
+            "SELECT message_id, kind FROM sent_message WHERE event_id=$1 AND network=$2"
+            " AND remote_id=$3",
+            event_id, network, remote_id,
+        )
+        return (str(row["message_id"]), str(row["kind"])) if row else None
+
+    @staticmethod
+    async def redacted_by_user(conn: Connection, network: str, remote_id: str, event_id: str,
+                               at_ms: int) -> None:
+        """The Matrix user deleted what the platform sent: it can no longer be a target."""
+        await conn.execute(
+            "UPDATE sent_message SET redacted_at=$4 WHERE event_id=$1 AND network=$2"
+            " AND remote_id=$3 AND redacted_at IS NULL",
+            event_id, network, remote_id, at_ms,
+        )
+
+    @staticmethod
     async def message_id_of(conn: Connection, network: str, remote_id: str, event_id: str
                             ) -> str | None:
         """The platform's ID of a message it sent, by the Matrix event it became."""
@@ -98,6 +119,7 @@ class MatrixMessage:
     kind: str
     target_event_id: EventID | None = None
     reaction_key: str | None = None
+    redacted_at: int | None = None
 
 
 _MATRIX_COLUMNS = ("event_id, room_id, network, remote_id, user_id, kind, target_event_id,"
@@ -118,9 +140,17 @@ class MatrixMessageStore:
         )
 
     @staticmethod
+    async def redacted(conn: Connection, event_id: str, at_ms: int) -> None:
+        await conn.execute(
+            "UPDATE matrix_message SET redacted_at=$2 WHERE event_id=$1 AND redacted_at IS NULL",
+            event_id, at_ms,
+        )
+
+    @staticmethod
     async def get_in(conn: Connection | Database, event_id: str) -> MatrixMessage | None:
         row = await conn.fetchrow(
-            f"SELECT {_MATRIX_COLUMNS} FROM matrix_message WHERE event_id=$1", event_id
+            f"SELECT {_MATRIX_COLUMNS}, redacted_at FROM matrix_message WHERE event_id=$1",
+            event_id,
         )
         return MatrixMessage(**dict(row)) if row else None
 

@@ -20,7 +20,8 @@ async def upgrade_v4(conn: Connection, scheme: Scheme) -> None:
             kind             TEXT NOT NULL,
             target_event_id  TEXT,
             reaction_key     TEXT,
-            created_at       BIGINT NOT NULL
+            created_at       BIGINT NOT NULL,
+            redacted_at      BIGINT
         )
     """)
     await conn.execute(
