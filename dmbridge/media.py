@@ -10,6 +10,7 @@ import logging
 import re
 import tempfile
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -100,7 +101,10 @@ def safe_filename(name: str | None) -> str | None:
     if name is None:
         return None
     name = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
-    if not name or len(name) > 255 or any(ord(c) < 32 or c == "\x7f" for c in name):
+    # No controls, and no bidi overrides or other format characters that disguise a name
+    # ("a\u202egnp.exe" shows as "aexe.png").
+    if name in ("", ".", "..") or len(name) > 255 or any(
+            unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") for c in name):
         raise InvalidParam("'filename' must be a plain file name of 1 to 255 characters")
     return name
 

@@ -13,7 +13,7 @@ from ruamel.yaml import YAML
 from yarl import URL
 
 from dmbridge.__main__ import generate
-from dmbridge.config import ConfigError, DeliverySettings, open_config
+from dmbridge.config import ConfigError, DeliverySettings, MediaSettings, open_config
 from dmbridge.networks import Delivery
 
 Edit = Callable[[Any], None]
@@ -567,3 +567,110 @@ def test_upgrade_adds_missing_delivery_section(config_path: Path) -> None:
     settings = open_config(config_path, environ={})
     assert settings.delivery == DeliverySettings()
     assert "max_attempts: 20" in config_path.read_text()
+
+
+# --- media ----------------------------------------------------------------------------------
+
+
+def test_media_defaults(config_path: Path) -> None:
+    settings = open_config(config_path, environ={})
+    assert settings.appservice_address == "http://127.0.0.1:29340"
+    assert settings.media == MediaSettings(max_upload_bytes=52428800, link_ttl=86400.0,
+                                           public_url="http://127.0.0.1:29340")
+    assert isinstance(settings.media.link_ttl, float)
+
+
+@pytest.mark.parametrize("empty", ["", None])
+def test_media_public_url_empty_follows_the_appservice_address(
+    config_path: Path, empty: str | None
+) -> None:
+    edit(config_path, set_key("appservice.address", "http://bridge.internal:29340/"))
+    edit(config_path, set_key("media.public_url", empty))
+    settings = open_config(config_path, environ={})
+    assert settings.media.public_url == "http://bridge.internal:29340"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("https://bridge.example.org/", "https://bridge.example.org"),
+    ("https://example.org/dmbridge//", "https://example.org/dmbridge"),
+    ("http://10.0.0.5:8080", "http://10.0.0.5:8080"),
+])
+def test_media_explicit_values_are_kept(config_path: Path, value: str, expected: str) -> None:
+    edit(config_path, set_key("media.public_url", value))
+    edit(config_path, set_key("media.max_upload_bytes", 1024))
+    edit(config_path, set_key("media.link_ttl", 30 * 86400))
+    media = open_config(config_path, environ={}).media
+    assert media == MediaSettings(max_upload_bytes=1024, link_ttl=30 * 86400.0,
+                                  public_url=expected)
+
+
+def test_media_from_the_environment(config_path: Path) -> None:
+    media = open_config(config_path, environ={
+        "DMBRIDGE_MEDIA__PUBLIC_URL": "https://media.example.net/",
+        "DMBRIDGE_MEDIA__LINK_TTL": "600",
+        "DMBRIDGE_MEDIA__MAX_UPLOAD_BYTES": "2048",
+    }).media
+    assert media == MediaSettings(max_upload_bytes=2048, link_ttl=600.0,
+                                  public_url="https://media.example.net")
+
+
+MEDIA_INVALID = {
+    "link_ttl zero": (
+        set_key("media.link_ttl", 0), "media.link_ttl", "must be a number from 10 to",
+    ),
+    "link_ttl too short": (set_key("media.link_ttl", 9.5), "media.link_ttl", "got 9.5"),
+    "link_ttl over 30 days": (
+        set_key("media.link_ttl", 30 * 86400 + 1), "media.link_ttl", "got 2592001",
+    ),
+    "link_ttl text": (set_key("media.link_ttl", "1d"), "media.link_ttl", "got '1d'"),
+    "link_ttl boolean": (set_key("media.link_ttl", True), "media.link_ttl", "got True"),
+    "max_upload_bytes text": (
+        set_key("media.max_upload_bytes", "big"), "media.max_upload_bytes",
+        "must be an integer from 1024 to",
+    ),
+    "max_upload_bytes too small": (
+        set_key("media.max_upload_bytes", 1023), "media.max_upload_bytes", "got 1023",
+    ),
+    "max_upload_bytes not whole": (
+        set_key("media.max_upload_bytes", 2048.5), "media.max_upload_bytes", "got 2048.5",
+    ),
+    "public_url not http": (
+        set_key("media.public_url", "ftp://x"), "media.public_url",
+        "must be an http(s) URL, got 'ftp://x'",
+    ),
+    "public_url without host": (
+        set_key("media.public_url", "https://"), "media.public_url", "must be an http(s) URL",
+    ),
+    "public_url not a URL": (
+        set_key("media.public_url", "bridge.example.org"), "media.public_url",
+        "must be an http(s) URL",
+    ),
+    "public_url not a string": (
+        set_key("media.public_url", 5), "media.public_url", "must be a non-empty string",
+    ),
+}
+
+
+@pytest.mark.parametrize(("change", "key", "problem"), MEDIA_INVALID.values(),
+                         ids=MEDIA_INVALID.keys())
+def test_media_validation_names_key_and_problem(
+    config_path: Path, change: Edit, key: str, problem: str
+) -> None:
+    edit(config_path, change)
+    with pytest.raises(ConfigError) as info:
+        open_config(config_path, environ={})
+    assert info.value.key == key
+    assert str(info.value).startswith(f"config key '{key}': ")
+    assert problem in str(info.value)
+
+
+def test_upgrade_adds_missing_media_section(config_path: Path) -> None:
+    text = config_path.read_text()
+    start = text.index("# Media: files platforms upload")
+    end = text.index("\n\n", start) + 2
+    config_path.write_text(text[:start] + text[end:])
+    assert "link_ttl" not in config_path.read_text()
+    settings = open_config(config_path, environ={})
+    assert settings.media == MediaSettings(public_url=settings.appservice_address)
+    upgraded = config_path.read_text()
+    assert "max_upload_bytes: 52428800" in upgraded and "link_ttl: 86400" in upgraded
