@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import resource
 import statistics
-import tempfile
 import time
 import zlib
 from collections.abc import Awaitable, Callable
 from functools import partial
-from pathlib import Path
 
 import aiohttp
 
-from bench.support import DB_HELP, database, spawn, stop
-from dmbridge.bridge import Bridge
-from dmbridge.localhs import free_port
-from tests.support.settings import AS_TOKEN, SMS_TOKEN, make_settings
+from bench.support import DB_HELP, bridge_on_stub
+from tests.support.settings import AS_TOKEN, SMS_TOKEN
 
 MIB = 1024 * 1024
 Transfer = Callable[[], Awaitable[object]]
@@ -66,19 +61,11 @@ async def main() -> None:
     parser.add_argument("--db", default="sqlite", help=DB_HELP)
     args = parser.parse_args()
 
-    stub, hs_url = spawn("bench.stub_homeserver", AS_TOKEN)
-    folder = Path(tempfile.mkdtemp(prefix="dmbridge-bench-"))
-    db_url, cluster = database(args.db, folder)
-    port = free_port()
-    settings = make_settings(folder, homeserver_url=hs_url, domain="localhost", port=port,
-                             db_url=db_url, **{"media.max_upload_bytes": max(args.sizes)})
-    bridge = Bridge(settings)
-    logging.disable(logging.INFO)
-    await bridge.start()
-    api = f"http://127.0.0.1:{port}/_dmbridge/v1/networks/sms"
-    hs_auth = {"Authorization": f"Bearer {AS_TOKEN}"}
-    net_auth = {"Authorization": f"Bearer {SMS_TOKEN}"}
-    try:
+    async with bridge_on_stub(args.db, **{"media.max_upload_bytes": max(args.sizes)}) as (
+            bridge, hs_url, port):
+        api = f"http://127.0.0.1:{port}/_dmbridge/v1/networks/sms"
+        hs_auth = {"Authorization": f"Bearer {AS_TOKEN}"}
+        net_auth = {"Authorization": f"Bearer {SMS_TOKEN}"}
         async with aiohttp.ClientSession() as session:
             async def post(url: str, data: bytes, headers: dict[str, str]) -> str:
                 async with session.post(url, data=data, headers={
@@ -124,11 +111,6 @@ async def main() -> None:
             for size, grew in rss.items():
                 print(f"peak RSS rise while {size}-byte files went through the bridge:"
                       f" {grew:.1f} MiB")
-    finally:
-        await bridge.stop()
-        stop(stub)
-        if cluster is not None:
-            cluster.stop()
 
 
 if __name__ == "__main__":

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+from dmbridge.bridge import Bridge
+from dmbridge.localhs import free_port
 from tests.support.postgres import PostgresCluster
+from tests.support.settings import AS_TOKEN, make_settings
 
 DB_HELP = "sqlite, postgres (a private throwaway cluster), or a postgres:// URL"
 
@@ -37,3 +45,29 @@ def database(choice: str, folder: Path) -> tuple[str, PostgresCluster | None]:
         cluster.start()
         return cluster.create_database("bench"), cluster
     return choice, None
+
+
+@asynccontextmanager
+async def bridge_on_stub(db: str, *, ping: bool = True, quiet: int = logging.INFO,
+                         networks: dict[str, dict[str, Any]] | None = None,
+                         **overrides: Any) -> AsyncIterator[tuple[Bridge, str, int]]:
+    """A bridge on the stub homeserver (its own process) and the ``--db`` database.
+
+    Yields the bridge, the homeserver's URL and the bridge's port; stops all three after.
+    """
+    stub, hs_url = spawn("bench.stub_homeserver", AS_TOKEN)
+    folder = Path(tempfile.mkdtemp(prefix="dmbridge-bench-"))
+    db_url, cluster = database(db, folder)
+    port = free_port()
+    settings = make_settings(folder, homeserver_url=hs_url, domain="localhost", port=port,
+                             db_url=db_url, networks=networks, **overrides)
+    bridge = Bridge(settings)
+    logging.disable(quiet)
+    try:
+        await bridge.start(ping=ping)
+        yield bridge, hs_url, port
+    finally:
+        await bridge.stop()
+        stop(stub)
+        if cluster is not None:
+            cluster.stop()

@@ -12,20 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import aiohttp
 
-from bench.support import DB_HELP, database, spawn, stop
-from dmbridge.bridge import Bridge
-from dmbridge.localhs import free_port
-from tests.support.settings import AS_TOKEN, make_settings
+from bench.support import DB_HELP, bridge_on_stub
+from tests.support.settings import AS_TOKEN
 
 PHONE = "+15551234567"
 GHOST = "@dm_sms_=2b15551234567:localhost"
@@ -55,15 +50,7 @@ async def main() -> None:
                         help=DB_HELP)
     args = parser.parse_args()
 
-    stub, hs_url = spawn("bench.stub_homeserver", AS_TOKEN)
-    folder = Path(tempfile.mkdtemp(prefix="dmbridge-bench-"))
-    db_url, cluster = database(args.db, folder)
-    settings = make_settings(folder, homeserver_url=hs_url, domain="localhost",
-                             port=free_port(), db_url=db_url)
-    bridge = Bridge(settings)
-    logging.disable(logging.INFO)
-    await bridge.start()
-    try:
+    async with bridge_on_stub(args.db) as (bridge, hs_url, _):
         alice = "@alice:localhost"
         room_id = (await bridge.dms.send("sms", PHONE, alice, message_id="warmup",
                                          text="hi")).room_id
@@ -99,11 +86,6 @@ async def main() -> None:
                 b, g = statistics.median(bare_rates), statistics.median(bridge_rates)
                 print(f"{conc:>11}  {b:>14.0f}  {g:>12.0f}  {1e6 / b:>11.0f}  {1e6 / g:>13.0f}"
                       f"  {b / g:>5.2f}  {per_msg:.2f}")
-    finally:
-        await bridge.stop()
-        stop(stub)
-        if cluster is not None:
-            cluster.stop()
 
 
 if __name__ == "__main__":
