@@ -35,6 +35,7 @@ from .errors import (
     NotPermitted,
     TooLarge,
     UnknownRecipient,
+    storable,
 )
 from .formatting import compose
 from .ghosts import Ghosts
@@ -44,6 +45,8 @@ from .locks import KeyedLocks
 from .media import MediaService, content_info, msgtype_for
 from .networks import Network
 from .relations import (
+    DuplicateReaction,
+    GhostNotInRoom,
     NotYours,
     Target,
     check_reaction_key,
@@ -108,6 +111,10 @@ def txn_id_for(network_id: str, remote_id: str, message_id: str) -> str:
     return f"dmbridge.{digest[:40]}"
 
 
+class _NoNewRoom(Exception):
+    """Only a new room would do, and the caller asked for none."""
+
+
 @dataclass(frozen=True)
 class Profile:
     """What the platform says about its user; None leaves that part as it is."""
@@ -119,6 +126,7 @@ class Profile:
 def _check_message_id(message_id: object, what: str = "message_id") -> None:
     if not isinstance(message_id, str) or not 0 < len(message_id) <= 255:
         raise InvalidParam(f"{what} must be a string of 1 to 255 characters")
+    storable(message_id, what)
 
 
 def _check_size(content: dict[str, Any]) -> None:
@@ -270,7 +278,13 @@ class DMService:
         if record is None or sender_avatar != record.ghost_avatar_url:
             await self._check_avatar(network, sender_avatar)  # before a room or a ghost exists
         profile = Profile(sender_name, sender_avatar)
-        opened = await self._open(network, remote_id, ghost_id, recipient, profile, record)
+        try:  # a reply, edit or reaction belongs in the room of its target: never a new one
+            opened = await self._open(network, remote_id, ghost_id, recipient, profile, record,
+                                      new_room=resolved is None)
+        except _NoNewRoom:
+            assert resolved is not None and target is not None
+            check_room(resolved, None, target, purpose)
+            raise
         if resolved is not None and target is not None:
             check_room(resolved, opened.dm.room_id, target, purpose)
             content = (edit_content(content, resolved.event_id) if edits is not None
@@ -327,7 +341,12 @@ class DMService:
                 txn_id_for(network.id, remote_id, reaction_id),
                 reaction_content(key, resolved.event_id),
             )
-        except (TimeoutError, MatrixRequestError, aiohttp.ClientError) as e:
+        except MatrixRequestError as e:
+            if e.errcode == "M_DUPLICATE_ANNOTATION":
+                raise DuplicateReaction(f"{remote_id} already reacted to {target} with {key!r}"
+                                        ) from e
+            raise HomeserverError(f"the homeserver did not take the reaction: {e!r}") from e
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise HomeserverError(f"the homeserver did not take the reaction: {e!r}") from e
         sent = await self.stores.messages.put(
             network.id, remote_id, reaction_id,
@@ -348,11 +367,17 @@ class DMService:
                                " only its sender can delete it")
             raise NotFound(f"{remote_id} sent no message {message_id} through the bridge")
         digest = hashlib.sha256(f"redact\0{network.id}\0{remote_id}\0{message_id}".encode())
-        async with homeserver_errors("delete the message"):
-            event_id = await self.homeserver.redact(
-                ghost_id, sent.room_id, sent.event_id, f"dmbridge.{digest.hexdigest()[:40]}",
-                reason,
-            )
+        try:
+            async with homeserver_errors("delete the message"):
+                event_id = await self.homeserver.redact(
+                    ghost_id, sent.room_id, sent.event_id,
+                    f"dmbridge.{digest.hexdigest()[:40]}", reason,
+                )
+        except HomeserverError as e:
+            if isinstance(e.__cause__, MForbidden):
+                raise GhostNotInRoom(f"{message_id} is in {sent.room_id}, which {ghost_id} has"
+                                     f" left; it can no longer be deleted") from e
+            raise
         await self.stores.messages.mark_redacted(network.id, remote_id, message_id, now_ms())
         log.info("%s user %s deleted %s (%s in %s)", network.id, remote_id, message_id,
                  sent.event_id, sent.room_id)
@@ -444,7 +469,7 @@ class DMService:
 
     async def _open(
         self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
-        profile: Profile, record: DMRecord | None,
+        profile: Profile, record: DMRecord | None, *, new_room: bool = True,
     ) -> OpenedDM:
         """Reuse the DM looked up as ``record`` if it is usable; otherwise fix or make one."""
         if record and record.state == ACTIVE and _unusable_reason(record) is None:
@@ -452,16 +477,20 @@ class DMService:
                                      record.ghost_avatar_url)
             return OpenedDM(DM.of(record), created=False)
         async with self._pair_locks.hold((ghost_id, user_id)):
-            return await self._open_locked(network, remote_id, ghost_id, user_id, profile)
+            return await self._open_locked(network, remote_id, ghost_id, user_id, profile,
+                                           new_room)
 
     async def _open_locked(
         self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
-        profile: Profile,
+        profile: Profile, new_room: bool = True,
     ) -> OpenedDM:
+        """``new_room=False``: reuse (or re-invite into) the current room, never make another."""
         deadline = time.monotonic() + self.settings.creation_timeout
         while True:
             record = await self.stores.dms.get_current(ghost_id, user_id)
             if record is None:
+                if not new_room:
+                    raise _NoNewRoom
                 await self._check_recipient_exists(user_id)
                 claim = secrets.token_hex(8)
                 if await self.stores.dms.claim(
@@ -482,6 +511,8 @@ class DMService:
                 if time.monotonic() >= deadline:
                     stale = now_ms() - record.updated_at > self.settings.creation_timeout * 1000
                     claim = secrets.token_hex(8)
+                    if stale and not new_room:
+                        raise _NoNewRoom
                     if stale and await self.stores.dms.take_over(
                         ghost_id, user_id, record.claim, claim, now_ms()
                     ):
@@ -501,6 +532,8 @@ class DMService:
             if (reason == "user-left" and self.settings.on_leave == "reinvite"
                     and await self._reinvite(record)):
                 return OpenedDM(DM.of(record), created=False)
+            if not new_room:
+                raise _NoNewRoom
             log.info("DM room %s (%s / %s) is no longer usable: %s; opening a new one",
                      record.room_id, ghost_id, user_id, reason)
             await self.stores.dms.end(record.room_id, now_ms())

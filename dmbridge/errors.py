@@ -95,3 +95,14 @@ class NotPermitted(BridgeError):
 
     status = 403
     errcode = "DMBRIDGE_NOT_PERMITTED"
+
+
+def storable(value: str, what: str) -> str:
+    """Text both databases and the homeserver can hold: no NUL, no lone surrogates."""
+    if "\x00" in value:
+        raise BadRequest(f"'{what}' must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"'{what}' is not valid Unicode (a lone surrogate)") from None
+    return value

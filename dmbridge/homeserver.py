@@ -17,6 +17,8 @@ from mautrix.types import EventID, RoomID, UserID
 log = logging.getLogger("dmbridge.homeserver")
 
 _RETRY_STATUSES = (502, 503, 504)
+# Media may stream for a long time; only a stall ends it.
+MEDIA_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
 
 
 class RequestLog:
@@ -132,11 +134,14 @@ class Homeserver:
         headers = {**self._headers, "Content-Type": mimetype, "Content-Length": str(size)}
         params = {"filename": filename} if filename else None
         async with self.session.post(self.base_url + path, data=data, params=params,
-                                     headers=headers) as resp:
-            text = await resp.text()
+                                     headers=headers, timeout=MEDIA_TIMEOUT) as resp:
+            text = await resp.text(errors="replace")
             if resp.status != 200:
                 raise _request_error(resp.status, text)
-            return str(json.loads(text)["content_uri"])
+            try:
+                return str(json.loads(text)["content_uri"])
+            except (ValueError, KeyError, TypeError):
+                raise _request_error(502, f"no content_uri in the answer: {text[:200]}") from None
 
     async def download(self, server: str, media_id: str) -> aiohttp.ClientResponse:
         """Open the homeserver's authenticated media download; the caller reads and closes it."""
@@ -145,10 +150,13 @@ class Homeserver:
         self.requests.add("GET", path)
         resp = await self.session.get(
             self.base_url + path, headers={"Authorization": self._headers["Authorization"]},
+            timeout=MEDIA_TIMEOUT,
         )
         if resp.status != 200:
-            text = await resp.text()
-            resp.release()
+            try:
+                text = await resp.text(errors="replace")
+            finally:
+                resp.release()
             raise _request_error(resp.status, text)
         return resp
 

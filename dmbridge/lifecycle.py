@@ -216,14 +216,14 @@ class Lifecycle:
                                  what, EventID(target) if target else None, key)
 
         if kind == "m.room.redaction":
-            redacts = content.get("redacts", raw.get("redacts"))  # in content from room v11
-            of = await self._target(conn, dm, redacts) if isinstance(redacts, str) else None
+            redacts = _event_ref(content.get("redacts", raw.get("redacts")))  # content: v11+
+            of = await self._target(conn, dm, redacts) if redacts else None
             if of is None:
                 log.info("%s: redaction %s of %s not delivered: the platform never had it",
                          dm.room_id, event_id, redacts)
                 return None, None
             reason = content.get("reason") if isinstance(content.get("reason"), str) else None
-            assert isinstance(redacts, str)
+            assert redacts is not None
             if of["message_id"] is not None:
                 await self.stores.messages.redacted_by_user(conn, dm.network, dm.remote_id,
                                                             redacts, now)
@@ -231,9 +231,9 @@ class Lifecycle:
                 await self.stores.matrix_messages.redacted(conn, redacts, now)
             return payloads.redaction(lane, room_id, raw, of, reason, now), None
         if kind == "m.reaction":
-            target, key = relates.get("event_id"), relates.get("key")
-            if relates.get("rel_type") != "m.annotation" or not isinstance(target, str) or (
-                    not isinstance(key, str)):
+            target, key = _event_ref(relates.get("event_id")), relates.get("key")
+            if relates.get("rel_type") != "m.annotation" or target is None or (
+                    not isinstance(key, str)) or "\x00" in key or len(key) > 1000:
                 log.info("%s: reaction %s is malformed; not delivered", dm.room_id, event_id)
                 return None, None
             to = await self._target(conn, dm, target) or payloads.target(target, None, "unknown")
@@ -241,7 +241,12 @@ class Lifecycle:
                     mapped(REACTION, target, key))
         new_content = content.get("m.new_content")
         if relates.get("rel_type") == "m.replace" and isinstance(new_content, dict):
-            target = str(relates.get("event_id"))
+            target = _event_ref(relates.get("event_id")) or "$unknown"
+            if await self.stores.messages.by_event(conn, dm.network, dm.remote_id, target):
+                # Only a message's sender may edit it (the spec); clients ignore this one too.
+                log.info("%s: %s tried to edit the contact's message %s; ignored", room_id,
+                         dm.user_id, target)
+                return None, None
             original = await self.stores.matrix_messages.get_in(conn, target)
             if original is not None and original.user_id == dm.user_id and (
                     original.network, original.remote_id) == (dm.network, dm.remote_id):
@@ -252,8 +257,9 @@ class Lifecycle:
                                      content=new_content), mapped(MESSAGE))
         in_reply_to = relates.get("m.in_reply_to")
         reply_to = None
-        if isinstance(in_reply_to, dict) and isinstance(in_reply_to.get("event_id"), str):
-            answered = in_reply_to["event_id"]
+        answered = _event_ref(in_reply_to.get("event_id")) if isinstance(
+            in_reply_to, dict) else None
+        if answered is not None:
             reply_to = await self._target(conn, dm, answered) or payloads.target(
                 answered, None, "unknown")
         return (payloads.message(lane, room_id, raw, dm.user_displayname, now,
@@ -284,6 +290,14 @@ class Lifecycle:
 
     def _is_bridge(self, user_id: str) -> bool:
         return user_id == self.bot_user_id or self.networks.parse_ghost(user_id) is not None
+
+
+def _event_ref(value: object) -> str | None:
+    """An event ID the databases can look up; anything else points at nothing known."""
+    if isinstance(value, str) and value.startswith("$") and len(value) <= 255 and (
+            "\x00" not in value):
+        return value
+    return None
 
 
 async def move(stores: Stores, conn: Connection, dm: DMRecord, state: str, reason: str,

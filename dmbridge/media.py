@@ -38,7 +38,7 @@ from .networks import Network
 
 log = logging.getLogger("dmbridge.media")
 
-MXC = re.compile(r"mxc://([A-Za-z0-9.\-:\[\]]+)/([A-Za-z0-9_\-]+)")
+MXC = re.compile(r"mxc://(?!\.{1,2}/)([A-Za-z0-9.\-:\[\]]+)/([A-Za-z0-9_\-]+)")
 _MIME = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+\-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+\-]{0,127}")
 _SNIFF_BYTES = 8192
 # Names a sniffed type goes by in Content-Type headers.
@@ -53,6 +53,9 @@ _ALIASES = {
 # Formats that are zip files inside: a sniffer may call them application/zip.
 _ZIP_BASED = re.compile(r"application/(vnd\.openxmlformats-.*|vnd\.oasis\.opendocument\..*|"
                         r"epub\+zip|java-archive|vnd\.android\.package-archive|.*\+zip)")
+# A sniffer's name for bytes that are also rightly called by the second name.
+_SAME_BYTES = frozenset({("image/apng", "image/png"), ("audio/ogg", "audio/opus"),
+                         ("video/ogg", "audio/ogg"), ("audio/ogg", "video/ogg")})
 # Kinds whose bytes always carry a signature the sniffer knows; anything else in them is a lie.
 _CHECKED_KINDS = ("image/", "audio/", "video/")
 
@@ -76,6 +79,9 @@ def declared_type(header: str | None) -> str:
         raise BadRequest("an upload needs a Content-Type header naming its media type")
     if not _MIME.fullmatch(value):
         raise InvalidParam(f"Content-Type {value!r} is not a media type (type/subtype)")
+    if value.startswith("multipart/"):
+        raise InvalidParam("send the file's own bytes as the body with its own Content-Type,"
+                           " not a multipart form")
     return _ALIASES.get(value, value)
 
 
@@ -88,6 +94,8 @@ def checked_type(declared: str, head: bytes) -> str:
         return declared
     if declared in ("application/octet-stream", sniffed):
         return sniffed
+    if (sniffed, declared) in _SAME_BYTES:
+        return declared
     if sniffed == "application/zip" and _ZIP_BASED.fullmatch(declared):
         return declared
     same_container = sniffed.split("/")[1] == declared.split("/")[1] and {

@@ -22,7 +22,7 @@ REACTION = "reaction"  # the Matrix user reacted to a message
 REDACTION = "redaction"  # the Matrix user deleted a message or took a reaction back
 
 MEDIA_MSGTYPES = frozenset({"m.image", "m.file", "m.audio", "m.video"})
-_MXC = re.compile(r"mxc://[A-Za-z0-9.\-:\[\]]+/[A-Za-z0-9_\-]+")
+_MXC = re.compile(r"mxc://(?!\.{1,2}/)[A-Za-z0-9.\-:\[\]]+/[A-Za-z0-9_\-]+")
 _REPLY_HTML = re.compile(r"^\s*<mx-reply>.*?</mx-reply>", re.DOTALL)
 
 

@@ -15,7 +15,7 @@ from mautrix.types import EventID, RoomID
 
 from .db import Stores
 from .db.message import MESSAGE
-from .errors import BadRequest, BridgeError, Forbidden, InvalidParam, NotFound
+from .errors import BadRequest, BridgeError, Forbidden, InvalidParam, NotFound, storable
 
 MAX_REACTION_KEY = 64
 _INVISIBLE = frozenset({"Cf", "Mn", "Me", "Zs", "Zl", "Zp"})
@@ -26,6 +26,20 @@ class TargetElsewhere(BridgeError):
 
     status = 409
     errcode = "DMBRIDGE_TARGET_IN_OTHER_ROOM"
+
+
+class DuplicateReaction(BridgeError):
+    """The sender already reacted to that message with that key (under another ID)."""
+
+    status = 409
+    errcode = "DMBRIDGE_DUPLICATE_REACTION"
+
+
+class GhostNotInRoom(BridgeError):
+    """The message lives in a room the ghost has left; nothing can be changed there."""
+
+    status = 409
+    errcode = "DMBRIDGE_GHOST_NOT_IN_ROOM"
 
 
 class NotYours(Forbidden):
@@ -52,7 +66,7 @@ class Target:
         (field, ident), = value.items()
         if not isinstance(ident, str) or not 0 < len(ident) <= 255:
             raise BadRequest(f"'{key}.{field}' must be a string of 1 to 255 characters")
-        return cls(**{field: ident})
+        return cls(**{field: storable(ident, f"{key}.{field}")})
 
     def __str__(self) -> str:
         return f"message {self.message_id}" if self.message_id else f"event {self.event_id}"

@@ -92,7 +92,8 @@ def make_api_app(service: DMService, outbox: Outbox, media: MediaService, settin
     app.router.add_put("/networks/{network}/reactions/{reaction_id}", handlers.react)
     app.router.add_put("/networks/{network}/ghosts/{remote_id}/profile", handlers.set_profile)
     app.router.add_post("/networks/{network}/media", handlers.upload_media)
-    app.router.add_get("/networks/{network}/media/{server}/{media_id}", handlers.download_media)
+    app.router.add_get("/networks/{network}/media/{server}/{media_id}", handlers.download_media,
+                       allow_head=False)
     app.router.add_post("/networks/{network}/dms", handlers.open_dm)
     app.router.add_get("/networks/{network}/dms", handlers.list_dms)
     app.router.add_put("/networks/{network}/typing", handlers.set_typing)

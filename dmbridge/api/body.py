@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import BadRequest, NotJSON, TooLarge
+from ..errors import BadRequest, NotJSON, TooLarge, storable
 
 
 async def read_object(request: web.Request, limit: int) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def string(body: dict[str, Any], key: str, *, required: bool = True, max_len: in
         raise BadRequest(f"'{key}' must be a non-empty string")
     if len(value) > max_len:
         raise TooLarge(f"'{key}' is longer than {max_len} characters")
-    return value
+    return storable(value, key)
 
 
 def required_string(body: dict[str, Any], key: str, max_len: int = 65536) -> str:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from ..dms import DM, SendResult
-from ..errors import BadRequest, TooLarge
+from ..errors import BadRequest, TooLarge, storable
 from ..media import media_headers
 from ..outbox import describe
 from ..relations import Target
 from . import app as api
 from .body import id_list, query_number, read_object, required_string, string
+
+log = logging.getLogger("dmbridge.api")
 
 
 def _dm_json(dm: DM) -> dict[str, Any]:
@@ -96,9 +100,12 @@ async def delete_message(request: web.Request) -> web.Response:
     sender = query.get("sender")
     if not sender:
         raise BadRequest("the 'sender' query parameter is required")
+    storable(sender, "sender")
     reason = query.get("reason")
     if reason is not None and len(reason) > 1000:
         raise TooLarge("'reason' is longer than 1000 characters")
+    if reason is not None:
+        storable(reason, "reason")
     result = await request.app[api.SERVICE].redact(
         request[api.NETWORK].id, sender, message_id=request.match_info["message_id"],
         reason=reason or None,
@@ -132,9 +139,16 @@ async def download_media(request: web.Request) -> web.StreamResponse:
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         await response.prepare(request)
-        async for chunk in upstream.content.iter_chunked(65536):
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            async for chunk in upstream.content.iter_chunked(65536):
+                await response.write(chunk)
+            await response.write_eof()
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+            # The answer has begun: an error body would corrupt the file. Cut the connection,
+            # so the platform sees a short download, not a wrong one.
+            log.warning("media %s/%s: download cut short: %r", server, media_id, e)
+            if request.transport is not None:
+                request.transport.close()
         return response
     finally:
         upstream.release()

@@ -276,10 +276,17 @@ async def test_matrix_replies_edits_reactions_and_deletions_reach_the_platform(
     timeline = await _timeline(human, room_id)
     [joined] = [e["event_id"] for e in timeline if e["type"] == "m.room.member"
                 and e["state_key"] == human.user_id and e["content"]["membership"] == "join"]
+    # Only a message's sender may edit it: the human's "edit" of the contact's is not delivered
+    # (the event list at the end shows nothing came of it).
+    await _post(human, room_id, "m.room.message", {
+        "msgtype": "m.text", "body": "* not yours",
+        "m.new_content": {"msgtype": "m.text", "body": "not yours"},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": hello},
+    })
     fallback = await _post(human, room_id, "m.room.message", {
         "msgtype": "m.text", "body": "* hello, edited",
         "m.new_content": {"msgtype": "m.text", "body": "hello, edited"},
-        "m.relates_to": {"rel_type": "m.replace", "event_id": hello},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": joined},
     })
     message = (await feed.expect("message", room_id=room_id))["message"]
     assert message["event_id"] == fallback

@@ -493,3 +493,26 @@ async def test_empty_chunks_are_an_empty_upload(stores: Stores) -> None:
                                    length=None, filename=None)
     assert "empty" in str(info.value)
     assert homeserver.uploads == []
+
+
+# --- forms, animated PNGs, Opus, dot-segment servers ----------------------------------------
+
+
+def test_a_multipart_form_is_refused_with_what_to_send_instead() -> None:
+    with pytest.raises(InvalidParam) as info:
+        declared_type("multipart/form-data; boundary=xyz")
+    assert "not a multipart form" in str(info.value)
+
+
+def test_an_animated_png_and_opus_audio_keep_their_declared_type() -> None:
+    apng = png(1, 1)[:33] + b"\x00\x00\x00\x08acTL" + b"\x00" * 12 + png(1, 1)[33:]
+    assert checked_type("image/png", apng) == "image/png"
+    ogg = b"OggS\x00\x02" + b"\x00" * 22 + b"\x13OpusHead" + b"\x00" * 40
+    assert checked_type("audio/opus", ogg) == "audio/opus"
+
+
+@pytest.mark.parametrize("uri", ["mxc://../config", "mxc://./x"])
+def test_a_dot_segment_server_is_no_content_uri(uri: str) -> None:
+    links = MediaLinks("secret-0123456789abcdef", "http://127.0.0.1:1", 60)
+    with pytest.raises(ValueError, match="not a content URI"):
+        links.make("sms", uri)

@@ -274,13 +274,23 @@ async def test_edit_of_the_users_own_message(
         raw, EDIT, original["event_id"])
 
 
-@pytest.mark.parametrize("case", ["unknown", "ghost's", "another DM's"])
+async def test_an_edit_of_the_contacts_message_is_not_delivered(
+    stores: Stores, dm: tuple[MatrixHandler, Recorder]
+) -> None:
+    """Only a message's sender may edit it: the user's m.replace of the ghost's goes nowhere."""
+    h, _ = dm
+    raw = edit(GHOST_EVENT, "rewritten")
+    await send(h, raw)
+    assert await outbox(stores) == []
+    assert await stores.matrix_messages.get(raw["event_id"]) is None
+
+
+@pytest.mark.parametrize("case", ["unknown", "another DM's"])
 async def test_edit_of_a_message_the_platform_never_had_is_a_message(
     stores: Stores, dm: tuple[MatrixHandler, Recorder], case: str
 ) -> None:
     h, _ = dm
-    target = {"unknown": "$never-seen", "ghost's": GHOST_EVENT, "another DM's": "$elsewhere"}[
-        case]
+    target = {"unknown": "$never-seen", "another DM's": "$elsewhere"}[case]
     if case == "another DM's":
         conn: Connection
         async with stores.db.acquire() as conn:

@@ -325,3 +325,10 @@ async def test_check_room(stores: Stores) -> None:
         assert str(info.value) == (
             f"{target} is in an earlier DM room ({OLD_ROOM}); the pair's DM is now {ROOM},"
             " so it can no longer be reacted to")
+
+
+@pytest.mark.parametrize("value", [{"message_id": "a\x00b"}, {"event_id": "$\ud800"}])
+def test_a_target_the_databases_cannot_hold_is_refused(value: dict[str, str]) -> None:
+    with pytest.raises(BadRequest) as info:
+        Target.parse({"reply_to": value}, "reply_to")
+    assert "reply_to." in str(info.value)

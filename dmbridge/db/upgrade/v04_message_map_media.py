@@ -9,6 +9,8 @@ async def upgrade_v4(conn: Connection, scheme: Scheme) -> None:
     await conn.execute("ALTER TABLE sent_message ADD COLUMN kind TEXT NOT NULL DEFAULT 'message'")
     await conn.execute("ALTER TABLE sent_message ADD COLUMN target_event_id TEXT")
     await conn.execute("ALTER TABLE sent_message ADD COLUMN redacted_at BIGINT")
+    # "Who sent this ID?": a refused edit or deletion is told whose message it is.
+    await conn.execute("CREATE INDEX sent_message_by_id ON sent_message (network, message_id)")
     # What a Matrix user sent that a platform was given, so the platform can point back at it.
     await conn.execute("""
         CREATE TABLE matrix_message (
