@@ -55,6 +55,7 @@ from .relations import (
     reaction_content,
     reply_content,
     resolve,
+    with_article,
 )
 
 log = logging.getLogger("dmbridge.dms")
@@ -105,9 +106,12 @@ class SendResult:
     duplicate: bool
 
 
-def txn_id_for(network_id: str, remote_id: str, message_id: str) -> str:
-    """Deterministic: the homeserver drops a resend of the same platform message."""
-    digest = hashlib.sha256(f"{network_id}\0{remote_id}\0{message_id}".encode()).hexdigest()
+def txn_id_for(network_id: str, remote_id: str, message_id: str, action: str = "") -> str:
+    """Deterministic: the homeserver drops a resend of the same platform message (or of the
+    same ``action`` on it, such as its deletion)."""
+    prefix = f"{action}\0" if action else ""
+    digest = hashlib.sha256(
+        f"{prefix}{network_id}\0{remote_id}\0{message_id}".encode()).hexdigest()
     return f"dmbridge.{digest[:40]}"
 
 
@@ -138,9 +142,8 @@ def _check_size(content: dict[str, Any]) -> None:
 def _duplicate(sent: SentMessage, kind: str, message_id: str) -> SendResult:
     """A retried request: the first answer again, unless the ID was used for something else."""
     if sent.kind != kind:
-        article = "an" if sent.kind[:1] in "aeiou" else "a"
-        raise InvalidParam(f"{message_id} was already used for {article} {sent.kind} by this"
-                           " sender; message, edit and reaction IDs share one space")
+        raise InvalidParam(f"{message_id} was already used for {with_article(sent.kind)} by"
+                           " this sender; message, edit and reaction IDs share one space")
     return SendResult(sent.room_id, sent.event_id, room_created=False, duplicate=True)
 
 
@@ -335,19 +338,18 @@ class DMService:
                                  purpose="react to")
         check_room(resolved, record.room_id, target, "react to")
         dm = DM.of(record)
-        try:
-            event_id = await self.homeserver.send_event(
-                dm.ghost_id, dm.room_id, "m.reaction",
-                txn_id_for(network.id, remote_id, reaction_id),
-                reaction_content(key, resolved.event_id),
-            )
-        except MatrixRequestError as e:
-            if e.errcode == "M_DUPLICATE_ANNOTATION":
+        async with homeserver_errors("take the reaction"):
+            try:
+                event_id = await self.homeserver.send_event(
+                    dm.ghost_id, dm.room_id, "m.reaction",
+                    txn_id_for(network.id, remote_id, reaction_id),
+                    reaction_content(key, resolved.event_id),
+                )
+            except MatrixRequestError as e:
+                if e.errcode != "M_DUPLICATE_ANNOTATION":
+                    raise
                 raise DuplicateReaction(f"{remote_id} already reacted to {target} with {key!r}"
                                         ) from e
-            raise HomeserverError(f"the homeserver did not take the reaction: {e!r}") from e
-        except (TimeoutError, aiohttp.ClientError) as e:
-            raise HomeserverError(f"the homeserver did not take the reaction: {e!r}") from e
         sent = await self.stores.messages.put(
             network.id, remote_id, reaction_id,
             SentMessage(dm.room_id, event_id, REACTION, resolved.event_id), now_ms(),
@@ -366,18 +368,15 @@ class DMService:
                 raise NotYours(f"message {message_id} was sent by another {network.id} user;"
                                " only its sender can delete it")
             raise NotFound(f"{remote_id} sent no message {message_id} through the bridge")
-        digest = hashlib.sha256(f"redact\0{network.id}\0{remote_id}\0{message_id}".encode())
-        try:
-            async with homeserver_errors("delete the message"):
+        async with homeserver_errors("delete the message"):
+            try:
                 event_id = await self.homeserver.redact(
                     ghost_id, sent.room_id, sent.event_id,
-                    f"dmbridge.{digest.hexdigest()[:40]}", reason,
+                    txn_id_for(network.id, remote_id, message_id, "redact"), reason,
                 )
-        except HomeserverError as e:
-            if isinstance(e.__cause__, MForbidden):
+            except MForbidden as e:
                 raise GhostNotInRoom(f"{message_id} is in {sent.room_id}, which {ghost_id} has"
                                      f" left; it can no longer be deleted") from e
-            raise
         await self.stores.messages.mark_redacted(network.id, remote_id, message_id, now_ms())
         log.info("%s user %s deleted %s (%s in %s)", network.id, remote_id, message_id,
                  sent.event_id, sent.room_id)
@@ -421,9 +420,8 @@ class DMService:
         """The remote user has read the DM up to ``event_id``, a message they were delivered."""
         dm = await self._current(network_id, remote_id, user_id)
         received = await self.stores.matrix_messages.get(event_id)
-        delivered = received is not None and (received.network, received.remote_id,
-                                              received.user_id) == (dm.network, dm.remote_id,
-                                                                    dm.user_id)
+        delivered = received is not None and received.of_dm(dm.network, dm.remote_id,
+                                                            dm.user_id)
         if not delivered and not await self.stores.outbox.was_delivered_message(
             dm.network, dm.remote_id, dm.user_id, event_id
         ):  # the outbox answers for messages delivered before the message map existed
@@ -669,14 +667,14 @@ class DMService:
         self, network: Network, remote_id: str, profile: Profile, name: str | None,
         avatar: str | None,
     ) -> None:
-        """The ghost's name and avatar as the platform last said; no request when unchanged."""
-        new_avatar = profile.avatar is not None and profile.avatar != avatar
-        if new_avatar:  # checked before anything changes: a refused request changes nothing
-            await self._check_avatar(network, profile.avatar)
+        """The ghost's name and avatar as the platform last said; no request when unchanged.
+
+        Callers check ``profile.avatar`` (:meth:`_check_avatar`) before anything changes, so a
+        refused avatar leaves no ghost, room or new name behind.
+        """
         async with homeserver_errors("set the ghost's profile"):
             await self.ghosts.sync_displayname(network, remote_id, profile.name, name)
-            if new_avatar:
-                assert profile.avatar is not None
+            if profile.avatar is not None and profile.avatar != avatar:
                 await self.ghosts.set_avatar(network, remote_id, profile.avatar)
 
     async def _check_avatar(self, network: Network, avatar: str | None,

@@ -87,10 +87,10 @@ class Lifecycle:
                     receipts, dict) else None
                 if not isinstance(mine, dict):
                     continue
-                message_id = await self.stores.messages.message_id_of(
-                    conn, dm.network, dm.remote_id, event_id)
-                if message_id is not None:
-                    items.append(payloads.read(lane, room_id, event_id, message_id,
+                sent = await self.stores.messages.by_event(conn, dm.network, dm.remote_id,
+                                                           event_id)
+                if sent is not None:
+                    items.append(payloads.read(lane, room_id, event_id, sent[0],
                                                mine.get("ts"), now))
         for payload in items:
             await self.stores.outbox.add(
@@ -248,8 +248,7 @@ class Lifecycle:
                          dm.user_id, target)
                 return None, None
             original = await self.stores.matrix_messages.get_in(conn, target)
-            if original is not None and original.user_id == dm.user_id and (
-                    original.network, original.remote_id) == (dm.network, dm.remote_id):
+            if original is not None and original.of_dm(dm.network, dm.remote_id, dm.user_id):
                 return (payloads.edit(lane, room_id, raw, new_content, target, now),
                         mapped(EDIT, target))
             # The platform never had the original: the edited text arrives as a message.
@@ -272,8 +271,7 @@ class Lifecycle:
         if sent is not None:
             return payloads.target(event_id, *sent)
         known = await self.stores.matrix_messages.get_in(conn, event_id)
-        if known is not None and (known.network, known.remote_id, known.user_id) == (
-                dm.network, dm.remote_id, dm.user_id):
+        if known is not None and known.of_dm(dm.network, dm.remote_id, dm.user_id):
             return payloads.target(event_id, None, known.kind)
         return None
 

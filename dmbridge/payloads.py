@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .formatting import HTML_FORMAT, sanitize
+from .media import MXC
 
 MESSAGE = "message"
 DM_STARTED = "dm.started"  # the Matrix user started (or resumed) a conversation
@@ -22,7 +23,6 @@ REACTION = "reaction"  # the Matrix user reacted to a message
 REDACTION = "redaction"  # the Matrix user deleted a message or took a reaction back
 
 MEDIA_MSGTYPES = frozenset({"m.image", "m.file", "m.audio", "m.video"})
-_MXC = re.compile(r"mxc://(?!\.{1,2}/)[A-Za-z0-9.\-:\[\]]+/[A-Za-z0-9_\-]+")
 _REPLY_HTML = re.compile(r"^\s*<mx-reply>.*?</mx-reply>", re.DOTALL)
 
 
@@ -108,7 +108,7 @@ def _strip_reply_fallback(body: str) -> str:
 def _media_of(content: dict[str, Any]) -> dict[str, Any] | None:
     """A Matrix user's file, image, video or audio; the link is added as it is handed out."""
     url = content.get("url")
-    if not isinstance(url, str) or not _MXC.fullmatch(url):
+    if not isinstance(url, str) or not MXC.fullmatch(url):
         return None  # not media, or encrypted media the bridge cannot read
     info = content.get("info") if isinstance(content.get("info"), dict) else {}
     assert isinstance(info, dict)

@@ -95,7 +95,8 @@ async def resolve(stores: Stores, network: str, remote_id: str, user_id: str, ta
             raise NotFound(f"{remote_id} sent no message {target.message_id} through the bridge;"
                            f" there is nothing to {purpose}")
         if sent.kind != MESSAGE:
-            raise InvalidParam(f"{target} is {_a(sent.kind)}, not a message; cannot {purpose} it")
+            raise InvalidParam(f"{target} is {with_article(sent.kind)}, not a message;"
+                               f" cannot {purpose} it")
         dm = await stores.dms.by_room(stores.db, sent.room_id)  # type: ignore[arg-type]
         if dm is not None and dm.user_id != user_id:
             raise NotFound(f"{target} was sent to {dm.user_id}, not {user_id}; there is nothing"
@@ -105,9 +106,7 @@ async def resolve(stores: Stores, network: str, remote_id: str, user_id: str, ta
         return Resolved(sent.event_id, sent.room_id, by_sender=True)
     assert target.event_id is not None
     received = await stores.matrix_messages.get(target.event_id)
-    if received is None or (received.network, received.remote_id, received.user_id) != (
-        network, remote_id, user_id
-    ):
+    if received is None or not received.of_dm(network, remote_id, user_id):
         raise NotFound(f"{target.event_id} is not a message {remote_id} received from {user_id};"
                        f" there is nothing to {purpose}")
     if purpose == "edit":
@@ -115,12 +114,12 @@ async def resolve(stores: Stores, network: str, remote_id: str, user_id: str, ta
     if received.redacted_at is not None:
         raise NotFound(f"{target} was deleted; cannot {purpose} it")
     if received.kind != MESSAGE:
-        raise InvalidParam(f"{target} is {_a(received.kind)}, not a message;"
+        raise InvalidParam(f"{target} is {with_article(received.kind)}, not a message;"
                            f" cannot {purpose} it")
     return Resolved(received.event_id, received.room_id, by_sender=False)
 
 
-def _a(kind: str) -> str:
+def with_article(kind: str) -> str:
     return f"an {kind}" if kind[:1] in "aeiou" else f"a {kind}"
 
 

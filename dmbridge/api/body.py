@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -27,7 +28,7 @@ async def read_object(request: web.Request, limit: int) -> dict[str, Any]:
     return body
 
 
-def string(body: dict[str, Any], key: str, *, required: bool = True, max_len: int = 65536
+def string(body: Mapping[str, Any], key: str, *, required: bool = True, max_len: int = 65536
            ) -> str | None:
     value = body.get(key)
     if value is None:
@@ -41,7 +42,7 @@ def string(body: dict[str, Any], key: str, *, required: bool = True, max_len: in
     return storable(value, key)
 
 
-def required_string(body: dict[str, Any], key: str, max_len: int = 65536) -> str:
+def required_string(body: Mapping[str, Any], key: str, max_len: int = 65536) -> str:
     value = string(body, key, max_len=max_len)
     assert value is not None
     return value

@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from ..dms import DM, SendResult
-from ..errors import BadRequest, TooLarge, storable
+from ..errors import BadRequest
 from ..media import media_headers
 from ..outbox import describe
 from ..relations import Target
@@ -44,7 +44,7 @@ async def send_message(request: web.Request) -> web.Response:
         markdown=string(body, "markdown", required=False),
         msgtype=string(body, "msgtype", required=False, max_len=16) or "text",
         sender_name=string(body, "sender_name", required=False, max_len=255),
-        sender_avatar=_avatar(body),
+        sender_avatar=string(body, "sender_avatar", required=False, max_len=255),
         media=string(body, "media", required=False, max_len=255),
         reply_to=Target.parse(body, "reply_to"),
         edits=string(body, "edits", required=False, max_len=255),
@@ -61,20 +61,13 @@ def _sent_json(result: SendResult) -> web.Response:
     })
 
 
-def _avatar(body: dict[str, Any], key: str = "sender_avatar") -> str | None:
-    """An uploaded image's content URI; "" removes the avatar."""
-    if body.get(key) == "":
-        return ""
-    return string(body, key, required=False, max_len=255)
-
-
 async def set_profile(request: web.Request) -> web.Response:
     """A ghost's display name and avatar, as the platform says; absent keys stay as they are."""
     body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
     ghost_id, name, avatar = await request.app[api.SERVICE].set_profile(
         request[api.NETWORK].id, request.match_info["remote_id"],
         name=string(body, "name", required=False, max_len=255),
-        avatar=_avatar(body, "avatar"),
+        avatar=string(body, "avatar", required=False, max_len=255),
     )
     return web.json_response({"ghost_id": ghost_id, "displayname": name, "avatar_url": avatar})
 
@@ -96,16 +89,9 @@ async def react(request: web.Request) -> web.Response:
 
 
 async def delete_message(request: web.Request) -> web.Response:
-    query = request.rel_url.query
-    sender = query.get("sender")
-    if not sender:
-        raise BadRequest("the 'sender' query parameter is required")
-    storable(sender, "sender")
-    reason = query.get("reason")
-    if reason is not None and len(reason) > 1000:
-        raise TooLarge("'reason' is longer than 1000 characters")
-    if reason is not None:
-        storable(reason, "reason")
+    query = request.rel_url.query  # query parameters follow the rules of body fields
+    sender = required_string(query, "sender")
+    reason = string(query, "reason", required=False, max_len=1000)
     result = await request.app[api.SERVICE].redact(
         request[api.NETWORK].id, sender, message_id=request.match_info["message_id"],
         reason=reason or None,
@@ -162,7 +148,7 @@ async def open_dm(request: web.Request) -> web.Response:
         required_string(body, "sender", 255),
         required_string(body, "recipient", 255),
         sender_name=string(body, "sender_name", required=False, max_len=255),
-        sender_avatar=_avatar(body),
+        sender_avatar=string(body, "sender_avatar", required=False, max_len=255),
     )
     return web.json_response({**_dm_json(opened.dm), "created": opened.created})
 

@@ -72,17 +72,6 @@ class SentMessageStore:
             event_id, network, remote_id, at_ms,
         )
 
-    @staticmethod
-    async def message_id_of(conn: Connection, network: str, remote_id: str, event_id: str
-                            ) -> str | None:
-        """The platform's ID of a message it sent, by the Matrix event it became."""
-        value = await conn.fetchval(
-            "SELECT message_id FROM sent_message WHERE event_id=$1 AND network=$2"
-            " AND remote_id=$3",
-            event_id, network, remote_id,
-        )
-        return str(value) if value is not None else None
-
     async def put(
         self, network: str, remote_id: str, message_id: str, sent: SentMessage, at_ms: int
     ) -> SentMessage:
@@ -120,6 +109,10 @@ class MatrixMessage:
     target_event_id: EventID | None = None
     reaction_key: str | None = None
     redacted_at: int | None = None
+
+    def of_dm(self, network: str, remote_id: str, user_id: str) -> bool:
+        """Was this given to that DM's platform (not to another contact or Matrix user)?"""
+        return (self.network, self.remote_id, self.user_id) == (network, remote_id, user_id)
 
 
 _MATRIX_COLUMNS = ("event_id, room_id, network, remote_id, user_id, kind, target_event_id,"
