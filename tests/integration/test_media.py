@@ -212,6 +212,12 @@ async def test_matrix_media_reaches_the_platform_through_signed_links(
     assert headers["X-Content-Type-Options"] == "nosniff"
     assert headers["Cache-Control"] == "private, no-store"
     assert headers["Content-Length"] == str(len(photo))
+    # HEAD is not served: a body after a HEAD answer would break the client's connection.
+    async with platform.session.head(url, headers={"Authorization": f"Bearer {CHAT_TOKEN}"}
+                                     ) as resp:
+        assert resp.status == 405
+    status, _, again = await _fetch(platform, url)  # the connection pool is still sound
+    assert (status, again) == (200, photo)
 
     # A caption: the platform gets it as the text, the file name as the media's name.
     other = png(4, 4, b"\x00\x00\xff")
