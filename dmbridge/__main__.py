@@ -22,6 +22,7 @@ from .config import (
     open_config,
     write_registration,
 )
+from .logfilter import limit_handlers
 
 
 def _setup_logging(level: str) -> None:
@@ -29,6 +30,8 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # A flood of clients must not flood the log: repeated lines are counted, then summarised.
+    limit_handlers(logging.getLogger().handlers)
     # mautrix logs every request at DEBUG on these; keep them quiet unless asked.
     if level != "DEBUG":
         logging.getLogger("mau").setLevel(logging.WARNING)

@@ -19,6 +19,7 @@ from mautrix.appservice.state_store import ASStateStore
 
 from .config import Settings
 from .homeserver import RequestLog
+from .listener import Listener
 from .matrix import MatrixHandler
 
 log = logging.getLogger("dmbridge.appservice")
@@ -33,7 +34,8 @@ def _error(status: int, errcode: str, message: str) -> web.Response:
 class BridgeAppService(AppService):
     handler: MatrixHandler
 
-    def __init__(self, settings: Settings, state_store: ASStateStore) -> None:
+    def __init__(self, settings: Settings, state_store: ASStateStore, listener: Listener) -> None:
+        self.listener = listener
         super().__init__(
             server=settings.homeserver_url,
             domain=settings.domain,
@@ -59,7 +61,8 @@ class BridgeAppService(AppService):
         return session
 
     async def start(self, host: str = "127.0.0.1", port: int = 8080) -> None:
-        """As mautrix's start, but on the session from :meth:`new_session`."""
+        """As mautrix's start, but on the session from :meth:`new_session`, and listening
+        through the :class:`Listener` (connection cap, timeouts)."""
         await self.state_store.open()
         self._intent = AppServiceAPI(
             base_url=self.server,
@@ -71,9 +74,10 @@ class BridgeAppService(AppService):
             client_session=self.http_session,
             default_retry_count=self.default_http_retry_count,
         ).bot_intent()
+        self.listener.install(self.app)
         self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port).start()
+        await self.listener.start(self.runner, host, port)
 
     def _auth_error(self, request: web.Request) -> web.Response | None:
         """401 without a token, 403 with a wrong one, as the spec asks."""

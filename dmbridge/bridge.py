@@ -18,6 +18,8 @@ from .dms import DMService
 from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
 from .invites import InviteHandler
+from .listener import Listener
+from .logfilter import LogLimits
 from .matrix import MatrixHandler
 from .media import MediaLinks, MediaService
 from .outbox import Outbox
@@ -32,6 +34,7 @@ class Bridge:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.log_limits = LogLimits()
         self.requests = RequestLog()
         self.db = Database.create(
             settings.database_url,
@@ -41,7 +44,8 @@ class Bridge:
         )
         self.state_store = PgASStateStore(self.db)
         self.stores = Stores.over(self.db)
-        self.appservice = BridgeAppService(settings, self.state_store)
+        self.listener = Listener(settings.listener)
+        self.appservice = BridgeAppService(settings, self.state_store, self.listener)
         self.ghosts = Ghosts(self.appservice, self.stores)
         self.matrix = MatrixHandler(
             stores=self.stores, networks=settings.networks, appservice=self.appservice,
@@ -56,6 +60,7 @@ class Bridge:
         self._dms: DMService | None = None
         self._homeserver: Homeserver | None = None
         self._prune_task: asyncio.Task[None] | None = None
+        self._log_task: asyncio.Task[None] | None = None
         self._invites: InviteHandler | None = None
 
     @staticmethod
@@ -71,6 +76,8 @@ class Bridge:
         return self._dms
 
     async def start(self, *, ping: bool = True) -> None:
+        self.log_limits.install()
+        self._log_task = asyncio.create_task(self._log_summaries())
         log.info("starting: database %s", _safe_url(self.settings.database_url))
         await self.db.start()
         await self.state_store.upgrade_table.upgrade(self.db)
@@ -137,10 +144,17 @@ class Bridge:
             except Exception:
                 log.exception("pruning processed events and delivered items failed")
 
+    async def _log_summaries(self) -> None:
+        while True:
+            await asyncio.sleep(self.log_limits.interval)
+            self.log_limits.flush()
+
     async def stop(self) -> None:
         log.info("stopping")
         if self._prune_task:
             self._prune_task.cancel()
+        if self._log_task:
+            self._log_task.cancel()
         if self._invites is not None:
             await self._invites.stop()
         await self.outbox.stop()
@@ -148,6 +162,7 @@ class Bridge:
         if self._homeserver is not None:
             await self._homeserver.close()
         await self.db.stop()
+        self.log_limits.remove()
 
 
 def _safe_url(url: str) -> str:

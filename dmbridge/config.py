@@ -6,7 +6,7 @@ import os
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 from yarl import URL
 
+from .listener import ListenerSettings
 from .localpart import is_valid_localpart
 from .networks import PULL, PUSH, Delivery, Network, Networks
 from .permissions import RuleError, UserRules
@@ -27,6 +28,8 @@ SECTIONS = (
     "logging",
 )
 ON_LEAVE = ("reinvite", "new_room")
+LISTENER_KEYS = ("idle_timeout", "header_timeout", "body_stall_timeout", "body_timeout",
+                 "max_connections", "max_uploads_per_network")
 _NETWORK_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _DOMAIN = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
@@ -63,6 +66,8 @@ class Config(BaseFileConfig):
             copy(f"media.{key}")
         copy("networks")
         copy("logging.level")
+        for key in LISTENER_KEYS:
+            copy(f"appservice.listener.{key}")
 
     def fill_placeholders(self) -> bool:
         """Replace every "generate" token with a fresh secret; True if anything changed."""
@@ -178,6 +183,7 @@ class Settings:
     on_leave: str = "reinvite"
     delivery: DeliverySettings = DeliverySettings()
     media: MediaSettings = MediaSettings()
+    listener: ListenerSettings = field(default_factory=ListenerSettings)
 
     @property
     def bot_user_id(self) -> str:
@@ -446,6 +452,20 @@ def load_settings(config: Config) -> Settings:
             link_ttl=r.number("media.link_ttl", 10, 30 * 86400),
             public_url=_public_url(r),
         ),
+        listener=_listener(r),
+    )
+
+
+def _listener(r: _Reader) -> ListenerSettings:
+    """appservice.listener: the HTTP listener's timeouts and bounds."""
+    key = "appservice.listener."
+    return ListenerSettings(
+        idle_timeout=r.number(key + "idle_timeout", 1, 86400),
+        header_timeout=r.number(key + "header_timeout", 1, 3600),
+        body_stall_timeout=r.number(key + "body_stall_timeout", 1, 3600),
+        body_timeout=r.number(key + "body_timeout", 1, 86400),
+        max_connections=r.integer(key + "max_connections", 0, 1_000_000),
+        max_uploads_per_network=r.integer(key + "max_uploads_per_network", 1, 1000),
     )
 
 

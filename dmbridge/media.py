@@ -67,6 +67,13 @@ class WrongContentType(BridgeError):
     errcode = "DMBRIDGE_WRONG_CONTENT_TYPE"
 
 
+class TooManyUploads(BridgeError):
+    """The network has as many uploads in progress as it may have at once."""
+
+    status = 429
+    errcode = "M_LIMIT_EXCEEDED"
+
+
 def msgtype_for(mimetype: str) -> str:
     kind = mimetype.split("/", 1)[0]
     return {"image": "m.image", "video": "m.video", "audio": "m.audio"}.get(kind, "m.file")
@@ -175,6 +182,8 @@ class MediaService:
     def __init__(self, *, settings: Settings, stores: Stores, homeserver: Homeserver,
                  links: MediaLinks) -> None:
         self.max_bytes = settings.media.max_upload_bytes
+        self.max_uploads = settings.listener.max_uploads_per_network
+        self._uploading: dict[str, int] = {}
         self.stores = stores
         self.homeserver = homeserver
         self.links = links
@@ -188,6 +197,22 @@ class MediaService:
         if length is not None and length > self.max_bytes:
             raise TooLarge(f"the upload is {length} bytes; the limit is {self.max_bytes}"
                            " (media.max_upload_bytes)")
+        uploading = self._uploading.get(network.id, 0)
+        if uploading >= self.max_uploads:
+            raise TooManyUploads(f"network '{network.id}' already has {uploading} uploads in "
+                                 "progress (appservice.listener.max_uploads_per_network); "
+                                 "retry when one has finished")
+        self._uploading[network.id] = uploading + 1
+        try:
+            return await self._upload(network, chunks, declared, name)
+        finally:
+            self._uploading[network.id] -= 1
+            if not self._uploading[network.id]:
+                del self._uploading[network.id]
+
+    async def _upload(self, network: Network, chunks: AsyncIterator[bytes], declared: str,
+                      name: str | None) -> Media:
+        # An unnamed file: it goes away when closed, also when the body stalls or is cut.
         with tempfile.TemporaryFile(prefix="dmbridge-upload-") as spool:
             size = await _spool(chunks, spool, self.max_bytes)
             if size == 0:
