@@ -29,9 +29,12 @@ from .errors import BridgeError
 
 log = logging.getLogger("dmbridge.listener")
 
-# Descriptors kept back from the cap for the database, homeserver and webhook clients, files,
-# and the connections asyncio accepts in one burst before the cap sees them (up to 100).
-MIN_FD_RESERVE = 128
+# The listen backlog; asyncio also accepts up to this many connections at a time, and a burst
+# of accepts runs a few batches ahead of the cap, which closes connections a moment later.
+BACKLOG = 128
+# Descriptors kept back from the cap: for the database, homeserver and webhook clients, files,
+# and those accepted connections the cap has not closed yet (measured: up to ~2 batches).
+MIN_FD_RESERVE = 3 * BACKLOG
 MIN_CONNECTIONS = 16
 UNLIMITED_NOFILE = 65536  # what "unlimited" counts as when deriving the cap
 
@@ -353,7 +356,7 @@ class ListenerSite(web.BaseSite):
     """A TCP site whose connections are :class:`ListenerConnection` (as TCPSite otherwise)."""
 
     def __init__(self, runner: web.AppRunner, listener: Listener, host: str, port: int) -> None:
-        super().__init__(runner)
+        super().__init__(runner, backlog=BACKLOG)
         self._listener = listener
         self._host, self._port = host, port
         self._bound_port: int | None = None

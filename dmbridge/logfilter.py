@@ -79,9 +79,10 @@ class RepeatFilter(logging.Filter):
         if self._windows.pop(key, None) is not window or not window.suppressed:
             return
         name, template, level = key
+        elapsed = min(self.interval, self.clock() - window.start)
         record = logging.LogRecord(
             name, level, __file__, 0, SUMMARY,
-            (window.suppressed, self.interval, name, _shorten(template)), None,
+            (window.suppressed, elapsed, name, _shorten(template)), None,
         )
         record.repeat_summary = True
         self.sink(record)
@@ -134,17 +135,20 @@ class LogLimits:
             logger.addFilter(repeat)
             self._installed.append((logger, repeat))
 
+    def _filters(self) -> list[RepeatFilter]:
+        on_root = [f for h in logging.getLogger().handlers for f in h.filters
+                   if isinstance(f, RepeatFilter)]
+        return [repeat for _, repeat in self._installed] + on_root
+
     def flush(self) -> None:
         """Summarise what was suppressed in windows that are over (called periodically)."""
-        for _, repeat in self._installed:
+        for repeat in self._filters():
             repeat.flush()
-        for handler in logging.getLogger().handlers:
-            for f in handler.filters:
-                if isinstance(f, RepeatFilter):
-                    f.flush()
 
     def remove(self) -> None:
-        for logger, repeat in self._installed:
+        """Summarise everything suppressed so far (the bridge stops), then uninstall."""
+        for repeat in self._filters():
             repeat.flush(force=True)
+        for logger, repeat in self._installed:
             logger.removeFilter(repeat)
         self._installed.clear()

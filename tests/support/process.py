@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -29,10 +30,11 @@ class BridgeProcess:
     """
 
     def __init__(self, config_path: Path, log_path: Path, *,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, nofile: int | None = None) -> None:
         self.config_path = config_path
         self.log_path = log_path
         self.env = dict(env or {})  # on top of os.environ, e.g. DMBRIDGE_* overrides
+        self.nofile = nofile  # the child's RLIMIT_NOFILE (soft and hard), if given
         self.starts = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -66,7 +68,22 @@ class BridgeProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            preexec_fn=self._limit if self.nofile is not None else None,
         )
+
+    def _limit(self) -> None:
+        """In the child, before exec: its file-descriptor limit."""
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+
+    def open_fds(self) -> list[str]:
+        """What the running bridge's file descriptors point at (sockets, files)."""
+        folder = Path(f"/proc/{self.pid}/fd")
+        targets = []
+        for fd in folder.iterdir():
+            with contextlib.suppress(OSError):
+                targets.append(os.readlink(fd))
+        return targets
 
     async def wait_ready(self, port: int, timeout: float = 60.0) -> None:
         """Until every ``READY_PATHS`` answers 200; fails early if the process exits."""

@@ -54,7 +54,10 @@ def make_settings(
     data["logging"]["level"] = "DEBUG"
     for key, value in overrides.items():
         section, name = key.split(".")
-        data[section][name] = value
+        if isinstance(value, dict) and isinstance(data[section].get(name), dict):
+            data[section][name].update(value)  # a nested block: only the keys given
+        else:
+            data[section][name] = value
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     with path.open("w") as f:

@@ -62,13 +62,13 @@ def test_the_new_connection_is_refused_when_every_other_is_busy() -> None:
 
 def test_the_cap_leaves_descriptors_for_everything_else(caplog: pytest.LogCaptureFixture
                                                          ) -> None:
-    assert connection_cap(0, 1024) == 1024 - 256
-    assert connection_cap(0, 256) == 256 - MIN_FD_RESERVE
-    assert connection_cap(0, 100) == 16  # never nothing
+    assert connection_cap(0, 1024) == 1024 - MIN_FD_RESERVE
+    assert connection_cap(0, 65536) == 65536 - 65536 // 4
+    assert connection_cap(0, 256) == 16  # never nothing
     assert connection_cap(100, 1024) == 100
     with caplog.at_level(logging.WARNING, "dmbridge.listener"):
-        assert connection_cap(5000, 1024) == 768
-    assert "leaves room for 768" in caplog.text
+        assert connection_cap(5000, 1024) == 640
+    assert "leaves room for 640" in caplog.text
 
 
 # --- a real server -----------------------------------------------------------------------------
