@@ -30,11 +30,11 @@ from .errors import BridgeError
 log = logging.getLogger("dmbridge.listener")
 
 # The listen backlog; asyncio also accepts up to this many connections at a time, and a burst
-# of accepts runs a few batches ahead of the cap, which closes connections a moment later.
+# of accepts runs up to two such batches ahead of the cap closing connections (measured).
 BACKLOG = 128
-# Descriptors kept back from the cap: for the database, homeserver and webhook clients, files,
-# and those accepted connections the cap has not closed yet (measured: up to ~2 batches).
-MIN_FD_RESERVE = 3 * BACKLOG
+# Descriptors kept back from the cap: that burst, the outgoing HTTP pools (mautrix's and the
+# homeserver client's, 100 connections each), the database, webhooks, files and the log.
+MIN_FD_RESERVE = 2 * BACKLOG + 256
 MIN_CONNECTIONS = 16
 UNLIMITED_NOFILE = 65536  # what "unlimited" counts as when deriving the cap
 

