@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 import aiohttp
 import filetype
 import imagesize
+from aiohttp.web import RequestPayloadError
 from mautrix.errors import MatrixRequestError
 from mautrix.types import ContentURI
 
@@ -281,12 +282,17 @@ def media_headers(upstream: Mapping[str, str]) -> dict[str, str]:
 
 async def _spool(chunks: AsyncIterator[bytes], spool: BinaryIO, limit: int) -> int:
     size = 0
-    async for chunk in chunks:
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"the upload exceeds the limit of {limit} bytes"
-                           " (media.max_upload_bytes)")
-        spool.write(chunk)
+    try:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge(f"the upload exceeds the limit of {limit} bytes"
+                               " (media.max_upload_bytes)")
+            spool.write(chunk)
+    except (ConnectionResetError, RequestPayloadError) as e:
+        # The client went away or garbled its body: nothing to keep, nothing to trace.
+        log.info("an upload was cut off after %d bytes: %r", size, e)
+        raise BadRequest(f"the upload ended after {size} bytes, before its end") from e
     spool.flush()
     return size
 

@@ -235,6 +235,25 @@ async def test_slow_headers_and_stalled_uploads_are_cut_off_and_leave_nothing_be
         assert _spool_files(proc, tmp) == []
         assert list(tmp.iterdir()) == []
 
+        # An upload the client gives up on halfway leaves nothing either, and no error trace.
+        reader, writer = await _raw(port)
+        writer.write(b"POST /_dmbridge/v1/networks/sms/media HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer " + SMS_TOKEN.encode() + b"\r\n"
+                     b"Content-Type: image/png\r\nContent-Length: 100000\r\n\r\n" + PNG[:40])
+        await writer.drain()
+        for _ in range(100):
+            if _spool_files(proc, tmp):
+                break
+            await asyncio.sleep(0.05)
+        assert _spool_files(proc, tmp), "the upload was never spooled"
+        writer.transport.abort()
+        for _ in range(100):
+            if not _spool_files(proc, tmp):
+                break
+            await asyncio.sleep(0.05)
+        assert _spool_files(proc, tmp) == []
+        assert list(tmp.iterdir()) == []
+
         # The slot is free again: an upload that flows is accepted.
         status, stored = await platform.call("POST", "/networks/sms/media", SMS_TOKEN, data=PNG,
                                              params={"filename": "dot.png"})
@@ -243,3 +262,4 @@ async def test_slow_headers_and_stalled_uploads_are_cut_off_and_leave_nothing_be
         log = proc.log_path.read_text(errors="replace")
         assert "no complete request headers within 1" in log
         assert "the request body stalled" in log
+        assert "Traceback" not in log, log
