@@ -1,13 +1,14 @@
 """The one HTTP listener (platform API and homeserver transactions): bounded in time and count.
 
-aiohttp already closes a connection that sends no complete request within ``keepalive_timeout``
-(armed when it opens and again after every answer) and bounds header sizes. It has no cap on
-open connections and no bound on how long a request's headers or body may take to arrive; those
-are written here:
+aiohttp closes a keep-alive connection that sends no further request within
+``keepalive_timeout`` and bounds header sizes. It has no cap on open connections and no bound on
+how long a request's headers or body may take to arrive; those are written here:
 
 - a cap on open connections, below the process's file-descriptor limit: when it is reached,
   the connection idle the longest (no request in flight) is closed so the new one is served;
-- a header timer: a client that has begun a request must finish its headers in time;
+- a header timer: a client must send a request's headers in time, counted from when it
+  connects or begins its next request (aiohttp's keep-alive timer bounds the wait between
+  requests: the idle timeout);
 - a body watch: a request body must keep flowing (stall) and end in time (overall), or the
   request is answered 408 and the connection closed.
 """
@@ -44,9 +45,10 @@ class ListenerSettings:
     """Timeouts and bounds of the listener (config block ``appservice.listener``)."""
 
     idle_timeout: float = 60.0
-    """Seconds a connection may stay open with no request (before the first, between two)."""
+    """Seconds a keep-alive connection may wait for its next request."""
     header_timeout: float = 10.0
-    """Seconds a client has to send a request's headers once it has begun them."""
+    """Seconds a client has to send a request's headers, from connecting or from beginning its
+    next request."""
     body_stall_timeout: float = 30.0
     """Seconds a request body may pause between two pieces before the request is dropped."""
     body_timeout: float = 600.0
@@ -142,12 +144,15 @@ class ListenerConnection(web.RequestHandler):
         self.listener = listener
         self.busy = False
         self.answered = 0
+        self.received = False
         self.close_reason: str | None = None
         self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.listener.opened(self)
+        if self.close_reason is None:  # the first request's headers are due from now
+            self._start_header_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.close_reason = self.close_reason or "lost"
@@ -156,18 +161,29 @@ class ListenerConnection(web.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if data and not self.busy and self._header_timer is None and self.close_reason is None:
-            self._header_timer = self.listener.loop.call_later(
-                self.listener.settings.header_timeout, self._headers_late)
+        if data:
+            self.received = True
+            if not self.busy and self._header_timer is None and self.close_reason is None:
+                self._start_header_timer()  # the next request has begun
         super().data_received(data)
+
+    def _start_header_timer(self) -> None:
+        self._header_timer = self.listener.loop.call_later(
+            self.listener.settings.header_timeout, self._headers_late)
 
     def _headers_late(self) -> None:
         self._header_timer = None
-        if not self.busy:
-            self.listener.warn("closed a connection from %s: no complete request "
-                               "headers within %s s (appservice.listener.header_timeout)",
-                               self.peername, self.listener.settings.header_timeout)
-            self.close_for("headers")
+        if self.busy:
+            return
+        timeout = self.listener.settings.header_timeout
+        if self.received:
+            self.listener.warn("closed a connection from %s: no complete request headers "
+                               "within %s s (appservice.listener.header_timeout)",
+                               self.peername, timeout)
+        else:
+            self.listener.warn("closed a connection from %s that sent nothing within %s s "
+                               "(appservice.listener.header_timeout)", self.peername, timeout)
+        self.close_for("headers")
 
     def _stop_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -196,13 +212,8 @@ class ListenerConnection(web.RequestHandler):
         if self.close_reason is None and not self.busy and self.transport is not None and (
                 not self.listener.stopping):
             self.close_reason = "idle"
-            if self.answered == 0:
-                self.listener.warn("closed a connection from %s that sent no request "
-                                   "within %s s (appservice.listener.idle_timeout)",
-                                   self.peername, self.listener.settings.idle_timeout)
-            else:
-                log.debug("closed a keep-alive connection from %s after %d requests",
-                          self.peername, self.answered)
+            log.debug("closed a keep-alive connection from %s, idle after %d requests",
+                      self.peername, self.answered)
         super().force_close()
 
 

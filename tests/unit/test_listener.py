@@ -193,13 +193,25 @@ async def test_headers_sent_slowly_are_cut_off(caplog: pytest.LogCaptureFixture)
         writer.close()
 
 
-async def test_a_connection_that_never_sends_a_request_is_closed_when_idle(
+async def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(
         caplog: pytest.LogCaptureFixture) -> None:
-    async with serve(idle_timeout=0.5) as server:
+    async with serve(header_timeout=0.5, idle_timeout=60) as server:
         reader, writer = await server.connect()
         with caplog.at_level(logging.WARNING, "dmbridge.listener"):
             assert await closed(reader)
-        assert "sent no request within 0.5 s" in caplog.text
+        assert "sent nothing within 0.5 s" in caplog.text
+        writer.close()
+
+
+async def test_a_keep_alive_connection_is_closed_when_idle_and_not_before_its_answer(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async with serve(header_timeout=60, idle_timeout=2) as server:
+        reader, writer = await server.connect()
+        for _ in range(3):  # quicker than the idle timeout: the connection is kept
+            assert await request(reader, writer, "/fast") == b'HTTP/1.1 200 OK {"fast": true}'
+        with caplog.at_level(logging.DEBUG, "dmbridge.listener"):
+            assert await closed(reader)
+        assert "idle after 3 requests" in caplog.text
         writer.close()
 
 
