@@ -23,6 +23,7 @@ from dmbridge.db import Stores
 from dmbridge.db.media import Media
 from dmbridge.errors import BadRequest, Forbidden, InvalidParam, TooLarge
 from dmbridge.homeserver import Homeserver
+from dmbridge.listener import ListenerSettings
 from dmbridge.media import (
     MediaLinks,
     MediaService,
@@ -375,7 +376,8 @@ class FakeHomeserver:
 
 def service(stores: Stores, max_bytes: int = 1000) -> tuple[MediaService, FakeHomeserver]:
     homeserver = FakeHomeserver()
-    settings = SimpleNamespace(media=SimpleNamespace(max_upload_bytes=max_bytes))
+    settings = SimpleNamespace(media=SimpleNamespace(max_upload_bytes=max_bytes),
+                               listener=ListenerSettings())
     return MediaService(settings=cast(Any, settings), stores=stores,
                         homeserver=cast(Homeserver, homeserver), links=links()), homeserver
 
