@@ -44,8 +44,9 @@ UNLIMITED_NOFILE = 65536  # what "unlimited" counts as when deriving the cap
 class ListenerSettings:
     """Timeouts and bounds of the listener (config block ``appservice.listener``)."""
 
-    idle_timeout: float = 60.0
-    """Seconds a keep-alive connection may wait for its next request."""
+    idle_timeout: float = 180.0
+    """Seconds a keep-alive connection may wait for its next request. Longer than Synapse keeps
+    idle connections (120 s), so it closes them first and never sends on one being closed."""
     header_timeout: float = 10.0
     """Seconds a client has to send a request's headers, from connecting or from beginning its
     next request."""

@@ -31,7 +31,7 @@ def test_an_older_file_without_the_block_gets_it_with_its_comments(config_path: 
     assert "idle_timeout" not in config_path.read_text()
     assert open_config(config_path, environ={}).listener == ListenerSettings()
     text = config_path.read_text()
-    assert "idle_timeout: 60" in text
+    assert "idle_timeout: 180" in text
     assert "# The most connections open at once." in text
 
 
