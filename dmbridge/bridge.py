@@ -21,6 +21,8 @@ from .invites import InviteHandler
 from .matrix import MatrixHandler
 from .media import MediaLinks, MediaService
 from .outbox import Outbox
+from .quotas import Quotas
+from .ratelimit import HomeserverLimits, Pacing
 
 log = logging.getLogger("dmbridge")
 
@@ -33,6 +35,11 @@ class Bridge:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.requests = RequestLog()
+        limits = settings.rate_limits
+        self.limits = HomeserverLimits(self.requests, limits.background_wait)
+        self.quotas = Quotas()
+        self.pacing = Pacing(limits.rooms_per_second, limits.room_burst, self.quotas,
+                             limits.background_wait)
         self.db = Database.create(
             settings.database_url,
             upgrade_table=upgrade_table,
@@ -75,15 +82,15 @@ class Bridge:
         await self.db.start()
         await self.state_store.upgrade_table.upgrade(self.db)
         await self.matrix.prune()
-        self.appservice.new_session(self.requests)
+        self.appservice.new_session([self.limits.middleware])
         self._homeserver = Homeserver(
-            self.settings.homeserver_url, self.settings.as_token, self.requests
+            self.settings.homeserver_url, self.settings.as_token, [self.limits.middleware]
         )
         media = MediaService(settings=self.settings, stores=self.stores,
                              homeserver=self._homeserver, links=self.links)
         self._dms = DMService(
             settings=self.settings, stores=self.stores, appservice=self.appservice,
-            ghosts=self.ghosts, homeserver=self._homeserver, media=media,
+            ghosts=self.ghosts, homeserver=self._homeserver, media=media, pacing=self.pacing,
         )
         self._invites = InviteHandler(
             stores=self.stores, networks=self.settings.networks, ghosts=self.ghosts,
@@ -91,7 +98,7 @@ class Bridge:
         )
         self.matrix.on_invited = self._invites.wake
         self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox, media,
-                                                            self.settings))
+                                                            self.settings, self.quotas))
         await self.appservice.start(self.settings.hostname, self.settings.port)
         self._prune_task = asyncio.create_task(self._prune_loop())
         log.info("listening on http://%s:%d (API under %s)", self.settings.hostname,
@@ -147,6 +154,7 @@ class Bridge:
         await self.appservice.stop()
         if self._homeserver is not None:
             await self._homeserver.close()
+        self.limits.close()
         await self.db.stop()
 
 

@@ -18,13 +18,14 @@ from yarl import URL
 from .localpart import is_valid_localpart
 from .networks import PULL, PUSH, Delivery, Network, Networks
 from .permissions import RuleError, UserRules
+from .quotas import QuotaSettings
 
 EXAMPLE = "pkg://dmbridge/example-config.yaml"
 ENV_PREFIX = "DMBRIDGE_"
 PLACEHOLDER = "generate"
 SECTIONS = (
     "homeserver", "appservice", "database", "api", "dm", "delivery", "media", "networks",
-    "logging",
+    "logging", "rate_limits",
 )
 ON_LEAVE = ("reinvite", "new_room")
 _NETWORK_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -63,6 +64,10 @@ class Config(BaseFileConfig):
             copy(f"media.{key}")
         copy("networks")
         copy("logging.level")
+        # Rate limits: the homeserver's, waited out, and the bridge's own pacing.
+        for key in ("request_wait", "background_wait", "room_creation.per_second",
+                    "room_creation.burst"):
+            copy(f"rate_limits.{key}")
 
     def fill_placeholders(self) -> bool:
         """Replace every "generate" token with a fresh secret; True if anything changed."""
@@ -156,6 +161,18 @@ class MediaSettings:
 
 
 @dataclass(frozen=True)
+class RateLimitSettings:
+    """How long rate limits are waited out, and how fast the bridge opens rooms."""
+
+    request_wait: float = 20.0
+    """Seconds a platform's request may spend waiting, in all; then it is answered 429."""
+    background_wait: float = 60.0
+    """Seconds background work waits for one homeserver call; then it tries again later."""
+    rooms_per_second: float = 1.0
+    room_burst: int = 10
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the bridge needs, validated. Built only through :func:`load_settings`."""
 
@@ -178,6 +195,7 @@ class Settings:
     on_leave: str = "reinvite"
     delivery: DeliverySettings = DeliverySettings()
     media: MediaSettings = MediaSettings()
+    rate_limits: RateLimitSettings = RateLimitSettings()
 
     @property
     def bot_user_id(self) -> str:
@@ -194,6 +212,8 @@ class Settings:
             "as_token": self.as_token,
             "hs_token": self.hs_token,
             "sender_localpart": self.bot_localpart,
+            # The bridge paces itself and keeps per-network quotas; the homeserver's per-user
+            # limits are made for one person typing (README: "Rate limits").
             "rate_limited": False,
             # Typing and read receipts (MSC2409), under the stable and the older unstable key.
             "receive_ephemeral": True,
@@ -326,7 +346,32 @@ def _network(r: _Reader, i: int, domain: str) -> Network:
         delivery=delivery,
         send_to=send_to,
         invites_from=invites_from,
+        quotas=_quotas(raw.get("quotas"), key),
     )
+
+
+def _quotas(raw: Any, key: str) -> QuotaSettings:
+    """networks[].quotas: absent keys take the defaults; 0 turns a quota off."""
+    if raw is None:
+        return QuotaSettings()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}.quotas", "must be a mapping with messages_per_second, ...")
+    default = QuotaSettings()
+    limits = {"messages_per_second": (0, 100_000, False), "message_burst": (1, 1_000_000, True),
+              "new_dms_per_hour": (0, 1_000_000, True)}
+    values: dict[str, Any] = {}
+    for name in raw:
+        if name not in limits:
+            raise ConfigError(f"{key}.quotas.{name}", f"unknown; the keys are {', '.join(limits)}")
+    for name, (low, high, integral) in limits.items():
+        value = raw.get(name, getattr(default, name))
+        kinds = (int,) if integral else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+            what = "an integer" if integral else "a number"
+            raise ConfigError(f"{key}.quotas.{name}",
+                              f"must be {what} from {low} to {high}, got {value!r}")
+        values[name] = value if integral else float(value)
+    return QuotaSettings(**values)
 
 
 def _delivery(raw: Any, key: str) -> Delivery:
@@ -445,6 +490,12 @@ def load_settings(config: Config) -> Settings:
             max_upload_bytes=r.integer("media.max_upload_bytes", 1024, 4 * 1024**3),
             link_ttl=r.number("media.link_ttl", 10, 30 * 86400),
             public_url=_public_url(r),
+        ),
+        rate_limits=RateLimitSettings(
+            request_wait=r.number("rate_limits.request_wait", 0, 120),
+            background_wait=r.number("rate_limits.background_wait", 1, 240),
+            rooms_per_second=r.number("rate_limits.room_creation.per_second", 0.001, 1000),
+            room_burst=r.integer("rate_limits.room_creation.burst", 1, 10_000),
         ),
     )
 
