@@ -15,6 +15,7 @@ from .appservice import BridgeAppService
 from .config import Settings
 from .db import Stores, upgrade_table
 from .dms import DMService
+from .errors import RateLimited
 from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
 from .invites import InviteHandler
@@ -113,7 +114,7 @@ class Bridge:
     async def _register_bot(self) -> None:
         try:
             await self.appservice.intent.ensure_registered()
-        except (MatrixRequestError, aiohttp.ClientError) as e:
+        except (MatrixRequestError, aiohttp.ClientError, RateLimited) as e:
             log.error("could not register the bridge bot %s at %s: %s",
                       self.settings.bot_user_id, self.settings.homeserver_url, e)
 
@@ -130,6 +131,9 @@ class Bridge:
         except aiohttp.ClientError as e:
             log.error("the homeserver at %s (homeserver.address) is unreachable: %s",
                       self.settings.homeserver_url, e)
+            return False
+        except RateLimited as e:
+            log.error("the homeserver rate-limits the bridge's self-check: %s", e)
             return False
         log.info("the homeserver reaches the bridge at %s (%d ms)",
                  self.settings.appservice_address, duration)

@@ -35,10 +35,11 @@ class RequestLog:
         self.by_endpoint: Counter[str] = Counter()
         self.recent: deque[tuple[str, str]] = deque(maxlen=recent)
 
-    def add(self, method: str, path: str) -> None:
+    def add(self, method: str, path: str, endpoint: str | None = None) -> None:
+        """Count one request; ``endpoint`` is ``method endpoint_of(path)`` if known already."""
         self.total += 1
         self.recent.append((method, path))
-        self.by_endpoint[f"{method} {endpoint_of(path)}"] += 1
+        self.by_endpoint[endpoint or f"{method} {endpoint_of(path)}"] += 1
 
 
 def endpoint_of(path: str) -> str:

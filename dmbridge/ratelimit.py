@@ -100,16 +100,17 @@ class HomeserverLimits:
 
     async def middleware(self, req: ClientRequest, handler: ClientHandlerType
                          ) -> ClientResponse:
-        endpoint = f"{req.method} {endpoint_of(req.url.path)}"
+        path = req.url.path
+        endpoint = f"{req.method} {endpoint_of(path)}"
         key = (endpoint, req.url.query.get("user_id", ""))
         deadline = time.monotonic() + remaining(self.background_wait)
         for _ in range(MAX_ATTEMPTS):
-            held = self._holds.get(key)
+            held = self._holds.get(key) if self._holds else None
             if held is not None:
                 if held > time.monotonic():
                     await self._pause(endpoint, held - time.monotonic(), deadline)
                 self._holds.pop(key, None)
-            self.requests.add(req.method, req.url.path)
+            self.requests.add(req.method, path, endpoint)
             resp = await handler(req)
             if resp.status != 429:
                 return resp
