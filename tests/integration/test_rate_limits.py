@@ -26,8 +26,10 @@ from tests.support.matrix import Human
 from tests.support.settings import CHAT_TOKEN, SMS_TOKEN
 
 # Per user (each ghost is one): a burst of 5, then 2 actions a second; createRoom counts
-# against rc_message too.
+# against rc_message too. A ghost joins one room at once, then one every two seconds.
 LOW_LIMITS = {
+    "rc_joins": {"local": {"per_second": 0.5, "burst_count": 1},
+                 "remote": {"per_second": 0.5, "burst_count": 1}},
     "rc_message": {"per_second": 2, "burst_count": 5},
     "rc_room_creation": {"per_second": 1, "burst_count": 5},
     "rc_invites": {
@@ -168,6 +170,24 @@ async def test_a_burst_of_first_contacts_lands_once_each(
 
     await asyncio.gather(*(sees_one_dm_and_one_message(i, h, a)
                            for i, (h, a) in enumerate(zip(humans, answers, strict=True))))
+
+
+async def test_invites_to_a_ghost_are_answered_through_join_limits(
+    start_limited_bridge: BridgeFactory, limited_humans: Callable[[], Awaitable[Human]],
+) -> None:
+    """Background work waits out the homeserver's limits instead of failing: several users
+    invite the same ghost at once, and it joins every room as their DM."""
+    bridge = await start_limited_bridge()
+    humans = await asyncio.gather(*(limited_humans() for _ in range(4)))
+    ghost = f"@dm_chat_carol-{uuid.uuid4().hex[:6]}:{DOMAIN}"
+    rooms = await asyncio.gather(*(human.create_dm(ghost) for human in humans))
+    for human, room_id in zip(humans, rooms, strict=True):
+        await human.wait_membership(room_id, ghost, "join", timeout=90)
+    joins = bridge.requests.by_endpoint["POST /_matrix/client/v3/rooms/{id}/join"]
+    assert joins > len(rooms), "the homeserver rate-limited some joins, and they were retried"
+    for human, room_id in zip(humans, rooms, strict=True):
+        dms = await bridge.dms.list_dms(network_id="chat", user_id=human.user_id)
+        assert [dm.room_id for dm in dms] == [room_id]
 
 
 async def test_network_quotas_answer_429_with_retry_after(
