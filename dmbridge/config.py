@@ -491,12 +491,20 @@ def load_settings(config: Config) -> Settings:
             link_ttl=r.number("media.link_ttl", 10, 30 * 86400),
             public_url=_public_url(r),
         ),
-        rate_limits=RateLimitSettings(
-            request_wait=r.number("rate_limits.request_wait", 0, 120),
-            background_wait=r.number("rate_limits.background_wait", 1, 240),
-            rooms_per_second=r.number("rate_limits.room_creation.per_second", 0.001, 1000),
-            room_burst=r.integer("rate_limits.room_creation.burst", 1, 10_000),
-        ),
+        rate_limits=_rate_limits(r),
+    )
+
+
+def _rate_limits(r: _Reader) -> RateLimitSettings:
+    request_wait = r.number("rate_limits.request_wait", 0, 120)
+    if request_wait >= r.number("dm.creation_timeout", 1, 3600):
+        # A request still waiting to create its room would look abandoned to the others.
+        raise ConfigError("rate_limits.request_wait", "must be below dm.creation_timeout")
+    return RateLimitSettings(
+        request_wait=request_wait,
+        background_wait=r.number("rate_limits.background_wait", 1, 240),
+        rooms_per_second=r.number("rate_limits.room_creation.per_second", 0.001, 1000),
+        room_burst=r.integer("rate_limits.room_creation.burst", 1, 10_000),
     )
 
 

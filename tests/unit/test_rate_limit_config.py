@@ -72,6 +72,9 @@ def test_from_the_environment(config_path: Path) -> None:
 INVALID: dict[str, tuple[Edit, str, str]] = {
     "request_wait too long": (set_key("rate_limits.request_wait", 121),
                               "rate_limits.request_wait", "from 0 to 120, got 121"),
+    "request_wait not below creation_timeout": (
+        set_key("rate_limits.request_wait", 30), "rate_limits.request_wait",
+        "must be below dm.creation_timeout"),
     "background_wait zero": (set_key("rate_limits.background_wait", 0),
                              "rate_limits.background_wait", "got 0"),
     "room rate zero": (set_key("rate_limits.room_creation.per_second", 0),
