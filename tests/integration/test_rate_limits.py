@@ -21,7 +21,14 @@ from ruamel.yaml import YAML
 from dmbridge.bridge import Bridge
 from dmbridge.config import write_registration
 from dmbridge.localhs import LocalSynapse, ensure_synapse, free_port
-from tests.integration.conftest import DOMAIN, PASSWORD, BridgeFactory, Homeserver, Platform
+from tests.integration.conftest import (
+    DOMAIN,
+    PASSWORD,
+    BridgeFactory,
+    Homeserver,
+    Platform,
+    wait_for,
+)
 from tests.support.matrix import Human
 from tests.support.settings import CHAT_TOKEN, SMS_TOKEN
 
@@ -186,8 +193,11 @@ async def test_invites_to_a_ghost_are_answered_through_join_limits(
     joins = bridge.requests.by_endpoint["POST /_matrix/client/v3/rooms/{id}/join"]
     assert joins > len(rooms), "the homeserver rate-limited some joins, and they were retried"
     for human, room_id in zip(humans, rooms, strict=True):
-        dms = await bridge.dms.list_dms(network_id="chat", user_id=human.user_id)
-        assert [dm.room_id for dm in dms] == [room_id]
+        async def adopted(user_id: str = human.user_id, room_id: str = room_id) -> bool:
+            dms = await bridge.dms.list_dms(network_id="chat", user_id=user_id)
+            return [dm.room_id for dm in dms] == [room_id]
+
+        await wait_for(adopted, what=f"{room_id} to be the DM of {human.user_id}")
 
 
 async def test_network_quotas_answer_429_with_retry_after(
