@@ -109,7 +109,8 @@ class HomeserverLimits:
             if held is not None:
                 if held > time.monotonic():
                     await self._pause(endpoint, held - time.monotonic(), deadline)
-                self._holds.pop(key, None)
+                if self._holds.get(key, 0.0) <= time.monotonic():  # not renewed meanwhile
+                    self._holds.pop(key, None)
             self.requests.add(req.method, path, endpoint)
             resp = await handler(req)
             if resp.status != 429:
