@@ -111,9 +111,6 @@ def test_zero_turns_quotas_off() -> None:
 
 # --- the middleware, against a fake upstream ---------------------------------------------------
 
-Upstream = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
 class FakeHomeserver:
     """Answers 429 (with ``retry_after_ms``) ``limited`` times, then 200; records bodies."""
 
