@@ -11,14 +11,15 @@ import asyncio
 import hmac
 import json
 import logging
+from collections.abc import Sequence
 
 import aiohttp
 from aiohttp import web
+from aiohttp.client_middlewares import ClientMiddlewareType
 from mautrix.appservice import AppService, AppServiceAPI
 from mautrix.appservice.state_store import ASStateStore
 
 from .config import Settings
-from .homeserver import RequestLog
 from .listener import Listener
 from .matrix import MatrixHandler
 
@@ -50,12 +51,13 @@ class BridgeAppService(AppService):
         # The state store is updated by MatrixHandler before the transaction is acknowledged.
         self.event_handlers.clear()
 
-    def new_session(self, requests: RequestLog) -> aiohttp.ClientSession:
-        """The one client session for the homeserver, with every request counted."""
+    def new_session(self, middlewares: Sequence[ClientMiddlewareType]) -> aiohttp.ClientSession:
+        """The client session mautrix's intents use; ``middlewares`` count every request and
+        wait out rate limits."""
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.connection_limit),
             headers={"User-Agent": self.default_ua},
-            trace_configs=[requests.trace_config()],
+            middlewares=middlewares,
         )
         self._http_session = session
         return session

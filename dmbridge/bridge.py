@@ -15,6 +15,7 @@ from .appservice import BridgeAppService
 from .config import Settings
 from .db import Stores, upgrade_table
 from .dms import DMService
+from .errors import RateLimited
 from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
 from .invites import InviteHandler
@@ -23,6 +24,8 @@ from .logfilter import LogLimits
 from .matrix import MatrixHandler
 from .media import MediaLinks, MediaService
 from .outbox import Outbox
+from .quotas import Quotas
+from .ratelimit import HomeserverLimits, Pacing
 
 log = logging.getLogger("dmbridge")
 
@@ -36,6 +39,11 @@ class Bridge:
         self.settings = settings
         self.log_limits = LogLimits()
         self.requests = RequestLog()
+        limits = settings.rate_limits
+        self.limits = HomeserverLimits(self.requests, limits.background_wait)
+        self.quotas = Quotas()
+        self.pacing = Pacing(limits.rooms_per_second, limits.room_burst, self.quotas,
+                             limits.background_wait)
         self.db = Database.create(
             settings.database_url,
             upgrade_table=upgrade_table,
@@ -82,15 +90,15 @@ class Bridge:
         await self.db.start()
         await self.state_store.upgrade_table.upgrade(self.db)
         await self.matrix.prune()
-        self.appservice.new_session(self.requests)
+        self.appservice.new_session([self.limits.middleware])
         self._homeserver = Homeserver(
-            self.settings.homeserver_url, self.settings.as_token, self.requests
+            self.settings.homeserver_url, self.settings.as_token, [self.limits.middleware]
         )
         media = MediaService(settings=self.settings, stores=self.stores,
                              homeserver=self._homeserver, links=self.links)
         self._dms = DMService(
             settings=self.settings, stores=self.stores, appservice=self.appservice,
-            ghosts=self.ghosts, homeserver=self._homeserver, media=media,
+            ghosts=self.ghosts, homeserver=self._homeserver, media=media, pacing=self.pacing,
         )
         self._invites = InviteHandler(
             stores=self.stores, networks=self.settings.networks, ghosts=self.ghosts,
@@ -98,7 +106,7 @@ class Bridge:
         )
         self.matrix.on_invited = self._invites.wake
         self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox, media,
-                                                            self.settings))
+                                                            self.settings, self.quotas))
         await self.appservice.start(self.settings.hostname, self.settings.port)
         self._prune_task = asyncio.create_task(self._prune_loop())
         log.info("listening on http://%s:%d (API under %s)", self.settings.hostname,
@@ -113,7 +121,7 @@ class Bridge:
     async def _register_bot(self) -> None:
         try:
             await self.appservice.intent.ensure_registered()
-        except (MatrixRequestError, aiohttp.ClientError) as e:
+        except (MatrixRequestError, aiohttp.ClientError, RateLimited) as e:
             log.error("could not register the bridge bot %s at %s: %s",
                       self.settings.bot_user_id, self.settings.homeserver_url, e)
 
@@ -130,6 +138,9 @@ class Bridge:
         except aiohttp.ClientError as e:
             log.error("the homeserver at %s (homeserver.address) is unreachable: %s",
                       self.settings.homeserver_url, e)
+            return False
+        except RateLimited as e:
+            log.error("the homeserver rate-limits the bridge's self-check: %s", e)
             return False
         log.info("the homeserver reaches the bridge at %s (%d ms)",
                  self.settings.appservice_address, duration)
@@ -161,6 +172,7 @@ class Bridge:
         await self.appservice.stop()
         if self._homeserver is not None:
             await self._homeserver.close()
+        self.limits.close()
         await self.db.stop()
         self.log_limits.remove()
 

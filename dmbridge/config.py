@@ -19,13 +19,14 @@ from .listener import ListenerSettings
 from .localpart import is_valid_localpart
 from .networks import PULL, PUSH, Delivery, Network, Networks
 from .permissions import RuleError, UserRules
+from .quotas import QuotaSettings
 
 EXAMPLE = "pkg://dmbridge/example-config.yaml"
 ENV_PREFIX = "DMBRIDGE_"
 PLACEHOLDER = "generate"
 SECTIONS = (
     "homeserver", "appservice", "database", "api", "dm", "delivery", "media", "networks",
-    "logging",
+    "logging", "rate_limits",
 )
 ON_LEAVE = ("reinvite", "new_room")
 LISTENER_KEYS = ("idle_timeout", "header_timeout", "body_stall_timeout", "body_timeout",
@@ -68,6 +69,10 @@ class Config(BaseFileConfig):
         copy("logging.level")
         for key in LISTENER_KEYS:
             copy(f"appservice.listener.{key}")
+        # Rate limits: the homeserver's, waited out, and the bridge's own pacing.
+        for key in ("request_wait", "background_wait", "room_creation.per_second",
+                    "room_creation.burst"):
+            copy(f"rate_limits.{key}")
 
     def fill_placeholders(self) -> bool:
         """Replace every "generate" token with a fresh secret; True if anything changed."""
@@ -161,6 +166,18 @@ class MediaSettings:
 
 
 @dataclass(frozen=True)
+class RateLimitSettings:
+    """How long rate limits are waited out, and how fast the bridge opens rooms."""
+
+    request_wait: float = 20.0
+    """Seconds a platform's request may spend waiting, in all; then it is answered 429."""
+    background_wait: float = 60.0
+    """Seconds background work waits for one homeserver call; then it tries again later."""
+    rooms_per_second: float = 1.0
+    room_burst: int = 10
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the bridge needs, validated. Built only through :func:`load_settings`."""
 
@@ -184,6 +201,7 @@ class Settings:
     delivery: DeliverySettings = DeliverySettings()
     media: MediaSettings = MediaSettings()
     listener: ListenerSettings = field(default_factory=ListenerSettings)
+    rate_limits: RateLimitSettings = RateLimitSettings()
 
     @property
     def bot_user_id(self) -> str:
@@ -200,6 +218,8 @@ class Settings:
             "as_token": self.as_token,
             "hs_token": self.hs_token,
             "sender_localpart": self.bot_localpart,
+            # The bridge paces itself and keeps per-network quotas; the homeserver's per-user
+            # limits are made for one person typing (README: "Rate limits").
             "rate_limited": False,
             # Typing and read receipts (MSC2409), under the stable and the older unstable key.
             "receive_ephemeral": True,
@@ -332,7 +352,32 @@ def _network(r: _Reader, i: int, domain: str) -> Network:
         delivery=delivery,
         send_to=send_to,
         invites_from=invites_from,
+        quotas=_quotas(raw.get("quotas"), key),
     )
+
+
+def _quotas(raw: Any, key: str) -> QuotaSettings:
+    """networks[].quotas: absent keys take the defaults; 0 turns a quota off."""
+    if raw is None:
+        return QuotaSettings()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}.quotas", "must be a mapping with messages_per_second, ...")
+    default = QuotaSettings()
+    limits = {"messages_per_second": (0, 100_000, False), "message_burst": (1, 1_000_000, True),
+              "new_dms_per_hour": (0, 1_000_000, True)}
+    values: dict[str, Any] = {}
+    for name in raw:
+        if name not in limits:
+            raise ConfigError(f"{key}.quotas.{name}", f"unknown; the keys are {', '.join(limits)}")
+    for name, (low, high, integral) in limits.items():
+        value = raw.get(name, getattr(default, name))
+        kinds = (int,) if integral else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+            what = "an integer" if integral else "a number"
+            raise ConfigError(f"{key}.quotas.{name}",
+                              f"must be {what} from {low} to {high}, got {value!r}")
+        values[name] = value if integral else float(value)
+    return QuotaSettings(**values)
 
 
 def _delivery(raw: Any, key: str) -> Delivery:
@@ -453,6 +498,7 @@ def load_settings(config: Config) -> Settings:
             public_url=_public_url(r),
         ),
         listener=_listener(r),
+        rate_limits=_rate_limits(r),
     )
 
 
@@ -466,6 +512,19 @@ def _listener(r: _Reader) -> ListenerSettings:
         body_timeout=r.number(key + "body_timeout", 1, 86400),
         max_connections=r.integer(key + "max_connections", 0, 1_000_000),
         max_uploads_per_network=r.integer(key + "max_uploads_per_network", 1, 1000),
+    )
+
+
+def _rate_limits(r: _Reader) -> RateLimitSettings:
+    request_wait = r.number("rate_limits.request_wait", 0, 120)
+    if request_wait >= r.number("dm.creation_timeout", 1, 3600):
+        # A request still waiting to create its room would look abandoned to the others.
+        raise ConfigError("rate_limits.request_wait", "must be below dm.creation_timeout")
+    return RateLimitSettings(
+        request_wait=request_wait,
+        background_wait=r.number("rate_limits.background_wait", 1, 240),
+        rooms_per_second=r.number("rate_limits.room_creation.per_second", 0.001, 1000),
+        room_burst=r.integer("rate_limits.room_creation.burst", 1, 10_000),
     )
 
 

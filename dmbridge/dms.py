@@ -44,6 +44,7 @@ from .lifecycle import clear_declined
 from .locks import KeyedLocks
 from .media import MediaService, content_info, msgtype_for
 from .networks import Network
+from .ratelimit import Pacing
 from .relations import (
     DuplicateReaction,
     GhostNotInRoom,
@@ -208,9 +209,10 @@ class DMService:
 
     def __init__(
         self, *, settings: Settings, stores: Stores, appservice: AppService, ghosts: Ghosts,
-        homeserver: Homeserver, media: MediaService,
+        homeserver: Homeserver, media: MediaService, pacing: Pacing,
     ) -> None:
         self.settings = settings
+        self.pacing = pacing
         self.media = media
         self.networks = settings.networks
         self.stores = stores
@@ -582,16 +584,17 @@ class DMService:
             "channel": {"id": remote_id},
         }
         state_key = f"dmbridge://{network.id}/{remote_id}"
-        return await self.ghosts.intent(ghost_id).create_room(
-            preset=RoomCreatePreset.PRIVATE,
-            is_direct=True,
-            invitees=[user_id],
-            initial_state=[
-                {"type": kind, "state_key": state_key, "content": bridge_info}
-                for kind in ("m.bridge", "uk.half-shot.bridge")
-            ],
-            power_level_override={"users": users},
-        )
+        async with self.pacing.new_room(network):  # the bridge's pace and the network's quota
+            return await self.ghosts.intent(ghost_id).create_room(
+                preset=RoomCreatePreset.PRIVATE,
+                is_direct=True,
+                invitees=[user_id],
+                initial_state=[
+                    {"type": kind, "state_key": state_key, "content": bridge_info}
+                    for kind in ("m.bridge", "uk.half-shot.bridge")
+                ],
+                power_level_override={"users": users},
+            )
 
     async def _default_room_version(self) -> str:
         if self._room_version is None:

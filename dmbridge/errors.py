@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class BridgeError(Exception):
     """An error with a precise answer for the caller; ``str(e)`` is safe to show."""
@@ -13,8 +15,12 @@ class BridgeError(Exception):
         super().__init__(message)
         self.message = message
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, str | int]:
         return {"errcode": self.errcode, "error": self.message}
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers the answer must carry."""
+        return {}
 
 
 class BadRequest(BridgeError):
@@ -74,6 +80,30 @@ class HomeserverError(BridgeError):
 
     status = 502
     errcode = "DMBRIDGE_HOMESERVER_ERROR"
+
+
+class RateLimited(BridgeError):
+    """The homeserver's rate limits (or the bridge's own pacing) need longer than the request
+    may wait; the platform tries again after ``retry_after`` seconds."""
+
+    status = 429
+    errcode = "M_LIMIT_EXCEEDED"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(retry_after, 0.001)
+
+    def to_json(self) -> dict[str, str | int]:
+        return {**super().to_json(), "retry_after_ms": math.ceil(self.retry_after * 1000)}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class QuotaExceeded(RateLimited):
+    """The network used up one of its quotas (networks[].quotas)."""
+
+    errcode = "DMBRIDGE_QUOTA_EXCEEDED"
 
 
 class Busy(BridgeError):

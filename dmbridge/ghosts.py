@@ -8,6 +8,7 @@ from mautrix.appservice import AppService, IntentAPI
 from mautrix.types import ContentURI, UserID
 
 from .db import Stores
+from .locks import KeyedLocks
 from .networks import Network
 
 log = logging.getLogger("dmbridge.ghosts")
@@ -17,6 +18,9 @@ class Ghosts:
     def __init__(self, appservice: AppService, stores: Stores) -> None:
         self.appservice = appservice
         self.stores = stores
+        # One registration or name change per ghost at a time: first contacts with many users
+        # at once would otherwise each make the same request (and spend the ghost's rate limit).
+        self._locks: KeyedLocks[UserID] = KeyedLocks()
 
     def intent(self, user_id: UserID) -> IntentAPI:
         return self.appservice.intent.user(user_id)
@@ -26,9 +30,13 @@ class Ghosts:
         ghost_id = network.ghost_user_id(remote_id)
         ghost = await self.stores.ghosts.get(ghost_id)
         if ghost is None or not ghost.registered:
-            await self.intent(ghost_id).ensure_registered()
-            await self.stores.ghosts.mark_registered(ghost_id, network.id, remote_id)
-            log.info("registered ghost %s for %s user %s", ghost_id, network.id, remote_id)
+            async with self._locks.hold(ghost_id):
+                ghost = await self.stores.ghosts.get(ghost_id)
+                if ghost is None or not ghost.registered:
+                    await self.intent(ghost_id).ensure_registered()
+                    await self.stores.ghosts.mark_registered(ghost_id, network.id, remote_id)
+                    log.info("registered ghost %s for %s user %s", ghost_id, network.id,
+                             remote_id)
         # Tell mautrix too, so its intents skip their own registration request.
         await self.appservice.state_store.registered(ghost_id)
         return ghost_id
@@ -46,8 +54,12 @@ class Ghosts:
         if wanted == current:
             return
         ghost_id = network.ghost_user_id(remote_id)
-        await self.intent(ghost_id).set_displayname(wanted, check_current=False)
-        await self.stores.ghosts.set_displayname(ghost_id, wanted)
+        async with self._locks.hold(ghost_id):
+            ghost = await self.stores.ghosts.get(ghost_id)
+            if ghost is not None and ghost.displayname == wanted:
+                return  # a concurrent request set it meanwhile
+            await self.intent(ghost_id).set_displayname(wanted, check_current=False)
+            await self.stores.ghosts.set_displayname(ghost_id, wanted)
         log.info("display name of %s is now %r", ghost_id, wanted)
 
     async def set_avatar(self, network: Network, remote_id: str, content_uri: str) -> None:

@@ -1,4 +1,9 @@
-"""Requests to the homeserver: counted, and the hot-path send made without extra layers."""
+"""Requests to the homeserver: counted, and the hot-path send made without extra layers.
+
+Both HTTP paths to the homeserver (this module's session and the one mautrix's intents use)
+carry the same client middleware (:class:`dmbridge.ratelimit.HomeserverLimits`), which counts
+every request into the :class:`RequestLog` and waits out rate limits.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,12 @@ import asyncio
 import json
 import logging
 from collections import Counter, deque
-from types import SimpleNamespace
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
 import aiohttp
+from aiohttp.client_middlewares import ClientMiddlewareType
 from mautrix.errors import MatrixRequestError, make_request_error
 from mautrix.types import EventID, RoomID, UserID
 
@@ -29,23 +35,14 @@ class RequestLog:
         self.by_endpoint: Counter[str] = Counter()
         self.recent: deque[tuple[str, str]] = deque(maxlen=recent)
 
-    def add(self, method: str, path: str) -> None:
+    def add(self, method: str, path: str, endpoint: str | None = None) -> None:
+        """Count one request; ``endpoint`` is ``method endpoint_of(path)`` if known already."""
         self.total += 1
         self.recent.append((method, path))
-        self.by_endpoint[f"{method} {_endpoint(path)}"] += 1
-
-    def trace_config(self) -> aiohttp.TraceConfig:
-        async def on_start(
-            _: aiohttp.ClientSession, __: SimpleNamespace, params: aiohttp.TraceRequestStartParams
-        ) -> None:
-            self.add(params.method, params.url.path)
-
-        config = aiohttp.TraceConfig()
-        config.on_request_start.append(on_start)
-        return config
+        self.by_endpoint[endpoint or f"{method} {endpoint_of(path)}"] += 1
 
 
-def _endpoint(path: str) -> str:
+def endpoint_of(path: str) -> str:
     """The path with IDs replaced, so counts group by endpoint."""
     parts = path.split("/")
     out = []
@@ -64,13 +61,13 @@ class Homeserver:
     """The appservice's own HTTP path to the homeserver for the per-message send.
 
     It has a session of its own without aiohttp's tracing hooks (they cost about a fifth of a
-    send) and counts its requests into the same :class:`RequestLog` itself.
+    send); ``middlewares`` count its requests and wait out rate limits.
     """
 
-    def __init__(self, base_url: str, as_token: str, requests: RequestLog) -> None:
-        self.session = aiohttp.ClientSession()
+    def __init__(self, base_url: str, as_token: str,
+                 middlewares: Sequence[ClientMiddlewareType] = ()) -> None:
+        self.session = aiohttp.ClientSession(middlewares=middlewares)
         self.base_url = base_url.rstrip("/")
-        self.requests = requests
         self._headers = {"Authorization": f"Bearer {as_token}",
                          "Content-Type": "application/json"}
 
@@ -108,7 +105,6 @@ class Homeserver:
         body = json.dumps(content)
         delay = 0.5
         for attempt in range(1, attempts + 1):
-            self.requests.add("PUT", path)
             try:
                 async with self.session.put(
                     url, data=body, params={"user_id": ghost_id}, headers=self._headers
@@ -130,7 +126,6 @@ class Homeserver:
                      ) -> str:
         """Store bytes in the homeserver's media repository (as the bridge bot)."""
         path = "/_matrix/media/v3/upload"
-        self.requests.add("POST", path)
         headers = {**self._headers, "Content-Type": mimetype, "Content-Length": str(size)}
         params = {"filename": filename} if filename else None
         async with self.session.post(self.base_url + path, data=data, params=params,
@@ -147,7 +142,6 @@ class Homeserver:
         """Open the homeserver's authenticated media download; the caller reads and closes it."""
         path = f"/_matrix/client/v1/media/download/{quote(server, safe='')}/" \
             f"{quote(media_id, safe='')}"
-        self.requests.add("GET", path)
         resp = await self.session.get(
             self.base_url + path, headers={"Authorization": self._headers["Authorization"]},
             timeout=MEDIA_TIMEOUT,

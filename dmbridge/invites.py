@@ -23,6 +23,7 @@ from .db.dm import ACTIVE, CREATING, ENDED, JOINING, DMRecord
 from .db.history import Transition
 from .db.invite import GhostInvite
 from .dms import DMService
+from .errors import RateLimited
 from .ghosts import Ghosts
 from .lifecycle import move
 from .networks import Network, Networks
@@ -85,7 +86,9 @@ class InviteHandler:
             else:
                 if not await self._accept(network, remote_id, invite):
                     return  # left for the next round
-        except (TimeoutError, aiohttp.ClientError) as e:
+        except (TimeoutError, aiohttp.ClientError, RateLimited) as e:
+            # Left for the next round (RateLimited: the homeserver's limit outlasted
+            # rate_limits.background_wait).
             log.warning("could not answer the invite of %s to %s yet: %r", invite.ghost_id,
                         invite.room_id, e)
             return

@@ -2,7 +2,8 @@
 
 Synapse is installed on first use into its own venv under the cache directory (it has heavy,
 pinned dependencies that must not leak into dmbridge's environment) and run as a plain
-subprocess bound to 127.0.0.1 with SQLite, no federation and effectively no rate limits.
+subprocess bound to 127.0.0.1 with SQLite, no federation and (unless a test asks for them)
+effectively no rate limits.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -176,8 +177,12 @@ class LocalSynapse:
         port: int = 0,
         registration_files: Sequence[Path] = (),
         python: Path | None = None,
+        rate_limits: Mapping[str, Any] | None = None,
     ) -> None:
+        """``rate_limits`` replaces some of the raised ``rc_*`` settings, e.g.
+        ``{"rc_message": {"per_second": 1, "burst_count": 3}}``, to test behaviour under them."""
         self.workdir = Path(workdir).resolve()
+        self.rate_limits = {**_RATE_LIMITS, **(rate_limits or {})}
         self.server_name = server_name
         # Chosen now so base_url is known (e.g. for the bridge config) before start().
         self.port = port or free_port()
@@ -272,7 +277,7 @@ class LocalSynapse:
             "presence": {"enabled": False},
             "url_preview_enabled": False,
             "max_upload_size": "50M",
-            **_RATE_LIMITS,
+            **self.rate_limits,
         }
         path = wd / "homeserver.yaml"
         # JSON is valid YAML and needs no extra dependency.

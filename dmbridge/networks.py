@@ -12,9 +12,11 @@ from mautrix.types import UserID
 from . import localpart
 from .errors import InvalidRemoteID, UnknownNetwork
 from .permissions import UserRules
+from .quotas import QuotaSettings
 
 PUSH, PULL = "webhook", "pull"
 EVERYONE = UserRules(everyone=True, servers=frozenset(), users=frozenset())
+DEFAULT_QUOTAS = QuotaSettings()
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Network:
     """Matrix users this network may write to."""
     invites_from: UserRules = EVERYONE
     """Matrix users who may start a DM with this network's ghosts by inviting one."""
+    quotas: QuotaSettings = DEFAULT_QUOTAS
 
     @property
     def localpart_prefix(self) -> str:

@@ -15,6 +15,8 @@ from ..errors import BridgeError, Forbidden, MissingToken, UnknownToken
 from ..media import MediaService
 from ..networks import Network
 from ..outbox import Outbox
+from ..quotas import Quotas
+from ..ratelimit import budget_middleware
 from . import handlers
 
 log = logging.getLogger("dmbridge.api")
@@ -24,6 +26,7 @@ SERVICE = web.AppKey("service", DMService)
 OUTBOX = web.AppKey("outbox", Outbox)
 MEDIA = web.AppKey("media", MediaService)
 SETTINGS = web.AppKey("settings", Settings)
+QUOTAS = web.AppKey("quotas", Quotas)
 NETWORK = web.RequestKey("network", Network)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,7 +41,7 @@ async def error_boundary(request: web.Request, handler: Handler) -> web.StreamRe
     except BridgeError as e:
         if e.status >= 500:
             log.warning("%s %s -> %d %s: %s", request.method, request.path, e.status, e.errcode, e)
-        return web.json_response(e.to_json(), status=e.status)
+        return web.json_response(e.to_json(), status=e.status, headers=e.headers())
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -73,23 +76,37 @@ async def network_auth(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request)
 
 
+def _counted(handler: Handler) -> Handler:
+    """A message, edit, reaction or deletion: it counts against the network's quota."""
+
+    async def counted(request: web.Request) -> web.StreamResponse:
+        request.app[QUOTAS].message(request[NETWORK])
+        return await handler(request)
+
+    return counted
+
+
 async def openapi(_: web.Request) -> web.Response:
     text = resources.files("dmbridge.api").joinpath("openapi.yaml").read_text()
     return web.Response(text=text, content_type="application/yaml")
 
 
-def make_api_app(service: DMService, outbox: Outbox, media: MediaService, settings: Settings
-                 ) -> web.Application:
-    app = web.Application(middlewares=[error_boundary, network_auth])
+def make_api_app(service: DMService, outbox: Outbox, media: MediaService, settings: Settings,
+                 quotas: Quotas) -> web.Application:
+    budget = budget_middleware(settings.rate_limits.request_wait)
+    app = web.Application(middlewares=[error_boundary, network_auth, budget])
     app[SERVICE] = service
+    app[QUOTAS] = quotas
     app[MEDIA] = media
     app[OUTBOX] = outbox
     app[SETTINGS] = settings
     app.router.add_get("/openapi.yaml", openapi)
     app.router.add_get("/health", handlers.health)
-    app.router.add_put("/networks/{network}/messages/{message_id}", handlers.send_message)
-    app.router.add_delete("/networks/{network}/messages/{message_id}", handlers.delete_message)
-    app.router.add_put("/networks/{network}/reactions/{reaction_id}", handlers.react)
+    app.router.add_put("/networks/{network}/messages/{message_id}",
+                       _counted(handlers.send_message))
+    app.router.add_delete("/networks/{network}/messages/{message_id}",
+                          _counted(handlers.delete_message))
+    app.router.add_put("/networks/{network}/reactions/{reaction_id}", _counted(handlers.react))
     app.router.add_put("/networks/{network}/ghosts/{remote_id}/profile", handlers.set_profile)
     app.router.add_post("/networks/{network}/media", handlers.upload_media)
     app.router.add_get("/networks/{network}/media/{server}/{media_id}", handlers.download_media,

@@ -29,10 +29,16 @@ class GhostStore:
         return Ghost(**dict(row)) if row else None
 
     async def mark_registered(self, user_id: UserID, network: str, remote_id: str) -> None:
+        # No conflict target: two workers inserting the same ghost at once may collide on
+        # either unique key (user_id, or network and remote_id), and PostgreSQL only forgives
+        # a collision on the target's.
         await self.db.execute(
             "INSERT INTO ghost (user_id, network, remote_id, registered) VALUES ($1, $2, $3, true)"
-            " ON CONFLICT (user_id) DO UPDATE SET registered=true",
+            " ON CONFLICT DO NOTHING",
             user_id, network, remote_id,
+        )
+        await self.db.execute(
+            "UPDATE ghost SET registered=true WHERE user_id=$1 AND NOT registered", user_id
         )
 
     async def set_displayname(self, user_id: UserID, displayname: str) -> None:
