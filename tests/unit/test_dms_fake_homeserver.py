@@ -92,7 +92,11 @@ async def test_room_is_created_as_a_direct_two_person_room(
     # Room version 12: the creator has power implicitly and must not be listed.
     assert room.create["power_level_content_override"] == {"users": {alice: 100}}
     kinds = {e["type"]: e for e in room.create["initial_state"]}
-    assert set(kinds) == {"m.bridge", "uk.half-shot.bridge"}
+    assert set(kinds) == {"m.bridge", "uk.half-shot.bridge", "net.dmbridge.dm"}
+    marker = kinds["net.dmbridge.dm"]
+    assert marker["state_key"] == alice
+    assert {k: v for k, v in marker["content"].items() if k != "claim"} == {
+        "ghost_id": GHOST, "user_id": alice, "network": "sms", "remote_id": PHONE}
     assert kinds["m.bridge"]["content"]["protocol"]["id"] == "sms"
     assert kinds["m.bridge"]["content"]["channel"]["id"] == PHONE
     assert hs.displaynames[GHOST] == f"{PHONE} (SMS)"
