@@ -295,15 +295,11 @@ class Opener:
         """
         ghost_id, user_id = marker.ghost_id, marker.user_id
         try:
-            current = await self.stores.dms.get_current(ghost_id, user_id)
-            adopted = current.room_id if current is not None and current.state != CREATING \
-                else None
             rooms = {room_id} if room_id is not None else set()
-            found = await self.recovery.marked_rooms(ghost_id, user_id, also=adopted)
+            found = await self.recovery.marked_rooms(ghost_id, user_id, with_current=True)
             rooms |= {r for r, m in found if m.claim == marker.claim}
             for room in rooms:
-                if room == adopted:
-                    await self.stores.dms.end(room, now_ms())
+                await self.stores.dms.end(room, now_ms())  # if a transaction recorded it
                 await self.recovery.discard(ghost_id, user_id, room)
         except Exception:
             # The claim stays: the next request for the pair settles it from the homeserver.

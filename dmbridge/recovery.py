@@ -21,7 +21,7 @@ from mautrix.util.async_db import Connection
 from .db import Stores, now_ms
 from .db.dm import ENDED, DMRecord
 from .ghosts import Ghosts
-from .marker import MARKER, Marker
+from .marker import MARKER, MARKER_STATE_KEY, Marker
 
 log = logging.getLogger("dmbridge.recovery")
 
@@ -34,8 +34,9 @@ class Recovery:
         self.ghosts = ghosts
 
     async def marked_rooms(self, ghost_id: UserID, user_id: UserID,
-                           also: RoomID | None = None) -> list[tuple[RoomID, Marker]]:
-        """Rooms the ghost is in, unknown to the database (and ``also``), marked for the pair.
+                           with_current: bool = False) -> list[tuple[RoomID, Marker]]:
+        """Rooms the ghost is in, unknown to the database, marked for the pair; with
+        ``with_current``, the pair's current room too (a transaction may have recorded it).
 
         Raises the homeserver's errors: an unanswered question must not free a pair.
         """
@@ -45,9 +46,13 @@ class Recovery:
         except MForbidden:  # the ghost was never registered: it made no room
             return []
         known = await self.stores.dms.rooms_of_ghost(ghost_id)
+        if with_current:  # read after the known rooms, so a room recorded meanwhile is seen
+            current = await self.stores.dms.get_current(ghost_id, user_id)
+            if current is not None and current.room_id is not None:
+                known.discard(current.room_id)
         found = []
         for room_id in joined:
-            if room_id in known and room_id != also:
+            if room_id in known:
                 continue
             marker = await self._marker(room_id, ghost_id, user_id)
             if marker is not None:
@@ -58,7 +63,7 @@ class Recovery:
                       ) -> Marker | None:
         try:
             event = await self.ghosts.intent(ghost_id).api.request(
-                Method.GET, Path.v3.rooms[room_id].state[MARKER][user_id],
+                Method.GET, Path.v3.rooms[room_id].state[MARKER][MARKER_STATE_KEY],
                 query_params={"format": "event"},
             )
         except (MNotFound, MForbidden):
@@ -66,8 +71,10 @@ class Recovery:
         # With format=event the whole event, so its sender shows; a plain answer is the content.
         content = event.get("content", event) if "sender" in event else event
         sender = event.get("sender", ghost_id)
-        marker = Marker.read(content, sender, user_id)
-        return marker if marker is not None and marker.ghost_id == ghost_id else None
+        marker = Marker.read(content, sender, MARKER_STATE_KEY)
+        if marker is None or (marker.ghost_id, marker.user_id) != (ghost_id, user_id):
+            return None
+        return marker
 
     async def settle(self, record: DMRecord) -> RoomID | None:
         """Recover a claim whose process is gone: adopt the room it made, or free the pair.

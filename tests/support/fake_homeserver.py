@@ -89,7 +89,7 @@ class FakeHomeserver:
         app.router.add_put(v3 + "/rooms/{room_id}/state/m.room.member/{state_key}",
                            self._member_state, name="member_state")
         app.router.add_get(v3 + "/joined_rooms", self._joined_rooms, name="joined_rooms")
-        app.router.add_get(v3 + "/rooms/{room_id}/state/{type}/{state_key}", self._get_state,
+        app.router.add_get(v3 + "/rooms/{room_id}/state/{type}/{state_key:.*}", self._get_state,
                            name="get_state")
         for action in ("kick", "leave", "forget"):
             app.router.add_post(v3 + "/rooms/{room_id}/" + action, self._membership_change,

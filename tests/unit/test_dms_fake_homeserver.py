@@ -97,7 +97,7 @@ async def test_room_is_created_as_a_direct_two_person_room(
     kinds = {e["type"]: e for e in room.create["initial_state"]}
     assert set(kinds) == {"m.bridge", "uk.half-shot.bridge", "net.dmbridge.dm"}
     marker = kinds["net.dmbridge.dm"]
-    assert marker["state_key"] == alice
+    assert marker["state_key"] == ""
     assert {k: v for k, v in marker["content"].items() if k != "claim"} == {
         "ghost_id": GHOST, "user_id": alice, "network": "sms", "remote_id": PHONE}
     assert kinds["m.bridge"]["content"]["protocol"]["id"] == "sms"
