@@ -42,8 +42,11 @@ class HoldingProxy:
         self.create_answers: list[tuple[int, str]] = []
         """Every createRoom answer of the homeserver: (status, body)."""
         self._hold_create = False
+        self._hold_request = False
         self._held = asyncio.Event()
         self._release = asyncio.Event()
+        self._created = asyncio.Event()
+        self._tasks: set[asyncio.Task[web.StreamResponse]] = set()
 
     @property
     def url(self) -> str:
@@ -59,6 +62,9 @@ class HoldingProxy:
 
     async def stop(self) -> None:
         self._release.set()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.server is not None:
             await self.server.close()
         if self.session is not None:
@@ -73,15 +79,24 @@ class HoldingProxy:
 
     # --- what a test asks for ---------------------------------------------------------------
 
-    def hold_create_room(self) -> None:
-        """Forward the next createRoom, but hold its answer until :meth:`release` (or stop)."""
-        self._hold_create = True
+    def hold_create_room(self, *, request: bool = False) -> None:
+        """Forward the next createRoom, but hold its answer until :meth:`release` (or stop).
+
+        With ``request``, hold the request itself: it reaches the homeserver on release.
+        """
+        self._hold_create, self._hold_request = True, request
         self._held.clear()
         self._release.clear()
+        self._created.clear()
 
-    async def wait_held(self, timeout: float = 60.0) -> str:
-        """Until the homeserver has answered a held createRoom; the room it made."""
+    async def wait_held(self, timeout: float = 60.0) -> str | None:
+        """Until a createRoom is held; the room the homeserver made (None: request held)."""
         await asyncio.wait_for(self._held.wait(), timeout)
+        return None if self._hold_request else self.created[-1]
+
+    async def wait_created(self, timeout: float = 60.0) -> str:
+        """Until the homeserver has answered a createRoom; the room it made."""
+        await asyncio.wait_for(self._created.wait(), timeout)
         return self.created[-1]
 
     def release(self) -> None:
@@ -111,24 +126,37 @@ class HoldingProxy:
         return None
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
+        # In a task of its own: a held request still reaches the homeserver after its client
+        # (a killed bridge) has gone and aiohttp has cancelled this handler.
+        data = await request.read()
+        task = asyncio.create_task(self._exchange(request, data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
+    async def _exchange(self, request: web.Request, data: bytes) -> web.StreamResponse:
         rule = self._rule(request)
         if rule is not None and not rule.forward:
             return web.json_response(rule.body, status=rule.status)
         assert self.session is not None
+        is_create = request.method == "POST" and request.path.endswith("/createRoom")
+        if is_create and self._hold_create and self._hold_request:
+            self._held.set()
+            await self._release.wait()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         async with self.session.request(
             request.method, self.upstream + request.path_qs, headers=headers,
-            data=await request.read(),
+            data=data,
         ) as upstream:
             body = await upstream.read()
             status = upstream.status
             content_type = upstream.headers.get("Content-Type", "application/json")
-        is_create = request.method == "POST" and request.path.endswith("/createRoom")
         if is_create:
             self.create_answers.append((status, body.decode(errors="replace")))
         if is_create and status == 200:
             self.created.append(str(json.loads(body)["room_id"]))
-            if self._hold_create:
+            self._created.set()
+            if self._hold_create and not self._hold_request:
                 self._held.set()
                 await self._release.wait()
         if rule is not None:
