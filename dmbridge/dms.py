@@ -390,6 +390,10 @@ class DMService:
         """Settle the DM creations that a process which died left unfinished."""
         return await self.opener.recover_unfinished()
 
+    async def settle_if_gone(self, ghost_id: UserID, user_id: UserID) -> bool:
+        """Settle the pair's DM creation if the process that began it is gone."""
+        return await self.opener.settle_if_gone(ghost_id, user_id)
+
     # --- helpers ----------------------------------------------------------------------------
 
     def _check_recipient(self, user_id: str) -> UserID:

@@ -222,18 +222,24 @@ class Opener:
         """Settle every claim whose process is gone (at start-up); how many were settled."""
         settled = 0
         for record in await self.stores.dms.unfinished():
-            async with self._pair_locks.hold((record.ghost_id, record.user_id)):
-                current = await self.stores.dms.get_current(record.ghost_id, record.user_id)
-                if (current is None or current.state != CREATING or current.claim != record.claim
-                        or await self.instances.creator_alive(current)):
-                    continue
-                try:
-                    await self._settle(current)
-                except HomeserverError as e:
-                    log.warning("%s; settled when the pair is next written to", e)
-                    continue
-                settled += 1
+            settled += await self.settle_if_gone(record.ghost_id, record.user_id, record.claim)
         return settled
+
+    async def settle_if_gone(self, ghost_id: UserID, user_id: UserID,
+                             claim: str | None = None) -> bool:
+        """Settle the pair's claim (``claim``, if given) if its process is gone."""
+        async with self._pair_locks.hold((ghost_id, user_id)):
+            current = await self.stores.dms.get_current(ghost_id, user_id)
+            if (current is None or current.state != CREATING
+                    or claim not in (None, current.claim)
+                    or await self.instances.creator_alive(current)):
+                return False
+            try:
+                await self._settle(current)
+            except HomeserverError as e:
+                log.warning("%s; settled when the pair is next written to", e)
+                return False
+            return True
 
     # --- creation ---------------------------------------------------------------------------
 
