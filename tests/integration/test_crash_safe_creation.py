@@ -125,6 +125,9 @@ async def test_a_room_made_as_the_bridge_was_killed_is_the_dm_after_restart(
             "written after the restart", after)
 
         assert await _ghost_rooms(homeserver, ghost_id) == [room_id]
+        synced = await human.client.sync(timeout=500)
+        assert isinstance(synced, SyncResponse), synced
+        assert list(synced.rooms.invite) == []  # no second room's invite
         joined = await human.client.joined_rooms()
         assert list(joined.rooms) == [room_id]  # type: ignore[union-attr]
         assert proxy.created == [room_id]
