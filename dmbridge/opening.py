@@ -277,9 +277,12 @@ class Opener:
                 raise RecipientUnreachable(
                     f"{user_id} is on a server this homeserver does not federate with: {e}"
                 ) from e
-            if isinstance(e, _HS_ERRORS):
-                raise HomeserverError(f"the homeserver could not create the DM room: {e!r}"
+            if isinstance(e, MatrixRequestError):
+                raise HomeserverError(f"the homeserver refused to create the DM room: {e}"
                                       ) from e
+            if isinstance(e, (TimeoutError, aiohttp.ClientError)):
+                raise HomeserverError("the homeserver could not be reached to create the DM"
+                                      f" room: {e!r}") from e
             raise
         if not activated:
             log.error("DM room %s was created after its claim was settled by another; removing"
