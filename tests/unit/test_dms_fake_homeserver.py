@@ -12,7 +12,7 @@ from mautrix.types import RoomID
 
 from dmbridge.bridge import Bridge
 from dmbridge.db import now_ms
-from dmbridge.errors import HomeserverError, RecipientUnreachable, UnknownRecipient
+from dmbridge.errors import Busy, HomeserverError, RecipientUnreachable, UnknownRecipient
 from dmbridge.localhs import free_port
 from dmbridge.marker import Marker
 from tests.support.fake_homeserver import FakeHomeserver, Room
@@ -343,3 +343,25 @@ async def test_a_remote_server_that_hides_profiles_still_gets_the_invite(
     result = await bridge.dms.send("sms", PHONE, "@someone:elsewhere.example",
                                    message_id="1", text="hi")
     assert result.room_created
+
+
+async def test_a_room_made_after_a_stale_claim_was_settled_is_removed(
+    make_bridge: MakeBridge, hs: FakeHomeserver
+) -> None:
+    """Worker A is so slow that B settles its claim (older than creation_timeout) and makes
+    the room; A's room, arriving late, is removed and A's request is told to retry."""
+    alice = hs.add_human("alice")
+    worker_a, worker_b = await make_bridge(), await make_bridge()
+    hs.delay["POST createRoom"] = 0.5
+    slow = asyncio.create_task(worker_a.dms.send("sms", PHONE, alice, message_id="1", text="a"))
+    for _ in range(100):  # until A holds the claim
+        if await worker_a.db.fetchval("SELECT COUNT(*) FROM dm"):
+            break
+        await asyncio.sleep(0.01)
+    await worker_a.db.execute("UPDATE dm SET updated_at=0 WHERE state='creating'")
+    done = await worker_b.dms.send("sms", PHONE, alice, message_id="2", text="b")
+    with pytest.raises(Busy, match="created twice"):
+        await slow
+    assert done.room_created and hs.joined_rooms(GHOST) == [done.room_id]
+    [late] = [room for room in hs.rooms.values() if room.room_id != done.room_id]
+    assert late.members == {GHOST: "leave", alice: "leave"} and GHOST in late.forgotten_by
