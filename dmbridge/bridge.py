@@ -18,6 +18,7 @@ from .dms import DMService
 from .errors import RateLimited
 from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
+from .instances import Instances
 from .invites import InviteHandler
 from .listener import Listener
 from .logfilter import LogLimits
@@ -50,6 +51,7 @@ class Bridge:
             db_args=self._db_args(settings),
             log=logging.getLogger("dmbridge.db"),
         )
+        self.instances = Instances(self.db, settings.database_url, settings.creation_timeout)
         self.state_store = PgASStateStore(self.db)
         self.stores = Stores.over(self.db)
         self.listener = Listener(settings.listener)
@@ -69,6 +71,7 @@ class Bridge:
         self._homeserver: Homeserver | None = None
         self._prune_task: asyncio.Task[None] | None = None
         self._log_task: asyncio.Task[None] | None = None
+        self._recovery_task: asyncio.Task[None] | None = None
         self._invites: InviteHandler | None = None
 
     @staticmethod
@@ -90,6 +93,7 @@ class Bridge:
         await self.db.start()
         await self.state_store.upgrade_table.upgrade(self.db)
         await self.matrix.prune()
+        await self.instances.start()
         self.appservice.new_session([self.limits.middleware])
         self._homeserver = Homeserver(
             self.settings.homeserver_url, self.settings.as_token, [self.limits.middleware]
@@ -98,7 +102,8 @@ class Bridge:
                              homeserver=self._homeserver, links=self.links)
         self._dms = DMService(
             settings=self.settings, stores=self.stores, appservice=self.appservice,
-            ghosts=self.ghosts, homeserver=self._homeserver, media=media, pacing=self.pacing,
+            ghosts=self.ghosts, homeserver=self._homeserver, media=media,
+            instances=self.instances, pacing=self.pacing,
         )
         self._invites = InviteHandler(
             stores=self.stores, networks=self.settings.networks, ghosts=self.ghosts,
@@ -116,6 +121,7 @@ class Bridge:
             await self.ping()
         await self.outbox.start()
         self._invites.start()
+        self._recovery_task = asyncio.create_task(self._recover_unfinished(self._dms))
         self.appservice.ready = True
 
     async def _register_bot(self) -> None:
@@ -146,6 +152,21 @@ class Bridge:
                  self.settings.appservice_address, duration)
         return True
 
+    @staticmethod
+    async def _recover_unfinished(dms: DMService) -> None:
+        """DM creations a process that died left unfinished: adopt their rooms, or free them.
+
+        In the background; a request for such a pair meanwhile settles it itself.
+        """
+        try:
+            settled = await dms.recover_unfinished()
+        except Exception:
+            log.exception("recovering unfinished DM creations failed; each is settled when its"
+                          " pair is next written to")
+            return
+        if settled:
+            log.info("settled %d unfinished DM creation(s)", settled)
+
     async def _prune_loop(self) -> None:
         while True:
             await asyncio.sleep(PRUNE_INTERVAL_S)
@@ -162,10 +183,10 @@ class Bridge:
 
     async def stop(self) -> None:
         log.info("stopping")
-        if self._prune_task:
-            self._prune_task.cancel()
-        if self._log_task:
-            self._log_task.cancel()
+        for task in (self._prune_task, self._log_task, self._recovery_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._invites is not None:
             await self._invites.stop()
         await self.outbox.stop()
@@ -173,6 +194,7 @@ class Bridge:
         if self._homeserver is not None:
             await self._homeserver.close()
         self.limits.close()
+        await self.instances.stop()
         await self.db.stop()
         self.log_limits.remove()
 

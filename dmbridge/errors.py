@@ -65,6 +65,14 @@ class UnknownRecipient(BridgeError):
     errcode = "DMBRIDGE_UNKNOWN_RECIPIENT"
 
 
+class RecipientUnreachable(BridgeError):
+    """The recipient's homeserver cannot be reached from ours (federation is off or denies it):
+    no DM can be opened, and retrying will not help until the homeserver's admin changes that."""
+
+    status = 422
+    errcode = "DMBRIDGE_RECIPIENT_UNREACHABLE"
+
+
 class NotFound(BridgeError):
     status = 404
     errcode = "M_NOT_FOUND"

@@ -125,11 +125,8 @@ class InviteHandler:
             taken = existing is not None and (existing.ghost_id, existing.user_id) != (
                 ghost_id, user_id)
             current = await self.stores.dms.current_in(conn, ghost_id, user_id)
-            if not taken and current is not None and current.state == CREATING:
-                log.info("%s: a DM for %s / %s is being created; answering the invite later",
-                         room_id, ghost_id, user_id)
-                return False
-            if not taken:
+            creating = not taken and current is not None and current.state == CREATING
+            if not taken and not creating:
                 if current is not None and current.room_id != room_id:
                     # The user's newest room wins; the old one comes back if this one fails.
                     previous = current
@@ -141,6 +138,11 @@ class InviteHandler:
                     ghost_id, user_id, network.id, remote_id, room_id, JOINING, "user_invited",
                     invite.event_id, now,
                 ))
+        if creating:
+            log.info("%s: a DM for %s / %s is being created; answering the invite later",
+                     room_id, ghost_id, user_id)
+            await self.dms.settle_if_gone(ghost_id, user_id)  # unless its creator is gone
+            return False
         if taken:
             log.info("%s declined the invite to %s: it is already another contact's DM",
                      ghost_id, room_id)

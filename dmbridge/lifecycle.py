@@ -20,6 +20,7 @@ from .db.history import Transition
 from .db.invite import GhostInvite
 from .db.message import EDIT, MESSAGE, REACTION, MatrixMessage
 from .errors import NotFound
+from .marker import MARKER, Marker
 from .networks import Network, Networks
 
 log = logging.getLogger("dmbridge.lifecycle")
@@ -58,6 +59,8 @@ class Lifecycle:
             await self._member(conn, raw, now, effects)
         elif kind in _MESSAGES or kind in _RELATED:
             await self._message(conn, raw, now, effects)
+        elif kind == MARKER and "state_key" in raw:
+            await self._marker(conn, raw, now)
         elif kind == "m.room.encrypted":
             dm = await self.stores.dms.by_room(conn, str(raw.get("room_id")))
             if dm is not None and raw.get("sender") == dm.user_id:
@@ -165,6 +168,33 @@ class Lifecycle:
         if membership == "join":
             return ENDED, "third_party_joined", payloads.DM_ENDED
         return None
+
+    async def _marker(self, conn: Connection, raw: dict[str, Any], now: int) -> None:
+        """A room the bridge created, as the homeserver tells it: made the pair's DM if its
+        creation is still unfinished (the creator may have died before recording it).
+
+        A marked room the database does not know, and that its creation cannot claim any more,
+        is kept as an ended DM: what the user writes there still reaches the platform.
+        """
+        room_id = RoomID(str(raw["room_id"]))
+        marker = Marker.read(raw.get("content"), raw.get("sender"), raw.get("state_key"))
+        parsed = self.networks.parse_ghost(marker.ghost_id) if marker is not None else None
+        if marker is None or parsed is None or (parsed[0].id, parsed[1]) != (
+                marker.network, marker.remote_id):
+            return
+        if await self.stores.dms.by_room(conn, room_id) is not None:
+            return  # the creator (or a recovery) recorded it already
+        current = await self.stores.dms.current_in(conn, marker.ghost_id, marker.user_id)
+        if (current is not None and current.state == CREATING and current.claim == marker.claim
+                and await self.stores.dms.activate_in(conn, marker.ghost_id, marker.user_id,
+                                                      marker.claim, room_id, now)):
+            log.info("%s: the DM of %s / %s, recorded from the homeserver's transaction",
+                     room_id, marker.ghost_id, marker.user_id)
+            return
+        await self.stores.dms.adopt(conn, marker.ghost_id, marker.user_id, marker.network,
+                                    marker.remote_id, room_id, ENDED, "superseded", now)
+        log.warning("%s: a DM room of %s / %s that its creation no longer claims; kept as ended",
+                    room_id, marker.ghost_id, marker.user_id)
 
     # --- messages ---------------------------------------------------------------------------
 

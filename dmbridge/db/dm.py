@@ -11,6 +11,7 @@ from .message import SentMessage
 CREATING, ACTIVE, ENDED = "creating", "active", "ended"
 DECLINED = "declined"  # the user turned the contact down: nothing is sent until they reach out
 JOINING = "joining"  # the user invited the ghost; the ghost is joining
+ABANDONED = ""  # the instance of a claim whose request gave up: any process may recover it
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class DMRecord:
     reason: str | None
     user_displayname: str | None
     ghost_avatar_url: str | None = None
+    instance: str | None = None  # the process holding a 'creating' claim
 
 
 _COLUMNS = """
@@ -41,7 +43,7 @@ _COLUMNS = """
       WHERE o.room_id = dm.room_id AND o.membership = 'join'
         AND o.user_id <> dm.ghost_id AND o.user_id <> dm.user_id) AS others_joined,
     gh.displayname AS ghost_displayname, dm.reason, u.displayname AS user_displayname,
-    gh.avatar_url AS ghost_avatar_url
+    gh.avatar_url AS ghost_avatar_url, dm.instance
 """
 _JOINS = """
     LEFT JOIN room_member u ON u.room_id = dm.room_id AND u.user_id = dm.user_id
@@ -60,6 +62,12 @@ _FOR_SEND = f"""
       LEFT JOIN sent_message sm
              ON sm.network = $3 AND sm.remote_id = $4 AND sm.message_id = $5
 """
+
+
+_ACTIVATE = (
+    "UPDATE dm SET room_id=$4, state='active', claim=NULL, instance=NULL, updated_at=$5"
+    " WHERE ghost_id=$1 AND user_id=$2 AND state='creating' AND claim=$3 RETURNING room_id"
+)
 
 
 def _record(row: Any) -> DMRecord:
@@ -89,6 +97,21 @@ class DMStore:
         sent = (SentMessage(row["sent_room_id"], row["sent_event_id"], row["sent_kind"])
                 if row["sent_event_id"] is not None else None)
         return record, sent
+
+    async def get_by_room(self, room_id: RoomID) -> DMRecord | None:
+        row = await self.db.fetchrow(_SELECT + " WHERE dm.room_id=$1", room_id)
+        return _record(row) if row else None
+
+    async def unfinished(self) -> list[DMRecord]:
+        """Every pair whose room is being created (or was, by a process that died)."""
+        rows = await self.db.fetch(_SELECT + " WHERE dm.state = 'creating'")
+        return [_record(row) for row in rows]
+
+    async def rooms_of_ghost(self, ghost_id: UserID) -> set[RoomID]:
+        """Every room this ghost has a DM row for, whatever its state."""
+        rows = await self.db.fetch(
+            "SELECT room_id FROM dm WHERE ghost_id=$1 AND room_id IS NOT NULL", ghost_id)
+        return {RoomID(row["room_id"]) for row in rows}
 
     @staticmethod
     async def by_room(conn: Connection, room_id: str) -> DMRecord | None:
@@ -158,37 +181,47 @@ class DMStore:
 
     async def claim(
         self, ghost_id: UserID, user_id: UserID, network: str, remote_id: str, claim: str,
-        now_ms: int,
+        instance: str, now_ms: int,
     ) -> bool:
-        """Reserve the pair for a room about to be created; False if someone holds it."""
-        got = await self.db.fetchval(
-            "INSERT INTO dm (ghost_id, user_id, network, remote_id, state, claim, created_at,"
-            " updated_at) VALUES ($1, $2, $3, $4, 'creating', $5, $6, $6)"
-            " ON CONFLICT (ghost_id, user_id) WHERE state <> 'ended' DO NOTHING RETURNING claim",
-            ghost_id, user_id, network, remote_id, claim, now_ms,
-        )
-        return got is not None
+        """Reserve the pair for a room about to be created; False if someone holds it.
 
-    async def take_over(
-        self, ghost_id: UserID, user_id: UserID, old_claim: str | None, claim: str, now_ms: int
-    ) -> bool:
-        """Take a stale creation over from a request that never finished it."""
+        ``instance`` names this process, so others can tell whether the claim's holder lives.
+        """
         got = await self.db.fetchval(
-            "UPDATE dm SET claim=$4, updated_at=$5 WHERE ghost_id=$1 AND user_id=$2"
-            " AND state='creating' AND claim=$3 RETURNING claim",
-            ghost_id, user_id, old_claim, claim, now_ms,
+            "INSERT INTO dm (ghost_id, user_id, network, remote_id, state, claim, instance,"
+            " created_at, updated_at) VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $7)"
+            " ON CONFLICT (ghost_id, user_id) WHERE state <> 'ended' DO NOTHING RETURNING claim",
+            ghost_id, user_id, network, remote_id, claim, instance, now_ms,
         )
         return got is not None
 
     async def activate(
         self, ghost_id: UserID, user_id: UserID, claim: str, room_id: RoomID, now_ms: int
     ) -> bool:
-        got = await self.db.fetchval(
-            "UPDATE dm SET room_id=$4, state='active', claim=NULL, updated_at=$5"
-            " WHERE ghost_id=$1 AND user_id=$2 AND state='creating' AND claim=$3"
-            " RETURNING room_id",
-            ghost_id, user_id, claim, room_id, now_ms,
+        """The claimed pair's room is ``room_id``; True also if it was already recorded as
+        that (adopted from the homeserver's transaction or by a recovery)."""
+        got = await self.db.fetchval(_ACTIVATE, ghost_id, user_id, claim, room_id, now_ms)
+        if got is not None:
+            return True
+        mine = await self.db.fetchval(
+            "SELECT room_id FROM dm WHERE room_id=$1 AND ghost_id=$2 AND user_id=$3",
+            room_id, ghost_id, user_id,
         )
+        return mine is not None
+
+    async def abandon(self, ghost_id: UserID, user_id: UserID, claim: str) -> None:
+        """The claim's request gave up mid-creation: the next request recovers it at once."""
+        await self.db.execute(
+            "UPDATE dm SET instance=$4 WHERE ghost_id=$1 AND user_id=$2 AND state='creating'"
+            " AND claim=$3",
+            ghost_id, user_id, claim, ABANDONED,
+        )
+
+    @staticmethod
+    async def activate_in(conn: Connection, ghost_id: str, user_id: str, claim: str,
+                          room_id: str, now_ms: int) -> bool:
+        """As :meth:`activate`, inside the caller's transaction; False if the claim moved on."""
+        got = await conn.fetchval(_ACTIVATE, ghost_id, user_id, claim, room_id, now_ms)
         return got is not None
 
     async def release(self, ghost_id: UserID, user_id: UserID, claim: str) -> None:

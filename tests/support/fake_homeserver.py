@@ -24,6 +24,18 @@ class Room:
     creator: str
     create: dict[str, Any]
     events: list[dict[str, Any]] = field(default_factory=list)
+    members: dict[str, str] = field(default_factory=dict)
+    forgotten_by: set[str] = field(default_factory=set)
+
+    def state(self, kind: str, state_key: str) -> dict[str, Any] | None:
+        """The content of a state event from createRoom's initial_state, or a membership."""
+        if kind == "m.room.member":
+            membership = self.members.get(state_key)
+            return {"membership": membership} if membership else None
+        for event in self.create.get("initial_state", []):
+            if (event["type"], event.get("state_key", "")) == (kind, state_key):
+                return dict(event["content"])
+        return None
 
 
 class FakeHomeserver:
@@ -76,6 +88,12 @@ class FakeHomeserver:
         app.router.add_post(v3 + "/rooms/{room_id}/invite", self._invite, name="invite")
         app.router.add_put(v3 + "/rooms/{room_id}/state/m.room.member/{state_key}",
                            self._member_state, name="member_state")
+        app.router.add_get(v3 + "/joined_rooms", self._joined_rooms, name="joined_rooms")
+        app.router.add_get(v3 + "/rooms/{room_id}/state/{type}/{state_key:.*}", self._get_state,
+                           name="get_state")
+        for action in ("kick", "leave", "forget"):
+            app.router.add_post(v3 + "/rooms/{room_id}/" + action, self._membership_change,
+                                name=action)
         app.router.add_post("/_matrix/client/v1/appservice/{id}/ping", self._ping, name="ping")
         app.router.add_post("/_matrix/media/v3/upload", self._upload, name="upload")
         app.router.add_get("/_matrix/client/v1/media/download/{server}/{media_id}",
@@ -164,8 +182,41 @@ class FakeHomeserver:
 
     async def _create_room(self, request: web.Request) -> web.Response:
         room_id = f"!{uuid.uuid4().hex}"
-        self.rooms[room_id] = Room(room_id, self._acting_user(request), await request.json())
+        body = await request.json()
+        creator = self._acting_user(request)
+        room = self.rooms[room_id] = Room(room_id, creator, body, members={creator: "join"})
+        room.members.update({user_id: "invite" for user_id in body.get("invite", [])})
+        if "POST createRoom:after" in self.fail:  # the room is made, then the answer fails
+            status, answer = self.fail.pop("POST createRoom:after")
+            return web.json_response(answer, status=status)
         return web.json_response({"room_id": room_id})
+
+    def joined_rooms(self, user_id: str) -> list[str]:
+        return [r.room_id for r in self.rooms.values() if r.members.get(user_id) == "join"]
+
+    async def _joined_rooms(self, request: web.Request) -> web.Response:
+        return web.json_response({"joined_rooms": self.joined_rooms(self._acting_user(request))})
+
+    async def _get_state(self, request: web.Request) -> web.Response:
+        room = self.rooms.get(request.match_info["room_id"])
+        content = room.state(request.match_info["type"], request.match_info["state_key"]) \
+            if room is not None else None
+        if content is None:
+            return web.json_response({"errcode": "M_NOT_FOUND", "error": "no state"}, status=404)
+        if request.query.get("format") == "event":
+            return web.json_response({"content": content, "sender": room.creator if room else ""})
+        return web.json_response(content)
+
+    async def _membership_change(self, request: web.Request) -> web.Response:
+        room = self.rooms[request.match_info["room_id"]]
+        user, action = self._acting_user(request), request.match_info.route.name
+        if action == "kick":
+            room.members[(await request.json())["user_id"]] = "leave"
+        elif action == "leave":
+            room.members[user] = "leave"
+        else:
+            room.forgotten_by.add(user)
+        return web.json_response({})
 
     async def _get_account_data(self, request: web.Request) -> web.Response:
         key = (request.match_info["user_id"], request.match_info["type"])

@@ -8,11 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mautrix.types import RoomID
 
 from dmbridge.bridge import Bridge
-from dmbridge.errors import HomeserverError, UnknownRecipient
+from dmbridge.db import now_ms
+from dmbridge.errors import Busy, HomeserverError, RecipientUnreachable, UnknownRecipient
 from dmbridge.localhs import free_port
-from tests.support.fake_homeserver import FakeHomeserver
+from dmbridge.marker import Marker
+from tests.support.fake_homeserver import FakeHomeserver, Room
 from tests.support.settings import AS_TOKEN, make_settings
 
 PHONE = "+15551234567"
@@ -92,7 +95,11 @@ async def test_room_is_created_as_a_direct_two_person_room(
     # Room version 12: the creator has power implicitly and must not be listed.
     assert room.create["power_level_content_override"] == {"users": {alice: 100}}
     kinds = {e["type"]: e for e in room.create["initial_state"]}
-    assert set(kinds) == {"m.bridge", "uk.half-shot.bridge"}
+    assert set(kinds) == {"m.bridge", "uk.half-shot.bridge", "net.dmbridge.dm"}
+    marker = kinds["net.dmbridge.dm"]
+    assert marker["state_key"] == ""
+    assert {k: v for k, v in marker["content"].items() if k != "claim"} == {
+        "ghost_id": GHOST, "user_id": alice, "network": "sms", "remote_id": PHONE}
     assert kinds["m.bridge"]["content"]["protocol"]["id"] == "sms"
     assert kinds["m.bridge"]["content"]["channel"]["id"] == PHONE
     assert hs.displaynames[GHOST] == f"{PHONE} (SMS)"
@@ -208,3 +215,153 @@ async def test_display_name_changes_only_when_the_platform_says_so(
     await bridge.dms.send("sms", PHONE, alice, message_id="4", text="hi", sender_name="Robert")
     assert hs.names(start)[2:] == ["PUT displayname", "PUT send"]
     assert hs.displaynames[GHOST] == "Robert (SMS)"
+
+
+# --- crash-safe creation ------------------------------------------------------------------------
+
+DEAD = "0123456789abcdef"  # the instance ID of a bridge process that is gone
+
+
+async def _unfinished(bridge: Bridge, hs: FakeHomeserver, user_id: str, claim: str,
+                      *, room_made: bool) -> str | None:
+    """A claim left by a process that died, and (if ``room_made``) the room it had made."""
+    assert await bridge.stores.dms.claim(GHOST, user_id, "sms", PHONE, claim, DEAD,
+                                         now_ms())
+    if not room_made:
+        return None
+    hs.users.add(GHOST)
+    room_id = f"!orphan{claim}"
+    marker = Marker(GHOST, user_id, "sms", PHONE, claim).state_event()
+    hs.rooms[room_id] = Room(room_id, GHOST, {"invite": [user_id], "initial_state": [marker]},
+                             members={GHOST: "join", user_id: "invite"})
+    return room_id
+
+
+async def test_a_room_made_by_a_dead_process_is_adopted_not_made_again(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    orphan = await _unfinished(bridge, hs, alice, "c1", room_made=True)
+    start = len(hs.requests)
+    result = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    assert result.room_id == orphan and not result.room_created
+    assert "POST createRoom" not in hs.names(start)
+    assert [e["content"]["body"] for e in hs.rooms[orphan].events] == ["hi"]
+    [dm] = await bridge.dms.list_dms(network_id="sms")
+    assert (dm.room_id, dm.user_membership) == (orphan, "invite")
+    assert hs.account_data[(GHOST, "m.direct")] == {alice: [orphan]}
+
+
+async def test_a_creation_that_never_reached_the_homeserver_frees_the_pair_at_once(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    """No wait for creation_timeout (the settings' 30 s would fail the unit test's pace)."""
+    alice = hs.add_human("alice")
+    await _unfinished(bridge, hs, alice, "c1", room_made=False)
+    result = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    assert result.room_created and list(hs.rooms) == [result.room_id]
+
+
+async def test_start_up_adopts_the_rooms_of_unfinished_creations(
+    make_bridge: MakeBridge, hs: FakeHomeserver
+) -> None:
+    first = await make_bridge()
+    alice, bob = hs.add_human("alice"), hs.add_human("bob")
+    orphan = await _unfinished(first, hs, alice, "c1", room_made=True)
+    await _unfinished(first, hs, bob, "c2", room_made=False)
+    second = await make_bridge()
+
+    async def settled() -> bool:
+        return await second.stores.dms.unfinished() == []
+
+    for _ in range(100):
+        if await settled():
+            break
+        await asyncio.sleep(0.05)
+    [dm] = await second.dms.list_dms(network_id="sms")
+    assert dm.room_id == orphan and dm.user_id == alice
+    assert await second.stores.dms.get_current(GHOST, bob) is None  # bob's pair is free
+
+
+async def test_the_homeserver_transaction_records_a_room_whose_creator_died(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    await _unfinished(bridge, hs, alice, "c1", room_made=False)
+    marker = Marker(GHOST, alice, "sms", PHONE, "c1").state_event()
+    await bridge.matrix.handle_transaction("1", [
+        {**marker, "event_id": "$m", "room_id": "!made", "sender": GHOST},
+        {"type": "m.room.member", "state_key": alice, "event_id": "$i", "room_id": "!made",
+         "sender": GHOST, "content": {"membership": "invite", "is_direct": True}},
+    ])
+    [dm] = await bridge.dms.list_dms(network_id="sms")
+    assert (dm.room_id, dm.user_membership) == ("!made", "invite")
+
+
+async def test_a_marker_not_set_by_the_ghost_is_ignored(bridge: Bridge, hs: FakeHomeserver
+                                                        ) -> None:
+    alice = hs.add_human("alice")
+    await _unfinished(bridge, hs, alice, "c1", room_made=False)
+    marker = Marker(GHOST, alice, "sms", PHONE, "c1").state_event()
+    await bridge.matrix.handle_transaction("1", [
+        {**marker, "event_id": "$m", "room_id": "!forged", "sender": alice},
+    ])
+    assert await bridge.stores.dms.get_by_room(RoomID("!forged")) is None
+
+
+async def test_a_room_made_before_create_room_failed_is_removed(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    hs.fail["POST createRoom:after"] = (500, {"errcode": "M_UNKNOWN", "error": "lost answer"})
+    with pytest.raises(HomeserverError, match="create the DM room"):
+        await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    [made] = hs.rooms.values()
+    assert made.members == {GHOST: "leave", alice: "leave"}  # invite withdrawn, ghost gone
+    assert GHOST in made.forgotten_by
+    assert hs.joined_rooms(GHOST) == []
+    result = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    assert result.room_created and hs.joined_rooms(GHOST) == [result.room_id]
+
+
+async def test_a_recipient_on_a_server_not_federated_with_gets_no_room(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    denied = {"errcode": "M_FORBIDDEN", "error": "Federation denied with example.invalid."}
+    hs.fail_next("GET profile", 403, denied)
+    with pytest.raises(RecipientUnreachable, match="does not federate"):
+        await bridge.dms.send("sms", PHONE, "@someone:example.invalid", message_id="1",
+                              text="hi")
+    assert "POST createRoom" not in hs.names() and hs.rooms == {}
+    assert await bridge.stores.dms.get_current(GHOST, "@someone:example.invalid") is None
+
+
+async def test_a_remote_server_that_hides_profiles_still_gets_the_invite(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    hs.fail_next("GET profile", 403, {"errcode": "M_FORBIDDEN", "error": "private"})
+    result = await bridge.dms.send("sms", PHONE, "@someone:elsewhere.example",
+                                   message_id="1", text="hi")
+    assert result.room_created
+
+
+async def test_a_room_made_after_a_stale_claim_was_settled_is_removed(
+    make_bridge: MakeBridge, hs: FakeHomeserver
+) -> None:
+    """Worker A is so slow that B settles its claim (older than creation_timeout) and makes
+    the room; A's room, arriving late, is removed and A's request is told to retry."""
+    alice = hs.add_human("alice")
+    worker_a, worker_b = await make_bridge(), await make_bridge()
+    hs.delay["POST createRoom"] = 0.5
+    slow = asyncio.create_task(worker_a.dms.send("sms", PHONE, alice, message_id="1", text="a"))
+    for _ in range(100):  # until A holds the claim
+        if await worker_a.db.fetchval("SELECT COUNT(*) FROM dm"):
+            break
+        await asyncio.sleep(0.01)
+    await worker_a.db.execute("UPDATE dm SET updated_at=0 WHERE state='creating'")
+    done = await worker_b.dms.send("sms", PHONE, alice, message_id="2", text="b")
+    with pytest.raises(Busy, match="created twice"):
+        await slow
+    assert done.room_created and hs.joined_rooms(GHOST) == [done.room_id]
+    [late] = [room for room in hs.rooms.values() if room.room_id != done.room_id]
+    assert late.members == {GHOST: "leave", alice: "leave"} and GHOST in late.forgotten_by

@@ -67,7 +67,7 @@ async def open_dm(stores: Stores, room_id: str = ROOM, *, user: str = "join",
                   ghost: str = "join", user_name: str | None = "Alice") -> None:
     """A DM the bridge opened: the pair's row, active, with the memberships it assumes."""
     claim = f"claim-{next(_counter)}"
-    assert await stores.dms.claim(GHOST, USER, "sms", REMOTE, claim, now_ms())
+    assert await stores.dms.claim(GHOST, USER, "sms", REMOTE, claim, "test", now_ms())
     assert await stores.dms.activate(GHOST, USER, claim, room_id, now_ms())
     await stores.members.assume(room_id, GHOST, ghost)
     await stores.members.assume(room_id, USER, user, user_name)
@@ -158,7 +158,7 @@ async def test_user_rejecting_the_invite_declines(
     assert await history(stores) == [(ROOM, DECLINED, "invite_rejected", leave["event_id"])]
     assert rec.queued == [{"sms"}]
     # The pair's slot is held: no new DM can be claimed while declined.
-    assert not await stores.dms.claim(GHOST, USER, "sms", REMOTE, "again", now_ms())
+    assert not await stores.dms.claim(GHOST, USER, "sms", REMOTE, "again", "test", now_ms())
 
 
 async def test_rejection_known_from_prev_content_when_no_membership_was_recorded(
@@ -166,7 +166,7 @@ async def test_rejection_known_from_prev_content_when_no_membership_was_recorded
 ) -> None:
     h, _ = handler
     claim = "claim-unsigned"
-    assert await stores.dms.claim(GHOST, USER, "sms", REMOTE, claim, now_ms())
+    assert await stores.dms.claim(GHOST, USER, "sms", REMOTE, claim, "test", now_ms())
     assert await stores.dms.activate(GHOST, USER, claim, ROOM, now_ms())
     leave = member(USER, "leave")
     leave["unsigned"] = {"prev_content": {"membership": "invite"}}
@@ -211,7 +211,7 @@ async def test_user_leaving_a_joined_dm_with_new_room(stores: Stores) -> None:
     assert notice(item) == ("dm.user_left", "ended", "user_left", leave["event_id"])
     assert await history(stores) == [(ROOM, ENDED, "user_left", leave["event_id"])]
     # The pair is free for a new room.
-    assert await stores.dms.claim(GHOST, USER, "sms", REMOTE, "next", now_ms())
+    assert await stores.dms.claim(GHOST, USER, "sms", REMOTE, "next", "test", now_ms())
 
 
 async def test_user_banned_ends_the_dm(
@@ -653,7 +653,7 @@ async def test_clear_declined(stores: Stores, handler: tuple[MatrixHandler, Reco
     assert (await history(stores))[-1] == (ROOM, ENDED, "cleared_by_admin", None)
     with pytest.raises(NotFound):
         await clear_declined(stores, SMS, REMOTE, USER)  # nothing left to clear
-    assert await stores.dms.claim(GHOST, USER, "sms", REMOTE, "fresh", now_ms())
+    assert await stores.dms.claim(GHOST, USER, "sms", REMOTE, "fresh", "test", now_ms())
 
 
 async def test_state_cache_gets_new_state_events_only(stores: Stores) -> None:

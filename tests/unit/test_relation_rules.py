@@ -214,7 +214,7 @@ async def test_resolve_message_sent_to_another_matrix_user(stores: Stores) -> No
     ghost = make_network().ghost_user_id(REMOTE)
     for user_id, room_id in ((USER, ROOM), (OTHER_USER, OTHER_ROOM)):
         claim = f"claim-{user_id}"
-        assert await stores.dms.claim(ghost, user_id, "sms", REMOTE, claim, now_ms())
+        assert await stores.dms.claim(ghost, user_id, "sms", REMOTE, claim, "test", now_ms())
         assert await stores.dms.activate(ghost, user_id, claim, room_id, now_ms())
     await sent(stores, "to-bob", "$b1", room_id=OTHER_ROOM)
     for purpose in ("reply to", "edit", "react to"):

@@ -10,4 +10,5 @@ from . import (  # noqa: E402,F401
     v02_outbox_lifecycle,
     v03_sent_message_event,
     v04_message_map_media,
+    v05_creation_owner,
 )

@@ -1,0 +1,121 @@
+"""Which bridge processes are alive: a 'creating' claim whose process died is recovered at once.
+
+Every process start has a random instance ID, written into the claims it takes, and holds a
+presence for as long as it lives; the kernel ends a killed process's presence at once, so no
+heartbeat interval or timeout has to be tuned:
+- PostgreSQL (workers may be on several hosts): a connection named ``dmbridge/<instance>``; an
+  instance is alive iff ``pg_stat_activity`` lists such a connection.
+- SQLite (one host): an exclusive ``flock`` on ``<database>.instances/<instance>``; alive iff
+  that lock cannot be taken. (One process per database is the design; tests run two bridges in
+  one process, and flock tells those apart too.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import IO
+
+import asyncpg
+from mautrix.util.async_db import Database
+
+from .db.dm import ABANDONED, DMRecord
+
+log = logging.getLogger("dmbridge.instances")
+
+_PREFIX = "dmbridge/"
+
+
+class Instances:
+    def __init__(self, db: Database, database_url: str, creation_timeout: float) -> None:
+        self.id = secrets.token_hex(8)
+        self.db = db
+        self.database_url = database_url
+        self.postgres = not database_url.startswith("sqlite")
+        self.creation_timeout = creation_timeout
+        self._presence: asyncpg.Connection | None = None
+        self._folder = None if self.postgres else _lock_folder(database_url)
+        self._lock: IO[bytes] | None = None
+
+    async def start(self) -> None:
+        if self.postgres:
+            await self._connect()
+        elif self._folder is not None:
+            self._lock = _hold(self._folder, self.id)
+
+    async def stop(self) -> None:
+        if self._presence is not None:
+            await self._presence.close()
+            self._presence = None
+        if self._lock is not None and self._folder is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._folder / self.id)
+            self._lock.close()
+            self._lock = None
+
+    async def _connect(self) -> None:
+        self._presence = await asyncpg.connect(
+            self.database_url, server_settings={"application_name": _PREFIX + self.id})
+
+    async def creator_alive(self, record: DMRecord) -> bool:
+        """Is the process holding this claim still at work on it?
+
+        Callers hold the pair's in-process lock, so a claim of this very process is a leftover
+        of a request that died without cleaning up. A claim older than ``creation_timeout`` is
+        treated as dead too, whatever holds it: the homeserver is asked what it made.
+        """
+        if record.instance in (self.id, ABANDONED):
+            return False
+        if (time.time() * 1000 - record.updated_at) > self.creation_timeout * 1000:
+            return False
+        if record.instance is None:
+            return True  # a claim from a version that did not record it: only time tells
+        if not self.postgres:
+            return self._locked(record.instance)
+        if self._presence is None or self._presence.is_closed():
+            try:  # others see this process dead meanwhile; come back for them
+                await self._connect()
+            except (OSError, asyncpg.PostgresError) as e:
+                log.warning("could not reopen the presence connection: %r", e)
+        found = await self.db.fetchval(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = $1",
+            _PREFIX + record.instance,
+        )
+        return bool(found)
+
+    def _locked(self, instance: str) -> bool:
+        if self._folder is None or not instance.isalnum():
+            return False
+        path = self._folder / instance
+        try:
+            with open(path, "rb") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+        except FileNotFoundError:
+            return False
+        with contextlib.suppress(OSError):
+            path.unlink()  # its process is gone
+        return False
+
+
+def _hold(folder: Path, instance: str) -> IO[bytes]:
+    """This process's presence: the lock is held until the file is closed, or the process ends."""
+    folder.mkdir(mode=0o700, exist_ok=True)
+    lock = open(folder / instance, "wb")  # held until stop
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return lock
+
+
+def _lock_folder(database_url: str) -> Path | None:
+    """Beside the SQLite file; None for an in-memory database (one process, nothing to tell)."""
+    path = database_url.removeprefix("sqlite:").removeprefix("//")
+    if not path or path.startswith(":memory:") or "mode=memory" in path:
+        return None
+    return Path(path.split("?", 1)[0] + ".instances")
