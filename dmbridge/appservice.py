@@ -17,6 +17,7 @@ from aiohttp import web
 from mautrix.appservice import AppService, AppServiceAPI
 from mautrix.appservice.state_store import ASStateStore
 
+from . import jsontext
 from .config import Settings
 from .homeserver import RequestLog
 from .matrix import MatrixHandler
@@ -24,6 +25,8 @@ from .matrix import MatrixHandler
 log = logging.getLogger("dmbridge.appservice")
 
 MAX_TRANSACTION_BYTES = 64 * 1024 * 1024
+# Synapse refuses event content nested deeper than about 100 levels; a transaction adds three.
+MAX_TRANSACTION_DEPTH = 128
 
 
 def _error(status: int, errcode: str, message: str) -> web.Response:
@@ -91,8 +94,11 @@ class BridgeAppService(AppService):
         if (denied := self._auth_error(request)) is not None:
             return denied
         txn_id = request.match_info["transaction_id"]
+        # JSON is UTF-8 whatever Content-Type's charset says; values nested too deep are cut
+        # out, so one such event is skipped rather than failing the transaction for ever.
+        data = await request.read()
         try:
-            body = await request.json()
+            body, cut = jsontext.loads_cut(data, MAX_TRANSACTION_DEPTH)
         except ValueError:
             return _error(400, "M_NOT_JSON", "the transaction body is not JSON")
         events = body.get("events") if isinstance(body, dict) else None
@@ -102,8 +108,9 @@ class BridgeAppService(AppService):
         ephemeral = body.get("ephemeral", body.get("de.sorunome.msc2409.ephemeral"))
         if not isinstance(ephemeral, list):
             ephemeral = []
+        untrusted = cut or jsontext.may_hold_unstorable(data)
         try:
-            await self.handler.handle_transaction(txn_id, events, ephemeral)
+            await self.handler.handle_transaction(txn_id, events, ephemeral, untrusted=untrusted)
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception:
@@ -134,7 +141,7 @@ class BridgeAppService(AppService):
         if (denied := self._auth_error(request)) is not None:
             return denied
         try:
-            body = await request.json()
+            body = jsontext.loads(await request.read(), MAX_TRANSACTION_DEPTH)
         except ValueError:
             body = {}
         txn = body.get("transaction_id") if isinstance(body, dict) else None

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
+from .. import jsontext
 from ..errors import BadRequest, NotJSON, TooLarge, storable
+
+# Request bodies of this API nest three levels at most; anything far deeper is an attack.
+MAX_JSON_DEPTH = 32
 
 
 async def read_object(request: web.Request, limit: int) -> dict[str, Any]:
@@ -20,8 +23,10 @@ async def read_object(request: web.Request, limit: int) -> dict[str, Any]:
         if len(data) > limit:
             raise TooLarge(f"the request body exceeds the limit of {limit} bytes")
     try:
-        body = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+        body = jsontext.loads(bytes(data), MAX_JSON_DEPTH)
+    except jsontext.TooDeep:
+        raise BadRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError:  # UnicodeDecodeError included: JSON is UTF-8, whatever the charset says
         raise NotJSON("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")

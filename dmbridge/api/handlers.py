@@ -9,14 +9,29 @@ import aiohttp
 from aiohttp import web
 
 from ..dms import DM, SendResult
-from ..errors import BadRequest
+from ..errors import BadRequest, InvalidParam, storable
 from ..media import media_headers
+from ..networks import Network
 from ..outbox import describe
 from ..relations import Target
 from . import app as api
 from .body import id_list, query_number, read_object, required_string, string
 
 log = logging.getLogger("dmbridge.api")
+
+# Synapse refuses longer display names (MAX_DISPLAYNAME_LEN), after the room is already open.
+MAX_DISPLAYNAME = 256
+
+
+def _sender_name(network: Network, body: dict[str, Any], key: str, remote_id: str
+                 ) -> str | None:
+    """The sender's name, refused up front when the ghost's display name would be too long."""
+    name = string(body, key, required=False, max_len=255)
+    if name is not None and len(network.ghost_displayname(remote_id, name)) > MAX_DISPLAYNAME:
+        raise InvalidParam(
+            f"'{key}' makes the ghost's display name (network template "
+            f"{network.displayname!r}) longer than {MAX_DISPLAYNAME} characters")
+    return name
 
 
 def _dm_json(dm: DM) -> dict[str, Any]:
@@ -34,16 +49,17 @@ def _dm_json(dm: DM) -> dict[str, Any]:
 async def send_message(request: web.Request) -> web.Response:
     network = request[api.NETWORK]
     body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
+    sender = required_string(body, "sender", 255)
     result = await request.app[api.SERVICE].send(
         network.id,
-        required_string(body, "sender", 255),
+        sender,
         required_string(body, "recipient", 255),
         message_id=request.match_info["message_id"],
         text=string(body, "text", required=False),
         html=string(body, "html", required=False),
         markdown=string(body, "markdown", required=False),
         msgtype=string(body, "msgtype", required=False, max_len=16) or "text",
-        sender_name=string(body, "sender_name", required=False, max_len=255),
+        sender_name=_sender_name(network, body, "sender_name", sender),
         sender_avatar=string(body, "sender_avatar", required=False, max_len=255),
         media=string(body, "media", required=False, max_len=255),
         reply_to=Target.parse(body, "reply_to"),
@@ -64,9 +80,10 @@ def _sent_json(result: SendResult) -> web.Response:
 async def set_profile(request: web.Request) -> web.Response:
     """A ghost's display name and avatar, as the platform says; absent keys stay as they are."""
     body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
+    network, remote_id = request[api.NETWORK], request.match_info["remote_id"]
     ghost_id, name, avatar = await request.app[api.SERVICE].set_profile(
-        request[api.NETWORK].id, request.match_info["remote_id"],
-        name=string(body, "name", required=False, max_len=255),
+        network.id, storable(remote_id, "remote_id"),
+        name=_sender_name(network, body, "name", remote_id),
         avatar=string(body, "avatar", required=False, max_len=255),
     )
     return web.json_response({"ghost_id": ghost_id, "displayname": name, "avatar_url": avatar})
@@ -143,11 +160,12 @@ async def download_media(request: web.Request) -> web.StreamResponse:
 async def open_dm(request: web.Request) -> web.Response:
     network = request[api.NETWORK]
     body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
+    sender = required_string(body, "sender", 255)
     opened = await request.app[api.SERVICE].open_dm(
         network.id,
-        required_string(body, "sender", 255),
+        sender,
         required_string(body, "recipient", 255),
-        sender_name=string(body, "sender_name", required=False, max_len=255),
+        sender_name=_sender_name(network, body, "sender_name", sender),
         sender_avatar=string(body, "sender_avatar", required=False, max_len=255),
     )
     return web.json_response({**_dm_json(opened.dm), "created": opened.created})
@@ -158,8 +176,8 @@ async def list_dms(request: web.Request) -> web.Response:
     query = request.rel_url.query
     limit = int(query_number(query, "limit", 100, 1, 1000))
     dms = await request.app[api.SERVICE].list_dms(
-        network_id=network.id, user_id=query.get("user_id"), remote_id=query.get("remote_id"),
-        limit=limit,
+        network_id=network.id, user_id=string(query, "user_id", required=False, max_len=255),
+        remote_id=string(query, "remote_id", required=False, max_len=255), limit=limit,
     )
     return web.json_response({"dms": [_dm_json(dm) for dm in dms]})
 
@@ -220,6 +238,11 @@ async def dead_letters(request: web.Request) -> web.Response:
 
 async def retry_dead_letters(request: web.Request) -> web.Response:
     body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
-    ids = None if body.get("all") is True else id_list(body, "ids")
+    every = body.get("all")
+    if every is not None and "ids" in body:
+        raise BadRequest("give either 'all': true or 'ids', not both")
+    if every is not None and every is not True:
+        raise BadRequest("'all' must be true (or left out, with 'ids')")
+    ids = None if every is True else id_list(body, "ids")
     requeued = await request.app[api.OUTBOX].retry(request[api.NETWORK], ids)
     return web.json_response({"requeued": requeued})
