@@ -15,7 +15,8 @@ from ..networks import Network
 from ..outbox import describe
 from ..relations import Target
 from . import app as api
-from .body import id_list, query_number, read_object, required_string, string
+from . import body as f
+from .body import id_list, read_object
 
 log = logging.getLogger("dmbridge.api")
 
@@ -23,13 +24,13 @@ log = logging.getLogger("dmbridge.api")
 MAX_DISPLAYNAME = 256
 
 
-def _sender_name(network: Network, body: dict[str, Any], key: str, remote_id: str
+def _sender_name(network: Network, body: dict[str, Any], field: f.Text, remote_id: str
                  ) -> str | None:
     """The sender's name, refused up front when the ghost's display name would be too long."""
-    name = string(body, key, required=False, max_len=255)
+    name = field.get(body)
     if name is not None and len(network.ghost_displayname(remote_id, name)) > MAX_DISPLAYNAME:
         raise InvalidParam(
-            f"'{key}' makes the ghost's display name (network template "
+            f"'{field.key}' makes the ghost's display name (network template "
             f"{network.displayname!r}) longer than {MAX_DISPLAYNAME} characters")
     return name
 
@@ -49,21 +50,21 @@ def _dm_json(dm: DM) -> dict[str, Any]:
 async def send_message(request: web.Request) -> web.Response:
     network = request[api.NETWORK]
     body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
-    sender = required_string(body, "sender", 255)
+    sender = f.SENDER.need(body)
     result = await request.app[api.SERVICE].send(
         network.id,
         sender,
-        required_string(body, "recipient", 255),
+        f.RECIPIENT.need(body),
         message_id=request.match_info["message_id"],
-        text=string(body, "text", required=False),
-        html=string(body, "html", required=False),
-        markdown=string(body, "markdown", required=False),
-        msgtype=string(body, "msgtype", required=False, max_len=16) or "text",
-        sender_name=_sender_name(network, body, "sender_name", sender),
-        sender_avatar=string(body, "sender_avatar", required=False, max_len=255),
-        media=string(body, "media", required=False, max_len=255),
+        text=f.TEXT.get(body),
+        html=f.HTML.get(body),
+        markdown=f.MARKDOWN.get(body),
+        msgtype=f.MSGTYPE.get(body) or "text",
+        sender_name=_sender_name(network, body, f.SENDER_NAME, sender),
+        sender_avatar=f.SENDER_AVATAR.get(body),
+        media=f.MEDIA.get(body),
         reply_to=Target.parse(body, "reply_to"),
-        edits=string(body, "edits", required=False, max_len=255),
+        edits=f.EDITS.get(body),
     )
     return _sent_json(result)
 
@@ -83,8 +84,8 @@ async def set_profile(request: web.Request) -> web.Response:
     network, remote_id = request[api.NETWORK], request.match_info["remote_id"]
     ghost_id, name, avatar = await request.app[api.SERVICE].set_profile(
         network.id, storable(remote_id, "remote_id"),
-        name=_sender_name(network, body, "name", remote_id),
-        avatar=string(body, "avatar", required=False, max_len=255),
+        name=_sender_name(network, body, f.NAME, remote_id),
+        avatar=f.AVATAR.get(body),
     )
     return web.json_response({"ghost_id": ghost_id, "displayname": name, "avatar_url": avatar})
 
@@ -96,8 +97,8 @@ async def react(request: web.Request) -> web.Response:
         raise BadRequest("'target' is required: {\"message_id\": ...} or {\"event_id\": ...}")
     result = await request.app[api.SERVICE].react(
         request[api.NETWORK].id,
-        required_string(body, "sender", 255),
-        required_string(body, "recipient", 255),
+        f.SENDER.need(body),
+        f.RECIPIENT.need(body),
         reaction_id=request.match_info["reaction_id"],
         target=target,
         key=body.get("key"),  # type: ignore[arg-type]  # checked by the service
@@ -107,8 +108,8 @@ async def react(request: web.Request) -> web.Response:
 
 async def delete_message(request: web.Request) -> web.Response:
     query = request.rel_url.query  # query parameters follow the rules of body fields
-    sender = required_string(query, "sender")
-    reason = string(query, "reason", required=False, max_len=1000)
+    sender = f.SENDER.need(query)
+    reason = f.REASON.get(query)
     result = await request.app[api.SERVICE].redact(
         request[api.NETWORK].id, sender, message_id=request.match_info["message_id"],
         reason=reason or None,
@@ -160,13 +161,13 @@ async def download_media(request: web.Request) -> web.StreamResponse:
 async def open_dm(request: web.Request) -> web.Response:
     network = request[api.NETWORK]
     body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
-    sender = required_string(body, "sender", 255)
+    sender = f.SENDER.need(body)
     opened = await request.app[api.SERVICE].open_dm(
         network.id,
         sender,
-        required_string(body, "recipient", 255),
-        sender_name=_sender_name(network, body, "sender_name", sender),
-        sender_avatar=string(body, "sender_avatar", required=False, max_len=255),
+        f.RECIPIENT.need(body),
+        sender_name=_sender_name(network, body, f.SENDER_NAME, sender),
+        sender_avatar=f.SENDER_AVATAR.get(body),
     )
     return web.json_response({**_dm_json(opened.dm), "created": opened.created})
 
@@ -174,10 +175,9 @@ async def open_dm(request: web.Request) -> web.Response:
 async def list_dms(request: web.Request) -> web.Response:
     network = request[api.NETWORK]
     query = request.rel_url.query
-    limit = int(query_number(query, "limit", 100, 1, 1000))
     dms = await request.app[api.SERVICE].list_dms(
-        network_id=network.id, user_id=string(query, "user_id", required=False, max_len=255),
-        remote_id=string(query, "remote_id", required=False, max_len=255), limit=limit,
+        network_id=network.id, user_id=f.USER_ID.get(query), remote_id=f.REMOTE_ID.get(query),
+        limit=int(f.LIMIT.get(query)),
     )
     return web.json_response({"dms": [_dm_json(dm) for dm in dms]})
 
@@ -192,12 +192,13 @@ async def set_typing(request: web.Request) -> web.Response:
     typing = body.get("typing")
     if not isinstance(typing, bool):
         raise BadRequest("'typing' must be true or false")
-    timeout = body.get("timeout_ms", 30_000)
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 600_000:
-        raise BadRequest("'timeout_ms' must be an integer from 1 to 600000")
+    timeout, low, high = body.get("timeout_ms", f.TIMEOUT_MS.default), f.TIMEOUT_MS.low, \
+        f.TIMEOUT_MS.high
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not low <= timeout <= high:
+        raise BadRequest(f"'timeout_ms' must be an integer from {low:.0f} to {high:.0f}")
     room_id = await request.app[api.SERVICE].set_typing(
-        request[api.NETWORK].id, required_string(body, "sender", 255),
-        required_string(body, "recipient", 255), typing=typing, timeout_ms=timeout,
+        request[api.NETWORK].id, f.SENDER.need(body), f.RECIPIENT.need(body), typing=typing,
+        timeout_ms=timeout,
     )
     return web.json_response({"room_id": room_id})
 
@@ -205,8 +206,8 @@ async def set_typing(request: web.Request) -> web.Response:
 async def mark_read(request: web.Request) -> web.Response:
     body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
     room_id = await request.app[api.SERVICE].mark_read(
-        request[api.NETWORK].id, required_string(body, "sender", 255),
-        required_string(body, "recipient", 255), event_id=required_string(body, "event_id", 255),
+        request[api.NETWORK].id, f.SENDER.need(body), f.RECIPIENT.need(body),
+        event_id=f.EVENT_ID.need(body),
     )
     return web.json_response({"room_id": room_id})
 
@@ -214,9 +215,7 @@ async def mark_read(request: web.Request) -> web.Response:
 async def pull_events(request: web.Request) -> web.Response:
     """Long-poll for what the network's users are owed; acknowledge with POST .../events/ack."""
     query = request.rel_url.query
-    after = int(query_number(query, "after", 0, 0, 2**62))
-    limit = int(query_number(query, "limit", 100, 1, 1000))
-    wait = query_number(query, "wait", 0, 0, 3600, integer=False)
+    after, limit, wait = int(f.AFTER.get(query)), int(f.LIMIT.get(query)), f.WAIT.get(query)
     items = await request.app[api.OUTBOX].pull(request[api.NETWORK], after, wait, limit)
     next_after = max([after, *(i.id for i in items)])
     outbox = request.app[api.OUTBOX]
@@ -231,7 +230,7 @@ async def ack_events(request: web.Request) -> web.Response:
 
 
 async def dead_letters(request: web.Request) -> web.Response:
-    limit = int(query_number(request.rel_url.query, "limit", 100, 1, 1000))
+    limit = int(f.LIMIT.get(request.rel_url.query))
     items = await request.app[api.OUTBOX].dead_letters(request[api.NETWORK], limit)
     return web.json_response({"dead_letters": [describe(i) for i in items]})
 
