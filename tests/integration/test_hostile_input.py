@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import aiohttp
+import pytest
 
 from dmbridge.bridge import Bridge
 from tests.integration.conftest import Homeserver, Platform, accept_dm, bridge_sees
@@ -31,7 +32,7 @@ def _member(event_id: str, room: str, user: str, membership: str, **extra: Any
 
 
 async def test_poison_events_are_skipped_and_the_ones_behind_them_recorded(
-    bridge: Bridge, homeserver: Homeserver
+    bridge: Bridge, homeserver: Homeserver, caplog: pytest.LogCaptureFixture
 ) -> None:
     room, user = f"!{uuid.uuid4().hex}:localhost", "@someone:localhost"
     poison = [
@@ -51,6 +52,11 @@ async def test_poison_events_are_skipped_and_the_ones_behind_them_recorded(
     # Events the bridge can store as they are, or once repaired, are recorded too.
     assert await bridge.stores.members.get(f"{room}x", user) == "join"  # type: ignore[arg-type]
     assert await bridge.stores.members.get(f"{room}y", user) == "join"  # type: ignore[arg-type]
+    skipped = [r.getMessage() for r in caplog.records if "cannot store" in r.getMessage()]
+    assert len(skipped) == 4, skipped  # once each, saying which transaction and why
+    assert all(m.startswith("txn 501: ") for m in skipped)
+    assert ["NUL or a lone" in m for m in skipped] == [True, True, False, False]
+    assert "longer than 255 bytes" in skipped[2] and "nested too deep" in skipped[3]
 
     # A charset that does not exist: JSON is UTF-8 whatever the header says.
     later = _member("$after-the-charset", room, user, "leave")
