@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -74,13 +75,13 @@ def api_schema(served_api: str) -> schemathesis.BaseSchema:
 
 
 def _run(operation: schemathesis.APIOperation, strategy: st.SearchStrategy[Case],
-         failures: dict[str, str]) -> None:
+         failures: dict[str, str], statuses: Counter[int]) -> None:
     @given(case=strategy)
     @settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, deadline=None,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     def check(case: Case) -> None:
         try:
-            case.call_and_validate(timeout=30)
+            statuses[case.call_and_validate(timeout=30).status_code // 100 * 100] += 1
         except BaseExceptionGroup as group:  # schemathesis's FailureGroup: every failed check
             for failure in group.exceptions:
                 title = getattr(failure, "title", type(failure).__name__)
@@ -97,12 +98,15 @@ def _run(operation: schemathesis.APIOperation, strategy: st.SearchStrategy[Case]
 def test_every_operation_answers_as_documented(api_schema: schemathesis.BaseSchema) -> None:
     """Explicit examples, then generated cases (valid and invalid) for every operation."""
     failures: dict[str, str] = {}  # one example of each kind of failure per operation
+    statuses: Counter[int] = Counter()
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 15
     for operation in operations:
         for strategy in api_schema.get_strategies_from_examples(operation):
-            _run(operation, strategy, failures)
+            _run(operation, strategy, failures, statuses)
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            _run(operation, operation.as_strategy(generation_mode=mode), failures)
+            _run(operation, operation.as_strategy(generation_mode=mode), failures, statuses)
+    print(f"answers by class: {dict(statuses)}")
+    assert statuses[200] >= 20 and statuses[400] >= 300, statuses  # both ways were exercised
     assert not failures, f"{len(failures)} kind(s) of failure:\n\n" + "\n\n".join(
         failures.values())

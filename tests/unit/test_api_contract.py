@@ -15,7 +15,9 @@ from ruamel.yaml import YAML
 import dmbridge
 from dmbridge.api import body
 from dmbridge.api.app import make_api_app
+from dmbridge.dms import _USER_ID
 from dmbridge.errors import BridgeError
+from dmbridge.media import MXC
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}
 
@@ -168,3 +170,10 @@ def test_every_example_fits_its_schema(spec: dict[str, Any]) -> None:
                                     cls=jsonschema.Draft202012Validator)
                 checked += 1
     assert checked > 50
+
+
+def test_patterns_are_the_ones_the_code_checks(spec: dict[str, Any]) -> None:
+    schemas = spec["components"]["schemas"]
+    assert schemas["Recipient"]["pattern"] == f"^{_USER_ID.pattern}$"
+    assert schemas["SendMessageRequest"]["properties"]["media"]["pattern"] == f"^{MXC.pattern}$"
+    assert schemas["SenderAvatar"]["pattern"] == f"^({MXC.pattern})?$"
