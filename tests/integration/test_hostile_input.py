@@ -100,9 +100,15 @@ async def test_platform_input_that_used_to_fail_gets_a_precise_error(
     assert (status, err["errcode"]) == (400, "M_INVALID_PARAM"), err
     assert await bridge.stores.ghosts.get("@dm_sms_=2b15550000001:localhost") is None  # type: ignore[arg-type]
 
-    status, err = await platform.call("POST", "/networks/sms/dead-letters/retry", SMS_TOKEN,
-                                      json={"all": True, "ids": [1]})
-    assert (status, err["errcode"]) == (400, "M_BAD_JSON"), err
+    for path, body_ in [("/dead-letters/retry", {"all": True, "ids": [1]}),
+                        ("/dead-letters/retry", {"all": False}),
+                        ("/dead-letters/retry", {"all": "yes", "ids": [1]}),
+                        ("/events/ack", {"all": True, "ids": [0]}),
+                        ("/events/ack", {"ids": [True]})]:
+        status, err = await platform.call("POST", "/networks/sms" + path, SMS_TOKEN, json=body_)
+        assert (status, err["errcode"]) == (400, "M_BAD_JSON"), (path, body_, err)
+    assert await platform.call("POST", "/networks/sms/dead-letters/retry", SMS_TOKEN,
+                               json={"all": True}) == (200, {"requeued": []})
 
     async with platform.session.delete(platform.base + "/networks/sms/dms",
                                        headers={"Authorization": f"Bearer {SMS_TOKEN}"}) as resp:
