@@ -10,6 +10,7 @@ from aiohttp import web
 
 from ..dms import DM, SendResult
 from ..errors import BadRequest, InvalidParam, storable
+from ..ghosts import MAX_DISPLAYNAME
 from ..media import media_headers
 from ..networks import Network
 from ..outbox import describe
@@ -20,13 +21,11 @@ from .body import id_list, read_object
 
 log = logging.getLogger("dmbridge.api")
 
-# Synapse refuses longer display names (MAX_DISPLAYNAME_LEN), after the room is already open.
-MAX_DISPLAYNAME = 256
-
 
 def _sender_name(network: Network, body: dict[str, Any], field: f.Text, remote_id: str
                  ) -> str | None:
-    """The sender's name, refused up front when the ghost's display name would be too long."""
+    """The sender's name, refused up front when the ghost's display name would be too long
+    for the homeserver (which would refuse it only once the DM room is open)."""
     name = field.get(body)
     if name is not None and len(network.ghost_displayname(remote_id, name)) > MAX_DISPLAYNAME:
         raise InvalidParam(

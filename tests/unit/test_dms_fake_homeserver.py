@@ -208,3 +208,15 @@ async def test_display_name_changes_only_when_the_platform_says_so(
     await bridge.dms.send("sms", PHONE, alice, message_id="4", text="hi", sender_name="Robert")
     assert hs.names(start)[2:] == ["PUT displayname", "PUT send"]
     assert hs.displaynames[GHOST] == "Robert (SMS)"
+
+
+async def test_a_display_name_too_long_for_the_homeserver_is_shortened(
+    make_bridge: MakeBridge, hs: FakeHomeserver
+) -> None:
+    """Made from the remote ID alone (the API refuses a sender_name that does this), a display
+    name over the homeserver's 256 characters is cut, not refused after the room is open."""
+    bridge = await make_bridge(networks={"sms": {"displayname": "{name} " + "x" * 300}})
+    alice = hs.add_human("alice")
+    await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    name = hs.displaynames[GHOST]
+    assert len(name) == 256 and name.startswith(PHONE + " xxx") and name.endswith("…")
