@@ -135,3 +135,16 @@ async def test_a_nul_in_the_users_display_name_does_not_turn_leaving_into_declin
     left = await feed.expect("dm.user_left", room_id=room_id)
     assert left["dm"]["state"] == "active"
     assert not [e for e in feed.seen if e["type"] == "dm.declined"]
+
+
+async def test_a_user_with_nul_in_their_display_name_can_start_a_dm_from_matrix(
+    bridge: Bridge, platform: Platform, new_human
+) -> None:
+    human = await new_human()
+    await human.client.set_displayname("Null\x00Starter")
+    feed = Feed(platform)
+    ghost_id = f"@dm_chat_nulstart{uuid.uuid4().hex[:6]}:localhost"
+    room_id = await human.create_dm(ghost_id)
+    await human.wait_membership(room_id, ghost_id, "join")
+    started = await feed.expect("dm.started", room_id=room_id)
+    assert started["user_id"] == human.user_id
