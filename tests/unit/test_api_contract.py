@@ -177,3 +177,38 @@ def test_patterns_are_the_ones_the_code_checks(spec: dict[str, Any]) -> None:
     assert schemas["Recipient"]["pattern"] == f"^{_USER_ID.pattern}$"
     assert schemas["SendMessageRequest"]["properties"]["media"]["pattern"] == f"^{MXC.pattern}$"
     assert schemas["SenderAvatar"]["pattern"] == f"^({MXC.pattern})?$"
+
+
+HOSTILE_EVENTS: list[dict[str, Any]] = [
+    {"event_id": "$m1", "type": "m.room.message", "origin_server_ts": "x",
+     "content": {"msgtype": 5, "body": ["not text"], "format": "org.matrix.custom.html",
+                 "formatted_body": {"no": "html"}}},
+    {"event_id": "$m2", "type": "m.room.message", "origin_server_ts": 2**64,
+     "content": {"msgtype": "m.image", "body": "a.png", "url": "mxc://hs/abc",
+                 "info": {"size": "12", "w": -1, "h": 1.5, "mimetype": 7}}},
+    {"event_id": "$m3", "type": "m.sticker", "origin_server_ts": True, "content": {}},
+]
+
+
+@pytest.mark.parametrize("raw", HOSTILE_EVENTS)
+def test_what_platforms_get_from_odd_homeserver_events_fits_the_event_schema(
+    spec: dict[str, Any], raw: dict[str, Any]
+) -> None:
+    from dmbridge import payloads
+
+    lane = payloads.Lane("sms", "+15551234567", "@alice:hs", "@dm_sms_x:hs")
+    event_schema = _resolve(spec, spec["components"]["schemas"]["Event"])
+    produced = [
+        payloads.message(lane, "!r", raw, None, 1),
+        payloads.edit(lane, "!r", raw, raw["content"], "$t", 1),
+        payloads.reaction(lane, "!r", raw, "k", payloads.target("$t", None), 1),
+        payloads.redaction(lane, "!r", raw, payloads.target("$t", None), None, 1),
+        payloads.read(lane, "!r", "$t", "m1", raw["origin_server_ts"], 1),
+    ]
+    for payload in produced:
+        media = payload.get("message", {}).get("media")
+        if media is not None:  # the link is added as the event is handed out
+            media.update(url="https://bridge.example/_dmbridge/v1/networks/sms/media/hs/abc",
+                         expires_at=2)
+        jsonschema.validate({"id": 1, **payload}, event_schema,
+                            cls=jsonschema.Draft202012Validator)
