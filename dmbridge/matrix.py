@@ -157,11 +157,14 @@ def unstorable(raw: object, maybe_cut: bool = True) -> str | None:
     """
     if not isinstance(raw, dict):
         return "not an object"
-    for key in ("event_id", "room_id", "sender", "state_key"):
+    # A member event's state key is a user ID the bridge stores; other state keys it does not.
+    keys = ("event_id", "room_id", "sender") + (
+        ("state_key",) if raw.get("type") == "m.room.member" else ())
+    for key in keys:
         value = raw.get(key)
         if value is None and key != "event_id":
             continue
-        if not isinstance(value, str) or not (value or key == "state_key"):
+        if not isinstance(value, str) or not value:
             return f"{key} is not a non-empty string"
         if jsontext.storable_text(value) != value:
             return f"{key} holds NUL or a lone surrogate"

@@ -60,7 +60,11 @@ def test_unstorable_text_is_replaced_keys_included() -> None:
     ({"event_id": "$" + "é" * 128}, "event_id is longer than 255 bytes"),
     ({"event_id": 5}, "event_id is not a non-empty string"),
     ({"room_id": "!r"}, "event_id is not a non-empty string"),
-    ({"event_id": "$a", "state_key": "@u\x00"}, "state_key holds NUL or a lone surrogate"),
+    ({"event_id": "$a", "type": "m.room.member", "state_key": "@u\x00"},
+     "state_key holds NUL or a lone surrogate"),
+    ({"event_id": "$a", "type": "m.room.member", "state_key": ""},
+     "state_key is not a non-empty string"),
+    ({"event_id": "$a", "type": "org.example.state", "state_key": "k" * 1000}, None),
     ({"event_id": "$a", "sender": ["@u"]}, "sender is not a non-empty string"),
     ([], "not an object"),
 ])
