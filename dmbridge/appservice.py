@@ -19,6 +19,7 @@ from aiohttp.client_middlewares import ClientMiddlewareType
 from mautrix.appservice import AppService, AppServiceAPI
 from mautrix.appservice.state_store import ASStateStore
 
+from . import jsontext
 from .config import Settings
 from .listener import Listener
 from .matrix import MatrixHandler
@@ -26,6 +27,12 @@ from .matrix import MatrixHandler
 log = logging.getLogger("dmbridge.appservice")
 
 MAX_TRANSACTION_BYTES = 64 * 1024 * 1024
+# aiohttp's default (8190 bytes) is shorter than the API's longest valid URL: a DELETE with a
+# 1000-character reason and a 255-character sender and message ID, each character
+# percent-encoded as up to 12 bytes.
+MAX_REQUEST_LINE = 32 * 1024
+# Synapse refuses event content nested deeper than about 100 levels; a transaction adds three.
+MAX_TRANSACTION_DEPTH = 128
 
 
 def _error(status: int, errcode: str, message: str) -> web.Response:
@@ -46,7 +53,8 @@ class BridgeAppService(AppService):
             id=settings.appservice_id,
             log="dmbridge.appservice",
             state_store=state_store,
-            aiohttp_params={"client_max_size": MAX_TRANSACTION_BYTES},
+            aiohttp_params={"client_max_size": MAX_TRANSACTION_BYTES,
+                            "handler_args": {"max_line_size": MAX_REQUEST_LINE}},
         )
         # The state store is updated by MatrixHandler before the transaction is acknowledged.
         self.event_handlers.clear()
@@ -97,8 +105,11 @@ class BridgeAppService(AppService):
         if (denied := self._auth_error(request)) is not None:
             return denied
         txn_id = request.match_info["transaction_id"]
+        # JSON is UTF-8 whatever Content-Type's charset says; values nested too deep are cut
+        # out, so one such event is skipped rather than failing the transaction for ever.
+        data = await request.read()
         try:
-            body = await request.json()
+            body, cut = jsontext.loads_cut(data, MAX_TRANSACTION_DEPTH)
         except ValueError:
             return _error(400, "M_NOT_JSON", "the transaction body is not JSON")
         events = body.get("events") if isinstance(body, dict) else None
@@ -108,8 +119,9 @@ class BridgeAppService(AppService):
         ephemeral = body.get("ephemeral", body.get("de.sorunome.msc2409.ephemeral"))
         if not isinstance(ephemeral, list):
             ephemeral = []
+        untrusted = cut or jsontext.may_hold_unstorable(data)
         try:
-            await self.handler.handle_transaction(txn_id, events, ephemeral)
+            await self.handler.handle_transaction(txn_id, events, ephemeral, untrusted=untrusted)
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception:
@@ -140,7 +152,7 @@ class BridgeAppService(AppService):
         if (denied := self._auth_error(request)) is not None:
             return denied
         try:
-            body = await request.json()
+            body = jsontext.loads(await request.read(), MAX_TRANSACTION_DEPTH)
         except ValueError:
             body = {}
         txn = body.get("transaction_id") if isinstance(body, dict) else None

@@ -13,6 +13,10 @@ from .networks import Network
 
 log = logging.getLogger("dmbridge.ghosts")
 
+# Synapse refuses longer display names (MAX_DISPLAYNAME_LEN), in characters. The API refuses a
+# sender name that would make one; a name made from a long remote ID alone is shortened.
+MAX_DISPLAYNAME = 256
+
 
 class Ghosts:
     def __init__(self, appservice: AppService, stores: Stores) -> None:
@@ -51,6 +55,8 @@ class Ghosts:
         if sender_name is None and current is not None:
             return
         wanted = network.ghost_displayname(remote_id, sender_name)
+        if len(wanted) > MAX_DISPLAYNAME:
+            wanted = wanted[: MAX_DISPLAYNAME - 1] + "…"
         if wanted == current:
             return
         ghost_id = network.ghost_user_id(remote_id)

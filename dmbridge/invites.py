@@ -25,6 +25,7 @@ from .db.invite import GhostInvite
 from .dms import DMService
 from .errors import RateLimited
 from .ghosts import Ghosts
+from .jsontext import storable_text
 from .lifecycle import move
 from .networks import Network, Networks
 
@@ -160,7 +161,8 @@ class InviteHandler:
         await self.stores.members.assume(room_id, ghost_id, "join")
         await self.stores.members.replace(room_id, ghost_id, "invite", "join")
         for member_id, member in members.items():
-            await self.stores.members.assume(room_id, member_id, "join", member.displayname)
+            name = storable_text(member.displayname) if member.displayname else None
+            await self.stores.members.assume(room_id, member_id, "join", name)
         others = [m for m in members if m not in (ghost_id, user_id)]
         if others:
             await self._leave(invite, one_to_one)

@@ -11,6 +11,7 @@ from mautrix.errors import MatrixRequestError
 from mautrix.types import Event, EventID, SerializerError
 from mautrix.util.async_db import Connection
 
+from . import jsontext
 from .db import Stores, now_ms
 from .ghosts import Ghosts
 from .lifecycle import Effects, Lifecycle
@@ -19,6 +20,7 @@ from .networks import Networks
 log = logging.getLogger("dmbridge.matrix")
 
 PROCESSED_EVENT_TTL_MS = 7 * 24 * 3600 * 1000
+MAX_ID_BYTES = 255  # the spec's limit for event, room and user IDs (and member state keys)
 
 
 class MatrixHandler:
@@ -39,11 +41,16 @@ class MatrixHandler:
         self.on_invited: Callable[[], None] = lambda: None
 
     async def handle_transaction(self, txn_id: str, events: list[Any],
-                                 ephemeral: list[Any] | None = None) -> None:
+                                 ephemeral: list[Any] | None = None, *, untrusted: bool = True
+                                 ) -> None:
         """Record the events durably; returns only once they are committed.
 
-        Events already processed (a resent transaction, whatever its ID) change nothing.
-        Raises on a database failure, so the homeserver sends the transaction again.
+        Events already processed (a resent transaction, whatever its ID) change nothing. An
+        event the bridge cannot store (see :func:`unstorable`) is logged and skipped, so it
+        never holds up the events behind it. ``untrusted=False`` says the transaction's text
+        holds no NUL, no lone surrogate and nothing cut out for its depth (the usual case), so
+        the events need no scrubbing. Raises on a database failure, so the homeserver sends
+        the transaction again.
         """
         fresh: list[dict[str, Any]] = []
         at = now_ms()
@@ -51,10 +58,13 @@ class MatrixHandler:
         effects = Effects()
         async with self.stores.db.acquire() as conn, conn.transaction():
             for raw in events:
-                event_id = raw.get("event_id") if isinstance(raw, dict) else None
-                if not isinstance(event_id, str):
-                    log.warning("txn %s: skipping an event with no event_id: %.200r", txn_id, raw)
+                if (problem := unstorable(raw, untrusted)) is not None:
+                    log.warning("txn %s: skipping an event the bridge cannot store (%s): %.300r",
+                                txn_id, problem, raw)
                     continue
+                if untrusted:
+                    raw = jsontext.scrub(raw)
+                event_id = raw["event_id"]
                 if not await self.stores.events.claim(conn, EventID(event_id), at):
                     log.debug("txn %s: %s already processed", txn_id, event_id)
                     continue
@@ -63,7 +73,8 @@ class MatrixHandler:
             for edu in ephemeral or []:
                 if isinstance(edu, dict) and isinstance(edu.get("room_id"), str) and isinstance(
                     edu.get("content"), dict
-                ):
+                ) and not (untrusted and jsontext.holds_cut(edu)):
+                    edu = jsontext.scrub(edu) if untrusted else edu
                     await self._apply(conn, txn_id, edu, at, effects, ephemeral=True)
         if effects.networks:
             self.on_queued(effects.networks)
@@ -103,7 +114,7 @@ class MatrixHandler:
         """
         try:
             event = Event.deserialize(raw)
-        except SerializerError:
+        except (SerializerError, ValueError, TypeError, AttributeError, KeyError):
             log.warning("could not parse event %s of type %s", raw.get("event_id"), raw.get("type"))
             return
         try:
@@ -135,3 +146,30 @@ def _well_formed(raw: dict[str, Any]) -> bool:
     if not isinstance(raw.get("room_id"), str) or not isinstance(raw.get("content"), dict):
         return False
     return raw.get("type") != "m.room.member" or isinstance(raw.get("state_key"), str)
+
+
+def unstorable(raw: object, maybe_cut: bool = True) -> str | None:
+    """Why an event from the homeserver cannot be recorded as it is, or None.
+
+    IDs are stored and looked up exactly, so bad ones are not repaired: such an event (and one
+    with a value nested too deep, see :mod:`dmbridge.jsontext`) is skipped. Other text with NUL
+    or lone surrogates is repaired by :func:`jsontext.scrub`.
+    """
+    if not isinstance(raw, dict):
+        return "not an object"
+    # A member event's state key is a user ID the bridge stores; other state keys it does not.
+    keys = ("event_id", "room_id", "sender") + (
+        ("state_key",) if raw.get("type") == "m.room.member" else ())
+    for key in keys:
+        value = raw.get(key)
+        if value is None and key != "event_id":
+            continue
+        if not isinstance(value, str) or not value:
+            return f"{key} is not a non-empty string"
+        if jsontext.storable_text(value) != value:
+            return f"{key} holds NUL or a lone surrogate"
+        if len(value.encode()) > MAX_ID_BYTES:
+            return f"{key} is longer than {MAX_ID_BYTES} bytes"
+    if maybe_cut and jsontext.holds_cut(raw):
+        return "nested too deep"
+    return None

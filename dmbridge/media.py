@@ -32,6 +32,7 @@ from .errors import (
     HomeserverError,
     InvalidParam,
     NotFound,
+    RateLimited,
     TooLarge,
 )
 from .homeserver import Homeserver
@@ -68,11 +69,8 @@ class WrongContentType(BridgeError):
     errcode = "DMBRIDGE_WRONG_CONTENT_TYPE"
 
 
-class TooManyUploads(BridgeError):
+class TooManyUploads(RateLimited):
     """The network has as many uploads in progress as it may have at once."""
-
-    status = 429
-    errcode = "M_LIMIT_EXCEEDED"
 
 
 def msgtype_for(mimetype: str) -> str:
@@ -202,7 +200,7 @@ class MediaService:
         if uploading >= self.max_uploads:
             raise TooManyUploads(f"network '{network.id}' already has {uploading} uploads in "
                                  "progress (appservice.listener.max_uploads_per_network); "
-                                 "retry when one has finished")
+                                 "retry when one has finished", retry_after=1)
         self._uploading[network.id] = uploading + 1
         try:
             return await self._upload(network, chunks, declared, name)

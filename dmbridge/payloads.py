@@ -23,6 +23,7 @@ REACTION = "reaction"  # the Matrix user reacted to a message
 REDACTION = "redaction"  # the Matrix user deleted a message or took a reaction back
 
 MEDIA_MSGTYPES = frozenset({"m.image", "m.file", "m.audio", "m.video"})
+MAX_SAFE_INTEGER = 2**53 - 1  # what a JavaScript platform reads exactly
 _REPLY_HTML = re.compile(r"^\s*<mx-reply>.*?</mx-reply>", re.DOTALL)
 
 
@@ -69,7 +70,7 @@ def message(lane: Lane, room_id: str, raw: dict[str, Any], displayname: str | No
             **_text_of(content, raw.get("type") == "m.sticker", reply_to is not None),
             "media": _media_of(content),
             "reply_to": reply_to,
-            "sent_at": raw.get("origin_server_ts"),
+            "sent_at": timestamp(raw.get("origin_server_ts")),
         },
     }
 
@@ -114,8 +115,7 @@ def _media_of(content: dict[str, Any]) -> dict[str, Any] | None:
     assert isinstance(info, dict)
 
     def number(key: str) -> int | None:
-        value = info.get(key)
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+        return timestamp(info.get(key))  # a count: the same rules as a timestamp
 
     name = content.get("filename") if isinstance(content.get("filename"), str) else (
         content.get("body") if isinstance(content.get("body"), str)
@@ -132,6 +132,13 @@ def _media_of(content: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def timestamp(value: object) -> int | None:
+    """A homeserver's number as platforms get it: a non-negative safe integer, or null."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SAFE_INTEGER:
+        return value
+    return None
+
+
 def target(event_id: str, message_id: str | None, kind: str = "message") -> dict[str, Any]:
     """What a relation points at: the event, and the platform's own ID if it sent it."""
     return {"event_id": event_id, "message_id": message_id, "kind": kind}
@@ -143,7 +150,7 @@ def edit(lane: Lane, room_id: str, raw: dict[str, Any], new_content: dict[str, A
     return {
         **lane.envelope(EDIT, event_id, room_id, now),
         "edit": {"event_id": event_id, "target": target(target_event_id, None),
-                 **_text_of(new_content), "edited_at": raw.get("origin_server_ts")},
+                 **_text_of(new_content), "edited_at": timestamp(raw.get("origin_server_ts"))},
     }
 
 
@@ -153,7 +160,7 @@ def reaction(lane: Lane, room_id: str, raw: dict[str, Any], key: str, to: dict[s
     return {
         **lane.envelope(REACTION, event_id, room_id, now),
         "reaction": {"event_id": event_id, "key": key, "target": to,
-                     "sent_at": raw.get("origin_server_ts")},
+                     "sent_at": timestamp(raw.get("origin_server_ts"))},
     }
 
 
@@ -163,7 +170,7 @@ def redaction(lane: Lane, room_id: str, raw: dict[str, Any], of: dict[str, Any],
     return {
         **lane.envelope(REDACTION, event_id, room_id, now),
         "redaction": {"event_id": event_id, "target": of, "reason": reason,
-                      "sent_at": raw.get("origin_server_ts")},
+                      "sent_at": timestamp(raw.get("origin_server_ts"))},
     }
 
 
@@ -189,7 +196,7 @@ def read(lane: Lane, room_id: str, event_id: str, message_id: str, ts: Any, now:
     return {
         **lane.envelope(READ, key, room_id, now),
         "read": {"event_id": event_id, "message_id": message_id,
-                 "ts": ts if isinstance(ts, int) else None},
+                 "ts": timestamp(ts)},
     }
 
 

@@ -46,7 +46,9 @@ async def error_boundary(request: web.Request, handler: Handler) -> web.StreamRe
         if e.status < 400:
             raise
         errcode = _HTTP_ERRCODES.get(e.status, "M_UNKNOWN")
-        return web.json_response({"errcode": errcode, "error": e.reason}, status=e.status)
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None  # 405 needs it
+        return web.json_response({"errcode": errcode, "error": e.reason}, status=e.status,
+                                 headers=allow)
     except Exception:
         ref = secrets.token_hex(4)
         log.exception("%s %s failed (ref %s)", request.method, request.path, ref)
@@ -100,8 +102,9 @@ def make_api_app(service: DMService, outbox: Outbox, media: MediaService, settin
     app[MEDIA] = media
     app[OUTBOX] = outbox
     app[SETTINGS] = settings
-    app.router.add_get("/openapi.yaml", openapi)
-    app.router.add_get("/health", handlers.health)
+    # HEAD is not part of the API (it is not in openapi.yaml): answered 405 like other methods.
+    app.router.add_get("/openapi.yaml", openapi, allow_head=False)
+    app.router.add_get("/health", handlers.health, allow_head=False)
     app.router.add_put("/networks/{network}/messages/{message_id}",
                        _counted(handlers.send_message))
     app.router.add_delete("/networks/{network}/messages/{message_id}",
@@ -112,11 +115,12 @@ def make_api_app(service: DMService, outbox: Outbox, media: MediaService, settin
     app.router.add_get("/networks/{network}/media/{server}/{media_id}", handlers.download_media,
                        allow_head=False)
     app.router.add_post("/networks/{network}/dms", handlers.open_dm)
-    app.router.add_get("/networks/{network}/dms", handlers.list_dms)
+    app.router.add_get("/networks/{network}/dms", handlers.list_dms, allow_head=False)
     app.router.add_put("/networks/{network}/typing", handlers.set_typing)
     app.router.add_post("/networks/{network}/read", handlers.mark_read)
-    app.router.add_get("/networks/{network}/events", handlers.pull_events)
+    app.router.add_get("/networks/{network}/events", handlers.pull_events, allow_head=False)
     app.router.add_post("/networks/{network}/events/ack", handlers.ack_events)
-    app.router.add_get("/networks/{network}/dead-letters", handlers.dead_letters)
+    app.router.add_get("/networks/{network}/dead-letters", handlers.dead_letters,
+                       allow_head=False)
     app.router.add_post("/networks/{network}/dead-letters/retry", handlers.retry_dead_letters)
     return app

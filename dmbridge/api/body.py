@@ -1,14 +1,27 @@
-"""Reading and checking request bodies: size-limited, JSON objects, typed fields."""
+"""Reading and checking request bodies: size-limited, JSON objects, typed fields.
+
+The fields each operation reads are declared here, once (``BODY_FIELDS``, ``QUERY_FIELDS``,
+``NUMBERS``); the handlers read them through these declarations, and a unit test
+(tests/unit/test_api_contract.py) checks that openapi.yaml states the same names and limits.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from .. import jsontext
 from ..errors import BadRequest, NotJSON, TooLarge, storable
+
+# Request bodies of this API nest three levels at most; anything far deeper is an attack.
+MAX_JSON_DEPTH = 32
+ID_MAX = 255  # IDs, names and URIs, in characters
+TEXT_MAX = 65536  # message text, in characters
+MAX_IDS = 1000
+MAX_ID = 2**62 - 1  # outbox IDs: far beyond any real count, and exact in every language
 
 
 async def read_object(request: web.Request, limit: int) -> dict[str, Any]:
@@ -20,8 +33,10 @@ async def read_object(request: web.Request, limit: int) -> dict[str, Any]:
         if len(data) > limit:
             raise TooLarge(f"the request body exceeds the limit of {limit} bytes")
     try:
-        body = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+        body = jsontext.loads(bytes(data), MAX_JSON_DEPTH)
+    except jsontext.TooDeep:
+        raise BadRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError:  # UnicodeDecodeError included: JSON is UTF-8, whatever the charset says
         raise NotJSON("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
@@ -48,10 +63,10 @@ def required_string(body: Mapping[str, Any], key: str, max_len: int = 65536) -> 
     return value
 
 
-def id_list(body: dict[str, Any], key: str, max_items: int = 1000) -> list[int]:
+def id_list(body: dict[str, Any], key: str, max_items: int = MAX_IDS) -> list[int]:
     value = body.get(key)
     if not isinstance(value, list) or not all(
-        isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**62 for i in value
+        isinstance(i, int) and not isinstance(i, bool) and 0 < i <= MAX_ID for i in value
     ):
         raise BadRequest(f"'{key}' must be a list of positive integer ids")
     if len(value) > max_items:
@@ -71,3 +86,77 @@ def query_number(query: Any, key: str, default: float, low: float, high: float,
     if not low <= value <= high:
         raise BadRequest(f"'{key}' must be from {low:.0f} to {high:.0f}")
     return value
+
+
+@dataclass(frozen=True)
+class Text:
+    """A string field of a request (body or query): a missing required one, or one of another
+    type, is a 400; a longer one a 413; NUL or a lone surrogate a 400."""
+
+    key: str
+    max_len: int = ID_MAX
+    required: bool = False
+
+    def get(self, source: Mapping[str, Any]) -> str | None:
+        return string(source, self.key, required=self.required, max_len=self.max_len)
+
+    def need(self, source: Mapping[str, Any]) -> str:
+        assert self.required
+        return required_string(source, self.key, self.max_len)
+
+
+@dataclass(frozen=True)
+class Number:
+    """A number in the query string (or an integer in a body), from ``low`` to ``high``."""
+
+    key: str
+    default: float
+    low: float
+    high: float
+    integer: bool = True
+
+    def get(self, query: Any) -> float:
+        return query_number(query, self.key, self.default, self.low, self.high, self.integer)
+
+
+SENDER = Text("sender", required=True)
+RECIPIENT = Text("recipient", required=True)
+SENDER_NAME = Text("sender_name")
+SENDER_AVATAR = Text("sender_avatar")
+TEXT = Text("text", TEXT_MAX)
+HTML = Text("html", TEXT_MAX)
+MARKDOWN = Text("markdown", TEXT_MAX)
+MSGTYPE = Text("msgtype", 16)
+MEDIA = Text("media")
+EDITS = Text("edits")
+NAME = Text("name")
+AVATAR = Text("avatar")
+EVENT_ID = Text("event_id", required=True)
+REASON = Text("reason", 1000)
+USER_ID = Text("user_id")
+REMOTE_ID = Text("remote_id")
+LIMIT = Number("limit", 100, 1, 1000)
+AFTER = Number("after", 0, 0, MAX_ID)
+WAIT = Number("wait", 0, 0, 3600, integer=False)
+TIMEOUT_MS = Number("timeout_ms", 30_000, 1, 600_000)
+
+# operationId in openapi.yaml -> the string fields its handler reads.
+BODY_FIELDS: dict[str, tuple[Text, ...]] = {
+    "sendMessage": (SENDER, RECIPIENT, TEXT, HTML, MARKDOWN, MSGTYPE, SENDER_NAME, SENDER_AVATAR,
+                    MEDIA, EDITS),
+    "react": (SENDER, RECIPIENT),
+    "setGhostProfile": (NAME, AVATAR),
+    "openDM": (SENDER, RECIPIENT, SENDER_NAME, SENDER_AVATAR),
+    "setTyping": (SENDER, RECIPIENT),
+    "markRead": (SENDER, RECIPIENT, EVENT_ID),
+}
+QUERY_FIELDS: dict[str, tuple[Text, ...]] = {
+    "deleteMessage": (SENDER, REASON),
+    "listDMs": (USER_ID, REMOTE_ID),
+}
+NUMBERS: dict[str, tuple[Number, ...]] = {  # query parameters, and setTyping's body
+    "listDMs": (LIMIT,),
+    "pullEvents": (AFTER, LIMIT, WAIT),
+    "listDeadLetters": (LIMIT,),
+    "setTyping": (TIMEOUT_MS,),
+}

@@ -9,14 +9,29 @@ import aiohttp
 from aiohttp import web
 
 from ..dms import DM, SendResult
-from ..errors import BadRequest
+from ..errors import BadRequest, InvalidParam, storable
+from ..ghosts import MAX_DISPLAYNAME
 from ..media import media_headers
+from ..networks import Network
 from ..outbox import describe
 from ..relations import Target
 from . import app as api
-from .body import id_list, query_number, read_object, required_string, string
+from . import body as f
+from .body import id_list, read_object
 
 log = logging.getLogger("dmbridge.api")
+
+
+def _sender_name(network: Network, body: dict[str, Any], field: f.Text, remote_id: str
+                 ) -> str | None:
+    """The sender's name, refused up front when the ghost's display name would be too long
+    for the homeserver (which would refuse it only once the DM room is open)."""
+    name = field.get(body)
+    if name is not None and len(network.ghost_displayname(remote_id, name)) > MAX_DISPLAYNAME:
+        raise InvalidParam(
+            f"'{field.key}' makes the ghost's display name (network template "
+            f"{network.displayname!r}) longer than {MAX_DISPLAYNAME} characters")
+    return name
 
 
 def _dm_json(dm: DM) -> dict[str, Any]:
@@ -34,20 +49,21 @@ def _dm_json(dm: DM) -> dict[str, Any]:
 async def send_message(request: web.Request) -> web.Response:
     network = request[api.NETWORK]
     body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
+    sender = f.SENDER.need(body)
     result = await request.app[api.SERVICE].send(
         network.id,
-        required_string(body, "sender", 255),
-        required_string(body, "recipient", 255),
+        sender,
+        f.RECIPIENT.need(body),
         message_id=request.match_info["message_id"],
-        text=string(body, "text", required=False),
-        html=string(body, "html", required=False),
-        markdown=string(body, "markdown", required=False),
-        msgtype=string(body, "msgtype", required=False, max_len=16) or "text",
-        sender_name=string(body, "sender_name", required=False, max_len=255),
-        sender_avatar=string(body, "sender_avatar", required=False, max_len=255),
-        media=string(body, "media", required=False, max_len=255),
+        text=f.TEXT.get(body),
+        html=f.HTML.get(body),
+        markdown=f.MARKDOWN.get(body),
+        msgtype=f.MSGTYPE.get(body) or "text",
+        sender_name=_sender_name(network, body, f.SENDER_NAME, sender),
+        sender_avatar=f.SENDER_AVATAR.get(body),
+        media=f.MEDIA.get(body),
         reply_to=Target.parse(body, "reply_to"),
-        edits=string(body, "edits", required=False, max_len=255),
+        edits=f.EDITS.get(body),
     )
     return _sent_json(result)
 
@@ -64,10 +80,11 @@ def _sent_json(result: SendResult) -> web.Response:
 async def set_profile(request: web.Request) -> web.Response:
     """A ghost's display name and avatar, as the platform says; absent keys stay as they are."""
     body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
+    network, remote_id = request[api.NETWORK], request.match_info["remote_id"]
     ghost_id, name, avatar = await request.app[api.SERVICE].set_profile(
-        request[api.NETWORK].id, request.match_info["remote_id"],
-        name=string(body, "name", required=False, max_len=255),
-        avatar=string(body, "avatar", required=False, max_len=255),
+        network.id, storable(remote_id, "remote_id"),
+        name=_sender_name(network, body, f.NAME, remote_id),
+        avatar=f.AVATAR.get(body),
     )
     return web.json_response({"ghost_id": ghost_id, "displayname": name, "avatar_url": avatar})
 
@@ -79,8 +96,8 @@ async def react(request: web.Request) -> web.Response:
         raise BadRequest("'target' is required: {\"message_id\": ...} or {\"event_id\": ...}")
     result = await request.app[api.SERVICE].react(
         request[api.NETWORK].id,
-        required_string(body, "sender", 255),
-        required_string(body, "recipient", 255),
+        f.SENDER.need(body),
+        f.RECIPIENT.need(body),
         reaction_id=request.match_info["reaction_id"],
         target=target,
         key=body.get("key"),  # type: ignore[arg-type]  # checked by the service
@@ -90,8 +107,8 @@ async def react(request: web.Request) -> web.Response:
 
 async def delete_message(request: web.Request) -> web.Response:
     query = request.rel_url.query  # query parameters follow the rules of body fields
-    sender = required_string(query, "sender")
-    reason = string(query, "reason", required=False, max_len=1000)
+    sender = f.SENDER.need(query)
+    reason = f.REASON.get(query)
     result = await request.app[api.SERVICE].redact(
         request[api.NETWORK].id, sender, message_id=request.match_info["message_id"],
         reason=reason or None,
@@ -143,12 +160,13 @@ async def download_media(request: web.Request) -> web.StreamResponse:
 async def open_dm(request: web.Request) -> web.Response:
     network = request[api.NETWORK]
     body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
+    sender = f.SENDER.need(body)
     opened = await request.app[api.SERVICE].open_dm(
         network.id,
-        required_string(body, "sender", 255),
-        required_string(body, "recipient", 255),
-        sender_name=string(body, "sender_name", required=False, max_len=255),
-        sender_avatar=string(body, "sender_avatar", required=False, max_len=255),
+        sender,
+        f.RECIPIENT.need(body),
+        sender_name=_sender_name(network, body, f.SENDER_NAME, sender),
+        sender_avatar=f.SENDER_AVATAR.get(body),
     )
     return web.json_response({**_dm_json(opened.dm), "created": opened.created})
 
@@ -156,10 +174,9 @@ async def open_dm(request: web.Request) -> web.Response:
 async def list_dms(request: web.Request) -> web.Response:
     network = request[api.NETWORK]
     query = request.rel_url.query
-    limit = int(query_number(query, "limit", 100, 1, 1000))
     dms = await request.app[api.SERVICE].list_dms(
-        network_id=network.id, user_id=query.get("user_id"), remote_id=query.get("remote_id"),
-        limit=limit,
+        network_id=network.id, user_id=f.USER_ID.get(query), remote_id=f.REMOTE_ID.get(query),
+        limit=int(f.LIMIT.get(query)),
     )
     return web.json_response({"dms": [_dm_json(dm) for dm in dms]})
 
@@ -174,12 +191,13 @@ async def set_typing(request: web.Request) -> web.Response:
     typing = body.get("typing")
     if not isinstance(typing, bool):
         raise BadRequest("'typing' must be true or false")
-    timeout = body.get("timeout_ms", 30_000)
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 600_000:
-        raise BadRequest("'timeout_ms' must be an integer from 1 to 600000")
+    timeout, low, high = body.get("timeout_ms", f.TIMEOUT_MS.default), f.TIMEOUT_MS.low, \
+        f.TIMEOUT_MS.high
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not low <= timeout <= high:
+        raise BadRequest(f"'timeout_ms' must be an integer from {low:.0f} to {high:.0f}")
     room_id = await request.app[api.SERVICE].set_typing(
-        request[api.NETWORK].id, required_string(body, "sender", 255),
-        required_string(body, "recipient", 255), typing=typing, timeout_ms=timeout,
+        request[api.NETWORK].id, f.SENDER.need(body), f.RECIPIENT.need(body), typing=typing,
+        timeout_ms=timeout,
     )
     return web.json_response({"room_id": room_id})
 
@@ -187,8 +205,8 @@ async def set_typing(request: web.Request) -> web.Response:
 async def mark_read(request: web.Request) -> web.Response:
     body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
     room_id = await request.app[api.SERVICE].mark_read(
-        request[api.NETWORK].id, required_string(body, "sender", 255),
-        required_string(body, "recipient", 255), event_id=required_string(body, "event_id", 255),
+        request[api.NETWORK].id, f.SENDER.need(body), f.RECIPIENT.need(body),
+        event_id=f.EVENT_ID.need(body),
     )
     return web.json_response({"room_id": room_id})
 
@@ -196,9 +214,7 @@ async def mark_read(request: web.Request) -> web.Response:
 async def pull_events(request: web.Request) -> web.Response:
     """Long-poll for what the network's users are owed; acknowledge with POST .../events/ack."""
     query = request.rel_url.query
-    after = int(query_number(query, "after", 0, 0, 2**62))
-    limit = int(query_number(query, "limit", 100, 1, 1000))
-    wait = query_number(query, "wait", 0, 0, 3600, integer=False)
+    after, limit, wait = int(f.AFTER.get(query)), int(f.LIMIT.get(query)), f.WAIT.get(query)
     items = await request.app[api.OUTBOX].pull(request[api.NETWORK], after, wait, limit)
     next_after = max([after, *(i.id for i in items)])
     outbox = request.app[api.OUTBOX]
@@ -213,13 +229,18 @@ async def ack_events(request: web.Request) -> web.Response:
 
 
 async def dead_letters(request: web.Request) -> web.Response:
-    limit = int(query_number(request.rel_url.query, "limit", 100, 1, 1000))
+    limit = int(f.LIMIT.get(request.rel_url.query))
     items = await request.app[api.OUTBOX].dead_letters(request[api.NETWORK], limit)
     return web.json_response({"dead_letters": [describe(i) for i in items]})
 
 
 async def retry_dead_letters(request: web.Request) -> web.Response:
     body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
-    ids = None if body.get("all") is True else id_list(body, "ids")
+    every = body.get("all")
+    if every is not None and "ids" in body:
+        raise BadRequest("give either 'all': true or 'ids', not both")
+    if every is not None and every is not True:
+        raise BadRequest("'all' must be true (or left out, with 'ids')")
+    ids = None if every is True else id_list(body, "ids")
     requeued = await request.app[api.OUTBOX].retry(request[api.NETWORK], ids)
     return web.json_response({"requeued": requeued})

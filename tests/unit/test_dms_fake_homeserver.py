@@ -365,3 +365,15 @@ async def test_a_room_made_after_a_stale_claim_was_settled_is_removed(
     assert done.room_created and hs.joined_rooms(GHOST) == [done.room_id]
     [late] = [room for room in hs.rooms.values() if room.room_id != done.room_id]
     assert late.members == {GHOST: "leave", alice: "leave"} and GHOST in late.forgotten_by
+
+
+async def test_a_display_name_too_long_for_the_homeserver_is_shortened(
+    make_bridge: MakeBridge, hs: FakeHomeserver
+) -> None:
+    """Made from the remote ID alone (the API refuses a sender_name that does this), a display
+    name over the homeserver's 256 characters is cut, not refused after the room is open."""
+    bridge = await make_bridge(networks={"sms": {"displayname": "{name} " + "x" * 300}})
+    alice = hs.add_human("alice")
+    await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    name = hs.displaynames[GHOST]
+    assert len(name) == 256 and name.startswith(PHONE + " xxx") and name.endswith("…")
