@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
-from mautrix.errors import MatrixRequestError
-from mautrix.util.async_db import Database
+from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 from .api import PREFIX, make_api_app
 from .appservice import BridgeAppService
 from .config import Settings
-from .db import Stores, upgrade_table
+from .db import Stores, create_database, safe_url, start_database
 from .dms import DMService
 from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
@@ -21,6 +22,7 @@ from .invites import InviteHandler
 from .matrix import MatrixHandler
 from .media import MediaLinks, MediaService
 from .outbox import Outbox
+from .startup import StartupError
 
 log = logging.getLogger("dmbridge")
 
@@ -33,12 +35,8 @@ class Bridge:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.requests = RequestLog()
-        self.db = Database.create(
-            settings.database_url,
-            upgrade_table=upgrade_table,
-            db_args=self._db_args(settings),
-            log=logging.getLogger("dmbridge.db"),
-        )
+        self.db = create_database(settings.database_url, db_args=self._db_args(settings),
+                                  log=logging.getLogger("dmbridge.db"))
         self.state_store = PgASStateStore(self.db)
         self.stores = Stores.over(self.db)
         self.appservice = BridgeAppService(settings, self.state_store)
@@ -57,6 +55,7 @@ class Bridge:
         self._homeserver: Homeserver | None = None
         self._prune_task: asyncio.Task[None] | None = None
         self._invites: InviteHandler | None = None
+        self._listening = False
 
     @staticmethod
     def _db_args(settings: Settings) -> dict[str, int]:
@@ -71,8 +70,8 @@ class Bridge:
         return self._dms
 
     async def start(self, *, ping: bool = True) -> None:
-        log.info("starting: database %s", _safe_url(self.settings.database_url))
-        await self.db.start()
+        log.info("starting: database %s", safe_url(self.settings.database_url))
+        await start_database(self.db, self.settings.database_url)
         await self.state_store.upgrade_table.upgrade(self.db)
         await self.matrix.prune()
         self.appservice.new_session(self.requests)
@@ -92,7 +91,7 @@ class Bridge:
         self.matrix.on_invited = self._invites.wake
         self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox, media,
                                                             self.settings))
-        await self.appservice.start(self.settings.hostname, self.settings.port)
+        await self._listen()
         self._prune_task = asyncio.create_task(self._prune_loop())
         log.info("listening on http://%s:%d (API under %s)", self.settings.hostname,
                  self.settings.port, PREFIX)
@@ -103,10 +102,22 @@ class Bridge:
         self._invites.start()
         self.appservice.ready = True
 
+    async def _listen(self) -> None:
+        host, port = self.settings.hostname, self.settings.port
+        self._listening = True  # from here on, stop() has a listener (maybe half set up) to stop
+        try:
+            await self.appservice.start(host, port)
+        except OSError as e:
+            raise StartupError(
+                f"cannot listen on {host}:{port} (appservice.hostname, appservice.port): "
+                f"{_LISTEN_CAUSES.get(e.errno or 0, e.strerror or str(e))}; stop what holds it, "
+                "or choose another appservice.port (and appservice.address, then run "
+                "`dmbridge generate` for the registration)") from e
+
     async def _register_bot(self) -> None:
         try:
             await self.appservice.intent.ensure_registered()
-        except (MatrixRequestError, aiohttp.ClientError) as e:
+        except (MatrixRequestError, MatrixConnectionError, aiohttp.ClientError) as e:
             log.error("could not register the bridge bot %s at %s: %s",
                       self.settings.bot_user_id, self.settings.homeserver_url, e)
 
@@ -120,7 +131,7 @@ class Bridge:
                 self.settings.appservice_address, e.errcode, e.message,
             )
             return False
-        except aiohttp.ClientError as e:
+        except (MatrixConnectionError, aiohttp.ClientError) as e:  # mautrix wraps the latter
             log.error("the homeserver at %s (homeserver.address) is unreachable: %s",
                       self.settings.homeserver_url, e)
             return False
@@ -138,22 +149,32 @@ class Bridge:
                 log.exception("pruning processed events and delivered items failed")
 
     async def stop(self) -> None:
+        """Stop what was started, in reverse; also after a failed start, whatever got that far.
+
+        Each part stops even when another failed to: a database left open keeps the process
+        alive (aiosqlite's thread), a listener left open keeps the port.
+        """
         log.info("stopping")
         if self._prune_task:
             self._prune_task.cancel()
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         if self._invites is not None:
-            await self._invites.stop()
-        await self.outbox.stop()
-        await self.appservice.stop()
+            steps.append(("invites", self._invites.stop))
+        steps.append(("outbox", self.outbox.stop))
+        if self._listening:
+            steps.append(("listener", self.appservice.stop))
         if self._homeserver is not None:
-            await self._homeserver.close()
-        await self.db.stop()
+            steps.append(("homeserver client", self._homeserver.close))
+        steps.append(("database", self.db.stop))
+        for name, step in steps:
+            try:
+                await step()
+            except Exception as e:
+                log.warning("stopping the %s failed: %r", name, e)
 
 
-def _safe_url(url: str) -> str:
-    """The database URL without its password, for logs."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
+_LISTEN_CAUSES = {
+    errno.EADDRINUSE: "another program already listens there",
+    errno.EADDRNOTAVAIL: "no network interface of this machine has that address",
+    errno.EACCES: "not allowed (ports below 1024 need privileges)",
+}
