@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
@@ -219,7 +220,8 @@ async def test_bridge_killed_again_and_again_loses_and_duplicates_nothing(
     print(f"{db_url.split(':')[0]}: {sum(map(len, traffic.sent.values()))} messages in "
           f"{len(traffic.rooms)} DMs, {len(traffic.replies)} replies, {len(traffic.received)} "
           f"pulled ({sum(n > 1 for n in keys.values())} handed out again); {kinds}")
-    assert problems == [], "\n".join([*problems, _takeovers(bridge)])
+    assert problems == [], "\n".join([*problems, "the bridge's log about it:",
+                                      *_log_about(bridge, problems)])
 
 
 async def _problems(traffic: Traffic) -> list[str]:
@@ -247,10 +249,12 @@ async def _problems(traffic: Traffic) -> list[str]:
     return problems
 
 
-def _takeovers(bridge: BridgeProcess) -> str:
+def _log_about(bridge: BridgeProcess, problems: list[str]) -> list[str]:
+    """The restarts, warnings, errors and every line naming a room of the problems."""
+    rooms = set(re.findall(r"![A-Za-z0-9_-]+", " ".join(problems)))
     lines = bridge.log_path.read_text(errors="replace").splitlines()
-    return "\n".join(x for x in lines if "BridgeProcess start" in x or "taking over" in x
-                     or " ERROR " in x or "opened DM room" in x)
+    return [x for x in lines if "BridgeProcess start" in x or " WARNING " in x or " ERROR " in x
+            or any(room in x for room in rooms)]
 
 
 async def _settle(traffic: Traffic) -> None:
