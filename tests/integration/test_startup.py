@@ -10,17 +10,20 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
 
 from dmbridge.localhs import free_port
+from tests.support.postgres import PostgresCluster
 from tests.support.process import BridgeProcess
 
 # Generous: a failed start takes about a second (PostgreSQL: its retries, about 15 s). Only a
@@ -138,6 +141,26 @@ def test_unreachable_postgresql(folder: Path) -> None:
     retries = [x for x in done.stderr.splitlines() if "trying again in" in x]
     assert retries and all(" WARNING " in x for x in retries), done.stderr
     assert "attempts in" in line
+
+
+def test_postgresql_database_that_does_not_exist(folder: Path, pg_cluster: PostgresCluster
+                                                  ) -> None:
+    url = f"postgres://postgres@127.0.0.1:{pg_cluster.port}/never_created"
+    config = generate(folder, url)
+    done = dmbridge("run", "-c", str(config), cwd=folder)
+    assert_failed_start(done, f"127.0.0.1:{pg_cluster.port}/never_created: ",
+                        '"never_created" does not exist; create it (createdb')
+    assert "trying again" not in done.stderr  # no point: it fails at once
+
+
+def test_database_locked_by_another_process(folder: Path) -> None:
+    config = generate(folder, "sqlite:dmbridge.db")
+    with closing(sqlite3.connect(folder / "dmbridge.db", isolation_level=None)) as other:
+        other.execute("PRAGMA journal_mode = WAL")
+        other.execute("BEGIN IMMEDIATE")  # another program writing, and not letting go
+        done = dmbridge("run", "-c", str(config), cwd=folder)
+    assert_failed_start(done, "locked by another process for more than 5 s",
+                        "is another dmbridge running on it?")
 
 
 def test_port_in_use(folder: Path, db_url: str) -> None:
