@@ -81,10 +81,6 @@ class Config(BaseFileConfig):
         _YAML.dump(self._data, stream)
         return stream.getvalue()
 
-    @property
-    def changed(self) -> bool:
-        return self.text() != self._text
-
     def save(self) -> None:
         """Write the file if its text changed, atomically, keeping its owner and mode.
 
