@@ -7,6 +7,7 @@ Every command runs as a real process. Run as root, the bridge runs as the unpriv
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -15,6 +16,8 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -42,7 +45,7 @@ def folder() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def dmbridge(*args: str, cwd: Path, as_service: bool = False) -> subprocess.CompletedProcess[str]:
+def command(*args: str, as_service: bool = False) -> list[str]:
     """``python -m dmbridge ARGS``; as the service user when we are root and ``as_service``."""
     prefix: list[str] = []
     if as_service and AS_ROOT:
@@ -50,11 +53,15 @@ def dmbridge(*args: str, cwd: Path, as_service: bool = False) -> subprocess.Comp
         if setpriv is None:
             pytest.skip("running as another user needs setpriv (util-linux)")
         prefix = [setpriv, f"--reuid={SERVICE_UID}", f"--regid={SERVICE_UID}", "--clear-groups"]
-    return subprocess.run(
-        [*prefix, sys.executable, "-m", "dmbridge", *args], cwd=cwd, capture_output=True,
-        text=True, timeout=EXIT_BOUND_S, stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
+    return [*prefix, sys.executable, "-m", "dmbridge", *args]
+
+
+ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def dmbridge(*args: str, cwd: Path, as_service: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command(*args, as_service=as_service), cwd=cwd, capture_output=True,
+                          text=True, timeout=EXIT_BOUND_S, stdin=subprocess.DEVNULL, env=ENV)
 
 
 def generate(folder: Path, database: str, port: int | None = None) -> Path:
@@ -261,3 +268,48 @@ async def test_a_rewrite_keeps_the_owner_and_mode(folder: Path) -> None:
     assert regenerated.st_ino != upgraded.st_ino  # replaced by a rename ...
     assert (regenerated.st_uid, regenerated.st_gid, mode(config)) == (
         SERVICE_UID, SERVICE_UID, 0o640)  # ... as its owner had it
+
+
+def test_a_config_the_service_user_cannot_rewrite_is_upgraded_in_memory(
+    folder: Path
+) -> None:
+    """root owns the config and its folder; the bridge runs as the service user and starts."""
+    data = folder / "data"
+    data.mkdir()
+    config = generate(folder, "sqlite:data/dmbridge.db")
+    text = config.read_text()
+    start = text.index("# The HTTP API platforms call")
+    config.write_text(text[:start] + text[text.index("\n\n", start) + 2:])  # an older version's
+    old = config.read_bytes()
+    give_to_service_user(data)
+    config.chmod(0o644 if AS_ROOT else 0o444)
+    if not AS_ROOT:
+        folder.chmod(0o555)
+    port = int(YAML(typ="safe").load(config)["appservice"]["port"])
+    log_path = data / "bridge.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command("run", "-c", str(config), as_service=True), cwd=folder,
+                                env=ENV, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(proc, port, log_path)
+        finally:
+            proc.terminate()
+            assert proc.wait(EXIT_BOUND_S) == 0, log_path.read_text()
+            folder.chmod(0o755)
+    assert config.read_bytes() == old
+    output = log_path.read_text()
+    assert f"{config}: not upgraded in place (Permission denied); the upgraded settings are " \
+           "used, the file is left as it was" in output, output
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    url = f"http://127.0.0.1:{port}/_dmbridge/v1/health"
+    for _ in range(EXIT_BOUND_S * 10):  # bounded: about EXIT_BOUND_S
+        assert proc.poll() is None, log_path.read_text()
+        with contextlib.suppress(OSError):  # refused, reset, or an HTTP error status
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        time.sleep(0.1)
+    raise AssertionError(f"not healthy:\n{log_path.read_text()}")
