@@ -59,18 +59,24 @@ class Person:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():  # bounded by the test's end, which sets ``stop``
-            resp = await self.human.client.sync(timeout=300)
-            if not isinstance(resp, SyncResponse):
+            try:
+                await self._sync_once()
+            except (aiohttp.ClientError, TimeoutError):  # a client retries; so does this one
                 await asyncio.sleep(0.2)
-                continue
-            for room_id, info in resp.rooms.invite.items():
-                for event in info.invite_state:
-                    if (isinstance(event, InviteMemberEvent) and event.membership == "invite"
-                            and event.state_key == self.human.user_id):
-                        self.invited_by[event.sender].add(room_id)
-                if room_id not in self.joined and isinstance(
-                        await self.human.client.join(room_id), JoinResponse):
-                    self.joined.add(room_id)
+
+    async def _sync_once(self) -> None:
+        resp = await self.human.client.sync(timeout=300)
+        if not isinstance(resp, SyncResponse):
+            await asyncio.sleep(0.2)
+            return
+        for room_id, info in resp.rooms.invite.items():
+            for event in info.invite_state:
+                if (isinstance(event, InviteMemberEvent) and event.membership == "invite"
+                        and event.state_key == self.human.user_id):
+                    self.invited_by[event.sender].add(room_id)
+            if room_id not in self.joined and isinstance(
+                    await self.human.client.join(room_id), JoinResponse):
+                self.joined.add(room_id)
 
 
 @dataclass
