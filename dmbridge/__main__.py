@@ -99,7 +99,10 @@ async def _run(config_path: Path) -> int:
         # A StartupError's one line says it all; anything else shows its traceback at DEBUG.
         trace = settings.log_level == "DEBUG" and not isinstance(e, StartupError)
         logging.getLogger("dmbridge").error("could not start: %s", e, exc_info=trace)
-        await bridge.stop()  # what did start (database, listener) must not keep us alive
+        try:  # what did start (the database's thread, sockets) must not keep the process alive
+            await bridge.stop()
+        except Exception as again:
+            logging.getLogger("dmbridge").debug("cleaning up after the failed start: %r", again)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

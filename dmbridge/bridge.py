@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
@@ -149,28 +148,17 @@ class Bridge:
                 log.exception("pruning processed events and delivered items failed")
 
     async def stop(self) -> None:
-        """Stop what was started, in reverse; also after a failed start, whatever got that far.
-
-        Each part stops even when another failed to: a database left open keeps the process
-        alive (aiosqlite's thread), a listener left open keeps the port.
-        """
         log.info("stopping")
         if self._prune_task:
             self._prune_task.cancel()
-        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         if self._invites is not None:
-            steps.append(("invites", self._invites.stop))
-        steps.append(("outbox", self.outbox.stop))
-        if self._listening:
-            steps.append(("listener", self.appservice.stop))
+            await self._invites.stop()
+        await self.outbox.stop()
+        if self._listening:  # not after a start that failed before it listened
+            await self.appservice.stop()
         if self._homeserver is not None:
-            steps.append(("homeserver client", self._homeserver.close))
-        steps.append(("database", self.db.stop))
-        for name, step in steps:
-            try:
-                await step()
-            except Exception as e:
-                log.warning("stopping the %s failed: %r", name, e)
+            await self._homeserver.close()
+        await self.db.stop()
 
 
 _LISTEN_CAUSES = {
