@@ -6,9 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
-from importlib import resources
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,11 @@ from .config import (
     write_registration,
 )
 from .logfilter import limit_handlers
+from .startup import StartupError
+
+# Whatever the bridge writes holds secrets or messages: the config, the registration, the
+# SQLite database and its -wal and -shm. Owner-only unless an admin chose otherwise.
+UMASK = 0o077
 
 
 def _setup_logging(level: str) -> None:
@@ -40,23 +46,32 @@ def _setup_logging(level: str) -> None:
 def generate(
     config_path: Path, registration_path: Path, overrides: dict[str, Any]
 ) -> tuple[Config, Path]:
-    """Write (or upgrade) the config with fresh tokens, and the registration from it."""
-    if not config_path.exists():
-        config_path.parent.mkdir(parents=True, exist_ok=True)
-        example = resources.files("dmbridge").joinpath("example-config.yaml").read_text()
-        config_path.write_text(example)
-        config_path.chmod(0o600)
+    """Write (or upgrade) the config with fresh tokens, and the registration from it.
+
+    An existing config keeps its owner and mode and is written only if it changed; the
+    registration is written owner-only, keeping its owner.
+    """
     config = Config(config_path)
-    config.load()
-    check_shape(config, str(config_path))
+    if config_path.exists():
+        config.load()
+        check_shape(config, str(config_path))
+    else:
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config.load_example()
     config.update(save=False)
     for key, value in overrides.items():
         if value is not None:
             config[key] = value
     config.fill_placeholders()
     settings = load_settings(config)
-    config.save()
-    write_registration(settings, registration_path)
+    try:
+        path = config_path
+        config.save()
+        path = registration_path
+        write_registration(settings, registration_path)
+    except OSError as e:
+        raise ConfigError("(file)", f"{path} cannot be written: {e.strerror or e}; it is left "
+                          "as it was") from None
     return config, registration_path
 
 
@@ -78,14 +93,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 async def _run(config_path: Path) -> int:
     from .bridge import Bridge
 
-    settings = open_config(config_path)
+    settings = open_config(config_path, upgrade=True)
     _setup_logging(settings.log_level)
     bridge = Bridge(settings)
     try:
         await bridge.start()
     except Exception as e:
-        debug = settings.log_level == "DEBUG"
-        logging.getLogger("dmbridge").error("could not start: %s", e, exc_info=debug)
+        # A StartupError's one line says it all; anything else shows its traceback at DEBUG.
+        trace = settings.log_level == "DEBUG" and not isinstance(e, StartupError)
+        logging.getLogger("dmbridge").error("could not start: %s", e, exc_info=trace)
         try:  # what did start (the database's thread, sockets) must not keep the process alive
             await bridge.stop()
         except Exception as again:
@@ -101,7 +117,23 @@ async def _run(config_path: Path) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args.config))
+    code = asyncio.run(_run(args.config))
+    if code != 0:
+        _exit_if_stuck(code)
+    return code
+
+
+def _exit_if_stuck(code: int) -> None:
+    """After a failed start, a thread a library left running must not keep the process alive
+    (systemd would wait forever instead of restarting it)."""
+    stuck = [t.name for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if stuck:
+        logging.getLogger("dmbridge").debug("exiting past threads still running: %s", stuck)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -191,15 +223,18 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 
 async def _clear_declined(config_path: Path, network_id: str, remote_id: str, user: str) -> int:
-    from mautrix.util.async_db import Database
-
-    from .db import Stores, upgrade_table
+    from .db import Stores, create_database, start_database
     from .errors import BridgeError
     from .lifecycle import clear_declined
 
     settings = open_config(config_path)
-    db = Database.create(settings.database_url, upgrade_table=upgrade_table)
-    await db.start()
+    db = create_database(settings.database_url, db_args={},
+                         log=logging.getLogger("dmbridge.db"))
+    try:
+        await start_database(db, settings.database_url)
+    except StartupError as e:
+        print(f"dmbridge: {e}", file=sys.stderr)
+        return 1
     try:
         await clear_declined(Stores.over(db), settings.networks.get(network_id), remote_id, user)
     except BridgeError as e:
@@ -298,6 +333,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    umask = os.umask(UMASK)
     try:
         result: int = args.func(args)
     except ConfigError as e:
@@ -305,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        os.umask(umask)  # main() may run inside another program (tests)
     return result
 
 

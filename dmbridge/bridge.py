@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 
 import aiohttp
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
-from mautrix.errors import MatrixRequestError
-from mautrix.util.async_db import Database
+from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 from .api import PREFIX, make_api_app
 from .appservice import BridgeAppService
 from .config import Settings
-from .db import Stores, upgrade_table
+from .db import Stores, create_database, safe_url, start_database
 from .dms import DMService
 from .errors import RateLimited
 from .ghosts import Ghosts
@@ -27,6 +27,7 @@ from .media import MediaLinks, MediaService
 from .outbox import Outbox
 from .quotas import Quotas
 from .ratelimit import HomeserverLimits, Pacing
+from .startup import StartupError
 
 log = logging.getLogger("dmbridge")
 
@@ -45,12 +46,8 @@ class Bridge:
         self.quotas = Quotas()
         self.pacing = Pacing(limits.rooms_per_second, limits.room_burst, self.quotas,
                              limits.background_wait)
-        self.db = Database.create(
-            settings.database_url,
-            upgrade_table=upgrade_table,
-            db_args=self._db_args(settings),
-            log=logging.getLogger("dmbridge.db"),
-        )
+        self.db = create_database(settings.database_url, db_args=self._db_args(settings),
+                                  log=logging.getLogger("dmbridge.db"))
         self.instances = Instances(self.db, settings.database_url, settings.creation_timeout)
         self.state_store = PgASStateStore(self.db)
         self.stores = Stores.over(self.db)
@@ -73,6 +70,7 @@ class Bridge:
         self._log_task: asyncio.Task[None] | None = None
         self._recovery_task: asyncio.Task[None] | None = None
         self._invites: InviteHandler | None = None
+        self._listening = False
 
     @staticmethod
     def _db_args(settings: Settings) -> dict[str, int]:
@@ -89,8 +87,8 @@ class Bridge:
     async def start(self, *, ping: bool = True) -> None:
         self.log_limits.install()
         self._log_task = asyncio.create_task(self._log_summaries())
-        log.info("starting: database %s", _safe_url(self.settings.database_url))
-        await self.db.start()
+        log.info("starting: database %s", safe_url(self.settings.database_url))
+        await start_database(self.db, self.settings.database_url)
         await self.state_store.upgrade_table.upgrade(self.db)
         await self.matrix.prune()
         await self.instances.start()
@@ -112,7 +110,7 @@ class Bridge:
         self.matrix.on_invited = self._invites.wake
         self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox, media,
                                                             self.settings, self.quotas))
-        await self.appservice.start(self.settings.hostname, self.settings.port)
+        await self._listen()
         self._prune_task = asyncio.create_task(self._prune_loop())
         log.info("listening on http://%s:%d (API under %s)", self.settings.hostname,
                  self.settings.port, PREFIX)
@@ -124,10 +122,23 @@ class Bridge:
         self._recovery_task = asyncio.create_task(self._recover_unfinished(self._dms))
         self.appservice.ready = True
 
+    async def _listen(self) -> None:
+        host, port = self.settings.hostname, self.settings.port
+        self._listening = True  # from here on, stop() has a listener (maybe half set up) to stop
+        try:
+            await self.appservice.start(host, port)
+        except OSError as e:
+            raise StartupError(
+                f"cannot listen on {host}:{port} (appservice.hostname, appservice.port): "
+                f"{_LISTEN_CAUSES.get(e.errno or 0, e.strerror or str(e))}; stop what holds it, "
+                "or choose another appservice.port (and appservice.address, then run "
+                "`dmbridge generate` for the registration)") from e
+
     async def _register_bot(self) -> None:
         try:
             await self.appservice.intent.ensure_registered()
-        except (MatrixRequestError, aiohttp.ClientError, RateLimited) as e:
+        except (MatrixRequestError, MatrixConnectionError, aiohttp.ClientError,
+                RateLimited) as e:
             log.error("could not register the bridge bot %s at %s: %s",
                       self.settings.bot_user_id, self.settings.homeserver_url, e)
 
@@ -141,7 +152,7 @@ class Bridge:
                 self.settings.appservice_address, e.errcode, e.message,
             )
             return False
-        except aiohttp.ClientError as e:
+        except (MatrixConnectionError, aiohttp.ClientError) as e:  # mautrix wraps the latter
             log.error("the homeserver at %s (homeserver.address) is unreachable: %s",
                       self.settings.homeserver_url, e)
             return False
@@ -190,7 +201,8 @@ class Bridge:
         if self._invites is not None:
             await self._invites.stop()
         await self.outbox.stop()
-        await self.appservice.stop()
+        if self._listening:  # not after a start that failed before it listened
+            await self.appservice.stop()
         if self._homeserver is not None:
             await self._homeserver.close()
         self.limits.close()
@@ -199,10 +211,8 @@ class Bridge:
         self.log_limits.remove()
 
 
-def _safe_url(url: str) -> str:
-    """The database URL without its password, for logs."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
+_LISTEN_CAUSES = {
+    errno.EADDRINUSE: "another program already listens there",
+    errno.EADDRNOTAVAIL: "no network interface of this machine has that address",
+    errno.EACCES: "not allowed (ports below 1024 need privileges)",
+}

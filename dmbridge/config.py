@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import re
 import secrets
@@ -15,11 +17,13 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 from yarl import URL
 
+from .files import PRIVATE, replace_file
 from .listener import ListenerSettings
 from .localpart import is_valid_localpart
 from .networks import PULL, PUSH, Delivery, Network, Networks
 from .permissions import RuleError, UserRules
 from .quotas import QuotaSettings
+from .startup import current_user
 
 EXAMPLE = "pkg://dmbridge/example-config.yaml"
 ENV_PREFIX = "DMBRIDGE_"
@@ -33,6 +37,8 @@ LISTENER_KEYS = ("idle_timeout", "header_timeout", "body_stall_timeout", "body_t
                  "max_connections", "max_uploads_per_network")
 _NETWORK_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _DOMAIN = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+log = logging.getLogger("dmbridge.config")
 
 
 class ConfigError(ValueError):
@@ -48,6 +54,47 @@ class Config(BaseFileConfig):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(str(path), EXAMPLE)
+        self._text = ""  # the file as read: a save that would not change it writes nothing
+
+    def load(self) -> None:
+        """Read the file; a file that cannot be read or parsed is a ConfigError naming it."""
+        try:
+            self._text = Path(self.path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError("(file)", f"{self.path} does not exist; create it with "
+                              "`dmbridge generate`") from None
+        except (OSError, UnicodeDecodeError) as e:
+            cause = e.strerror if isinstance(e, OSError) else str(e)
+            raise ConfigError("(file)", f"{self.path} cannot be read by {current_user()}: "
+                              f"{cause}; make it readable by that user") from None
+        try:
+            self._data = _YAML.load(self._text)
+        except YAMLError as e:
+            raise ConfigError("(file)", f"{self.path} is not valid YAML: {_yaml_problem(e)}"
+                              ) from None
+
+    def load_example(self) -> None:
+        """Start from the packaged example (for a config file that does not exist yet)."""
+        base = self.load_base()
+        assert base is not None  # packaged with dmbridge
+        self._data = base._data
+        self._text = ""
+
+    def text(self) -> str:
+        stream = io.StringIO()
+        _YAML.dump(self._data, stream)
+        return stream.getvalue()
+
+    def save(self) -> None:
+        """Write the file if its text changed, atomically, keeping its owner and mode.
+
+        Raises ``OSError`` and leaves the file as it was if it cannot; mautrix's own save
+        would give it this process's owner and mode 0600 and warn only.
+        """
+        text = self.text()
+        if text != self._text:
+            replace_file(Path(self.path), text)
+            self._text = text
 
     def do_update(self, helper: ConfigUpdateHelper) -> None:
         copy = helper.copy
@@ -105,6 +152,18 @@ class Config(BaseFileConfig):
             _set_path(self._data, path, raw, name)
             applied.append(".".join(path))
         return applied
+
+
+# As mautrix.util.config writes: an upgraded file looks the same whichever of them wrote it.
+_YAML = YAML()
+_YAML.indent(4)
+_YAML.width = 200
+
+
+def _yaml_problem(e: YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
 
 
 def _set_path(data: Any, path: list[str], value: Any, env_name: str) -> None:
@@ -555,22 +614,39 @@ def check_shape(config: Config, path: str) -> None:
             raise ConfigError(section, f"must be {kind}, got {value!r}")
 
 
-def open_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
-    """Load, upgrade in place (keeping the user's values), apply env overrides, validate."""
-    if not Path(path).exists():
-        raise ConfigError("(file)", f"{path} does not exist; create it with `dmbridge generate`")
+def read_config(path: str | Path) -> Config:
+    """The file, upgraded in memory from the packaged example (keeping the user's values)."""
     config = Config(path)
     config.load()
     check_shape(config, str(path))
-    config.update(save=os.access(path, os.W_OK))
+    config.update(save=False)
+    return config
+
+
+def open_config(path: str | Path, environ: Mapping[str, str] | None = None, *,
+                upgrade: bool = False) -> Settings:
+    """Load, upgrade, apply env overrides, validate.
+
+    Only with ``upgrade`` (``dmbridge run``) is the upgraded file written back, and only if it
+    changed: commands that just read the config leave it as it was, byte for byte. A file that
+    cannot be rewritten (owned by root and read-only to the service user, say) is used as
+    upgraded in memory.
+    """
+    config = read_config(path)
+    if upgrade:
+        try:
+            config.save()
+        except OSError as e:
+            log.warning("%s: not upgraded in place (%s); the upgraded settings are used, the "
+                        "file is left as it was", path, e.strerror or e)
     config.apply_env(os.environ if environ is None else environ)
     return load_settings(config)
 
 
 def write_registration(settings: Settings, path: str | Path) -> None:
+    """Write the registration, owner-only (it holds both tokens), keeping its owner."""
     yaml = YAML()
     yaml.indent(mapping=2, sequence=4, offset=2)
-    # It holds both tokens: readable by the owner only, like config.yaml.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as stream:
-        yaml.dump(settings.registration(), stream)
+    stream = io.StringIO()
+    yaml.dump(settings.registration(), stream)
+    replace_file(Path(path), stream.getvalue(), mode=PRIVATE)

@@ -15,6 +15,7 @@ from .invite import InviteStore
 from .media import MediaStore
 from .member import MemberStore
 from .message import MatrixMessageStore, SentMessageStore
+from .connect import DatabaseUnavailable, create_database, safe_url, start_database
 from .outbox import OutboxStore
 from .upgrade import upgrade_table
 
@@ -54,4 +55,7 @@ class Stores:
         )
 
 
-__all__ = ["Stores", "now_ms", "upgrade_table"]
+__all__ = [
+    "DatabaseUnavailable", "Stores", "create_database", "now_ms", "safe_url", "start_database",
+    "upgrade_table",
+]

@@ -112,8 +112,10 @@ def test_open_config_upgrades_the_file_keeping_values(config_path: Path) -> None
     config_path.write_text(text)
     assert "max_body_bytes" not in config_path.read_text()
     before = tokens(load(config_path))
+    assert open_config(config_path, environ={}).max_body_bytes == 131072
+    assert config_path.read_text() == text  # only `run` writes the upgrade
 
-    settings = open_config(config_path, environ={})
+    settings = open_config(config_path, environ={}, upgrade=True)
 
     assert settings.max_body_bytes == 131072
     assert settings.log_level == "DEBUG"
@@ -564,7 +566,7 @@ def test_upgrade_adds_missing_delivery_section(config_path: Path) -> None:
     end = text.index("\n\n", start) + 2
     config_path.write_text(text[:start] + text[end:])
     assert "max_attempts" not in config_path.read_text()
-    settings = open_config(config_path, environ={})
+    settings = open_config(config_path, environ={}, upgrade=True)
     assert settings.delivery == DeliverySettings()
     assert "max_attempts: 20" in config_path.read_text()
 
@@ -670,7 +672,7 @@ def test_upgrade_adds_missing_media_section(config_path: Path) -> None:
     end = text.index("\n\n", start) + 2
     config_path.write_text(text[:start] + text[end:])
     assert "link_ttl" not in config_path.read_text()
-    settings = open_config(config_path, environ={})
+    settings = open_config(config_path, environ={}, upgrade=True)
     assert settings.media == MediaSettings(public_url=settings.appservice_address)
     upgraded = config_path.read_text()
     assert "max_upload_bytes: 52428800" in upgraded and "link_ttl: 86400" in upgraded
