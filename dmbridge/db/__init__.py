@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from mautrix.util.async_db import Database
 
+from .connect import DatabaseUnavailable, create_database, safe_url, start_database
 from .dm import DMStore
 from .event import ProcessedEventStore
 from .ghost import GhostStore
@@ -15,7 +16,6 @@ from .invite import InviteStore
 from .media import MediaStore
 from .member import MemberStore
 from .message import MatrixMessageStore, SentMessageStore
-from .connect import DatabaseUnavailable, create_database, safe_url, start_database
 from .outbox import OutboxStore
 from .upgrade import upgrade_table
 
