@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from mautrix.api import Method, Path
 from mautrix.appservice import AppService
-from mautrix.errors import MatrixRequestError, MForbidden
+from mautrix.errors import MatrixConnectionError, MatrixRequestError, MForbidden
 from mautrix.types import EventID, RoomID, UserID
 
 from .config import Settings
@@ -419,7 +419,7 @@ class DMService:
             )
         except MForbidden:
             raise
-        except (TimeoutError, MatrixRequestError, aiohttp.ClientError) as e:
+        except (TimeoutError, MatrixRequestError, MatrixConnectionError, aiohttp.ClientError) as e:
             raise HomeserverError(f"the homeserver did not take the message: {e!r}") from e
 
 

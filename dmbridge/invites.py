@@ -13,7 +13,7 @@ from collections.abc import Callable
 import aiohttp
 from mautrix.api import Method, Path
 from mautrix.appservice import AppService
-from mautrix.errors import MatrixRequestError
+from mautrix.errors import MatrixConnectionError, MatrixRequestError
 from mautrix.types import RoomID, UserID
 from mautrix.util.async_db import Connection
 
@@ -87,7 +87,7 @@ class InviteHandler:
             else:
                 if not await self._accept(network, remote_id, invite):
                     return  # left for the next round
-        except (TimeoutError, aiohttp.ClientError, RateLimited) as e:
+        except (TimeoutError, aiohttp.ClientError, MatrixConnectionError, RateLimited) as e:
             # Left for the next round (RateLimited: the homeserver's limit outlasted
             # rate_limits.background_wait).
             log.warning("could not answer the invite of %s to %s yet: %r", invite.ghost_id,
@@ -171,7 +171,7 @@ class InviteHandler:
         await self._finish(room_id, ACTIVE, "user_invited", invite, payloads.DM_STARTED)
         try:
             await self.dms.add_to_m_direct(ghost_id, user_id, room_id)
-        except (TimeoutError, MatrixRequestError, aiohttp.ClientError) as e:
+        except (TimeoutError, MatrixRequestError, MatrixConnectionError, aiohttp.ClientError) as e:
             log.error("could not list %s in the m.direct of %s: %r", room_id, ghost_id, e)
         log.info("%s joined %s at the invite of %s; it is their DM now", ghost_id, room_id,
                  user_id)

@@ -40,9 +40,12 @@ class RepeatFilter(logging.Filter):
 
     def __init__(self, sink: Callable[[logging.LogRecord], object], *, limit: int = 10,
                  interval: float = 60.0, max_keys: int = 4096,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 only: Iterable[str] | None = None) -> None:
         super().__init__()
         self.sink = sink
+        # On a handler: the loggers whose repeats are limited; every other line passes.
+        self.only = frozenset(only) if only is not None else None
         self.limit = limit
         self.interval = interval
         self.max_keys = max_keys
@@ -51,6 +54,8 @@ class RepeatFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "repeat_summary", False):
+            return True
+        if self.only is not None and record.name not in self.only:
             return True
         key = (record.name, str(record.msg), record.levelno)
         now = self.clock()
@@ -94,12 +99,17 @@ def _shorten(template: str, limit: int = 120) -> str:
 
 
 def limit_handlers(handlers: Iterable[logging.Handler], *, limit: int = 10,
-                   interval: float = 60.0) -> list[RepeatFilter]:
-    """Install a filter on each handler that has none yet (the command line's logging)."""
+                   interval: float = 60.0, names: Iterable[str] = FLOODABLE
+                   ) -> list[RepeatFilter]:
+    """Install a filter on each handler that has none yet (the command line's logging).
+
+    Only the loggers in ``names`` are limited, as when the bridge runs as a library: the
+    lines of the DM logic (recoveries, failures with their tracebacks) always pass.
+    """
     added = []
     for handler in handlers:
         if not any(isinstance(f, RepeatFilter) for f in handler.filters):
-            repeat = RepeatFilter(handler.handle, limit=limit, interval=interval)
+            repeat = RepeatFilter(handler.handle, limit=limit, interval=interval, only=names)
             handler.addFilter(repeat)
             added.append(repeat)
     return added

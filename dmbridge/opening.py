@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 from mautrix.api import Method, Path
 from mautrix.appservice import AppService
-from mautrix.errors import MatrixRequestError, MForbidden, MNotFound
+from mautrix.errors import MatrixConnectionError, MatrixRequestError, MForbidden, MNotFound
 from mautrix.types import EventType, RoomCreatePreset, RoomID, UserID
 
 from .config import Settings
@@ -50,7 +50,7 @@ _DECLINE_WORDING = {
     "ghost_kicked": "removed this contact from the DM",
     "ghost_banned": "banned this contact from the DM",
 }
-_HS_ERRORS = (TimeoutError, MatrixRequestError, aiohttp.ClientError)
+_HS_ERRORS = (TimeoutError, MatrixRequestError, MatrixConnectionError, aiohttp.ClientError)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ async def homeserver_errors(what: str) -> AsyncIterator[None]:
         yield
     except MatrixRequestError as e:
         raise HomeserverError(f"the homeserver refused to {what}: {e}") from e
-    except (TimeoutError, aiohttp.ClientError) as e:
+    except (TimeoutError, MatrixConnectionError, aiohttp.ClientError) as e:
         raise HomeserverError(f"the homeserver could not be reached to {what}: {e!r}") from e
 
 
@@ -282,7 +282,7 @@ class Opener:
             if isinstance(e, MatrixRequestError):
                 raise HomeserverError(f"the homeserver refused to create the DM room: {e}"
                                       ) from e
-            if isinstance(e, (TimeoutError, aiohttp.ClientError)):
+            if isinstance(e, (TimeoutError, MatrixConnectionError, aiohttp.ClientError)):
                 raise HomeserverError("the homeserver could not be reached to create the DM"
                                       f" room: {e!r}") from e
             raise
@@ -424,7 +424,7 @@ class Opener:
             if not local and e.http_status in (401, 403):
                 return  # their server keeps profiles private; the invite may still work
             raise HomeserverError(f"the homeserver could not look up the recipient: {e!r}") from e
-        except (TimeoutError, aiohttp.ClientError) as e:
+        except (TimeoutError, MatrixConnectionError, aiohttp.ClientError) as e:
             raise HomeserverError(f"the homeserver could not look up the recipient: {e!r}") from e
 
     async def sync_profile(

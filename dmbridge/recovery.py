@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 from mautrix.api import Method, Path
-from mautrix.errors import MatrixRequestError, MForbidden, MNotFound
+from mautrix.errors import MatrixConnectionError, MatrixRequestError, MForbidden, MNotFound
 from mautrix.types import RoomID, UserID
 from mautrix.util.async_db import Connection
 
@@ -142,6 +142,6 @@ class Recovery:
                 await api.request(Method.POST, path, content=content)
             except MatrixRequestError as e:
                 log.info("discarding %s: %s answered %s", room_id, name, e)
-            except (TimeoutError, aiohttp.ClientError) as e:
+            except (TimeoutError, MatrixConnectionError, aiohttp.ClientError) as e:
                 log.warning("discarding %s: %s failed: %r", room_id, name, e)
         log.info("%s left and forgot the DM room %s it could not finish", ghost_id, room_id)

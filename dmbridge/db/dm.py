@@ -199,12 +199,14 @@ class DMStore:
         self, ghost_id: UserID, user_id: UserID, claim: str, room_id: RoomID, now_ms: int
     ) -> bool:
         """The claimed pair's room is ``room_id``; True also if it was already recorded as
-        that (adopted from the homeserver's transaction or by a recovery)."""
+        the pair's active DM (adopted from the homeserver's transaction or by a recovery), not
+        if it was kept as an ended room because another creation superseded this claim."""
         got = await self.db.fetchval(_ACTIVATE, ghost_id, user_id, claim, room_id, now_ms)
         if got is not None:
             return True
         mine = await self.db.fetchval(
-            "SELECT room_id FROM dm WHERE room_id=$1 AND ghost_id=$2 AND user_id=$3",
+            "SELECT room_id FROM dm WHERE room_id=$1 AND ghost_id=$2 AND user_id=$3"
+            " AND state='active'",
             room_id, ghost_id, user_id,
         )
         return mine is not None

@@ -12,6 +12,7 @@ import asyncio
 import json
 import uuid
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -56,6 +57,8 @@ class FakeHomeserver:
         """Endpoint name -> (status, body) to answer instead of doing the work."""
         self.fail_times: dict[str, int] = {}
         self.delay: dict[str, float] = {}
+        # Called with each new room before createRoom answers (a transaction arriving early).
+        self.on_room_created: Callable[[Room], Awaitable[None]] | None = None
         self.media: dict[str, tuple[str, bytes]] = {}
         self.server: TestServer | None = None
 
@@ -186,6 +189,8 @@ class FakeHomeserver:
         creator = self._acting_user(request)
         room = self.rooms[room_id] = Room(room_id, creator, body, members={creator: "join"})
         room.members.update({user_id: "invite" for user_id in body.get("invite", [])})
+        if self.on_room_created is not None:
+            await self.on_room_created(room)
         if "POST createRoom:after" in self.fail:  # the room is made, then the answer fails
             status, answer = self.fail.pop("POST createRoom:after")
             return web.json_response(answer, status=status)

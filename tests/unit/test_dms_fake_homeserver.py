@@ -367,6 +367,47 @@ async def test_a_room_made_after_a_stale_claim_was_settled_is_removed(
     assert late.members == {GHOST: "leave", alice: "leave"} and GHOST in late.forgotten_by
 
 
+async def test_a_late_room_its_transaction_kept_as_ended_is_not_taken_as_created(
+    make_bridge: MakeBridge, hs: FakeHomeserver
+) -> None:
+    """As above, but the homeserver's transaction for A's late room arrives before A's answer
+    and records it as an ended DM: A must still remove it, not post into it."""
+    alice = hs.add_human("alice")
+    worker_a, worker_b = await make_bridge(), await make_bridge()
+    hs.delay["POST createRoom"] = 0.5
+    slow = asyncio.create_task(worker_a.dms.send("sms", PHONE, alice, message_id="1", text="a"))
+    for _ in range(100):  # until A holds the claim
+        if await worker_a.db.fetchval("SELECT COUNT(*) FROM dm"):
+            break
+        await asyncio.sleep(0.01)
+    await worker_a.db.execute("UPDATE dm SET updated_at=0 WHERE state='creating'")
+    made: list[str] = []
+
+    async def transaction_first(room: Room) -> None:
+        made.append(room.room_id)
+        if len(made) > 1:
+            return  # only A's room (the first made: both waited as long) arrives early
+        marker = next(e for e in room.create["initial_state"] if e["type"] == "net.dmbridge.dm")
+        await worker_b.matrix.handle_transaction("late", [
+            {**marker, "event_id": "$late-marker", "room_id": room.room_id, "sender": GHOST},
+            {"type": "m.room.member", "state_key": alice, "event_id": "$late-invite",
+             "room_id": room.room_id, "sender": GHOST,
+             "content": {"membership": "invite", "is_direct": True}},
+        ])
+
+    hs.on_room_created = transaction_first
+    done = await worker_b.dms.send("sms", PHONE, alice, message_id="2", text="b")
+    with pytest.raises(Busy, match="created twice"):
+        await slow
+    assert made[1] == done.room_id
+    late = hs.rooms[made[0]]
+    assert late.events == []  # A's message was not posted into the superseded room
+    assert late.members == {GHOST: "leave", alice: "leave"} and GHOST in late.forgotten_by
+    assert hs.joined_rooms(GHOST) == [done.room_id]
+    [dm] = await worker_b.dms.list_dms(network_id="sms")
+    assert dm.room_id == done.room_id
+
+
 async def test_a_display_name_too_long_for_the_homeserver_is_shortened(
     make_bridge: MakeBridge, hs: FakeHomeserver
 ) -> None:

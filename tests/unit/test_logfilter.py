@@ -104,3 +104,18 @@ def test_log_limits_filter_named_loggers_and_remove_them_again() -> None:
                                       "last 0 s")
     log.warning("flood")
     assert len(lines.lines) == 4
+
+
+def test_a_handler_filter_limits_only_the_floodable_loggers() -> None:
+    """The command line's filter leaves the DM logic's lines alone (recoveries, tracebacks)."""
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    [repeat] = limit_handlers([handler], limit=2)
+    for name in ("aiohttp.server", "dmbridge.opening"):
+        for i in range(5):
+            record = logging.LogRecord(name, logging.ERROR, __file__, 0, "failed %d", (i,), None)
+            if repeat.filter(record):
+                seen.append(record)
+    assert [r.name for r in seen].count("aiohttp.server") == 2
+    assert [r.name for r in seen].count("dmbridge.opening") == 5
