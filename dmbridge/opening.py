@@ -9,6 +9,7 @@ after ``createRoom`` removes the room it made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -249,6 +250,23 @@ class Opener:
         self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
         profile: Profile, claim: str,
     ) -> OpenedDM:
+        """Within the bridge's pace and the network's new-DM quota, checked before anything is
+        asked of the homeserver (a refusal costs no request); the quota is given back if no
+        room comes of it."""
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(self.pacing.new_room(network))
+            except BaseException:
+                await self.stores.dms.release(ghost_id, user_id, claim)
+                raise
+            return await self._create_paced(network, remote_id, ghost_id, user_id, profile,
+                                            claim)
+        raise AssertionError("unreachable")  # mypy: the stack does not swallow exceptions
+
+    async def _create_paced(
+        self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
+        profile: Profile, claim: str,
+    ) -> OpenedDM:
         try:
             async with homeserver_errors("create the DM room"):
                 await self.ghosts.ensure_registered(network, remote_id)
@@ -337,14 +355,13 @@ class Opener:
             for kind in ("m.bridge", "uk.half-shot.bridge")
         ]
         initial_state.append(marker.state_event())
-        async with self.pacing.new_room(network):  # the bridge's pace and the network's quota
-            return await self.ghosts.intent(ghost_id).create_room(
-                preset=RoomCreatePreset.PRIVATE,
-                is_direct=True,
-                invitees=[user_id],
-                initial_state=initial_state,
-                power_level_override={"users": users},
-            )
+        return await self.ghosts.intent(ghost_id).create_room(
+            preset=RoomCreatePreset.PRIVATE,
+            is_direct=True,
+            invitees=[user_id],
+            initial_state=initial_state,
+            power_level_override={"users": users},
+        )
 
     async def _default_room_version(self) -> str:
         if self._room_version is None:

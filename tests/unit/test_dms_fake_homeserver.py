@@ -12,7 +12,13 @@ from mautrix.types import RoomID
 
 from dmbridge.bridge import Bridge
 from dmbridge.db import now_ms
-from dmbridge.errors import Busy, HomeserverError, RecipientUnreachable, UnknownRecipient
+from dmbridge.errors import (
+    Busy,
+    HomeserverError,
+    QuotaExceeded,
+    RecipientUnreachable,
+    UnknownRecipient,
+)
 from dmbridge.localhs import free_port
 from dmbridge.marker import Marker
 from tests.support.fake_homeserver import FakeHomeserver, Room
@@ -418,3 +424,17 @@ async def test_a_display_name_too_long_for_the_homeserver_is_shortened(
     await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
     name = hs.displaynames[GHOST]
     assert len(name) == 256 and name.startswith(PHONE + " xxx") and name.endswith("…")
+
+
+async def test_a_first_contact_past_the_new_dm_quota_asks_nothing_of_the_homeserver(
+    make_bridge: MakeBridge, hs: FakeHomeserver
+) -> None:
+    bridge = await make_bridge(networks={"sms": {"quotas": {"new_dms_per_hour": 1}}})
+    alice, bob = hs.add_human("alice"), hs.add_human("bob")
+    await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    start = len(hs.requests)
+    with pytest.raises(QuotaExceeded, match="new_dms_per_hour"):
+        await bridge.dms.send("sms", "+15550001111", bob, message_id="2", text="hi")
+    assert hs.names(start) == ["GET profile"]  # the recipient check only: no ghost, no room
+    assert len(await bridge.stores.dms.find(network="sms")) == 1
+    assert await bridge.db.fetchval("SELECT COUNT(*) FROM dm WHERE state='creating'") == 0
