@@ -27,10 +27,6 @@ from .matrix import MatrixHandler
 log = logging.getLogger("dmbridge.appservice")
 
 MAX_TRANSACTION_BYTES = 64 * 1024 * 1024
-# aiohttp's default (8190 bytes) is shorter than the API's longest valid URL: a DELETE with a
-# 1000-character reason and a 255-character sender and message ID, each character
-# percent-encoded as up to 12 bytes.
-MAX_REQUEST_LINE = 32 * 1024
 # Synapse refuses event content nested deeper than about 100 levels; a transaction adds three.
 MAX_TRANSACTION_DEPTH = 128
 
@@ -53,8 +49,7 @@ class BridgeAppService(AppService):
             id=settings.appservice_id,
             log="dmbridge.appservice",
             state_store=state_store,
-            aiohttp_params={"client_max_size": MAX_TRANSACTION_BYTES,
-                            "handler_args": {"max_line_size": MAX_REQUEST_LINE}},
+            aiohttp_params={"client_max_size": MAX_TRANSACTION_BYTES},
         )
         # The state store is updated by MatrixHandler before the transaction is acknowledged.
         self.event_handlers.clear()

@@ -33,6 +33,10 @@ log = logging.getLogger("dmbridge.listener")
 # The listen backlog; asyncio also accepts up to this many connections at a time, and a burst
 # of accepts runs up to two such batches ahead of the cap closing connections (measured).
 BACKLOG = 128
+# aiohttp's default (8190 bytes) is shorter than the API's longest valid URL: a DELETE with a
+# 1000-character reason and a 255-character sender and message ID, each character
+# percent-encoded as up to 12 bytes.
+MAX_REQUEST_LINE = 32 * 1024
 # Descriptors kept back from the cap: that burst, the outgoing HTTP pools (mautrix's and the
 # homeserver client's, 100 connections each), the database, webhooks, files and the log.
 MIN_FD_RESERVE = 2 * BACKLOG + 256
@@ -304,6 +308,7 @@ class Listener:
     def handler_args(self) -> dict[str, Any]:
         return {
             "keepalive_timeout": self.settings.idle_timeout,
+            "max_line_size": MAX_REQUEST_LINE,
             "access_log": None,
             # An unread body is drained at most this long after the answer, then cut.
             "lingering_time": min(10.0, self.settings.body_stall_timeout),

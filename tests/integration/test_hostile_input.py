@@ -87,6 +87,12 @@ async def test_platform_input_that_used_to_fail_gets_a_precise_error(
     status, err = await platform.call("DELETE", "/networks/chat/messages/m1", CHAT_TOKEN,
                                       params={"sender": "bob", "reason": "a\x00"})
     assert (status, err["errcode"]) == (400, "M_BAD_JSON"), err
+    # The longest URL the API takes (each character percent-encoded as 12 bytes) is answered by
+    # the API, not refused by the HTTP parser in plain text.
+    status, err = await platform.call("DELETE", "/networks/chat/messages/" + "\U0001f600" * 255,
+                                      CHAT_TOKEN, params={"sender": "\U0001f600" * 255,
+                                                          "reason": "\U0001f600" * 1000})
+    assert (status, err["errcode"]) == (400, "DMBRIDGE_INVALID_REMOTE_ID"), err
 
     # A name the display-name template ("{name} (SMS)") makes longer than the homeserver takes.
     body = {"sender": "+15550000001", "recipient": "@x:localhost", "sender_name": "n" * 251}
