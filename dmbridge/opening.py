@@ -36,7 +36,7 @@ from .errors import (
 )
 from .ghosts import Ghosts
 from .instances import Instances
-from .locks import KeyedLocks
+from .locks import KeyedLocks, LockWaitTimeout
 from .marker import Marker
 from .networks import Network
 from .ratelimit import Pacing
@@ -156,9 +156,14 @@ class Opener:
             await self.sync_profile(network, remote_id, profile, record.ghost_displayname,
                                     record.ghost_avatar_url)
             return OpenedDM(DM.of(record), created=False)
-        async with self._pair_locks.hold((ghost_id, user_id)):
-            return await self._open_locked(network, remote_id, ghost_id, user_id, profile,
-                                           new_room)
+        try:
+            async with self._pair_locks.hold((ghost_id, user_id),
+                                             wait=self.settings.creation_timeout):
+                return await self._open_locked(network, remote_id, ghost_id, user_id, profile,
+                                               new_room)
+        except LockWaitTimeout:
+            raise Busy(f"the DM between {ghost_id} and {user_id} is still being opened by an"
+                       " earlier request") from None
 
     async def _open_locked(
         self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
