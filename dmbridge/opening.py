@@ -39,7 +39,7 @@ from .instances import Instances
 from .locks import KeyedLocks, LockWaitTimeout
 from .marker import Marker
 from .networks import Network
-from .ratelimit import Pacing
+from .ratelimit import Pacing, default_budget
 from .recovery import Recovery
 
 log = logging.getLogger("dmbridge.opening")
@@ -259,6 +259,9 @@ class Opener:
         asked of the homeserver (a refusal costs no request); the quota is given back if no
         room comes of it."""
         async with contextlib.AsyncExitStack() as stack:
+            # Called in-process (not through the API), a creation still waits out rate limits
+            # for less than dm.creation_timeout, so no other worker takes it for abandoned.
+            stack.enter_context(default_budget(self.settings.rate_limits.request_wait))
             try:
                 await stack.enter_async_context(self.pacing.new_room(network))
             except BaseException:

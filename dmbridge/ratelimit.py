@@ -53,6 +53,16 @@ def request_budget(seconds: float) -> Iterator[None]:
         _deadline.reset(token)
 
 
+@contextlib.contextmanager
+def default_budget(seconds: float) -> Iterator[None]:
+    """As :func:`request_budget`, unless the caller (an API request) already has one."""
+    if _deadline.get() is not None:
+        yield
+        return
+    with request_budget(seconds):
+        yield
+
+
 def remaining(default: float) -> float:
     """Seconds left of the current request's budget; ``default`` outside a request."""
     deadline = _deadline.get()

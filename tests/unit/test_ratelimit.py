@@ -22,7 +22,13 @@ from dmbridge.errors import QuotaExceeded, RateLimited
 from dmbridge.homeserver import Homeserver, RequestLog
 from dmbridge.networks import Network
 from dmbridge.quotas import Quotas, QuotaSettings
-from dmbridge.ratelimit import HomeserverLimits, Pacing, request_budget
+from dmbridge.ratelimit import (
+    HomeserverLimits,
+    Pacing,
+    default_budget,
+    remaining,
+    request_budget,
+)
 from dmbridge.tokenbucket import TokenBucket
 from tests.support.settings import make_settings
 
@@ -327,3 +333,11 @@ async def test_a_failed_room_creation_gives_the_quota_back() -> None:
     with pytest.raises(QuotaExceeded):
         async with pacing.new_room(network):
             pass
+
+
+def test_a_default_budget_applies_only_outside_a_request() -> None:
+    with default_budget(5.0):
+        assert 4.0 < remaining(60.0) <= 5.0  # in-process caller: the default budget
+    with request_budget(1.0), default_budget(5.0):
+        assert remaining(60.0) <= 1.0  # an API request keeps its own
+    assert remaining(60.0) == 60.0
