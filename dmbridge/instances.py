@@ -12,6 +12,7 @@ heartbeat interval or timeout has to be tuned:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -41,6 +42,7 @@ class Instances:
         self._presence: asyncpg.Connection | None = None
         self._folder = None if self.postgres else _lock_folder(database_url)
         self._lock: IO[bytes] | None = None
+        self._connecting = asyncio.Lock()
 
     async def start(self) -> None:
         if self.postgres:
@@ -62,6 +64,16 @@ class Instances:
         self._presence = await asyncpg.connect(
             self.database_url, server_settings={"application_name": _PREFIX + self.id})
 
+    async def ensure_present(self) -> None:
+        """Before this process takes a claim: the others must be able to see it alive (the
+        presence connection may have dropped, e.g. when PostgreSQL restarted)."""
+        if not self.postgres:
+            return
+        async with self._connecting:
+            if self._presence is None or self._presence.is_closed():
+                log.warning("the presence connection to PostgreSQL was lost; reconnecting")
+                await self._connect()
+
     async def creator_alive(self, record: DMRecord) -> bool:
         """Is the process holding this claim still at work on it?
 
@@ -77,11 +89,10 @@ class Instances:
             return True  # a claim from a version that did not record it: only time tells
         if not self.postgres:
             return self._locked(record.instance)
-        if self._presence is None or self._presence.is_closed():
-            try:  # others see this process dead meanwhile; come back for them
-                await self._connect()
-            except (OSError, asyncpg.PostgresError) as e:
-                log.warning("could not reopen the presence connection: %r", e)
+        try:  # others see this process dead meanwhile; come back for them
+            await self.ensure_present()
+        except (OSError, asyncpg.PostgresError) as e:
+            log.warning("could not reopen the presence connection: %r", e)
         found = await self.db.fetchval(
             "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = $1",
             _PREFIX + record.instance,

@@ -177,6 +177,7 @@ class Opener:
                     raise NoNewRoom
                 await self._check_recipient(user_id)
                 claim = secrets.token_hex(8)
+                await self.instances.ensure_present()
                 if await self.stores.dms.claim(
                     ghost_id, user_id, network.id, remote_id, claim, self.instances.id,
                     now_ms(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from mautrix.types import UserID
 from mautrix.util.async_db import Database
 
@@ -52,6 +53,31 @@ async def test_a_claim_is_alive_while_its_process_is_and_dead_once_it_stops(db_u
         assert not await checker.creator_alive(_claim(None, age_s=31))
         await holder.stop()
         assert await _gone(checker, record)
+    finally:
+        await holder.stop()
+        await checker.stop()
+        await db.stop()
+
+
+async def test_a_lost_presence_connection_comes_back_before_the_next_claim(db_url: str
+                                                                           ) -> None:
+    """PostgreSQL restarted or dropped the connection: the process would look dead to the
+    others while it creates rooms, unless it reconnects before it claims a pair."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("a file lock cannot be lost while its process lives")
+    db = Database.create(db_url, upgrade_table=upgrade_table)
+    await db.start()
+    holder, checker = Instances(db, db_url, 30), Instances(db, db_url, 30)
+    await holder.start()
+    await checker.start()
+    try:
+        record = _claim(holder.id)
+        assert holder._presence is not None
+        await db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                         " WHERE application_name = $1", "dmbridge/" + holder.id)
+        assert await _gone(checker, record)
+        await holder.ensure_present()
+        assert await checker.creator_alive(record)
     finally:
         await holder.stop()
         await checker.stop()
