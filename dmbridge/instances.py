@@ -70,9 +70,16 @@ class Instances:
         if not self.postgres:
             return
         async with self._connecting:
-            if self._presence is None or self._presence.is_closed():
+            if self._presence is not None and not self._presence.is_closed():
+                try:  # a dropped connection shows only when used (one round trip per new DM)
+                    await self._presence.execute("SELECT 1")
+                    return
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    pass
+            if self._presence is not None:
+                self._presence.terminate()
                 log.warning("the presence connection to PostgreSQL was lost; reconnecting")
-                await self._connect()
+            await self._connect()
 
     async def creator_alive(self, record: DMRecord) -> bool:
         """Is the process holding this claim still at work on it?
