@@ -49,6 +49,9 @@ class Instances:
             await self._connect()
         elif self._folder is not None:
             self._lock = _hold(self._folder, self.id)
+            for path in self._folder.iterdir():  # presences of processes that were killed
+                if path.name != self.id:
+                    self._locked(path.name)  # removes the file of a process that is gone
 
     async def stop(self) -> None:
         if self._presence is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 from mautrix.types import UserID
@@ -81,4 +82,22 @@ async def test_a_lost_presence_connection_comes_back_before_the_next_claim(db_ur
     finally:
         await holder.stop()
         await checker.stop()
+        await db.stop()
+
+
+async def test_start_up_sweeps_the_presence_files_of_killed_processes(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'dmbridge.db'}"
+    db = Database.create(db_url, upgrade_table=upgrade_table)
+    await db.start()
+    live = Instances(db, db_url, 30)
+    await live.start()
+    folder = tmp_path / "dmbridge.db.instances"
+    (folder / "0123456789abcdef").touch()  # a SIGKILLed process's lock file, no lock held
+    fresh = Instances(db, db_url, 30)
+    try:
+        await fresh.start()
+        assert sorted(p.name for p in folder.iterdir()) == sorted([live.id, fresh.id])
+    finally:
+        await fresh.stop()
+        await live.stop()
         await db.stop()
