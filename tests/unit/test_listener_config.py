@@ -20,7 +20,7 @@ def config_path(tmp_path: Path) -> Path:
 
 
 def test_defaults(config_path: Path) -> None:
-    assert open_config(config_path, environ={}).listener == ListenerSettings()
+    assert open_config(config_path, environ={}, upgrade=True).listener == ListenerSettings()
 
 
 def test_an_older_file_without_the_block_gets_it_with_its_comments(config_path: Path) -> None:
@@ -29,7 +29,7 @@ def test_an_older_file_without_the_block_gets_it_with_its_comments(config_path: 
     del data["appservice"]["listener"]
     yaml.dump(data, config_path)
     assert "idle_timeout" not in config_path.read_text()
-    assert open_config(config_path, environ={}).listener == ListenerSettings()
+    assert open_config(config_path, environ={}, upgrade=True).listener == ListenerSettings()
     text = config_path.read_text()
     assert "idle_timeout: 180" in text
     assert "# The most connections open at once." in text

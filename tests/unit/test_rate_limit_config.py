@@ -53,7 +53,7 @@ def test_upgrade_adds_the_missing_section(config_path: Path) -> None:
     end = text.index("\n\n", start) + 2
     config_path.write_text(text[:start] + text[end:])
     assert "request_wait" not in config_path.read_text()
-    assert open_config(config_path, environ={}).rate_limits == RateLimitSettings()
+    assert open_config(config_path, environ={}, upgrade=True).rate_limits == RateLimitSettings()
     upgraded = config_path.read_text()
     assert "request_wait: 20" in upgraded and "# Seconds one platform request" in upgraded
 
