@@ -12,6 +12,7 @@ from mautrix.types import RoomID
 
 from dmbridge.bridge import Bridge
 from dmbridge.db import now_ms
+from dmbridge.dms import SendResult
 from dmbridge.errors import (
     Busy,
     HomeserverError,
@@ -351,20 +352,29 @@ async def test_a_remote_server_that_hides_profiles_still_gets_the_invite(
     assert result.room_created
 
 
+async def _slow_stale_creation(make_bridge: MakeBridge, hs: FakeHomeserver, user_id: str
+                               ) -> tuple[Bridge, asyncio.Task[SendResult]]:
+    """Worker A's first message to ``user_id`` is still in createRoom, its claim already older
+    than creation_timeout; worker B (returned with A's request) shares A's database."""
+    worker_a, worker_b = await make_bridge(), await make_bridge()
+    hs.delay["POST createRoom"] = 0.5
+    slow = asyncio.create_task(worker_a.dms.send("sms", PHONE, user_id, message_id="1",
+                                                 text="a"))
+    for _ in range(100):  # until A holds the claim
+        if await worker_a.db.fetchval("SELECT COUNT(*) FROM dm"):
+            break
+        await asyncio.sleep(0.01)
+    await worker_a.db.execute("UPDATE dm SET updated_at=0 WHERE state='creating'")
+    return worker_b, slow
+
+
 async def test_a_room_made_after_a_stale_claim_was_settled_is_removed(
     make_bridge: MakeBridge, hs: FakeHomeserver
 ) -> None:
     """Worker A is so slow that B settles its claim (older than creation_timeout) and makes
     the room; A's room, arriving late, is removed and A's request is told to retry."""
     alice = hs.add_human("alice")
-    worker_a, worker_b = await make_bridge(), await make_bridge()
-    hs.delay["POST createRoom"] = 0.5
-    slow = asyncio.create_task(worker_a.dms.send("sms", PHONE, alice, message_id="1", text="a"))
-    for _ in range(100):  # until A holds the claim
-        if await worker_a.db.fetchval("SELECT COUNT(*) FROM dm"):
-            break
-        await asyncio.sleep(0.01)
-    await worker_a.db.execute("UPDATE dm SET updated_at=0 WHERE state='creating'")
+    worker_b, slow = await _slow_stale_creation(make_bridge, hs, alice)
     done = await worker_b.dms.send("sms", PHONE, alice, message_id="2", text="b")
     with pytest.raises(Busy, match="created twice"):
         await slow
@@ -379,14 +389,7 @@ async def test_a_late_room_its_transaction_kept_as_ended_is_not_taken_as_created
     """As above, but the homeserver's transaction for A's late room arrives before A's answer
     and records it as an ended DM: A must still remove it, not post into it."""
     alice = hs.add_human("alice")
-    worker_a, worker_b = await make_bridge(), await make_bridge()
-    hs.delay["POST createRoom"] = 0.5
-    slow = asyncio.create_task(worker_a.dms.send("sms", PHONE, alice, message_id="1", text="a"))
-    for _ in range(100):  # until A holds the claim
-        if await worker_a.db.fetchval("SELECT COUNT(*) FROM dm"):
-            break
-        await asyncio.sleep(0.01)
-    await worker_a.db.execute("UPDATE dm SET updated_at=0 WHERE state='creating'")
+    worker_b, slow = await _slow_stale_creation(make_bridge, hs, alice)
     made: list[str] = []
 
     async def transaction_first(room: Room) -> None:
