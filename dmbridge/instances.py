@@ -77,8 +77,10 @@ class Instances:
                 try:  # a dropped connection shows only when used (one round trip per new DM)
                     await self._presence.execute("SELECT 1")
                     return
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                    pass
+                except Exception as e:  # any failure means the connection is gone
+                    # A terminated connection may surface as OSError, PostgresError,
+                    # InterfaceError or asyncpg's InternalClientError ("another operation").
+                    log.debug("presence check failed: %r", e)
             if self._presence is not None:
                 self._presence.terminate()
                 log.warning("the presence connection to PostgreSQL was lost; reconnecting")
