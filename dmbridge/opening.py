@@ -175,7 +175,7 @@ class Opener:
             if record is None:
                 if not new_room:
                     raise NoNewRoom
-                await self._check_recipient(user_id)
+                await self._check_recipient_exists(user_id)
                 claim = secrets.token_hex(8)
                 await self.instances.ensure_present()
                 if await self.stores.dms.claim(
@@ -432,7 +432,7 @@ class Opener:
 
     # --- before a room is made --------------------------------------------------------------
 
-    async def _check_recipient(self, user_id: UserID) -> None:
+    async def _check_recipient_exists(self, user_id: UserID) -> None:
         """Does the recipient exist, and can this homeserver reach them? Asked before a room
         exists, so an invite that cannot succeed leaves no room behind."""
         local = user_id.split(":", 1)[1] == self.settings.domain

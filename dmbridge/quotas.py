@@ -46,12 +46,9 @@ class Quotas:
             return
         bucket = self._bucket(self._messages, network.id, q.messages_per_second,
                               max(1, q.message_burst))
-        wait = bucket.delay()
-        if wait > 0:
-            raise QuotaExceeded(
-                f"network '{network.id}' may send {q.messages_per_second:g} messages a second"
-                f" (burst {q.message_burst}; networks[].quotas); try again in {wait:.2f} s", wait)
-        bucket.take()
+        _take(bucket, lambda wait: (
+            f"network '{network.id}' may send {q.messages_per_second:g} messages a second"
+            f" (burst {q.message_burst}; networks[].quotas); try again in {wait:.2f} s"))
 
     def new_dm(self, network: Network) -> Callable[[], None]:
         """One new DM room; returns what gives it back (if the room is not made after all)."""
@@ -59,12 +56,9 @@ class Quotas:
         if not per_hour:
             return _nothing
         bucket = self._bucket(self._new_dms, network.id, per_hour / 3600, per_hour)
-        wait = bucket.delay()
-        if wait > 0:
-            raise QuotaExceeded(
-                f"network '{network.id}' may open {per_hour} new DMs an hour"
-                f" (networks[].quotas.new_dms_per_hour); try again in {wait:.0f} s", wait)
-        bucket.take()
+        _take(bucket, lambda wait: (
+            f"network '{network.id}' may open {per_hour} new DMs an hour"
+            f" (networks[].quotas.new_dms_per_hour); try again in {wait:.0f} s"))
         return bucket.give_back
 
     def _bucket(self, buckets: dict[str, TokenBucket], network_id: str, rate: float,
@@ -73,3 +67,11 @@ class Quotas:
         if bucket is None:
             bucket = buckets[network_id] = TokenBucket(rate, burst, self._clock)
         return bucket
+
+
+def _take(bucket: TokenBucket, refusal: Callable[[float], str]) -> None:
+    """One token, or QuotaExceeded saying (``refusal``) when the next one comes."""
+    wait = bucket.delay()
+    if wait > 0:
+        raise QuotaExceeded(refusal(wait), wait)
+    bucket.take()

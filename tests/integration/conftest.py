@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +59,14 @@ def homeserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Homeserver]
 BridgeFactory = Callable[..., Awaitable[Bridge]]
 
 
-@pytest.fixture
-async def start_bridge(
-    homeserver: Homeserver, db_url: str, tmp_path: Path
-) -> AsyncIterator[BridgeFactory]:
-    """Start a bridge on this test's database; call again after stopping one to restart."""
+@asynccontextmanager
+async def bridges_on(homeserver: Homeserver, db_url: str, folder: Path
+                     ) -> AsyncIterator[BridgeFactory]:
+    """Start bridges against ``homeserver`` on this database; all stopped on the way out."""
     running: list[Bridge] = []
 
     async def start(**overrides: Any) -> Bridge:
-        bridge = Bridge(homeserver.settings(db_url, tmp_path / "bridge", **overrides))
+        bridge = Bridge(homeserver.settings(db_url, folder / "bridge", **overrides))
         await bridge.start()
         running.append(bridge)
         return bridge
@@ -79,12 +79,22 @@ async def start_bridge(
 
 
 @pytest.fixture
+async def start_bridge(
+    homeserver: Homeserver, db_url: str, tmp_path: Path
+) -> AsyncIterator[BridgeFactory]:
+    """Start a bridge on this test's database; call again after stopping one to restart."""
+    async with bridges_on(homeserver, db_url, tmp_path) as start:
+        yield start
+
+
+@pytest.fixture
 async def bridge(start_bridge: BridgeFactory) -> Bridge:
     return await start_bridge()
 
 
-@pytest.fixture
-async def new_human(homeserver: Homeserver) -> AsyncIterator[Callable[[], Awaitable[Human]]]:
+@asynccontextmanager
+async def humans_on(homeserver: Homeserver) -> AsyncIterator[Callable[[], Awaitable[Human]]]:
+    """Register and log in Matrix users (nio clients) on ``homeserver``; closed on the way out."""
     clients: list[AsyncClient] = []
 
     async def make() -> Human:
@@ -99,6 +109,12 @@ async def new_human(homeserver: Homeserver) -> AsyncIterator[Callable[[], Awaita
     yield make
     for client in clients:
         await client.close()
+
+
+@pytest.fixture
+async def new_human(homeserver: Homeserver) -> AsyncIterator[Callable[[], Awaitable[Human]]]:
+    async with humans_on(homeserver) as make:
+        yield make
 
 
 class Platform:

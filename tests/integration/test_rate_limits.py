@@ -15,18 +15,17 @@ from typing import Any
 
 import aiohttp
 import pytest
-from nio import AsyncClient, LoginResponse
 from ruamel.yaml import YAML
 
-from dmbridge.bridge import Bridge
 from dmbridge.config import write_registration
 from dmbridge.localhs import LocalSynapse, ensure_synapse, free_port
 from tests.integration.conftest import (
     DOMAIN,
-    PASSWORD,
     BridgeFactory,
     Homeserver,
     Platform,
+    bridges_on,
+    humans_on,
     wait_for,
 )
 from tests.support.matrix import Human
@@ -76,38 +75,15 @@ def limited_homeserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hom
 @pytest.fixture
 async def start_limited_bridge(limited_homeserver: Homeserver, db_url: str, tmp_path: Path
                                ) -> AsyncIterator[BridgeFactory]:
-    running: list[Bridge] = []
-
-    async def start(**overrides: Any) -> Bridge:
-        bridge = Bridge(limited_homeserver.settings(db_url, tmp_path / "bridge", **overrides))
-        await bridge.start()
-        running.append(bridge)
-        return bridge
-
-    yield start
-    await asyncio.sleep(0.3)
-    for bridge in running:
-        await bridge.stop()
+    async with bridges_on(limited_homeserver, db_url, tmp_path) as start:
+        yield start
 
 
 @pytest.fixture
 async def limited_humans(limited_homeserver: Homeserver
                          ) -> AsyncIterator[Callable[[], Awaitable[Human]]]:
-    clients: list[AsyncClient] = []
-
-    async def make() -> Human:
-        localpart = f"human-{uuid.uuid4().hex[:8]}"
-        user_id = await asyncio.to_thread(limited_homeserver.synapse.register_user, localpart,
-                                          PASSWORD)
-        client = AsyncClient(limited_homeserver.url, user_id)
-        resp = await client.login(PASSWORD)
-        assert isinstance(resp, LoginResponse), resp
-        clients.append(client)
-        return Human(client)
-
-    yield make
-    for client in clients:
-        await client.close()
+    async with humans_on(limited_homeserver) as make:
+        yield make
 
 
 class Answer:

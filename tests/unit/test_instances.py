@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -35,14 +37,25 @@ async def _gone(checker: Instances, record: DMRecord) -> bool:
     return True
 
 
-async def test_a_claim_is_alive_while_its_process_is_and_dead_once_it_stops(db_url: str
-                                                                            ) -> None:
+@asynccontextmanager
+async def _two_processes(db_url: str) -> AsyncIterator[tuple[Database, Instances, Instances]]:
+    """Two bridge processes' presences on one database: one holds a claim, one checks it."""
     db = Database.create(db_url, upgrade_table=upgrade_table)
     await db.start()
     holder, checker = Instances(db, db_url, 30), Instances(db, db_url, 30)
     await holder.start()
     await checker.start()
     try:
+        yield db, holder, checker
+    finally:
+        await holder.stop()
+        await checker.stop()
+        await db.stop()
+
+
+async def test_a_claim_is_alive_while_its_process_is_and_dead_once_it_stops(db_url: str
+                                                                            ) -> None:
+    async with _two_processes(db_url) as (_, holder, checker):
         record = _claim(holder.id)
         assert await checker.creator_alive(record)
         # The checker's own claims are leftovers: it holds the pair's lock when it asks.
@@ -54,10 +67,6 @@ async def test_a_claim_is_alive_while_its_process_is_and_dead_once_it_stops(db_u
         assert not await checker.creator_alive(_claim(None, age_s=31))
         await holder.stop()
         assert await _gone(checker, record)
-    finally:
-        await holder.stop()
-        await checker.stop()
-        await db.stop()
 
 
 async def test_a_lost_presence_connection_comes_back_before_the_next_claim(db_url: str
@@ -66,12 +75,7 @@ async def test_a_lost_presence_connection_comes_back_before_the_next_claim(db_ur
     others while it creates rooms, unless it reconnects before it claims a pair."""
     if db_url.startswith("sqlite"):
         pytest.skip("a file lock cannot be lost while its process lives")
-    db = Database.create(db_url, upgrade_table=upgrade_table)
-    await db.start()
-    holder, checker = Instances(db, db_url, 30), Instances(db, db_url, 30)
-    await holder.start()
-    await checker.start()
-    try:
+    async with _two_processes(db_url) as (db, holder, checker):
         record = _claim(holder.id)
         assert holder._presence is not None
         await db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -79,10 +83,6 @@ async def test_a_lost_presence_connection_comes_back_before_the_next_claim(db_ur
         assert await _gone(checker, record)
         await holder.ensure_present()
         assert await checker.creator_alive(record)
-    finally:
-        await holder.stop()
-        await checker.stop()
-        await db.stop()
 
 
 async def test_start_up_sweeps_the_presence_files_of_killed_processes(tmp_path: Path) -> None:
