@@ -191,8 +191,10 @@ class Lifecycle:
             log.info("%s: the DM of %s / %s, recorded from the homeserver's transaction",
                      room_id, marker.ghost_id, marker.user_id)
             return
-        await self.stores.dms.adopt(conn, marker.ghost_id, marker.user_id, marker.network,
-                                    marker.remote_id, room_id, ENDED, "superseded", now)
+        if not await self.stores.dms.keep_ended(conn, marker.ghost_id, marker.user_id,
+                                                marker.network, marker.remote_id, room_id,
+                                                "superseded", now):
+            return  # a recovery made it the pair's DM meanwhile
         log.warning("%s: a DM room of %s / %s that its creation no longer claims; kept as ended",
                     room_id, marker.ghost_id, marker.user_id)
 

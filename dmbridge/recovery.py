@@ -19,7 +19,7 @@ from mautrix.types import RoomID, UserID
 from mautrix.util.async_db import Connection
 
 from .db import Stores, now_ms
-from .db.dm import ENDED, DMRecord
+from .db.dm import DMRecord
 from .ghosts import Ghosts
 from .marker import MARKER, MARKER_STATE_KEY, Marker
 
@@ -119,9 +119,10 @@ class Recovery:
     async def _record_ended(self, record: DMRecord, room_id: RoomID) -> None:
         conn: Connection
         async with self.stores.db.acquire() as conn:
-            await self.stores.dms.adopt(conn, record.ghost_id, record.user_id, record.network,
-                                        record.remote_id, room_id, ENDED, "superseded",
-                                        now_ms())
+            if not await self.stores.dms.keep_ended(conn, record.ghost_id, record.user_id,
+                                                    record.network, record.remote_id, room_id,
+                                                    "superseded", now_ms()):
+                return  # a transaction recorded it meanwhile
         log.warning("DM room %s of %s / %s was made by an earlier creation; kept as ended",
                     room_id, record.ghost_id, record.user_id)
 

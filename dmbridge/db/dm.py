@@ -150,6 +150,22 @@ class DMStore:
             ghost_id, user_id, network, remote_id, room_id, state, reason, now_ms,
         )
 
+    @staticmethod
+    async def keep_ended(
+        conn: Connection, ghost_id: str, user_id: str, network: str, remote_id: str,
+        room_id: str, reason: str, now_ms: int,
+    ) -> bool:
+        """Record a room of the pair that is not its DM as ended, so what the user writes there
+        still reaches the platform; False (nothing changed) if the room is recorded already,
+        e.g. made the pair's DM by a recovery or a transaction running at the same time."""
+        got = await conn.fetchval(
+            "INSERT INTO dm (ghost_id, user_id, network, remote_id, room_id, state, reason,"
+            " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'ended', $6, $7, $7)"
+            " ON CONFLICT (room_id) DO NOTHING RETURNING room_id",
+            ghost_id, user_id, network, remote_id, room_id, reason, now_ms,
+        )
+        return got is not None
+
     async def find(
         self,
         *,

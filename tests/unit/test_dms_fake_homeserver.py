@@ -441,3 +441,21 @@ async def test_a_first_contact_past_the_new_dm_quota_asks_nothing_of_the_homeser
     assert hs.names(start) == ["GET profile"]  # the recipient check only: no ghost, no room
     assert len(await bridge.stores.dms.find(network="sms")) == 1
     assert await bridge.db.fetchval("SELECT COUNT(*) FROM dm WHERE state='creating'") == 0
+
+
+async def test_a_room_kept_as_ended_never_ends_the_dm_a_recovery_made_of_it(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    """The homeserver's transaction may bring a room's marker just after a recovery made the
+    room the pair's DM (the claim is gone by then): the DM stays active."""
+    alice = hs.add_human("alice")
+    sent = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    async with bridge.db.acquire() as conn:
+        assert not await bridge.stores.dms.keep_ended(conn, GHOST, alice, "sms", PHONE,
+                                                      sent.room_id, "superseded", now_ms())
+        assert await bridge.stores.dms.keep_ended(conn, GHOST, alice, "sms", PHONE,
+                                                  "!older", "superseded", now_ms())
+    [dm] = await bridge.dms.list_dms(network_id="sms")
+    assert (dm.room_id, dm.state) == (sent.room_id, "active")
+    older = await bridge.stores.dms.get_by_room(RoomID("!older"))
+    assert older is not None and (older.state, older.reason) == ("ended", "superseded")
