@@ -1,17 +1,19 @@
-"""The dmbridge command line: generate, run, demo, send, list-dms."""
+"""The dmbridge command line: set up, run and look after a dmbridge bridge."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -23,12 +25,24 @@ from .config import (
     open_config,
     write_registration,
 )
+from .errors import BridgeError
 from .logfilter import limit_handlers
 from .startup import StartupError
+
+if TYPE_CHECKING:
+    from .bridge import Bridge
 
 # Whatever the bridge writes holds secrets or messages: the config, the registration, the
 # SQLite database and its -wal and -shm. Owner-only unless an admin chose otherwise.
 UMASK = 0o077
+
+
+class CommandError(Exception):
+    """A command cannot do what it was asked; ``str(e)`` says why in one line."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _setup_logging(level: str) -> None:
@@ -56,7 +70,6 @@ def generate(
         config.load()
         check_shape(config, str(config_path))
     else:
-        config_path.parent.mkdir(parents=True, exist_ok=True)
         config.load_example()
     config.update(save=False)
     for key, value in overrides.items():
@@ -64,14 +77,19 @@ def generate(
             config[key] = value
     config.fill_placeholders()
     settings = load_settings(config)
+    step = ""
     try:
-        path = config_path
+        for folder in dict.fromkeys((config_path.parent, registration_path.parent)):
+            step = f"the folder {folder} cannot be created"
+            if folder.exists() and not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder")
+            folder.mkdir(parents=True, exist_ok=True)
+        step = f"{config_path} cannot be written"
         config.save()
-        path = registration_path
+        step = f"{registration_path} cannot be written"
         write_registration(settings, registration_path)
     except OSError as e:
-        raise ConfigError("(file)", f"{path} cannot be written: {e.strerror or e}; it is left "
-                          "as it was") from None
+        raise ConfigError("(file)", f"{step}: {e.strerror or e}") from None
     return config, registration_path
 
 
@@ -98,14 +116,14 @@ async def _run(config_path: Path) -> int:
     bridge = Bridge(settings)
     try:
         await bridge.start()
+    except asyncio.CancelledError:  # Ctrl-C while starting
+        await _stop_after_failed_start(bridge)
+        raise
     except Exception as e:
         # A StartupError's one line says it all; anything else shows its traceback at DEBUG.
         trace = settings.log_level == "DEBUG" and not isinstance(e, StartupError)
         logging.getLogger("dmbridge").error("could not start: %s", e, exc_info=trace)
-        try:  # what did start (the database's thread, sockets) must not keep the process alive
-            await bridge.stop()
-        except Exception as again:
-            logging.getLogger("dmbridge").debug("cleaning up after the failed start: %r", again)
+        await _stop_after_failed_start(bridge)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -116,8 +134,19 @@ async def _run(config_path: Path) -> int:
     return 0
 
 
+async def _stop_after_failed_start(bridge: Bridge) -> None:
+    try:  # what did start (the database's thread, sockets) must not keep the process alive
+        await bridge.stop()
+    except Exception as again:
+        logging.getLogger("dmbridge").debug("cleaning up after the failed start: %r", again)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    code = asyncio.run(_run(args.config))
+    try:
+        code = asyncio.run(_run(args.config))
+    except KeyboardInterrupt:
+        _fail("interrupted while starting", 130)
+        code = 130
     if code != 0:
         _exit_if_stuck(code)
     return code
@@ -159,10 +188,24 @@ async def _api(config_path: Path, method: str, path: str, network: str | None,
             try:
                 async with session.request(method, url, json=body, params=query,
                                            headers=headers) as resp:
-                    results.append((net.id, resp.status, await resp.json(content_type=None)))
-            except aiohttp.ClientConnectionError as e:
-                raise SystemExit(f"dmbridge: the bridge is not reachable at {base}: {e}") from e
+                    text = await resp.text()
+                    status = resp.status
+            except aiohttp.ClientError as e:
+                raise CommandError(f"the bridge is not reachable at {base} (is `dmbridge run` "
+                                   f"running with {config_path}?): {e}") from None
+            try:
+                results.append((net.id, status, json.loads(text)))
+            except ValueError:  # something else listens there
+                raise CommandError(f"{url} answered {status} without JSON: is that the bridge "
+                                   "(appservice.hostname, appservice.port)?") from None
     return results
+
+
+def _problem(data: Any) -> str:
+    """An API error body in one line."""
+    if isinstance(data, dict) and "errcode" in data:
+        return f"{data['errcode']}: {data.get('error', '')}"
+    return json.dumps(data)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -175,8 +218,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     [(_, status, data)] = asyncio.run(_api(
         args.config, "PUT", f"/networks/{{network}}/messages/{message_id}", args.network, body
     ))
+    if status != 200:
+        raise CommandError(f"{args.network}: {status} {_problem(data)}")
     print(json.dumps(data, indent=2))
-    return 0 if status == 200 else 1
+    return 0
 
 
 def _each_ok(results: list[tuple[str, int, Any]]) -> tuple[list[tuple[str, Any]], int]:
@@ -186,14 +231,14 @@ def _each_ok(results: list[tuple[str, int, Any]]) -> tuple[list[tuple[str, Any]]
         if status == 200:
             ok.append((network, data))
         else:
-            print(f"{network}: {status} {data}", file=sys.stderr)
+            print(f"dmbridge: {network}: {status} {_problem(data)}", file=sys.stderr)
     return ok, 0 if len(ok) == len(results) else 1
 
 
 def cmd_list_dms(args: argparse.Namespace) -> int:
     query = {k: v for k, v in (("user_id", args.user), ("remote_id", args.remote_id)) if v}
     if args.remote_id and not args.network:
-        raise SystemExit("dmbridge: --remote-id needs --network")
+        raise CommandError("--remote-id needs --network", code=2)
     ok, code = _each_ok(asyncio.run(_api(args.config, "GET", "/networks/{network}/dms",
                                          args.network, query=query)))
     for network, data in ok:
@@ -252,12 +297,18 @@ def cmd_clear_declined(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dmbridge", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="dmbridge", description=__doc__,
+        epilog="`dmbridge COMMAND --help` describes a command and its options. Exit status: 0 "
+        "done, 1 failed (one line on stderr says why), 2 bad arguments or config, 130 "
+        "interrupted.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-c", "--config", type=Path, default=Path("config.yaml"),
-                        help="config file (default: %(default)s)")
+                        help="the bridge's config file, as written by `dmbridge generate` "
+                        "(default: %(default)s)")
 
     g = sub.add_parser("generate", help="write config.yaml (fresh tokens) and registration.yaml",
                        description="Write (or upgrade) the config from the packaged example, fill "
@@ -265,44 +316,51 @@ def parser() -> argparse.ArgumentParser:
     with_config(g)
     g.add_argument("-r", "--registration", type=Path, default=Path("registration.yaml"),
                    help="registration file to write (default: %(default)s)")
-    g.add_argument("--homeserver", help="homeserver.address: the client-server API URL")
+    g.add_argument("--homeserver", metavar="URL",
+                   help="homeserver.address: the homeserver's client-server API URL")
     g.add_argument("--domain", help="homeserver.domain: the server name in user IDs")
-    g.add_argument("--address", help="appservice.address: the URL the homeserver reaches us at")
-    g.add_argument("--port", type=int, help="appservice.port: the port to listen on")
-    g.add_argument("--database", help="database.url")
+    g.add_argument("--address", metavar="URL",
+                   help="appservice.address: the URL the homeserver reaches the bridge at")
+    g.add_argument("--port", type=int, help="appservice.port: the port the bridge listens on")
+    g.add_argument("--database", metavar="URL", help="database.url: sqlite:PATH (relative to "
+                   "the config's folder) or postgres://user:password@host/dbname")
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("run", help="run the bridge", description="Run the bridge until SIGINT "
-                       "or SIGTERM.")
+                       "or SIGTERM. The config file is upgraded in place (new keys with their "
+                       "comments) when it can be written.")
     with_config(r)
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="run a local throwaway homeserver, the bridge, and a demo DM",
                        description="Install and start a throwaway Synapse on 127.0.0.1, run the "
                        "bridge on SQLite, create the Matrix user 'alice', route a DM to her, and "
-                       "print how to log in and see it.")
+                       "print how to log in, send another and read her replies. Keeps running "
+                       "until Ctrl-C.")
     d.add_argument("--workdir", type=Path, default=Path("demo-data"),
                    help="where the demo keeps its homeserver, config and database "
                    "(default: %(default)s)")
-    d.add_argument("--once", action="store_true", help="exit after the demo DM instead of "
-                   "running until Ctrl-C")
+    d.add_argument("--once", action="store_true", help="stop the bridge and homeserver after "
+                   "the demo DM instead of running until Ctrl-C")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("send", help="send a test DM through the running bridge",
                        description="Send a DM from a remote user to a Matrix user through the "
                        "running bridge's API, with the network's first token.")
     with_config(s)
-    s.add_argument("--network", required=True, help="network ID")
+    s.add_argument("--network", required=True, help="the network ID (networks[].id) to send as")
     s.add_argument("--sender", required=True, help="the remote user's ID on that network")
     s.add_argument("--sender-name", help="the remote user's display name")
     s.add_argument("--to", required=True, help="the Matrix user ID to write to")
     s.add_argument("--text", required=True, help="the message text")
-    s.add_argument("--message-id", help="idempotency key (default: a fresh one)")
+    s.add_argument("--message-id", help="the message's ID on the network, its idempotency key: "
+                   "sending the same ID again sends nothing new (default: a fresh one)")
     s.set_defaults(func=cmd_send)
 
     ls = sub.add_parser("list-dms", help="list DMs known to the running bridge",
                         description="List active DMs, one per line: network, remote ID, Matrix "
-                        "user, room, the user's membership.")
+                        "user, room, the user's membership. Asks the running bridge's API, with "
+                        "each network's first token.")
     with_config(ls)
     ls.add_argument("--network", help="only this network")
     ls.add_argument("--user", help="only DMs with this Matrix user")
@@ -312,11 +370,15 @@ def parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("dead-letters", help="list or retry undeliverable replies and notices",
                         description="List dead letters (items a platform never accepted), one "
                         "per line: network, id, type, remote ID, Matrix user, attempts, last "
-                        "error. With --retry or --retry-all, queue them for delivery again.")
+                        "error. With --retry or --retry-all, queue them for delivery again. "
+                        "Asks the running bridge's API, with each network's first token.")
     with_config(dl)
     dl.add_argument("--network", help="only this network")
-    dl.add_argument("--retry", type=int, nargs="+", metavar="ID", help="queue these again")
-    dl.add_argument("--retry-all", action="store_true", help="queue every dead letter again")
+    retry = dl.add_mutually_exclusive_group()
+    retry.add_argument("--retry", type=int, nargs="+", metavar="ID",
+                       help="queue these dead letters (IDs from the list) again")
+    retry.add_argument("--retry-all", action="store_true",
+                       help="queue every dead letter (of --network, or of all) again")
     dl.set_defaults(func=cmd_dead_letters)
 
     cd = sub.add_parser("clear-declined", help="let a network write to a user who declined",
@@ -331,19 +393,47 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    try:
+        return metadata.version("dmbridge")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. What a user can cause or fix (a bad argument, config or file, a bridge
+    that is not running, Ctrl-C) ends in one line on stderr and a non-zero status; anything
+    else is a bug and keeps its traceback."""
     args = parser().parse_args(argv)
     umask = os.umask(UMASK)
     try:
         result: int = args.func(args)
     except ConfigError as e:
-        print(f"dmbridge: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e), 2)
+    except CommandError as e:
+        return _fail(str(e), e.code)
+    except StartupError as e:
+        return _fail(str(e), 1)
+    except BridgeError as e:
+        return _fail(e.message, 1)
+    except OSError as e:
+        return _fail(_os_problem(e), 1)
     except KeyboardInterrupt:
-        return 130
+        return _fail("interrupted", 130)
     finally:
         os.umask(umask)  # main() may run inside another program (tests)
     return result
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"dmbridge: {message}", file=sys.stderr)
+    return code
+
+
+def _os_problem(e: OSError) -> str:
+    """A file or socket failure in one line, naming the file."""
+    what = e.strerror or str(e)
+    return f"{e.filename}: {what}" if e.filename else what
 
 
 if __name__ == "__main__":

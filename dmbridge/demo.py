@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import shlex
 import shutil
 import signal
+import socket
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +18,7 @@ import aiohttp
 from .bridge import Bridge
 from .config import open_config
 from .localhs import LocalSynapse, ensure_synapse, free_port
+from .startup import StartupError
 
 log = logging.getLogger("dmbridge.demo")
 
@@ -47,17 +52,49 @@ def _password(workdir: Path) -> str:
     return path.read_text().strip()
 
 
+def _check_port(port: int, what: str, config: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise StartupError(
+                f"port {port} on 127.0.0.1 ({what}) is taken ({e.strerror}): is the demo "
+                f"already running? Stop it (Ctrl-C), stop what holds the port, or delete "
+                f"{config} so that the demo chooses new ports") from None
+
+
+def dmbridge_command() -> str:
+    """How to run this dmbridge from any folder: `dmbridge` when the shell finds this one,
+    else its full path (e.g. .venv/bin/dmbridge, which is not on the PATH)."""
+    beside = Path(sys.executable).parent / "dmbridge"
+    on_path = shutil.which("dmbridge")
+    if beside.exists():
+        if on_path and os.path.samefile(on_path, beside):
+            return "dmbridge"
+        return shlex.quote(str(beside.absolute()))
+    if on_path:
+        return "dmbridge"
+    return f"{shlex.quote(sys.executable)} -m dmbridge"
+
+
 async def run_demo(workdir: Path, *, once: bool) -> int:
     config_path, registration = await asyncio.to_thread(_prepare, workdir)
     settings = open_config(config_path)
     network = next(iter(settings.networks))
     log.info("demo folder: %s", workdir)
-    python = await asyncio.to_thread(ensure_synapse)
     hs_port = int(settings.homeserver_url.rsplit(":", 1)[1])
+    _check_port(hs_port, "the demo's homeserver", config_path)
+    _check_port(settings.port, "the demo's bridge", config_path)
+    python = await asyncio.to_thread(ensure_synapse)
     synapse = LocalSynapse(workdir / "synapse", server_name=settings.domain, port=hs_port,
                            registration_files=[registration], python=python)
     log.info("starting a throwaway Synapse at %s", synapse.base_url)
-    await asyncio.to_thread(synapse.start)
+    try:
+        await asyncio.to_thread(synapse.start)
+    except RuntimeError as e:
+        log.debug("%s", e)
+        raise StartupError(f"the demo's homeserver did not start; its log: "
+                           f"{synapse.stdout_log}") from None
     bridge: Bridge | None = None
     try:
         password = _password(workdir)
@@ -65,32 +102,49 @@ async def run_demo(workdir: Path, *, once: bool) -> int:
         bridge = Bridge(settings)
         await bridge.start()
         room_id = await _send_demo_dm(settings.port, network.id, network.tokens[0], user_id)
-        command = shutil.which("dmbridge") or "dmbridge"
-        print(f"""
-dmbridge demo {"ran" if once else "is running"}.
-  homeserver:  {synapse.base_url}   (a throwaway Synapse, data in {synapse.workdir})
-  log in as:   {DEMO_USER}  password: {password}
-  you have:    a DM invite from "Demo Contact" ({network.id} user {DEMO_SENDER}) in {room_id}
-
-Open a Matrix client (for example Element: sign in, edit the homeserver to {synapse.base_url}),
-accept the invite, and read the message. While it runs, route another one in with:
-  {command} send -c {config_path} --network {network.id} --sender {DEMO_SENDER} \\
-      --to {user_id} --text 'Hello again'
-""", flush=True)
-        if once:
-            print("--once: stopping now; run without it to keep the bridge and homeserver up.")
-        else:
+        print(_instructions(settings.port, network.id, network.tokens[0], user_id, room_id,
+                            password, synapse, config_path, once=once), flush=True)
+        if not once:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            print("Ctrl-C stops the bridge and the homeserver.", flush=True)
             await stop.wait()
     finally:
         if bridge is not None:
             await bridge.stop()
         await asyncio.to_thread(synapse.stop)
     return 0
+
+
+def _instructions(port: int, network_id: str, token: str, user_id: str, room_id: str,
+                  password: str, synapse: LocalSynapse, config_path: Path, *, once: bool
+                  ) -> str:
+    """What a newcomer does next; every command runs as printed, from any folder."""
+    q = shlex.quote
+    send = (f"{dmbridge_command()} send -c {q(str(config_path))} --network {network_id} "
+            f"--sender {DEMO_SENDER} --to {q(user_id)} --text 'Hello again'")
+    events = (f"curl -s -H 'Authorization: Bearer {token}' "
+              f"'http://127.0.0.1:{port}/_dmbridge/v1/networks/{network_id}/events?wait=0'")
+    if once:
+        when = ("--once: the bridge and the homeserver are stopped now. Run the demo again "
+                "without --once to keep them up; then")
+        stop = ""
+    else:
+        when = "While the demo runs,"
+        stop = "\nCtrl-C stops the bridge and the homeserver.\n"
+    return f"""
+dmbridge demo {"ran" if once else "is running"}.
+  homeserver:  {synapse.base_url}   (a throwaway Synapse, data in {synapse.workdir})
+  log in as:   {DEMO_USER}  password: {password}
+  you have:    a DM invite from "Demo Contact" ({network_id} user {DEMO_SENDER}) in {room_id}
+
+Open a Matrix client (for example Element: sign in, edit the homeserver to {synapse.base_url}),
+accept the invite, and read the message. {when} route another one in with:
+  {send}
+and read what alice answers, as the contact's platform does (the pull API):
+  {events}
+{stop}"""
 
 
 async def _send_demo_dm(port: int, network_id: str, token: str, user_id: str) -> str:
