@@ -54,6 +54,8 @@ def _password(workdir: Path) -> str:
 
 def _check_port(port: int, what: str, config: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers bind: a port whose last connections are closing is free, not taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError as e:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -103,6 +106,76 @@ async def test_quickstart_demo_leaves_alice_a_direct_message(tmp_path: Path) -> 
     finally:
         await client.close()
         await asyncio.to_thread(synapse.stop)
+
+
+async def _shell(command: str, cwd: Path) -> tuple[int, str, str]:
+    """As a user pastes it into a shell elsewhere, with no virtual environment active."""
+    proc = await asyncio.create_subprocess_shell(
+        command, cwd=cwd, env={**os.environ, "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_demos_printed_commands_run_as_printed(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dmbridge", "demo", "--workdir", str(workdir),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert demo.stdout is not None
+    printed: list[str] = []
+    client: AsyncClient | None = None
+    try:
+        while not printed or "Ctrl-C stops" not in printed[-1]:
+            line = await asyncio.wait_for(demo.stdout.readline(), 180)
+            assert line, f"the demo ended early: {printed}"
+            printed.append(line.decode())
+        text = "".join(printed)
+        send = printed[[i for i, x in enumerate(printed) if x.endswith("in with:\n")][0] + 1]
+        curl = printed[[i for i, x in enumerate(printed) if "the pull API" in x][0] + 1]
+        room_id = "!" + text.split(") in !")[1].split()[0]
+
+        code, out, err = await _shell(send.strip(), tmp_path)
+        assert code == 0, (send, err)
+        sent = json.loads(out)
+        assert sent["room_id"] == room_id and sent["room_created"] is False
+
+        password = (workdir / "alice-password.txt").read_text().strip()
+        homeserver = text.split("homeserver:  ")[1].split()[0]
+        client = AsyncClient(homeserver, "@alice:localhost")
+        assert isinstance(await client.login(password), LoginResponse)
+        await client.join(room_id)
+        await client.room_send(room_id, "m.room.message", {"msgtype": "m.text",
+                                                           "body": "hello, contact"})
+
+        async def reply_pulled() -> bool:
+            code, out, err = await _shell(curl.strip(), tmp_path)
+            assert code == 0, (curl, err)
+            return "hello, contact" in json.dumps(json.loads(out)["events"])
+
+        await wait_for(reply_pulled, what="alice's reply in the pull API")
+    finally:
+        if client is not None:
+            await client.close()
+        if demo.returncode is None:
+            demo.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(demo.wait(), 60)
+    assert code == 0
+
+    # The demo's ports are kept for the next run: taken, they are refused in one line.
+    port = int(curl.split("http://127.0.0.1:")[1].split("/")[0])
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        code, out, err = await _dmbridge("demo", "--workdir", str(workdir), "--once")
+    assert code == 1
+    [line] = err.strip().splitlines()[-1:]
+    assert line.startswith(f"dmbridge: port {port} on 127.0.0.1 (the demo's bridge) is taken"), err
+    assert "Traceback" not in err
 
 
 async def test_admin_lists_and_retries_dead_letters(
