@@ -123,6 +123,7 @@ async def _run(config_path: Path) -> int:
         # A StartupError's one line says it all; anything else shows its traceback at DEBUG.
         trace = settings.log_level == "DEBUG" and not isinstance(e, StartupError)
         logging.getLogger("dmbridge").error("could not start: %s", e, exc_info=trace)
+        bridge.notices.startup_problem(f"could not start: {e}")
         await _stop_after_failed_start(bridge)
         return 1
     stop = asyncio.Event()

@@ -24,6 +24,7 @@ from .listener import Listener
 from .logfilter import LogLimits
 from .matrix import MatrixHandler
 from .media import MediaLinks, MediaService
+from .notices import AdminNotices, NoticeRoom
 from .outbox import Outbox
 from .quotas import Quotas
 from .ratelimit import HomeserverLimits, Pacing
@@ -61,8 +62,13 @@ class Bridge:
         self.appservice.handler = self.matrix
         self.links = MediaLinks(settings.as_token, settings.media.public_url,
                                 settings.media.link_ttl)
+        notices = settings.admin_notices
+        self._notice_room = NoticeRoom(settings.homeserver_url, settings.as_token,
+                                       settings.bot_user_id, notices) if notices.enabled else None
+        self.notices = AdminNotices(notices, self._notice_room)
         self.outbox = Outbox(stores=self.stores, networks=settings.networks,
-                             settings=settings.delivery, present=self.links.attach)
+                             settings=settings.delivery, present=self.links.attach,
+                             notices=self.notices)
         self.matrix.on_queued = self.outbox.wake
         self._dms: DMService | None = None
         self._homeserver: Homeserver | None = None
@@ -87,12 +93,13 @@ class Bridge:
     async def start(self, *, ping: bool = True) -> None:
         self.log_limits.install()
         self._log_task = asyncio.create_task(self._log_summaries())
+        self.notices.start()
         log.info("starting: database %s", safe_url(self.settings.database_url))
         await start_database(self.db, self.settings.database_url)
         await self.state_store.upgrade_table.upgrade(self.db)
         await self.matrix.prune()
         await self.instances.start()
-        self.appservice.new_session([self.limits.middleware])
+        self.appservice.new_session([self.notices.watch_homeserver, self.limits.middleware])
         self._homeserver = Homeserver(
             self.settings.homeserver_url, self.settings.as_token, [self.limits.middleware]
         )
@@ -141,6 +148,7 @@ class Bridge:
                 RateLimited) as e:
             log.error("could not register the bridge bot %s at %s: %s",
                       self.settings.bot_user_id, self.settings.homeserver_url, e)
+            self.notices.startup_problem(f"could not register the bridge bot at start-up: {e}")
 
     async def ping(self) -> bool:
         """Ask the homeserver to call us back; says which URL failed if it cannot."""
@@ -151,6 +159,10 @@ class Bridge:
                 "the homeserver could not reach the bridge at %s (appservice.address): %s %s",
                 self.settings.appservice_address, e.errcode, e.message,
             )
+            self.notices.startup_problem(
+                f"the homeserver could not reach the bridge at {self.settings.appservice_address}"
+                f" (appservice.address) at start-up: {e.errcode} {e.message}. Messages from "
+                "Matrix users do not reach the bridge until this is fixed.")
             return False
         except (MatrixConnectionError, aiohttp.ClientError) as e:  # mautrix wraps the latter
             log.error("the homeserver at %s (homeserver.address) is unreachable: %s",
@@ -194,6 +206,9 @@ class Bridge:
 
     async def stop(self) -> None:
         log.info("stopping")
+        await self.notices.stop()  # first: what a failed start reported goes out
+        if self._notice_room is not None:
+            await self._notice_room.close()
         for task in (self._prune_task, self._log_task, self._recovery_task):
             if task is not None:
                 task.cancel()

@@ -21,6 +21,7 @@ from .files import PRIVATE, replace_file
 from .listener import ListenerSettings
 from .localpart import is_valid_localpart
 from .networks import PULL, PUSH, Delivery, Network, Networks
+from .notices import NoticeSettings
 from .permissions import RuleError, UserRules
 from .quotas import QuotaSettings
 from .startup import current_user
@@ -30,7 +31,7 @@ ENV_PREFIX = "DMBRIDGE_"
 PLACEHOLDER = "generate"
 SECTIONS = (
     "homeserver", "appservice", "database", "api", "dm", "delivery", "media", "networks",
-    "logging", "rate_limits",
+    "logging", "rate_limits", "admin_notices",
 )
 ON_LEAVE = ("reinvite", "new_room")
 LISTENER_KEYS = ("idle_timeout", "header_timeout", "body_stall_timeout", "body_timeout",
@@ -120,6 +121,8 @@ class Config(BaseFileConfig):
         for key in ("request_wait", "background_wait", "room_creation.per_second",
                     "room_creation.burst"):
             copy(f"rate_limits.{key}")
+        for key in ("user", "room", "repeat_window", "outage_after"):
+            copy(f"admin_notices.{key}")
 
     def fill_placeholders(self) -> bool:
         """Replace every "generate" token with a fresh secret; True if anything changed."""
@@ -261,6 +264,7 @@ class Settings:
     media: MediaSettings = MediaSettings()
     listener: ListenerSettings = field(default_factory=ListenerSettings)
     rate_limits: RateLimitSettings = RateLimitSettings()
+    admin_notices: NoticeSettings = field(default_factory=NoticeSettings)
 
     @property
     def bot_user_id(self) -> str:
@@ -558,6 +562,7 @@ def load_settings(config: Config) -> Settings:
         ),
         listener=_listener(r),
         rate_limits=_rate_limits(r),
+        admin_notices=_admin_notices(r),
     )
 
 
@@ -584,6 +589,27 @@ def _rate_limits(r: _Reader) -> RateLimitSettings:
         background_wait=r.number("rate_limits.background_wait", 1, 240),
         rooms_per_second=r.number("rate_limits.room_creation.per_second", 0.001, 1000),
         room_burst=r.integer("rate_limits.room_creation.burst", 1, 10_000),
+    )
+
+
+_USER_ID = re.compile(r"@[^:\s]+:\S+")
+_ROOM_ID = re.compile(r"![^:\s]+(:\S+)?")
+
+
+def _admin_notices(r: _Reader) -> NoticeSettings:
+    found = {}
+    for key, pattern, what in (("user", _USER_ID, "a user ID (@user:server)"),
+                               ("room", _ROOM_ID, "a room ID (!room:server)")):
+        value = r.config.get(f"admin_notices.{key}", None) or ""
+        if not isinstance(value, str) or (value and not pattern.fullmatch(value)):
+            raise ConfigError(f"admin_notices.{key}", f"must be empty or {what}, got {value!r}")
+        found[key] = value
+    if found["user"] and found["room"]:
+        raise ConfigError("admin_notices.room", "set admin_notices.user or room, not both")
+    return NoticeSettings(
+        user=found["user"], room=found["room"],
+        repeat_window=r.number("admin_notices.repeat_window", 0, 7 * 86400),
+        outage_after=r.number("admin_notices.outage_after", 0, 7 * 86400),
     )
 
 

@@ -22,6 +22,7 @@ from .db import Stores, now_ms
 from .db.outbox import OutboxItem
 from .errors import InvalidParam
 from .networks import PULL, PUSH, Network, Networks
+from .notices import AdminNotices, NoticeSettings
 from .webhook import Outcome, Present, WebhookClient, as_stored
 
 log = logging.getLogger("dmbridge.outbox")
@@ -44,8 +45,9 @@ def backoff(attempt: int, settings: DeliverySettings, rng: random.Random | None 
 
 class Outbox:
     def __init__(self, *, stores: Stores, networks: Networks, settings: DeliverySettings,
-                 present: Present = as_stored) -> None:
+                 present: Present = as_stored, notices: AdminNotices | None = None) -> None:
         self.stores = stores
+        self.notices = notices or AdminNotices(NoticeSettings(), None)
         # Last touches as an event is handed out (fresh media links), pushed or pulled.
         self._present = present
         self.networks = networks
@@ -145,6 +147,7 @@ class Outbox:
                 await self.stores.outbox.delivered(item.id, attempt, now_ms())
                 log.info("delivered outbox %d (%s %s) to %s on attempt %d", item.id, item.type,
                          item.idempotency_key, item.network, attempt)
+                self.notices.delivery_ok(item.network)
             else:
                 await self._failed(network, item, attempt, outcome)
         except asyncio.CancelledError:
@@ -158,6 +161,7 @@ class Outbox:
 
     async def _failed(self, network: Network, item: OutboxItem, attempt: int,
                       outcome: Outcome) -> None:
+        self.notices.delivery_failed(network.id, outcome.error)
         now = now_ms()
         deadline = item.queued_at + int(self.settings.max_age * 1000)
         if attempt >= self.settings.max_attempts or now >= deadline:
@@ -178,6 +182,7 @@ class Outbox:
             return
         log.error("outbox %d (%s %s for %s) is now a dead letter: %s", item.id, item.type,
                   item.idempotency_key, item.network, why)
+        self.notices.dead_letter(item.network, item.id, f"{item.type} for {item.user_id}", why)
         if item.type == payloads.DELIVERY_FAILED:
             return  # never a notice about a notice
         event = item.event()

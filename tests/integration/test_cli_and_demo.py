@@ -134,8 +134,8 @@ async def test_the_demos_printed_commands_run_as_printed(tmp_path: Path) -> None
             assert line, f"the demo ended early: {printed}"
             printed.append(line.decode())
         text = "".join(printed)
-        send = printed[[i for i, x in enumerate(printed) if x.endswith("in with:\n")][0] + 1]
-        curl = printed[[i for i, x in enumerate(printed) if "the pull API" in x][0] + 1]
+        send = printed[next(i for i, x in enumerate(printed) if x.endswith("in with:\n")) + 1]
+        curl = printed[next(i for i, x in enumerate(printed) if "the pull API" in x) + 1]
         room_id = "!" + text.split(") in !")[1].split()[0]
 
         code, out, err = await _shell(send.strip(), tmp_path)

@@ -243,6 +243,22 @@ INVALID = {
         set_key("database.url", "mysql://x"),
         "database.url", "got 'mysql://x'",
     ),
+    "admin notices to a bare name": (
+        set_key("admin_notices.user", "admin"),
+        "admin_notices.user", "must be empty or a user ID (@user:server), got 'admin'",
+    ),
+    "admin notices to a room alias": (
+        set_key("admin_notices.room", "#ops:example.org"),
+        "admin_notices.room", "must be empty or a room ID (!room:server)",
+    ),
+    "admin notices to a user and a room": (
+        lambda data: data["admin_notices"].update(user="@a:example.org", room="!r:example.org"),
+        "admin_notices.room", "set admin_notices.user or room, not both",
+    ),
+    "admin notices window": (
+        set_key("admin_notices.repeat_window", -1),
+        "admin_notices.repeat_window", "from 0 to 604800, got -1",
+    ),
 }
 
 
@@ -676,3 +692,17 @@ def test_upgrade_adds_missing_media_section(config_path: Path) -> None:
     assert settings.media == MediaSettings(public_url=settings.appservice_address)
     upgraded = config_path.read_text()
     assert "max_upload_bytes: 52428800" in upgraded and "link_ttl: 86400" in upgraded
+
+
+def test_admin_notices_are_off_by_default_and_read(config_path: Path) -> None:
+    settings = open_config(config_path, environ={})
+    assert not settings.admin_notices.enabled
+    assert (settings.admin_notices.repeat_window, settings.admin_notices.outage_after) == (
+        600, 300)
+    settings = open_config(config_path, environ={
+        "DMBRIDGE_ADMIN_NOTICES__USER": "@admin:example.org",
+        "DMBRIDGE_ADMIN_NOTICES__OUTAGE_AFTER": "60",
+    })
+    assert settings.admin_notices.enabled
+    assert settings.admin_notices.user == "@admin:example.org"
+    assert settings.admin_notices.outage_after == 60
