@@ -101,7 +101,8 @@ class Bridge:
         await self.instances.start()
         self.appservice.new_session([self.notices.watch_homeserver, self.limits.middleware])
         self._homeserver = Homeserver(
-            self.settings.homeserver_url, self.settings.as_token, [self.limits.middleware]
+            self.settings.homeserver_url, self.settings.as_token,
+            [self.notices.watch_homeserver, self.limits.middleware],
         )
         media = MediaService(settings=self.settings, stores=self.stores,
                              homeserver=self._homeserver, links=self.links)
