@@ -129,11 +129,11 @@ def _instructions(port: int, network_id: str, token: str, user_id: str, room_id:
     events = (f"curl -s -H 'Authorization: Bearer {token}' "
               f"'http://127.0.0.1:{port}/_dmbridge/v1/networks/{network_id}/events?wait=0'")
     if once:
-        when = ("--once: the bridge and the homeserver are stopped now. Run the demo again "
-                "without --once to keep them up; then")
+        when = ("--once: the bridge and the homeserver are stopped now; run the demo again "
+                "without --once\nto keep them up. Then route another message in with:")
         stop = ""
     else:
-        when = "While the demo runs,"
+        when = "While the demo runs, route another message in with:"
         stop = "\nCtrl-C stops the bridge and the homeserver.\n"
     return f"""
 dmbridge demo {"ran" if once else "is running"}.
@@ -142,7 +142,9 @@ dmbridge demo {"ran" if once else "is running"}.
   you have:    a DM invite from "Demo Contact" ({network_id} user {DEMO_SENDER}) in {room_id}
 
 Open a Matrix client (for example Element: sign in, edit the homeserver to {synapse.base_url}),
-accept the invite, and read the message. {when} route another one in with:
+accept the invite, and read the message.
+
+{when}
   {send}
 and read what alice answers, as the contact's platform does (the pull API):
   {events}

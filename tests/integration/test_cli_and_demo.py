@@ -80,6 +80,8 @@ async def test_quickstart_demo_leaves_alice_a_direct_message(tmp_path: Path) -> 
     code, out, err = await _dmbridge("demo", "--workdir", str(workdir), "--once")
     assert code == 0, err[-3000:]
     assert "log in as:   alice" in out
+    assert "--once: the bridge and the homeserver are stopped now" in out
+    assert "while" not in out.lower()
     password = (workdir / "alice-password.txt").read_text().strip()
     assert password in out
 
