@@ -153,9 +153,10 @@ class AdminNotices:
         except aiohttp.ClientConnectionError as e:
             self.homeserver_unreachable(f"{req.method} {req.url.path}: {e}")
             raise
-        if resp.status in (502, 503, 504):
+        # The self-check's 502 is the homeserver failing to reach the bridge, not the reverse.
+        if resp.status in (502, 503, 504) and "/appservice/" not in req.url.path:
             self.homeserver_unreachable(f"{req.method} {req.url.path}: {resp.status}")
-        elif self._failing:
+        elif HOMESERVER_DOWN in self._failing:
             self.homeserver_recovered()
         return resp
 

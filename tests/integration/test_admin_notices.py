@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from dmbridge.localhs import free_port
 from dmbridge.notices import NoticeRoom, NoticeSettings
+from dmbridge.startup import current_user
 from tests.integration.conftest import BridgeFactory, Homeserver, Platform, accept_dm
 from tests.support.matrix import Human
 from tests.support.settings import AS_TOKEN, SMS_TOKEN
@@ -85,3 +90,27 @@ async def test_a_start_up_problem_is_told_in_the_admins_room(
     assert notice["content"]["body"].startswith(
         f"dmbridge: the homeserver could not reach the bridge at http://127.0.0.1:"
         f"{homeserver.bridge_port} (appservice.address) at start-up:")
+
+
+async def test_a_bridge_that_cannot_start_tells_the_admin(
+    new_human, homeserver: Homeserver, tmp_path: Path
+) -> None:
+    admin = await new_human()
+    settings_folder = tmp_path / "bridge"
+    homeserver.settings(f"sqlite:///{tmp_path}/db.sqlite", settings_folder)
+    missing = tmp_path / "missing" / "dmbridge.db"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dmbridge", "run", "-c", str(settings_folder / "config.yaml"),
+        env={**os.environ, "DMBRIDGE_DATABASE__URL": f"sqlite:///{missing}",
+             "DMBRIDGE_ADMIN_NOTICES__USER": admin.user_id,
+             "DMBRIDGE_ADMIN_NOTICES__REPEAT_WINDOW": "0"},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1, err.decode()
+    room_id = await _notices_room(admin)
+    [notice] = await _notices(admin, room_id, 1)
+    body = notice["content"]["body"]
+    assert body.startswith("dmbridge: could not start: database "), body
+    assert body.endswith(f"{missing.parent} does not exist; create it, writable by "
+                         f"{current_user()}, or change database.url"), body
