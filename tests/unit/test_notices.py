@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import aiohttp
 import pytest
+from yarl import URL
 
 from dmbridge import notices
 from dmbridge.notices import AdminNotices, NoticeSettings
@@ -166,3 +169,47 @@ async def test_stop_sends_what_is_queued_first() -> None:
     admin.startup_problem("could not start: database ...")
     await admin.stop()
     assert [text for _, text in inbox.received] == ["dmbridge: could not start: database ..."]
+
+
+class Request:
+    def __init__(self, path: str) -> None:
+        self.method = "GET"
+        self.url = URL("http://homeserver.test" + path)
+
+
+class Response:
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+async def test_the_homeserver_watch_sees_outages_on_any_call() -> None:
+    clock, inbox = Clock(), Inbox()
+    admin = AdminNotices(ON, inbox, clock)
+    admin.start()
+
+    async def disconnected(req: Any) -> Any:
+        raise aiohttp.ServerDisconnectedError()
+
+    async def answers(status: int) -> Any:
+        async def handler(req: Any) -> Any:
+            return Response(status)
+        return handler
+
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await admin.watch_homeserver(Request("/_matrix/client/v3/sync"), disconnected)
+    clock.now += 400
+    # The self-check's 502 says the homeserver cannot reach the bridge: it answered, it is up.
+    ping = Request("/_matrix/client/v1/appservice/dmbridge/ping")
+    assert (await admin.watch_homeserver(ping, await answers(502))).status == 502
+    assert await inbox.wait(1) == [
+        "dmbridge: the homeserver could not be reached for 7 min (last error: GET "
+        "/_matrix/client/v3/sync: Server disconnected); it can be again."]
+    clock.now += 700
+    # A proxy in front of a homeserver that is down answers 502 itself.
+    await admin.watch_homeserver(Request("/_matrix/client/v3/profile/x"), await answers(502))
+    clock.now += 300
+    await admin.watch_homeserver(Request("/_matrix/client/v3/profile/x"), await answers(404))
+    assert (await inbox.wait(2))[1] == (
+        "dmbridge: the homeserver could not be reached for 5 min (last error: GET "
+        "/_matrix/client/v3/profile/x: 502); it can be again.")
+    await admin.stop()
