@@ -189,13 +189,13 @@ async def _api(config_path: Path, method: str, path: str, network: str | None,
             try:
                 async with session.request(method, url, json=body, params=query,
                                            headers=headers) as resp:
-                    text = await resp.text()
+                    raw = await resp.read()
                     status = resp.status
             except aiohttp.ClientError as e:
                 raise CommandError(f"the bridge is not reachable at {base} (is `dmbridge run` "
                                    f"running with {config_path}?): {e}") from None
             try:
-                results.append((net.id, status, json.loads(text)))
+                results.append((net.id, status, json.loads(raw)))
             except ValueError:  # something else listens there
                 raise CommandError(f"{url} answered {status} without JSON: is that the bridge "
                                    "(appservice.hostname, appservice.port)?") from None
