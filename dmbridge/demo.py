@@ -65,6 +65,10 @@ def _check_port(port: int, what: str, config: Path) -> None:
                 f"{config} so that the demo chooses new ports") from None
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def dmbridge_command() -> str:
     """How to run this dmbridge from any folder: `dmbridge` when the shell finds this one,
     else its full path (e.g. .venv/bin/dmbridge, which is not on the PATH)."""
@@ -87,7 +91,11 @@ async def run_demo(workdir: Path, *, once: bool) -> int:
     hs_port = int(settings.homeserver_url.rsplit(":", 1)[1])
     _check_port(hs_port, "the demo's homeserver", config_path)
     _check_port(settings.port, "the demo's bridge", config_path)
-    python = await asyncio.to_thread(ensure_synapse)
+    try:
+        python = await asyncio.to_thread(ensure_synapse)
+    except (RuntimeError, OSError) as e:
+        log.debug("%s", e)
+        raise StartupError(f"the demo could not install Synapse: {_first_line(e)}") from None
     synapse = LocalSynapse(workdir / "synapse", server_name=settings.domain, port=hs_port,
                            registration_files=[registration], python=python)
     log.info("starting a throwaway Synapse at %s", synapse.base_url)
@@ -100,7 +108,11 @@ async def run_demo(workdir: Path, *, once: bool) -> int:
     bridge: Bridge | None = None
     try:
         password = _password(workdir)
-        user_id = await asyncio.to_thread(synapse.register_user, DEMO_USER, password)
+        try:
+            user_id = await asyncio.to_thread(synapse.register_user, DEMO_USER, password)
+        except RuntimeError as e:
+            raise StartupError(f"the demo could not create {DEMO_USER}: {_first_line(e)}; "
+                               f"the homeserver's log: {synapse.log_file}") from None
         bridge = Bridge(settings)
         await bridge.start()
         room_id = await _send_demo_dm(settings.port, network.id, network.tokens[0], user_id)
@@ -162,6 +174,6 @@ async def _send_demo_dm(port: int, network_id: str, token: str, user_id: str) ->
     ) as resp:
         data = await resp.json()
         if resp.status != 200:
-            raise RuntimeError(f"the demo DM failed: {resp.status} {data}")
+            raise StartupError(f"the demo DM failed: {resp.status} {data}")
     log.info("demo DM sent: %s", data)
     return str(data["room_id"])
