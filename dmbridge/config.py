@@ -30,9 +30,10 @@ ENV_PREFIX = "DMBRIDGE_"
 PLACEHOLDER = "generate"
 SECTIONS = (
     "homeserver", "appservice", "database", "api", "dm", "delivery", "media", "networks",
-    "logging", "rate_limits",
+    "logging", "rate_limits", "retention",
 )
 ON_LEAVE = ("reinvite", "new_room")
+RETENTION_KEYS = ("message_maps", "history", "media", "dead_letters")
 LISTENER_KEYS = ("idle_timeout", "header_timeout", "body_stall_timeout", "body_timeout",
                  "max_connections", "max_uploads_per_network")
 _NETWORK_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -120,6 +121,8 @@ class Config(BaseFileConfig):
         for key in ("request_wait", "background_wait", "room_creation.per_second",
                     "room_creation.burst"):
             copy(f"rate_limits.{key}")
+        for key in RETENTION_KEYS:
+            copy(f"retention.{key}")
 
     def fill_placeholders(self) -> bool:
         """Replace every "generate" token with a fresh secret; True if anything changed."""
@@ -237,6 +240,17 @@ class RateLimitSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """Days each kind of row is kept before it is pruned; 0 keeps it forever."""
+
+    message_maps: float = 90.0
+    """Both message maps: what platforms sent (by their IDs) and what Matrix users sent."""
+    history: float = 365.0
+    media: float = 30.0
+    dead_letters: float = 30.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the bridge needs, validated. Built only through :func:`load_settings`."""
 
@@ -261,6 +275,7 @@ class Settings:
     media: MediaSettings = MediaSettings()
     listener: ListenerSettings = field(default_factory=ListenerSettings)
     rate_limits: RateLimitSettings = RateLimitSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @property
     def bot_user_id(self) -> str:
@@ -558,6 +573,8 @@ def load_settings(config: Config) -> Settings:
         ),
         listener=_listener(r),
         rate_limits=_rate_limits(r),
+        retention=RetentionSettings(
+            **{key: r.number(f"retention.{key}", 0, 36500) for key in RETENTION_KEYS}),
     )
 
 
