@@ -126,8 +126,10 @@ def _forget_config(tmp_path: Path) -> str:
     (["--matrix-user", "nobody"], "dmbridge: 'nobody' is not a Matrix user ID (@user:server)"),
     (["--network", "chat", "--remote-id", "nobody"],
      "dmbridge: the bridge knows nothing of chat user nobody: no DM, no ghost"),
-    (["--network", "nowhere", "--remote-id", "x"], "dmbridge: no network 'nowhere' is configured"),
-    (["--network", "sms", "--remote-id", "not-a-number"], "dmbridge: 'not-a-number' is not a valid sms user ID"),
+    (["--network", "nowhere", "--remote-id", "x"],
+     "dmbridge: no network 'nowhere' is configured"),
+    (["--network", "sms", "--remote-id", "not-a-number"],
+     "dmbridge: 'not-a-number' is not a valid sms user ID"),
 ])
 def test_forget_refuses_an_unknown_or_bad_user_in_one_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], error: str) -> None:
