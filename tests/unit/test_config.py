@@ -13,7 +13,13 @@ from ruamel.yaml import YAML
 from yarl import URL
 
 from dmbridge.__main__ import generate
-from dmbridge.config import ConfigError, DeliverySettings, MediaSettings, open_config
+from dmbridge.config import (
+    ConfigError,
+    DeliverySettings,
+    MediaSettings,
+    RetentionSettings,
+    open_config,
+)
 from dmbridge.networks import Delivery
 
 Edit = Callable[[Any], None]
@@ -676,3 +682,38 @@ def test_upgrade_adds_missing_media_section(config_path: Path) -> None:
     assert settings.media == MediaSettings(public_url=settings.appservice_address)
     upgraded = config_path.read_text()
     assert "max_upload_bytes: 52428800" in upgraded and "link_ttl: 86400" in upgraded
+
+
+def test_retention_defaults_and_values(config_path: Path) -> None:
+    assert open_config(config_path, environ={}).retention == RetentionSettings(
+        message_maps=90, history=365, media=30, dead_letters=30)
+    edit(config_path, set_key("retention.history", 0))
+    edit(config_path, set_key("retention.message_maps", 7.5))
+    retention = open_config(config_path, environ={}).retention
+    assert (retention.history, retention.message_maps) == (0, 7.5)
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    (-1, "must be a number from 0 to 36500, got -1"),
+    ("forever", "must be a number from 0 to 36500, got 'forever'"),
+    (36501, "got 36501"),
+])
+def test_retention_validation_names_key_and_problem(config_path: Path, value: object,
+                                                    problem: str) -> None:
+    edit(config_path, set_key("retention.dead_letters", value))
+    with pytest.raises(ConfigError) as info:
+        open_config(config_path, environ={})
+    assert info.value.key == "retention.dead_letters"
+    assert str(info.value).startswith("config key 'retention.dead_letters': ")
+    assert problem in str(info.value)
+
+
+def test_upgrade_adds_missing_retention_section(config_path: Path) -> None:
+    text = config_path.read_text()
+    start = text.index("# How long the bridge keeps")
+    end = text.index("\n\n", start) + 2
+    config_path.write_text(text[:start] + text[end:])
+    assert "retention" not in config_path.read_text()
+    settings = open_config(config_path, environ={}, upgrade=True)
+    assert settings.retention == RetentionSettings()
+    assert "message_maps: 90" in config_path.read_text()
