@@ -8,21 +8,24 @@ ghost leaves the DM rooms through the homeserver. In order:
    invites) and marks each room ended with the ghost gone, so that nothing the user does there
    meanwhile reaches the platform or revives the DM.
 2. The ghost leaves and forgets each room.
-3. The rooms it left are deleted (DM rows, memberships), with whatever was queued meanwhile.
+3. Once a running bridge has recorded those leaves (waited for a few seconds), the rooms it
+   left are deleted (DM rows, memberships), with whatever was queued meanwhile.
    A room the homeserver could not be asked about keeps its DM row (ended), so running the
    command again finishes the job.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from mautrix.types import RoomID, UserID
-from mautrix.util.async_db import Connection
+from mautrix.util.async_db import Connection, Database
 
 from . import payloads
 from .config import Settings
@@ -40,6 +43,9 @@ _USER_ID = re.compile(r"@[\x21-\x39\x3b-\x7e]+:[A-Za-z0-9.\-\[\]:]+")
 REASON = "forgotten_by_admin"
 
 Leave = Callable[[UserID, RoomID], Awaitable[None]]
+# How long to wait for a running bridge to record the ghost's leaves, so that they are deleted
+# with the rest instead of arriving afterwards.
+SETTLE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,8 @@ async def find(stores: Stores, subject: Subject) -> Forgotten:
     return Forgotten(records)
 
 
-async def forget(stores: Stores, subject: Subject, leave: Leave) -> Forgotten:
+async def forget(stores: Stores, subject: Subject, leave: Leave, settle: float = SETTLE_S
+                 ) -> Forgotten:
     """Forget ``subject`` (see the module's description); ``leave`` makes a ghost leave and
     forget a room. Raises NotFound for someone the bridge does not know."""
     done = await find(stores, subject)
@@ -117,9 +124,11 @@ async def forget(stores: Stores, subject: Subject, leave: Leave) -> Forgotten:
     async with stores.db.acquire() as conn, conn.transaction():
         done.notices = await _tell(stores, conn, done.dms, now)
         done.counts = await _delete_kept(conn, subject, done.dms)
+        seen: dict[RoomID, str | None] = {}
         for room_id in done.rooms():
             await conn.execute("UPDATE dm SET state='ended', reason=$2, claim=NULL, updated_at=$3"
                                " WHERE room_id=$1", room_id, REASON, now)
+            seen[room_id] = await _ghost_event(conn, room_id, _ghost_of(done.dms, room_id))
             # The ghost is as good as gone: what the user writes now reaches nobody.
             await conn.execute("UPDATE room_member SET membership='leave' WHERE room_id=$1"
                                " AND user_id=$2", room_id, _ghost_of(done.dms, room_id))
@@ -130,6 +139,8 @@ async def forget(stores: Stores, subject: Subject, leave: Leave) -> Forgotten:
             done.failed[room_id] = str(e) or type(e).__name__
         else:
             done.left.append(room_id)
+    await _settled(stores, {r: seen[r] for r in done.left}, done.dms, settle,
+                   "mx_user_profile" in state_tables)
     async with stores.db.acquire() as conn, conn.transaction():
         # What the homeserver's transactions or a request added meanwhile goes too.
         again = await _delete_kept(conn, subject, done.dms)
@@ -145,6 +156,36 @@ async def forget(stores: Stores, subject: Subject, leave: Leave) -> Forgotten:
              ", ".join(f"{k} {v}" for k, v in done.counts.items()), len(done.left),
              f", {len(done.failed)} could not be left" if done.failed else "")
     return done
+
+
+async def _ghost_event(conn: Connection | Database, room_id: RoomID, ghost_id: UserID
+                       ) -> str | None:
+    value = await conn.fetchval("SELECT event_id FROM room_member WHERE room_id=$1 AND"
+                                " user_id=$2", room_id, ghost_id)
+    return str(value) if value is not None else None
+
+
+async def _settled(stores: Stores, seen: dict[RoomID, str | None], dms: list[DMRecord],
+                   wait: float, state_store: bool) -> None:
+    """Wait (at most ``wait`` seconds) until the bridge has recorded the ghost's leave of each
+    room: a new member event for it, in its own table and in mautrix's state store. Without a
+    running bridge the leaves are recorded when it next starts, as memberships of rooms that are
+    no DM."""
+    deadline = time.monotonic() + wait
+    waiting = dict(seen)
+    while waiting and time.monotonic() < deadline:
+        for room_id, before in list(waiting.items()):
+            ghost_id = _ghost_of(dms, room_id)
+            if await _ghost_event(stores.db, room_id, ghost_id) != before and (
+                    not state_store or await stores.db.fetchval(
+                        "SELECT membership FROM mx_user_profile WHERE room_id=$1 AND user_id=$2",
+                        room_id, ghost_id) == "leave"):
+                del waiting[room_id]
+        if waiting:
+            await asyncio.sleep(0.2)
+    if waiting:
+        log.info("the bridge has not recorded the ghost's leave of %d room(s) yet",
+                 len(waiting))
 
 
 def _ghost_of(dms: list[DMRecord], room_id: RoomID) -> UserID:

@@ -77,8 +77,9 @@ async def test_forgetting_a_matrix_user_and_a_remote_user(
         where = "user_id=$1" + (" AND type<>'dm.forgotten'" if table == "outbox" else "")
         assert await _kept(bridge, f"SELECT COUNT(*) FROM {table} WHERE {where}",
                            alice.user_id) == 0, table
-    assert await _kept(bridge, "SELECT COUNT(*) FROM sent_message WHERE room_id=$1",
-                       alice_room) == 0
+    for table in ("sent_message", "room_member", "mx_user_profile"):
+        assert await _kept(bridge, f"SELECT COUNT(*) FROM {table} WHERE room_id=$1",
+                           alice_room) == 0, table
     # Bob's DM is untouched.
     assert await _kept(bridge, "SELECT COUNT(*) FROM sent_message WHERE room_id=$1",
                        bob_room) == 2
@@ -89,6 +90,8 @@ async def test_forgetting_a_matrix_user_and_a_remote_user(
     await feed.expect("dm.forgotten", room_id=bob_room)
     await bob.wait_membership(bob_room, ben_ghost, "leave")
     assert await bridge.stores.ghosts.get(ben_ghost) is None
+    assert await _kept(bridge, "SELECT COUNT(*) FROM room_member WHERE user_id=$1",
+                       ben_ghost) == 0
     for table in ("sent_message", "matrix_message", "dm", "dm_history"):
         assert await _kept(bridge, f"SELECT COUNT(*) FROM {table} WHERE remote_id=$1",
                            ben) == 0, table

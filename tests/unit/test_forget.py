@@ -63,7 +63,8 @@ async def test_forgetting_a_matrix_user_removes_their_data_and_tells_each_dm(
     async def leave(ghost_id: UserID, room_id: RoomID) -> None:
         left.append((ghost_id, room_id))
 
-    done = await forget(stores, Subject.matrix_user(ALICE, "@bot:example.org", [SMS]), leave)
+    alice = Subject.matrix_user(ALICE, "@bot:example.org", [SMS])
+    done = await forget(stores, alice, leave, settle=0)
 
     assert sorted(left) == [(SMS.ghost_user_id(ANN), "!ann-alice"),
                             (SMS.ghost_user_id(BEN), "!ben-alice")]
@@ -98,7 +99,7 @@ async def test_forgetting_a_remote_user_removes_their_dms_ghost_and_avatar(
     async def leave(ghost_id: UserID, room_id: RoomID) -> None:
         assert ghost_id == ann
 
-    done = await forget(stores, Subject.remote_user(SMS, ANN), leave)
+    done = await forget(stores, Subject.remote_user(SMS, ANN), leave, settle=0)
 
     assert done.left == ["!ann-alice", "!ann-bob"] and done.notices == 2
     for table, column in (("dm", "ghost_id"), ("dm_history", "ghost_id"),
@@ -121,7 +122,7 @@ async def test_a_room_the_ghost_could_not_leave_is_kept_for_another_run(stores: 
         if room_id == "!ben-alice":
             raise ConnectionError("homeserver down")
 
-    done = await forget(stores, subject, unreachable)
+    done = await forget(stores, subject, unreachable, settle=0)
     assert done.left == ["!ann-alice"] and list(done.failed) == ["!ben-alice"]
     [kept] = await stores.dms.of_user(ALICE)
     assert (kept.room_id, kept.state, kept.ghost_membership) == ("!ben-alice", "ended", "leave")
@@ -130,11 +131,11 @@ async def test_a_room_the_ghost_could_not_leave_is_kept_for_another_run(stores: 
     async def fine(ghost_id: UserID, room_id: RoomID) -> None:
         pass
 
-    again = await forget(stores, subject, fine)
+    again = await forget(stores, subject, fine, settle=0)
     assert again.left == ["!ben-alice"] and again.notices == 0  # told once already
     assert await stores.dms.of_user(ALICE) == []
     with pytest.raises(NotFound):
-        await forget(stores, subject, fine)
+        await forget(stores, subject, fine, settle=0)
 
 
 def test_who_can_be_forgotten() -> None:
