@@ -574,7 +574,7 @@ def load_settings(config: Config) -> Settings:
         listener=_listener(r),
         rate_limits=_rate_limits(r),
         retention=RetentionSettings(
-            **{key: r.number(f"retention.{key}", 0, 36500) for key in RETENTION_KEYS}),
+            **{key: _days(r, f"retention.{key}") for key in RETENTION_KEYS}),
     )
 
 
@@ -602,6 +602,15 @@ def _rate_limits(r: _Reader) -> RateLimitSettings:
         rooms_per_second=r.number("rate_limits.room_creation.per_second", 0.001, 1000),
         room_burst=r.integer("rate_limits.room_creation.burst", 1, 10_000),
     )
+
+
+def _days(r: _Reader, key: str) -> float:
+    """Days to keep something: 0 (for ever), or at least one day (a retry or a reply within
+    hours must still find what it points at)."""
+    value = r.number(key, 0, 36500)
+    if 0 < value < 1:
+        raise ConfigError(key, f"must be 0 (keep for ever) or from 1 to 36500, got {value!r}")
+    return value
 
 
 def _public_url(r: _Reader) -> str:

@@ -688,15 +688,16 @@ def test_retention_defaults_and_values(config_path: Path) -> None:
     assert open_config(config_path, environ={}).retention == RetentionSettings(
         message_maps=90, history=365, media=30, dead_letters=30)
     edit(config_path, set_key("retention.history", 0))
-    edit(config_path, set_key("retention.message_maps", 7.5))
+    edit(config_path, set_key("retention.message_maps", 1.5))
     retention = open_config(config_path, environ={}).retention
-    assert (retention.history, retention.message_maps) == (0, 7.5)
+    assert (retention.history, retention.message_maps) == (0, 1.5)
 
 
 @pytest.mark.parametrize(("value", "problem"), [
     (-1, "must be a number from 0 to 36500, got -1"),
     ("forever", "must be a number from 0 to 36500, got 'forever'"),
     (36501, "got 36501"),
+    (0.5, "must be 0 (keep for ever) or from 1 to 36500, got 0.5"),
 ])
 def test_retention_validation_names_key_and_problem(config_path: Path, value: object,
                                                     problem: str) -> None:
