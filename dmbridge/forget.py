@@ -43,6 +43,7 @@ _USER_ID = re.compile(r"@[\x21-\x39\x3b-\x7e]+:[A-Za-z0-9.\-\[\]:]+")
 REASON = "forgotten_by_admin"
 
 Leave = Callable[[UserID, RoomID], Awaitable[None]]
+Reset = Callable[[UserID, str], Awaitable[None]]
 # How long to wait for a running bridge to record the ghost's leaves, so that they are deleted
 # with the rest instead of arriving afterwards.
 SETTLE_S = 10.0
@@ -92,6 +93,7 @@ class Forgotten:
     left: list[RoomID] = field(default_factory=list)
     failed: dict[RoomID, str] = field(default_factory=dict)
     notices: int = 0
+    profile_error: str | None = None
 
     def rooms(self) -> list[RoomID]:
         return sorted({dm.room_id for dm in self.dms if dm.room_id is not None})
@@ -113,10 +115,11 @@ async def find(stores: Stores, subject: Subject) -> Forgotten:
     return Forgotten(records)
 
 
-async def forget(stores: Stores, subject: Subject, leave: Leave, settle: float = SETTLE_S
-                 ) -> Forgotten:
+async def forget(stores: Stores, subject: Subject, leave: Leave, settle: float = SETTLE_S,
+                 reset: Reset | None = None) -> Forgotten:
     """Forget ``subject`` (see the module's description); ``leave`` makes a ghost leave and
-    forget a room. Raises NotFound for someone the bridge does not know."""
+    forget a room, ``reset`` gives a forgotten remote user's ghost a plain name and no avatar.
+    Raises NotFound for someone the bridge does not know."""
     done = await find(stores, subject)
     state_tables = await _state_tables(stores)
     now = now_ms()
@@ -141,6 +144,13 @@ async def forget(stores: Stores, subject: Subject, leave: Leave, settle: float =
             done.left.append(room_id)
     await _settled(stores, {r: seen[r] for r in done.left}, done.dms, settle,
                    "mx_user_profile" in state_tables)
+    if reset is not None and subject.network is not None and subject.remote_id is not None:
+        assert subject.ghost_id is not None
+        try:
+            await reset(subject.ghost_id,
+                        subject.network.ghost_displayname(subject.remote_id, None))
+        except Exception as e:
+            done.profile_error = str(e) or type(e).__name__
     async with stores.db.acquire() as conn, conn.transaction():
         # What the homeserver's transactions or a request added meanwhile goes too.
         again = await _delete_kept(conn, subject, done.dms)
@@ -149,7 +159,7 @@ async def forget(stores: Stores, subject: Subject, leave: Leave, settle: float =
         rooms = set(done.left)
         gone = [dm for dm in done.dms if dm.room_id is None or dm.room_id in rooms]
         done.counts["dm"] = await _delete_dms(conn, gone, state_tables)
-        if not done.failed and subject.ghost_id is not None:
+        if not done.failed and done.profile_error is None and subject.ghost_id is not None:
             done.counts["ghost"], done.counts["media"] = await _delete_ghost(
                 conn, subject.ghost_id)
     log.info("forgot %s: %s; the ghost left %d room(s)%s", subject,
@@ -312,7 +322,8 @@ async def command(settings: Settings, matrix_user: str | None, network_id: str |
                                       " [y/N] "):
             print("nothing was changed")
             return 1
-        done = await forget(stores, subject, homeserver.leave_and_forget)
+        done = await forget(stores, subject, homeserver.leave_and_forget,
+                            reset=homeserver.reset_profile)
     except BridgeError as e:
         print(f"dmbridge: {e.message}", file=sys.stderr)
         return 1
@@ -326,7 +337,10 @@ async def command(settings: Settings, matrix_user: str | None, network_id: str |
     for room_id, error in done.failed.items():
         print(f"dmbridge: the ghost could not leave {room_id}: {error}; its DM is kept (ended):"
               " run the command again", file=sys.stderr)
-    return 1 if done.failed else 0
+    if done.profile_error is not None:
+        print(f"dmbridge: the ghost's name and avatar could not be reset: {done.profile_error};"
+              " run the command again", file=sys.stderr)
+    return 1 if done.failed or done.profile_error else 0
 
 
 def _confirmed(question: str) -> bool:

@@ -137,6 +137,18 @@ class Homeserver:
                         ("leave", 403), ("forget", 404), ("forget", 400)):
                     raise _request_error(resp.status, text)
 
+    async def reset_profile(self, ghost_id: UserID, displayname: str) -> None:
+        """Give the ghost a plain display name and no avatar."""
+        user = quote(ghost_id, safe="")
+        for field, value in (("displayname", displayname), ("avatar_url", "")):
+            async with self.session.put(
+                f"{self.base_url}/_matrix/client/v3/profile/{user}/{field}",
+                data=json.dumps({field: value}), params={"user_id": ghost_id},
+                headers=self._headers,
+            ) as resp:
+                if resp.status != 200:
+                    raise _request_error(resp.status, await resp.text(errors="replace"))
+
     async def upload(self, data: BinaryIO, mimetype: str, filename: str | None, size: int
                      ) -> str:
         """Store bytes in the homeserver's media repository (as the bridge bot)."""

@@ -31,7 +31,8 @@ async def _conversation(bridge: Bridge, platform: Platform, feed: Feed, human: H
                         contact: str) -> str:
     """The platform writes, the human joins and answers, the platform replies to that."""
     status, first = await platform.send(NET, CHAT_TOKEN, uuid.uuid4().hex, sender=contact,
-                                        recipient=human.user_id, text="hello")
+                                        sender_name="Parcel Service", recipient=human.user_id,
+                                        text="hello")
     assert status == 200, first
     room_id: str = first["room_id"]
     await accept_dm(human, room_id, bridge)
@@ -90,6 +91,8 @@ async def test_forgetting_a_matrix_user_and_a_remote_user(
     await feed.expect("dm.forgotten", room_id=bob_room)
     await bob.wait_membership(bob_room, ben_ghost, "leave")
     assert await bridge.stores.ghosts.get(ben_ghost) is None
+    profile = await bob.client.get_profile(ben_ghost)
+    assert (profile.displayname, profile.avatar_url) == (f"{ben} (Chat)", None), profile
     assert await _kept(bridge, "SELECT COUNT(*) FROM room_member WHERE user_id=$1",
                        ben_ghost) == 0
     for table in ("sent_message", "matrix_message", "dm", "dm_history"):

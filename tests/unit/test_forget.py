@@ -145,3 +145,26 @@ def test_who_can_be_forgotten() -> None:
         Subject.matrix_user(SMS.ghost_user_id(ANN), "@bot:example.org", [SMS])
     with pytest.raises(InvalidRemoteID):
         Subject.remote_user(SMS, "not a phone number")
+
+
+async def test_a_ghost_whose_profile_could_not_be_reset_is_kept_for_another_run(
+        stores: Stores) -> None:
+    await world(stores)
+    ann = SMS.ghost_user_id(ANN)
+    resets: list[tuple[str, str]] = []
+
+    async def leave(ghost_id: UserID, room_id: RoomID) -> None:
+        pass
+
+    async def down(ghost_id: UserID, displayname: str) -> None:
+        raise ConnectionError("homeserver down")
+
+    async def reset(ghost_id: UserID, displayname: str) -> None:
+        resets.append((ghost_id, displayname))
+
+    done = await forget(stores, Subject.remote_user(SMS, ANN), leave, settle=0, reset=down)
+    assert done.profile_error == "homeserver down"
+    assert await stores.ghosts.get(ann) is not None and await stores.dms.of_ghost(ann) == []
+    again = await forget(stores, Subject.remote_user(SMS, ANN), leave, settle=0, reset=reset)
+    assert again.profile_error is None and resets == [(ann, f"{ANN} (SMS)")]
+    assert await stores.ghosts.get(ann) is None
