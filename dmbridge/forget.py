@@ -122,19 +122,7 @@ async def forget(stores: Stores, subject: Subject, leave: Leave, settle: float =
     Raises NotFound for someone the bridge does not know."""
     done = await find(stores, subject)
     state_tables = await _state_tables(stores)
-    now = now_ms()
-    conn: Connection
-    async with stores.db.acquire() as conn, conn.transaction():
-        done.notices = await _tell(stores, conn, done.dms, now)
-        done.counts = await _delete_kept(conn, subject, done.dms)
-        seen: dict[RoomID, str | None] = {}
-        for room_id in done.rooms():
-            await conn.execute("UPDATE dm SET state='ended', reason=$2, claim=NULL, updated_at=$3"
-                               " WHERE room_id=$1", room_id, REASON, now)
-            seen[room_id] = await _ghost_event(conn, room_id, _ghost_of(done.dms, room_id))
-            # The ghost is as good as gone: what the user writes now reaches nobody.
-            await conn.execute("UPDATE room_member SET membership='leave' WHERE room_id=$1"
-                               " AND user_id=$2", room_id, _ghost_of(done.dms, room_id))
+    seen = await _tell_and_end(stores, subject, done)
     for room_id in done.rooms():
         try:
             await leave(_ghost_of(done.dms, room_id), room_id)
@@ -142,7 +130,7 @@ async def forget(stores: Stores, subject: Subject, leave: Leave, settle: float =
             done.failed[room_id] = str(e) or type(e).__name__
         else:
             done.left.append(room_id)
-    await _settled(stores, {r: seen[r] for r in done.left}, done.dms, settle,
+    await _settled(stores, {r: seen[r] for r in done.left if r in seen}, done.dms, settle,
                    "mx_user_profile" in state_tables)
     if reset is not None and subject.network is not None and subject.remote_id is not None:
         assert subject.ghost_id is not None
@@ -151,8 +139,42 @@ async def forget(stores: Stores, subject: Subject, leave: Leave, settle: float =
                         subject.network.ghost_displayname(subject.remote_id, None))
         except Exception as e:
             done.profile_error = str(e) or type(e).__name__
+    await _finish(stores, subject, done, state_tables)
+    log.info("forgot %s: %s; the ghost left %d room(s)%s", subject,
+             ", ".join(f"{k} {v}" for k, v in done.counts.items()), len(done.left),
+             f", {len(done.failed)} could not be left" if done.failed else "")
+    return done
+
+
+async def _tell_and_end(stores: Stores, subject: Subject, done: Forgotten
+                        ) -> dict[RoomID, str | None]:
+    """Step 1: the notices, what was kept of the DMs, and the rooms ended with the ghost as
+    good as gone (what the user writes now reaches nobody). Returns the ghost's last member
+    event in each room it is still in, to tell when its leave has been recorded."""
+    now = now_ms()
+    seen: dict[RoomID, str | None] = {}
+    conn: Connection
     async with stores.db.acquire() as conn, conn.transaction():
-        # What the homeserver's transactions or a request added meanwhile goes too.
+        done.notices = await _tell(stores, conn, done.dms, now)
+        done.counts = await _delete_kept(conn, subject, done.dms)
+        for dm in done.dms:
+            if dm.room_id is None:
+                continue
+            await conn.execute("UPDATE dm SET state='ended', reason=$2, claim=NULL, updated_at=$3"
+                               " WHERE room_id=$1", dm.room_id, REASON, now)
+            if dm.ghost_membership in ("join", "invite"):
+                seen[dm.room_id] = await _ghost_event(conn, dm.room_id, dm.ghost_id)
+            await conn.execute("UPDATE room_member SET membership='leave' WHERE room_id=$1"
+                               " AND user_id=$2", dm.room_id, dm.ghost_id)
+    return seen
+
+
+async def _finish(stores: Stores, subject: Subject, done: Forgotten, state_tables: list[str]
+                  ) -> None:
+    """Step 3: the rooms the ghost left, what was added meanwhile, and the ghost once it is
+    fully done with."""
+    conn: Connection
+    async with stores.db.acquire() as conn, conn.transaction():
         again = await _delete_kept(conn, subject, done.dms)
         for kind, n in again.items():
             done.counts[kind] = done.counts.get(kind, 0) + n
@@ -162,10 +184,6 @@ async def forget(stores: Stores, subject: Subject, leave: Leave, settle: float =
         if not done.failed and done.profile_error is None and subject.ghost_id is not None:
             done.counts["ghost"], done.counts["media"] = await _delete_ghost(
                 conn, subject.ghost_id)
-    log.info("forgot %s: %s; the ghost left %d room(s)%s", subject,
-             ", ".join(f"{k} {v}" for k, v in done.counts.items()), len(done.left),
-             f", {len(done.failed)} could not be left" if done.failed else "")
-    return done
 
 
 async def _ghost_event(conn: Connection | Database, room_id: RoomID, ghost_id: UserID
