@@ -47,6 +47,7 @@ _KINDS: dict[str, tuple[str, str, str]] = {
     "delivered": ("outbox", "id", "state = 'delivered' AND finished_at < $1"),
     "processed_events": ("processed_event", "event_id", "received_at < $1"),
 }
+KINDS = tuple(_KINDS)
 
 
 @dataclass(frozen=True)
@@ -150,12 +151,15 @@ class Retention:
         return counts
 
 
-async def _delete(conn: Connection | Database, kind: str, cutoff: int, limit: int) -> int:
+def oldest(kind: str) -> str:
+    """The query for up to $2 keys of ``kind``'s rows older than $1."""
     table, columns, old = _KINDS[kind]
+    return f"SELECT {columns} FROM {table} WHERE {old} LIMIT $2"
+
+
+async def _delete(conn: Connection | Database, kind: str, cutoff: int, limit: int) -> int:
+    table, columns, _ = _KINDS[kind]
     key = f"({columns})" if "," in columns else columns
     rows: list[Any] = await conn.fetch(
-        f"DELETE FROM {table} WHERE {key} IN"
-        f" (SELECT {columns} FROM {table} WHERE {old} LIMIT $2) RETURNING 1",
-        cutoff, limit,
-    )
+        f"DELETE FROM {table} WHERE {key} IN ({oldest(kind)}) RETURNING 1", cutoff, limit)
     return len(rows)

@@ -15,7 +15,7 @@ from dmbridge.db.history import Transition
 from dmbridge.db.media import Media
 from dmbridge.db.message import MatrixMessage, SentMessage
 from dmbridge.db.outbox import DEAD, DELIVERED, PENDING
-from dmbridge.retention import DAY_MS, LOCK_KEY, Retention
+from dmbridge.retention import DAY_MS, KINDS, LOCK_KEY, Retention, oldest
 
 NOW = 20_000 * DAY_MS
 GHOST = UserID("@dm_sms_a:example.org")
@@ -148,3 +148,13 @@ async def test_a_worker_skips_the_round_while_another_prunes(stores: Stores) -> 
     assert await count(stores, "sent_message") == 1
     assert (await Retention(stores.db, RetentionSettings()).prune(NOW) or {}).get(
         "sent_messages") == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_each_prune_query_searches_an_index_never_the_whole_table(
+        stores: Stores, kind: str) -> None:
+    if stores.db.scheme != Scheme.SQLITE:
+        pytest.skip("PostgreSQL's planner reads small tables whole, whatever their indexes")
+    plan = [r["detail"] for r in await stores.db.fetch(
+        "EXPLAIN QUERY PLAN " + oldest(kind), NOW, 1000)]
+    assert plan and all(step.startswith(("SEARCH", "CORRELATED")) for step in plan), plan
