@@ -297,6 +297,18 @@ def cmd_clear_declined(args: argparse.Namespace) -> int:
     return asyncio.run(_clear_declined(args.config, args.network, args.remote_id, args.user))
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    if (args.matrix_user is None) == (args.network is None and args.remote_id is None):
+        raise SystemExit("dmbridge: forget takes either --matrix-user or --network with "
+                         "--remote-id")
+    if args.matrix_user is None and (args.network is None or args.remote_id is None):
+        raise SystemExit("dmbridge: --network and --remote-id go together")
+    from .forget import command
+
+    return asyncio.run(command(open_config(args.config), args.matrix_user, args.network,
+                               args.remote_id, yes=args.yes))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dmbridge", description=__doc__,
@@ -391,6 +403,21 @@ def parser() -> argparse.ArgumentParser:
     cd.add_argument("--remote-id", required=True, help="the remote user's ID on that network")
     cd.add_argument("--user", required=True, help="the Matrix user who declined")
     cd.set_defaults(func=cmd_clear_declined)
+
+    fg = sub.add_parser("forget", help="forget a Matrix user or a remote user and their DMs",
+                        description="Forget a Matrix user (--matrix-user) or a network's remote "
+                        "user (--network, --remote-id): each DM's platform gets a dm.forgotten "
+                        "notice, the ghost leaves and forgets the rooms, and the bridge deletes "
+                        "its DMs, message maps, history, outbox items, invites and declines (and "
+                        "a remote user's ghost profile and avatar upload). Works on the database "
+                        "and the homeserver directly, with or without the bridge running. Asks "
+                        "first unless --yes; prints what was removed.")
+    with_config(fg)
+    fg.add_argument("--matrix-user", metavar="USER_ID", help="the Matrix user to forget")
+    fg.add_argument("--network", help="the network of the remote user to forget")
+    fg.add_argument("--remote-id", help="the remote user's ID on that network")
+    fg.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    fg.set_defaults(func=cmd_forget)
     return p
 
 

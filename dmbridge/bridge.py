@@ -28,11 +28,10 @@ from .notices import AdminNotices, NoticeRoom
 from .outbox import Outbox
 from .quotas import Quotas
 from .ratelimit import HomeserverLimits, Pacing
+from .retention import Retention
 from .startup import StartupError
 
 log = logging.getLogger("dmbridge")
-
-PRUNE_INTERVAL_S = 3600
 
 
 class Bridge:
@@ -70,9 +69,9 @@ class Bridge:
                              settings=settings.delivery, present=self.links.attach,
                              notices=self.notices)
         self.matrix.on_queued = self.outbox.wake
+        self.retention = Retention(self.db, settings.retention)
         self._dms: DMService | None = None
         self._homeserver: Homeserver | None = None
-        self._prune_task: asyncio.Task[None] | None = None
         self._log_task: asyncio.Task[None] | None = None
         self._recovery_task: asyncio.Task[None] | None = None
         self._invites: InviteHandler | None = None
@@ -97,7 +96,6 @@ class Bridge:
         log.info("starting: database %s", safe_url(self.settings.database_url))
         await start_database(self.db, self.settings.database_url)
         await self.state_store.upgrade_table.upgrade(self.db)
-        await self.matrix.prune()
         await self.instances.start()
         self.appservice.new_session([self.notices.watch_homeserver, self.limits.middleware])
         self._homeserver = Homeserver(
@@ -119,7 +117,7 @@ class Bridge:
         self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox, media,
                                                             self.settings, self.quotas))
         await self._listen()
-        self._prune_task = asyncio.create_task(self._prune_loop())
+        self.retention.start()
         log.info("listening on http://%s:%d (API under %s)", self.settings.hostname,
                  self.settings.port, PREFIX)
         await self._register_bot()
@@ -191,15 +189,6 @@ class Bridge:
         if settled:
             log.info("settled %d unfinished DM creation(s)", settled)
 
-    async def _prune_loop(self) -> None:
-        while True:
-            await asyncio.sleep(PRUNE_INTERVAL_S)
-            try:
-                await self.matrix.prune()
-                await self.outbox.prune()
-            except Exception:
-                log.exception("pruning processed events and delivered items failed")
-
     async def _log_summaries(self) -> None:
         while True:
             await asyncio.sleep(self.log_limits.interval)
@@ -210,7 +199,8 @@ class Bridge:
         await self.notices.stop()  # first: what a failed start reported goes out
         if self._notice_room is not None:
             await self._notice_room.close()
-        for task in (self._prune_task, self._log_task, self._recovery_task):
+        await self.retention.stop()
+        for task in (self._log_task, self._recovery_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -31,9 +31,10 @@ ENV_PREFIX = "DMBRIDGE_"
 PLACEHOLDER = "generate"
 SECTIONS = (
     "homeserver", "appservice", "database", "api", "dm", "delivery", "media", "networks",
-    "logging", "rate_limits", "admin_notices",
+    "logging", "rate_limits", "admin_notices", "retention",
 )
 ON_LEAVE = ("reinvite", "new_room")
+RETENTION_KEYS = ("message_maps", "history", "media", "dead_letters")
 LISTENER_KEYS = ("idle_timeout", "header_timeout", "body_stall_timeout", "body_timeout",
                  "max_connections", "max_uploads_per_network")
 _NETWORK_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -123,6 +124,8 @@ class Config(BaseFileConfig):
             copy(f"rate_limits.{key}")
         for key in ("user", "room", "repeat_window", "outage_after"):
             copy(f"admin_notices.{key}")
+        for key in RETENTION_KEYS:
+            copy(f"retention.{key}")
 
     def fill_placeholders(self) -> bool:
         """Replace every "generate" token with a fresh secret; True if anything changed."""
@@ -240,6 +243,17 @@ class RateLimitSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """Days each kind of row is kept before it is pruned; 0 keeps it forever."""
+
+    message_maps: float = 90.0
+    """Both message maps: what platforms sent (by their IDs) and what Matrix users sent."""
+    history: float = 365.0
+    media: float = 30.0
+    dead_letters: float = 30.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the bridge needs, validated. Built only through :func:`load_settings`."""
 
@@ -265,6 +279,7 @@ class Settings:
     listener: ListenerSettings = field(default_factory=ListenerSettings)
     rate_limits: RateLimitSettings = RateLimitSettings()
     admin_notices: NoticeSettings = field(default_factory=NoticeSettings)
+    retention: RetentionSettings = RetentionSettings()
 
     @property
     def bot_user_id(self) -> str:
@@ -563,6 +578,8 @@ def load_settings(config: Config) -> Settings:
         listener=_listener(r),
         rate_limits=_rate_limits(r),
         admin_notices=_admin_notices(r),
+        retention=RetentionSettings(
+            **{key: _days(r, f"retention.{key}") for key in RETENTION_KEYS}),
     )
 
 
@@ -611,6 +628,15 @@ def _admin_notices(r: _Reader) -> NoticeSettings:
         repeat_window=r.number("admin_notices.repeat_window", 0, 7 * 86400),
         outage_after=r.number("admin_notices.outage_after", 0, 7 * 86400),
     )
+
+
+def _days(r: _Reader, key: str) -> float:
+    """Days to keep something: 0 (for ever), or at least one day (a retry or a reply within
+    hours must still find what it points at)."""
+    value = r.number(key, 0, 36500)
+    if 0 < value < 1:
+        raise ConfigError(key, f"must be 0 (keep for ever) or from 1 to 36500, got {value!r}")
+    return value
 
 
 def _public_url(r: _Reader) -> str:

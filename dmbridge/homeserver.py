@@ -122,6 +122,33 @@ class Homeserver:
             delay *= 2
         raise AssertionError("unreachable")
 
+    async def leave_and_forget(self, ghost_id: UserID, room_id: RoomID) -> None:
+        """The ghost leaves the room (or refuses its invite) and forgets it. A ghost that is
+        no longer in the room counts as gone."""
+        room = quote(room_id, safe="")
+        for action in ("leave", "forget"):
+            async with self.session.post(
+                f"{self.base_url}/_matrix/client/v3/rooms/{room}/{action}", data="{}",
+                params={"user_id": ghost_id}, headers=self._headers,
+            ) as resp:
+                text = await resp.text(errors="replace")
+                # 403 on a leave: not in the room (any more); 404 on a forget: never was.
+                if resp.status != 200 and (action, resp.status) not in (
+                        ("leave", 403), ("forget", 404), ("forget", 400)):
+                    raise _request_error(resp.status, text)
+
+    async def reset_profile(self, ghost_id: UserID, displayname: str) -> None:
+        """Give the ghost a plain display name and no avatar."""
+        user = quote(ghost_id, safe="")
+        for field, value in (("displayname", displayname), ("avatar_url", "")):
+            async with self.session.put(
+                f"{self.base_url}/_matrix/client/v3/profile/{user}/{field}",
+                data=json.dumps({field: value}), params={"user_id": ghost_id},
+                headers=self._headers,
+            ) as resp:
+                if resp.status != 200:
+                    raise _request_error(resp.status, await resp.text(errors="replace"))
+
     async def upload(self, data: BinaryIO, mimetype: str, filename: str | None, size: int
                      ) -> str:
         """Store bytes in the homeserver's media repository (as the bridge bot)."""

@@ -19,7 +19,6 @@ from .networks import Networks
 
 log = logging.getLogger("dmbridge.matrix")
 
-PROCESSED_EVENT_TTL_MS = 7 * 24 * 3600 * 1000
 MAX_ID_BYTES = 255  # the spec's limit for event, room and user IDs (and member state keys)
 
 
@@ -137,9 +136,6 @@ class MatrixHandler:
             log.error("user query for %s: registering failed: %s", user_id, e)
             raise
         return True
-
-    async def prune(self) -> None:
-        await self.stores.events.prune(now_ms() - PROCESSED_EVENT_TTL_MS)
 
 
 def _well_formed(raw: dict[str, Any]) -> bool:

@@ -30,7 +30,6 @@ log = logging.getLogger("dmbridge.outbox")
 POLL_S = 1.0  # how often the database is checked for work other workers (or the CLI) queued
 SWEEP_S = 5.0  # how often pull networks' expired items are looked for
 LEASE_SLACK_S = 5.0
-DONE_TTL_MS = 7 * 24 * 3600 * 1000
 
 
 def backoff(attempt: int, settings: DeliverySettings, rng: random.Random | None = None) -> float:
@@ -246,9 +245,6 @@ class Outbox:
                      requeued)
             self.wake({network.id})
         return requeued
-
-    async def prune(self) -> None:
-        await self.stores.outbox.prune(now_ms() - DONE_TTL_MS)
 
 
 def describe(item: OutboxItem) -> dict[str, object]:

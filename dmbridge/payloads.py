@@ -15,6 +15,7 @@ DM_USER_LEFT = "dm.user_left"  # the user left; the next message re-invites or o
 DM_DECLINED = "dm.declined"  # the user turned the contact down: sends fail until they return
 DM_ENDED = "dm.ended"  # the room is no longer a DM; the next message opens a new one
 DM_CLEARED = "dm.cleared"  # an admin lifted a decline
+DM_FORGOTTEN = "dm.forgotten"  # an admin made the bridge forget the DM (dmbridge forget)
 DELIVERY_FAILED = "delivery.failed"  # an earlier item became a dead letter
 TYPING = "typing"  # the Matrix user started or stopped typing in the DM
 READ = "read"  # the Matrix user read the DM up to one of the platform's messages
@@ -182,6 +183,16 @@ def notice(lane: Lane, type_: str, room_id: str | None, state: str, reason: str,
     return {
         **lane.envelope(type_, key, room_id, now),
         "dm": {"state": state, "reason": reason, "event_id": event_id},
+    }
+
+
+def forgotten(lane: Lane, room_id: str | None, now: int) -> dict[str, Any]:
+    """The DM and what the bridge kept of it are being deleted. Its key names the room, so a
+    forget run again (after a failure) queues nothing new."""
+    key = f"{DM_FORGOTTEN}:{lane.network}:{lane.remote_id}:{lane.user_id}:{room_id or ''}"
+    return {
+        **lane.envelope(DM_FORGOTTEN, key, room_id, now),
+        "dm": {"state": "ended", "reason": "forgotten_by_admin", "event_id": None},
     }
 
 

@@ -102,6 +102,16 @@ class DMStore:
         row = await self.db.fetchrow(_SELECT + " WHERE dm.room_id=$1", room_id)
         return _record(row) if row else None
 
+    async def of_user(self, user_id: UserID) -> list[DMRecord]:
+        """Every DM row of a Matrix user, whatever its state."""
+        rows = await self.db.fetch(_SELECT + " WHERE dm.user_id=$1", user_id)
+        return [_record(row) for row in rows]
+
+    async def of_ghost(self, ghost_id: UserID) -> list[DMRecord]:
+        """Every DM row of a ghost, whatever its state."""
+        rows = await self.db.fetch(_SELECT + " WHERE dm.ghost_id=$1", ghost_id)
+        return [_record(row) for row in rows]
+
     async def unfinished(self) -> list[DMRecord]:
         """Every pair whose room is being created (or was, by a process that died)."""
         rows = await self.db.fetch(_SELECT + " WHERE dm.state = 'creating'")

@@ -19,6 +19,3 @@ class ProcessedEventStore:
             event_id, at_ms,
         )
         return inserted is not None
-
-    async def prune(self, older_than_ms: int) -> None:
-        await self.db.execute("DELETE FROM processed_event WHERE received_at < $1", older_than_ms)

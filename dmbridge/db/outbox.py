@@ -225,8 +225,3 @@ class OutboxStore:
     async def get(self, item_id: int) -> OutboxItem | None:
         row = await self.db.fetchrow(f"SELECT {_COLUMNS} FROM outbox WHERE id=$1", item_id)
         return _item(row) if row else None
-
-    async def prune(self, finished_before: int) -> None:
-        await self.db.execute(
-            "DELETE FROM outbox WHERE state='delivered' AND finished_at < $1", finished_before
-        )

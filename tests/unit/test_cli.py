@@ -24,6 +24,7 @@ from dmbridge.__main__ import main, parser
         (["demo", "--help"], "usage: dmbridge demo"),
         (["send", "--help"], "usage: dmbridge send"),
         (["list-dms", "--help"], "usage: dmbridge list-dms"),
+        (["forget", "--help"], "usage: dmbridge forget"),
     ],
 )
 def test_help(capsys: pytest.CaptureFixture[str], argv: list[str], usage: str) -> None:
@@ -239,3 +240,38 @@ def test_ctrl_c_is_one_line(monkeypatch: pytest.MonkeyPatch, config: Path,
     monkeypatch.setattr(asyncio, "run", interrupted)
     assert main(["list-dms", "-c", str(config)]) == 130
     assert _one_line_error(capsys) == "dmbridge: interrupted"
+
+
+def _forget_config(tmp_path: Path) -> str:
+    from tests.support.settings import make_settings
+
+    make_settings(tmp_path, homeserver_url="http://127.0.0.1:9", domain="example.org",
+                  port=29399, db_url=f"sqlite:///{tmp_path / 'dmbridge.db'}")
+    return str(tmp_path / "config.yaml")
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (["--matrix-user", "@nobody:example.org"],
+     "dmbridge: the bridge knows nothing of @nobody:example.org: no DM, no ghost"),
+    (["--matrix-user", "nobody"], "dmbridge: 'nobody' is not a Matrix user ID (@user:server)"),
+    (["--network", "chat", "--remote-id", "nobody"],
+     "dmbridge: the bridge knows nothing of chat user nobody: no DM, no ghost"),
+    (["--network", "nowhere", "--remote-id", "x"],
+     "dmbridge: no network 'nowhere' is configured"),
+    (["--network", "sms", "--remote-id", "not-a-number"],
+     "dmbridge: 'not-a-number' is not a valid sms user ID"),
+])
+def test_forget_refuses_an_unknown_or_bad_user_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], error: str) -> None:
+    code = main(["forget", "-c", _forget_config(tmp_path), "--yes", *args])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith(error) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("args", [[], ["--network", "chat"],
+                                  ["--matrix-user", "@a:example.org", "--remote-id", "x"]])
+def test_forget_needs_one_user(tmp_path: Path, args: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["forget", "-c", _forget_config(tmp_path), *args])
+    assert str(info.value).startswith("dmbridge: ")

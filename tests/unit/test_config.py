@@ -13,7 +13,13 @@ from ruamel.yaml import YAML
 from yarl import URL
 
 from dmbridge.__main__ import generate
-from dmbridge.config import ConfigError, DeliverySettings, MediaSettings, open_config
+from dmbridge.config import (
+    ConfigError,
+    DeliverySettings,
+    MediaSettings,
+    RetentionSettings,
+    open_config,
+)
 from dmbridge.networks import Delivery
 
 Edit = Callable[[Any], None]
@@ -706,3 +712,39 @@ def test_admin_notices_are_off_by_default_and_read(config_path: Path) -> None:
     assert settings.admin_notices.enabled
     assert settings.admin_notices.user == "@admin:example.org"
     assert settings.admin_notices.outage_after == 60
+
+
+def test_retention_defaults_and_values(config_path: Path) -> None:
+    assert open_config(config_path, environ={}).retention == RetentionSettings(
+        message_maps=90, history=365, media=30, dead_letters=30)
+    edit(config_path, set_key("retention.history", 0))
+    edit(config_path, set_key("retention.message_maps", 1.5))
+    retention = open_config(config_path, environ={}).retention
+    assert (retention.history, retention.message_maps) == (0, 1.5)
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    (-1, "must be a number from 0 to 36500, got -1"),
+    ("forever", "must be a number from 0 to 36500, got 'forever'"),
+    (36501, "got 36501"),
+    (0.5, "must be 0 (keep for ever) or from 1 to 36500, got 0.5"),
+])
+def test_retention_validation_names_key_and_problem(config_path: Path, value: object,
+                                                    problem: str) -> None:
+    edit(config_path, set_key("retention.dead_letters", value))
+    with pytest.raises(ConfigError) as info:
+        open_config(config_path, environ={})
+    assert info.value.key == "retention.dead_letters"
+    assert str(info.value).startswith("config key 'retention.dead_letters': ")
+    assert problem in str(info.value)
+
+
+def test_upgrade_adds_missing_retention_section(config_path: Path) -> None:
+    text = config_path.read_text()
+    start = text.index("# How long the bridge keeps")
+    end = text.index("\n\n", start) + 2
+    config_path.write_text(text[:start] + text[end:])
+    assert "retention" not in config_path.read_text()
+    settings = open_config(config_path, environ={}, upgrade=True)
+    assert settings.retention == RetentionSettings()
+    assert "message_maps: 90" in config_path.read_text()

@@ -258,22 +258,6 @@ async def test_expired_lists_pending_items_queued_too_long_ago(stores: Stores) -
     assert await stores.outbox.expired([], 5000, 10) == []
 
 
-async def test_prune_deletes_only_old_delivered_items(stores: Stores) -> None:
-    old = await add(stores, "old")
-    recent = await add(stores, "recent", remote_id=B)
-    dead = await add(stores, "dead", user_id="@x:example.org")
-    pending = await add(stores, "pending", network="chat")
-    await stores.outbox.delivered(old, 1, 1000)
-    await stores.outbox.delivered(recent, 1, 5000)
-    assert await stores.outbox.kill(dead, 1, "x", 1000)
-    await stores.outbox.prune(5000)
-    assert await stores.outbox.get(old) is None
-    assert [(await get(stores, i)).state for i in (recent, dead, pending)] == [
-        DELIVERED, DEAD, PENDING]
-    # The idempotency key of a pruned item is free again (a week later: events are pruned too).
-    assert await add(stores, "old") > pending
-
-
 # --- backoff --------------------------------------------------------------------------------
 
 

@@ -11,4 +11,5 @@ from . import (  # noqa: E402,F401
     v03_sent_message_event,
     v04_message_map_media,
     v05_creation_owner,
+    v06_retention_indexes,
 )
