@@ -24,6 +24,8 @@ from .config import (
     write_registration,
 )
 from .logfilter import limit_handlers
+from .logformat import formatter
+from .requestid import RequestIdFilter
 from .startup import StartupError
 
 # Whatever the bridge writes holds secrets or messages: the config, the registration, the
@@ -31,11 +33,12 @@ from .startup import StartupError
 UMASK = 0o077
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter(log_format))
+    # Lines a request causes carry its ID ([req-...] in text, request_id in JSON).
+    handler.addFilter(RequestIdFilter())
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
     # A flood of clients must not flood the log: repeated lines are counted, then summarised.
     limit_handlers(logging.getLogger().handlers)
     # mautrix logs every request at DEBUG on these; keep them quiet unless asked.
@@ -94,7 +97,7 @@ async def _run(config_path: Path) -> int:
     from .bridge import Bridge
 
     settings = open_config(config_path, upgrade=True)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     bridge = Bridge(settings)
     try:
         await bridge.start()
