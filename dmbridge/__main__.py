@@ -44,6 +44,9 @@ def _setup_logging(level: str, log_format: str = "text") -> None:
     # mautrix logs every request at DEBUG on these; keep them quiet unless asked.
     if level != "DEBUG":
         logging.getLogger("mau").setLevel(logging.WARNING)
+    # aiosqlite logs every statement with its values (message text too) from its own thread,
+    # where no request ID reaches; the time spent in the database is in the metrics instead.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 
 def generate(
