@@ -3,6 +3,10 @@ statement timing, and the exposition a scraper reads."""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import aiohttp
 import pytest
 from aiohttp import web
@@ -221,3 +225,22 @@ def test_exposition_parses_and_follows_the_accept_header() -> None:
     open_metrics = exposition(metrics.registry, "application/openmetrics-text; version=1.0.0")
     assert open_metrics.content_type == "application/openmetrics-text"
 
+
+
+def test_the_dashboard_and_readme_name_only_metrics_that_exist() -> None:
+    """contrib/grafana-dashboard.json and README's table use the families the bridge has."""
+    root = Path(__file__).resolve().parents[2]
+    metrics = Metrics()
+    names = {sample.name for family in metrics.registry.collect() for sample in family.samples}
+    names |= {f"{family.name}{suffix}" for family in metrics.registry.collect()
+              for suffix in ("", "_total", "_bucket", "_sum", "_count")}
+    dashboard = json.loads((root / "contrib" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    used = {name for expr in exprs for name in re.findall(r"dmbridge_[a-z_]+", expr)}
+    assert used and used <= names, used - names
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("### Metrics"):readme.index("### Logs")]
+    documented = set(re.findall(r"^\| `(dmbridge_[a-z_]+)`", table, re.MULTILINE))
+    families = {f"{f.name}_total" if f.type == "counter" else f.name
+                for f in metrics.registry.collect()}
+    assert documented == families
