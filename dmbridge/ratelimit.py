@@ -114,7 +114,8 @@ class HomeserverLimits:
     async def middleware(self, req: ClientRequest, handler: ClientHandlerType
                          ) -> ClientResponse:
         path = req.url.path
-        endpoint = f"{req.method} {endpoint_of(path)}"
+        template = endpoint_of(path)
+        endpoint = f"{req.method} {template}"
         key = (endpoint, req.url.query.get("user_id", ""))
         deadline = time.monotonic() + remaining(self.background_wait)
         for _ in range(MAX_ATTEMPTS):
@@ -125,7 +126,7 @@ class HomeserverLimits:
                 if self._holds.get(key, 0.0) <= time.monotonic():  # not renewed meanwhile
                     self._holds.pop(key, None)
             self.requests.add(req.method, path, endpoint)
-            resp = await self._timed(req, handler, endpoint)
+            resp = await self._timed(req, handler, template)
             if resp.status != 429:
                 return resp
             wait = await _retry_after(resp)
@@ -139,7 +140,7 @@ class HomeserverLimits:
         raise RateLimited(f"the homeserver kept rate-limiting {endpoint}",
                           self._holds.get(key, time.monotonic()) - time.monotonic())
 
-    async def _timed(self, req: ClientRequest, handler: ClientHandlerType, endpoint: str
+    async def _timed(self, req: ClientRequest, handler: ClientHandlerType, template: str
                      ) -> ClientResponse:
         """One request, counted by its status ("error" when no answer came) and timed."""
         start = time.monotonic()
@@ -149,7 +150,7 @@ class HomeserverLimits:
             status = resp.status
             return resp
         finally:
-            self.metrics.homeserver_request(req.method, endpoint.split(" ", 1)[1], status,
+            self.metrics.homeserver_request(req.method, template, status,
                                             time.monotonic() - start)
 
     async def _pause(self, endpoint: str, wait: float, deadline: float) -> None:
