@@ -182,19 +182,18 @@ class DatabaseGauges:
 
     async def refresh(self) -> None:
         """Count again, unless the last count was too recent for what it cost."""
-        now = time.monotonic()
+        now = self.clock()
         if now < self._next:
             return
         dms = await self.counts.dms_by_state()
         backlog = await self.counts.backlog()
         dead = await self.counts.dead_letters()
-        took = time.monotonic() - now
-        self._next = now + took * COUNT_COST_FACTOR
+        wall = self.clock()
+        self._next = now + max(0.0, wall - now) * COUNT_COST_FACTOR
         m = self.metrics
         m.dms.clear()
         for state, count in dms.items():
             m.dms.labels(state).set(count)
-        wall = self.clock()
         for network in sorted({*self.networks, *backlog, *dead}):
             count, oldest_ms = backlog.get(network, (0, 0))
             m.outbox_backlog.labels(network).set(count)

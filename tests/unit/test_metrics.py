@@ -169,11 +169,8 @@ async def test_database_gauges_list_every_network_and_age_the_oldest_item() -> N
     assert _value(metrics, "dmbridge_dead_letters", network="chat") == 0
 
 
-async def test_database_gauges_are_not_recounted_sooner_than_the_count_is_cheap(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_database_gauges_are_not_recounted_sooner_than_the_count_is_cheap() -> None:
     now = [100.0]
-    monkeypatch.setattr("dmbridge.metrics.time.monotonic", lambda: now[0])
     counts = FixedCounts()
     original = counts.dms_by_state
 
@@ -182,7 +179,7 @@ async def test_database_gauges_are_not_recounted_sooner_than_the_count_is_cheap(
         return await original()
 
     counts.dms_by_state = slow  # type: ignore[method-assign]
-    gauges = DatabaseGauges(Metrics(), counts, ["sms"])
+    gauges = DatabaseGauges(Metrics(), counts, ["sms"], clock=lambda: now[0])
     await gauges.refresh()
     now[0] += 10  # far less than a hundred times half a second
     await gauges.refresh()
