@@ -317,3 +317,30 @@ async def test_json_log_lines_carry_the_request_id(
     with_reply = [e for e in entries if reply in e["message"]]
     assert with_reply, entries[-30:]
     assert all((e["request_id"] or "").startswith("txn-") for e in with_reply), with_reply
+
+
+async def test_text_log_lines_carry_the_request_id(homeserver: Homeserver, tmp_path: Path,
+                                                   new_human: NewHuman) -> None:
+    """The default format: the request's ID in brackets before the message."""
+    folder = tmp_path / "bridge"
+    homeserver.settings(f"sqlite:///{tmp_path / 'dmbridge.db'}", folder)
+    human, phone = await new_human(), _phone()
+    async with aiohttp.ClientSession() as session, \
+            BridgeProcess(folder / "config.yaml", folder / "bridge.log") as proc:
+        proc.start()
+        await proc.wait_ready(homeserver.bridge_port)
+        url = (f"http://127.0.0.1:{homeserver.bridge_port}/_dmbridge/v1/networks/sms/messages/"
+               f"first-{phone}")
+        headers = {"Authorization": f"Bearer {SMS_TOKEN}", "X-Request-ID": "plat-text"}
+        body = {"sender": phone, "recipient": human.user_id, "text": "Hi"}
+        async with session.put(url, json=body, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            room_id = (await resp.json())["room_id"]
+        assert await proc.terminate() == 0
+    lines = (folder / "bridge.log").read_text().splitlines()
+    opened = [line for line in lines if f"opened DM room {room_id}" in line]
+    assert len(opened) == 1, lines
+    assert re.search(r" INFO dmbridge\.opening: \[plat-text\] opened DM room ", opened[0])
+    ping = [line for line in lines if "the homeserver reaches the bridge at" in line]
+    assert len(ping) == 1 and re.search(r"INFO dmbridge: the homeserver reaches the bridge at "
+                                        r"http://127\.0\.0\.1:\d+ \(\d+ ms\)$", ping[0]), ping
