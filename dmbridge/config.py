@@ -596,7 +596,16 @@ def _metrics(r: _Reader) -> MetricsSettings:
     if listen is None:
         raise ConfigError("metrics.listen", f'must be "" or HOST:PORT (port 1 to 65535), '
                           f"got {raw!r}")
+    if listen[1] == r.config.get("appservice.port", None) and _same_host(
+            listen[0], r.config.get("appservice.hostname", None)):
+        raise ConfigError("metrics.listen", f"{raw!r} is the bridge's own listener; leave it "
+                          '"" to serve /metrics there')
     return MetricsSettings(enabled=enabled, listen=listen)
+
+
+def _same_host(one: str, other: object) -> bool:
+    wildcards = ("0.0.0.0", "::")
+    return one == other or one in wildcards or other in wildcards
 
 
 def _host_port(value: str) -> tuple[str, int] | None:

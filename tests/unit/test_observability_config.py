@@ -70,6 +70,8 @@ def test_values_are_kept_and_overridable(config_path: Path) -> None:
     ("metrics.listen", "::1:9100", 'must be "" or HOST:PORT'),
     ("metrics.listen", "127.0.0.1:http", 'must be "" or HOST:PORT'),
     ("metrics.listen", 9100, 'must be "" or HOST:PORT'),
+    ("metrics.listen", "127.0.0.1:29340", "is the bridge's own listener"),
+    ("metrics.listen", "0.0.0.0:29340", "is the bridge's own listener"),
 ])
 def test_invalid_values_name_the_key(config_path: Path, key: str, value: Any, problem: str
                                      ) -> None:
