@@ -27,6 +27,8 @@ from .config import (
 )
 from .errors import BridgeError
 from .logfilter import limit_handlers
+from .logformat import formatter
+from .requestid import RequestIdFilter
 from .startup import StartupError
 
 if TYPE_CHECKING:
@@ -45,16 +47,20 @@ class CommandError(Exception):
         self.code = code
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter(log_format))
+    # Lines a request causes carry its ID ([req-...] in text, request_id in JSON).
+    handler.addFilter(RequestIdFilter())
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
     # A flood of clients must not flood the log: repeated lines are counted, then summarised.
     limit_handlers(logging.getLogger().handlers)
     # mautrix logs every request at DEBUG on these; keep them quiet unless asked.
     if level != "DEBUG":
         logging.getLogger("mau").setLevel(logging.WARNING)
+    # aiosqlite logs every statement with its values (message text too) from its own thread,
+    # where no request ID reaches; the time spent in the database is in the metrics instead.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 
 def generate(
@@ -112,7 +118,7 @@ async def _run(config_path: Path) -> int:
     from .bridge import Bridge
 
     settings = open_config(config_path, upgrade=True)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     bridge = Bridge(settings)
     try:
         await bridge.start()

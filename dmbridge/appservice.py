@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import aiohttp
 from aiohttp import web
 from aiohttp.client_middlewares import ClientMiddlewareType
+from mautrix.api import Method, Path
 from mautrix.appservice import AppService, AppServiceAPI
 from mautrix.appservice.state_store import ASStateStore
 
@@ -23,6 +24,7 @@ from . import jsontext
 from .config import Settings
 from .listener import Listener
 from .matrix import MatrixHandler
+from .metrics import Metrics
 
 log = logging.getLogger("dmbridge.appservice")
 
@@ -38,8 +40,10 @@ def _error(status: int, errcode: str, message: str) -> web.Response:
 class BridgeAppService(AppService):
     handler: MatrixHandler
 
-    def __init__(self, settings: Settings, state_store: ASStateStore, listener: Listener) -> None:
+    def __init__(self, settings: Settings, state_store: ASStateStore, listener: Listener,
+                 metrics: Metrics | None = None) -> None:
         self.listener = listener
+        self.metrics = metrics if metrics is not None else Metrics()
         super().__init__(
             server=settings.homeserver_url,
             domain=settings.domain,
@@ -84,6 +88,20 @@ class BridgeAppService(AppService):
         await self.runner.setup()
         await self.listener.start(self.runner, host, port)
 
+    async def ping_self(self, txn_id: str | None = None) -> int:
+        """The homeserver's ping of the bridge: its ``duration_ms`` (-1 if it gives none).
+
+        mautrix's own turns a 0 ms ping (a homeserver on the same machine) into -1.
+        """
+        resp = await self.intent.api.request(
+            Method.POST, Path.v1.appservice[self.id].ping,
+            content={"transaction_id": txn_id} if txn_id is not None else {},
+        )
+        duration = resp.get("duration_ms") if isinstance(resp, dict) else None
+        if isinstance(duration, int | float) and not isinstance(duration, bool):
+            return max(0, int(duration))
+        return -1
+
     def _auth_error(self, request: web.Request) -> web.Response | None:
         """401 without a token, 403 with a wrong one, as the spec asks."""
         header = request.headers.get("Authorization", "")
@@ -97,6 +115,12 @@ class BridgeAppService(AppService):
         return None
 
     async def _http_handle_transaction(self, request: web.Request) -> web.Response:
+        response = await self._handle_transaction(request)
+        outcome = {200: "recorded", 500: "failed"}.get(response.status, "invalid")
+        self.metrics.transaction(outcome)
+        return response
+
+    async def _handle_transaction(self, request: web.Request) -> web.Response:
         if (denied := self._auth_error(request)) is not None:
             return denied
         txn_id = request.match_info["transaction_id"]

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 
 import aiohttp
+from aiohttp import web
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
+from . import requestid
 from .api import PREFIX, make_api_app
 from .appservice import BridgeAppService
 from .config import Settings
 from .db import Stores, create_database, safe_url, start_database
+from .db.timing import time_queries
 from .dms import DMService
 from .errors import RateLimited
 from .ghosts import Ghosts
@@ -24,6 +28,7 @@ from .listener import Listener
 from .logfilter import LogLimits
 from .matrix import MatrixHandler
 from .media import MediaLinks, MediaService
+from .metrics import DatabaseGauges, Metrics, StoreCounts, metrics_handler
 from .notices import AdminNotices, NoticeRoom
 from .outbox import Outbox
 from .quotas import Quotas
@@ -41,22 +46,25 @@ class Bridge:
         self.settings = settings
         self.log_limits = LogLimits()
         self.requests = RequestLog()
+        self.metrics = Metrics()
         limits = settings.rate_limits
-        self.limits = HomeserverLimits(self.requests, limits.background_wait)
+        self.limits = HomeserverLimits(self.requests, limits.background_wait, self.metrics)
         self.quotas = Quotas()
         self.pacing = Pacing(limits.rooms_per_second, limits.room_burst, self.quotas,
                              limits.background_wait)
         self.db = create_database(settings.database_url, db_args=self._db_args(settings),
                                   log=logging.getLogger("dmbridge.db"))
+        time_queries(self.db, self.metrics.db_query)
         self.instances = Instances(self.db, settings.database_url, settings.creation_timeout)
         self.state_store = PgASStateStore(self.db)
         self.stores = Stores.over(self.db)
         self.listener = Listener(settings.listener)
-        self.appservice = BridgeAppService(settings, self.state_store, self.listener)
+        self.appservice = BridgeAppService(settings, self.state_store, self.listener,
+                                           self.metrics)
         self.ghosts = Ghosts(self.appservice, self.stores)
         self.matrix = MatrixHandler(
             stores=self.stores, networks=settings.networks, appservice=self.appservice,
-            ghosts=self.ghosts, on_leave=settings.on_leave,
+            ghosts=self.ghosts, on_leave=settings.on_leave, metrics=self.metrics,
         )
         self.appservice.handler = self.matrix
         self.links = MediaLinks(settings.as_token, settings.media.public_url,
@@ -67,7 +75,7 @@ class Bridge:
         self.notices = AdminNotices(notices, self._notice_room)
         self.outbox = Outbox(stores=self.stores, networks=settings.networks,
                              settings=settings.delivery, present=self.links.attach,
-                             notices=self.notices)
+                             notices=self.notices, metrics=self.metrics)
         self.matrix.on_queued = self.outbox.wake
         self.retention = Retention(self.db, settings.retention)
         self._dms: DMService | None = None
@@ -76,6 +84,7 @@ class Bridge:
         self._recovery_task: asyncio.Task[None] | None = None
         self._invites: InviteHandler | None = None
         self._listening = False
+        self._metrics_runner: web.AppRunner | None = None
 
     @staticmethod
     def _db_args(settings: Settings) -> dict[str, int]:
@@ -116,7 +125,9 @@ class Bridge:
         self.matrix.on_invited = self._invites.wake
         self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox, media,
                                                             self.settings, self.quotas))
+        self._observe(self.appservice.app)
         await self._listen()
+        await self._serve_metrics()
         self.retention.start()
         log.info("listening on http://%s:%d (API under %s)", self.settings.hostname,
                  self.settings.port, PREFIX)
@@ -140,6 +151,45 @@ class Bridge:
                 "or choose another appservice.port (and appservice.address, then run "
                 "`dmbridge generate` for the registration)") from e
 
+    def _observe(self, app: web.Application) -> None:
+        """Request IDs and metrics on every request to the listener; /metrics, unless it has a
+        listener of its own (or is off)."""
+        requestid.install(app)
+        app.middlewares.insert(1, self.metrics.middleware())
+        if self.settings.metrics.enabled and self.settings.metrics.listen is None:
+            app.router.add_get("/metrics", self._metrics_handler(), allow_head=False)
+
+    def _metrics_handler(self) -> requestid.Handler:
+        networks = [network.id for network in self.settings.networks]
+        return metrics_handler(self.metrics,
+                               DatabaseGauges(self.metrics, StoreCounts(self.stores), networks))
+
+    async def _serve_metrics(self) -> None:
+        """``metrics.listen``: /metrics alone on a listener of its own."""
+        listen = self.settings.metrics.listen
+        if not self.settings.metrics.enabled or listen is None:
+            return
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_handler(), allow_head=False)
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        await self._metrics_runner.setup()
+        host, port = listen
+        try:
+            await web.TCPSite(self._metrics_runner, host, port).start()
+        except OSError as e:
+            raise StartupError(
+                f"cannot listen on {host}:{port} (metrics.listen): "
+                f"{_LISTEN_CAUSES.get(e.errno or 0, e.strerror or str(e))}; stop what holds it, "
+                "or choose another metrics.listen") from e
+        log.info("metrics at http://%s/metrics", _host_port(host, port))
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of the metrics' own listener (None without one)."""
+        if self._metrics_runner is None or not self._metrics_runner.addresses:
+            return None
+        return int(self._metrics_runner.addresses[0][1])
+
     async def _register_bot(self) -> None:
         try:
             await self.appservice.intent.ensure_registered()
@@ -151,6 +201,7 @@ class Bridge:
 
     async def ping(self) -> bool:
         """Ask the homeserver to call us back; says which URL failed if it cannot."""
+        start = time.monotonic()
         try:
             duration = await self.appservice.ping_self()
         except MatrixRequestError as e:
@@ -170,6 +221,8 @@ class Bridge:
         except RateLimited as e:
             log.error("the homeserver rate-limits the bridge's self-check: %s", e)
             return False
+        if duration < 0:  # a homeserver that does not say: our own round trip, for an idea
+            duration = round((time.monotonic() - start) * 1000)
         log.info("the homeserver reaches the bridge at %s (%d ms)",
                  self.settings.appservice_address, duration)
         return True
@@ -209,12 +262,18 @@ class Bridge:
         await self.outbox.stop()
         if self._listening:  # not after a start that failed before it listened
             await self.appservice.stop()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
         if self._homeserver is not None:
             await self._homeserver.close()
         self.limits.close()
         await self.instances.stop()
         await self.db.stop()
         self.log_limits.remove()
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 _LISTEN_CAUSES = {

@@ -31,8 +31,9 @@ ENV_PREFIX = "DMBRIDGE_"
 PLACEHOLDER = "generate"
 SECTIONS = (
     "homeserver", "appservice", "database", "api", "dm", "delivery", "media", "networks",
-    "logging", "rate_limits", "admin_notices", "retention",
+    "logging", "rate_limits", "admin_notices", "retention", "metrics",
 )
+LOG_FORMATS = ("text", "json")
 ON_LEAVE = ("reinvite", "new_room")
 RETENTION_KEYS = ("message_maps", "history", "media", "dead_letters")
 LISTENER_KEYS = ("idle_timeout", "header_timeout", "body_stall_timeout", "body_timeout",
@@ -116,6 +117,9 @@ class Config(BaseFileConfig):
             copy(f"media.{key}")
         copy("networks")
         copy("logging.level")
+        copy("logging.format")
+        copy("metrics.enabled")
+        copy("metrics.listen")
         for key in LISTENER_KEYS:
             copy(f"appservice.listener.{key}")
         # Rate limits: the homeserver's, waited out, and the bridge's own pacing.
@@ -254,6 +258,15 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus metrics: whether they are served, and where."""
+
+    enabled: bool = True
+    listen: tuple[str, int] | None = None
+    """A separate (host, port) to serve ``GET /metrics`` on; None: the bridge's listener."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the bridge needs, validated. Built only through :func:`load_settings`."""
 
@@ -280,6 +293,8 @@ class Settings:
     rate_limits: RateLimitSettings = RateLimitSettings()
     admin_notices: NoticeSettings = field(default_factory=NoticeSettings)
     retention: RetentionSettings = RetentionSettings()
+    log_format: str = "text"
+    metrics: MetricsSettings = MetricsSettings()
 
     @property
     def bot_user_id(self) -> str:
@@ -580,7 +595,55 @@ def load_settings(config: Config) -> Settings:
         admin_notices=_admin_notices(r),
         retention=RetentionSettings(
             **{key: _days(r, f"retention.{key}") for key in RETENTION_KEYS}),
+        log_format=_log_format(r),
+        metrics=_metrics(r),
     )
+
+
+def _log_format(r: _Reader) -> str:
+    value = r.text("logging.format")
+    if value not in LOG_FORMATS:
+        raise ConfigError("logging.format", f"must be text or json, got {value!r}")
+    return value
+
+
+def _metrics(r: _Reader) -> MetricsSettings:
+    enabled = r.get("metrics.enabled")
+    if not isinstance(enabled, bool):
+        raise ConfigError("metrics.enabled", f"must be true or false, got {enabled!r}")
+    raw = r.config.get("metrics.listen", None)
+    if raw is None or raw == "":
+        return MetricsSettings(enabled=enabled)
+    listen = _host_port(raw) if isinstance(raw, str) else None
+    if listen is None:
+        raise ConfigError("metrics.listen", f'must be "" or HOST:PORT (port 1 to 65535), '
+                          f"got {raw!r}")
+    if listen[1] == r.config.get("appservice.port", None) and _same_host(
+            listen[0], r.config.get("appservice.hostname", None)):
+        raise ConfigError("metrics.listen", f"{raw!r} is the bridge's own listener; leave it "
+                          '"" to serve /metrics there')
+    return MetricsSettings(enabled=enabled, listen=listen)
+
+
+def _same_host(one: str, other: object) -> bool:
+    wildcards = ("0.0.0.0", "::")
+    return one == other or one in wildcards or other in wildcards
+
+
+def _host_port(value: str) -> tuple[str, int] | None:
+    """``127.0.0.1:9100``, ``[::1]:9100`` or ``0.0.0.0:9100`` as (host, port); None if not."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+    else:
+        host, sep, port = value.rpartition(":")
+        if ":" in host:
+            return None  # an IPv6 address goes in brackets
+    if not sep or not host or not (port.isascii() and port.isdigit()):
+        return None
+    if not 1 <= int(port) <= 65535:
+        return None
+    return host, int(port)
 
 
 def _listener(r: _Reader) -> ListenerSettings:

@@ -42,13 +42,24 @@ class RequestLog:
         self.by_endpoint[endpoint or f"{method} {endpoint_of(path)}"] += 1
 
 
+_ID_PREFIXES = ("%21", "!", "%40", "@", "%24", "$", "%23", "#")
+_MEDIA = ("download", "thumbnail")
+_MEDIA_PARTS = ("{server}", "{media_id}", "{filename}")
+
+
 def endpoint_of(path: str) -> str:
-    """The path with IDs replaced, so counts group by endpoint."""
+    """The path with IDs replaced, so counts group by endpoint (and metrics' labels stay few)."""
     parts = path.split("/")
     out = []
+    media_at = None
     for i, part in enumerate(parts):
         prev = parts[i - 1] if i else ""
-        if part.startswith(("%21", "!", "%40", "@", "%24", "$")) or prev in ("send", "state"):
+        if media_at is not None:
+            out.append(_MEDIA_PARTS[min(i - media_at - 1, len(_MEDIA_PARTS) - 1)])
+        elif part in _MEDIA and "media" in parts[:i]:
+            media_at = i
+            out.append(part)
+        elif part.startswith(_ID_PREFIXES) or prev in ("send", "state"):
             out.append("{id}" if prev != "send" else "{type}")
         elif i >= 2 and parts[i - 2] in ("send", "redact"):
             out.append("{txn}")

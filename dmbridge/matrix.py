@@ -15,6 +15,7 @@ from . import jsontext
 from .db import Stores, now_ms
 from .ghosts import Ghosts
 from .lifecycle import Effects, Lifecycle
+from .metrics import Metrics
 from .networks import Networks
 
 log = logging.getLogger("dmbridge.matrix")
@@ -25,9 +26,10 @@ MAX_ID_BYTES = 255  # the spec's limit for event, room and user IDs (and member 
 class MatrixHandler:
     def __init__(
         self, *, stores: Stores, networks: Networks, appservice: AppService, ghosts: Ghosts,
-        on_leave: str,
+        on_leave: str, metrics: Metrics | None = None,
     ) -> None:
         self.stores = stores
+        self.metrics = metrics if metrics is not None else Metrics()
         self.networks = networks
         self.appservice = appservice
         self.ghosts = ghosts
@@ -55,26 +57,33 @@ class MatrixHandler:
         at = now_ms()
         conn: Connection
         effects = Effects()
+        outcomes: list[tuple[object, str]] = []  # counted once committed
         async with self.stores.db.acquire() as conn, conn.transaction():
             for raw in events:
                 if (problem := unstorable(raw, untrusted)) is not None:
                     log.warning("txn %s: skipping an event the bridge cannot store (%s): %.300r",
                                 txn_id, problem, raw)
+                    outcomes.append((raw.get("type") if isinstance(raw, dict) else None,
+                                     "skipped"))
                     continue
                 if untrusted:
                     raw = jsontext.scrub(raw)
                 event_id = raw["event_id"]
                 if not await self.stores.events.claim(conn, EventID(event_id), at):
                     log.debug("txn %s: %s already processed", txn_id, event_id)
+                    outcomes.append((raw.get("type"), "duplicate"))
                     continue
                 fresh.append(raw)
-                await self._apply(conn, txn_id, raw, at, effects)
+                outcomes.append((raw.get("type"),
+                                 await self._apply(conn, txn_id, raw, at, effects)))
             for edu in ephemeral or []:
                 if isinstance(edu, dict) and isinstance(edu.get("room_id"), str) and isinstance(
                     edu.get("content"), dict
                 ) and not (untrusted and jsontext.holds_cut(edu)):
                     edu = jsontext.scrub(edu) if untrusted else edu
                     await self._apply(conn, txn_id, edu, at, effects, ephemeral=True)
+        for event_type, outcome in outcomes:
+            self.metrics.event(event_type, outcome)
         if effects.networks:
             self.on_queued(effects.networks)
         if effects.invites:
@@ -86,13 +95,15 @@ class MatrixHandler:
             log.debug("txn %s: %d events, %d new", txn_id, len(events), len(fresh))
 
     async def _apply(self, conn: Connection, txn_id: str, raw: dict[str, Any], at: int,
-                     effects: Effects, ephemeral: bool = False) -> None:
+                     effects: Effects, ephemeral: bool = False) -> str:
         """Apply one event in a savepoint: an event that fails is logged and skipped.
+        Returns what became of it: ``processed``, ``skipped`` (malformed) or ``failed``.
 
         If even the rollback fails, the database itself is in trouble: the error goes up and
         the homeserver resends the whole transaction.
         """
         await conn.execute("SAVEPOINT dmbridge_event")
+        outcome = "processed"
         try:
             if ephemeral:
                 await self.lifecycle.apply_ephemeral(conn, raw, at, effects)
@@ -100,11 +111,14 @@ class MatrixHandler:
                 await self.lifecycle.apply(conn, raw, at, effects)
             else:
                 log.warning("txn %s: event %s is malformed; skipped", txn_id, raw.get("event_id"))
+                outcome = "skipped"
         except Exception:
             await conn.execute("ROLLBACK TO SAVEPOINT dmbridge_event")
             log.exception("txn %s: could not handle event %s (%s in %s); skipped", txn_id,
                           raw.get("event_id"), raw.get("type"), raw.get("room_id"))
+            outcome = "failed"
         await conn.execute("RELEASE SAVEPOINT dmbridge_event")
+        return outcome
 
     async def _update_state_store(self, raw: dict[str, Any]) -> None:
         """Keep mautrix's state store (a cache for its intents) in step with ours.

@@ -21,6 +21,7 @@ from .config import DeliverySettings
 from .db import Stores, now_ms
 from .db.outbox import OutboxItem
 from .errors import InvalidParam
+from .metrics import Metrics
 from .networks import PULL, PUSH, Network, Networks
 from .notices import AdminNotices, NoticeSettings
 from .webhook import Outcome, Present, WebhookClient, as_stored
@@ -44,9 +45,11 @@ def backoff(attempt: int, settings: DeliverySettings, rng: random.Random | None 
 
 class Outbox:
     def __init__(self, *, stores: Stores, networks: Networks, settings: DeliverySettings,
-                 present: Present = as_stored, notices: AdminNotices | None = None) -> None:
+                 present: Present = as_stored, notices: AdminNotices | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.stores = stores
         self.notices = notices or AdminNotices(NoticeSettings(), None)
+        self.metrics = metrics if metrics is not None else Metrics()
         # Last touches as an event is handed out (fresh media links), pushed or pulled.
         self._present = present
         self.networks = networks
@@ -144,6 +147,7 @@ class Outbox:
             outcome = await self._webhook.post(network, item, attempt)
             if outcome.ok:
                 await self.stores.outbox.delivered(item.id, attempt, now_ms())
+                self.metrics.delivery(item.network, "delivered")
                 log.info("delivered outbox %d (%s %s) to %s on attempt %d", item.id, item.type,
                          item.idempotency_key, item.network, attempt)
                 self.notices.delivery_ok(item.network)
@@ -172,6 +176,7 @@ class Outbox:
             delay = max(delay, outcome.retry_after)
         next_at = min(now + int(delay * 1000), deadline)
         await self.stores.outbox.retry_later(item.id, attempt, next_at, outcome.error)
+        self.metrics.delivery(network.id, "retried")
         log.warning("delivery of outbox %d to %s failed (attempt %d: %s); next try in %.1f s",
                     item.id, network.id, attempt, outcome.error, (next_at - now) / 1000)
 
@@ -179,6 +184,7 @@ class Outbox:
         """Make the item a dead letter, and tell the platform (once it can be reached)."""
         if not await self.stores.outbox.kill(item.id, attempts, why, now_ms()):
             return
+        self.metrics.delivery(item.network, "dead_lettered")
         log.error("outbox %d (%s %s for %s) is now a dead letter: %s", item.id, item.type,
                   item.idempotency_key, item.network, why)
         self.notices.dead_letter(item.network, item.id, f"{item.type} for {item.user_id}", why)
@@ -230,6 +236,7 @@ class Outbox:
     async def ack(self, network: Network, ids: list[int]) -> int:
         self.check_pull(network)
         count = await self.stores.outbox.ack(network.id, ids, now_ms())
+        self.metrics.delivery(network.id, "delivered", count)
         log.info("%s acknowledged %d of %d event(s)", network.id, count, len(ids))
         return count
 

@@ -26,6 +26,7 @@ from aiohttp.typedefs import Middleware
 
 from .errors import RateLimited
 from .homeserver import RequestLog, endpoint_of
+from .metrics import Metrics
 from .networks import Network
 from .quotas import Quotas
 from .tokenbucket import TokenBucket
@@ -101,8 +102,10 @@ class HomeserverLimits:
     same kind waits its turn instead of drawing another 429.
     """
 
-    def __init__(self, requests: RequestLog, background_wait: float) -> None:
+    def __init__(self, requests: RequestLog, background_wait: float,
+                 metrics: Metrics | None = None) -> None:
         self.requests = requests
+        self.metrics = metrics if metrics is not None else Metrics()
         self.background_wait = background_wait
         self._holds: dict[tuple[str, str], float] = {}
         self._storms: dict[str, _Storm] = {}
@@ -111,7 +114,8 @@ class HomeserverLimits:
     async def middleware(self, req: ClientRequest, handler: ClientHandlerType
                          ) -> ClientResponse:
         path = req.url.path
-        endpoint = f"{req.method} {endpoint_of(path)}"
+        template = endpoint_of(path)
+        endpoint = f"{req.method} {template}"
         key = (endpoint, req.url.query.get("user_id", ""))
         deadline = time.monotonic() + remaining(self.background_wait)
         for _ in range(MAX_ATTEMPTS):
@@ -122,7 +126,7 @@ class HomeserverLimits:
                 if self._holds.get(key, 0.0) <= time.monotonic():  # not renewed meanwhile
                     self._holds.pop(key, None)
             self.requests.add(req.method, path, endpoint)
-            resp = await handler(req)
+            resp = await self._timed(req, handler, template)
             if resp.status != 429:
                 return resp
             wait = await _retry_after(resp)
@@ -135,6 +139,19 @@ class HomeserverLimits:
         self._note_gave_up(endpoint)
         raise RateLimited(f"the homeserver kept rate-limiting {endpoint}",
                           self._holds.get(key, time.monotonic()) - time.monotonic())
+
+    async def _timed(self, req: ClientRequest, handler: ClientHandlerType, template: str
+                     ) -> ClientResponse:
+        """One request, counted by its status ("error" when no answer came) and timed."""
+        start = time.monotonic()
+        status: int | str = "error"
+        try:
+            resp = await handler(req)
+            status = resp.status
+            return resp
+        finally:
+            self.metrics.homeserver_request(req.method, template, status,
+                                            time.monotonic() - start)
 
     async def _pause(self, endpoint: str, wait: float, deadline: float) -> None:
         if time.monotonic() + wait > deadline:

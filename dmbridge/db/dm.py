@@ -263,3 +263,8 @@ class DMStore:
             "UPDATE dm SET state='ended', updated_at=$2 WHERE room_id=$1 AND state='active'",
             room_id, now_ms,
         )
+
+    async def count_by_state(self) -> dict[str, int]:
+        """How many DM rows are in each state (for metrics; a scan of the table)."""
+        rows = await self.db.fetch("SELECT state, COUNT(*) AS n FROM dm GROUP BY state")
+        return {str(r["state"]): int(r["n"]) for r in rows}

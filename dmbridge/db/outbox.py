@@ -212,6 +212,21 @@ class OutboxStore:
             )
         return sorted(int(r["id"]) for r in rows)
 
+    async def backlog(self) -> dict[str, tuple[int, int]]:
+        """Per network: pending items and the oldest one's queued_at (ms)."""
+        rows = await self.db.fetch(
+            "SELECT network, COUNT(*) AS n, MIN(queued_at) AS oldest FROM outbox"
+            " WHERE state='pending' GROUP BY network"
+        )
+        return {str(r["network"]): (int(r["n"]), int(r["oldest"])) for r in rows}
+
+    async def dead_counts(self) -> dict[str, int]:
+        """Per network: how many dead letters are kept."""
+        rows = await self.db.fetch(
+            "SELECT network, COUNT(*) AS n FROM outbox WHERE state='dead' GROUP BY network"
+        )
+        return {str(r["network"]): int(r["n"]) for r in rows}
+
     async def was_delivered_message(self, network: str, remote_id: str, user_id: str,
                                     event_id: str) -> bool:
         """Is ``event_id`` a Matrix message queued for this DM's platform (and not pruned)?"""

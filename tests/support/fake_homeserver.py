@@ -60,6 +60,7 @@ class FakeHomeserver:
         # Called with each new room before createRoom answers (a transaction arriving early).
         self.on_room_created: Callable[[Room], Awaitable[None]] | None = None
         self.media: dict[str, tuple[str, bytes]] = {}
+        self.ping_duration_ms: int | None = 1  # what the ping answers (None: nothing)
         self.server: TestServer | None = None
 
     @property
@@ -142,7 +143,9 @@ class FakeHomeserver:
         return web.json_response({"versions": ["v1.11"]})
 
     async def _ping(self, _: web.Request) -> web.Response:
-        return web.json_response({"duration_ms": 1})
+        if self.ping_duration_ms is None:
+            return web.json_response({})
+        return web.json_response({"duration_ms": self.ping_duration_ms})
 
     async def _upload(self, request: web.Request) -> web.Response:
         data = bytearray()
