@@ -111,9 +111,16 @@ async def _run(config_path: Path) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    # A check after start may find what only the config can fix: then the bridge ends too.
+    failed = asyncio.ensure_future(bridge.failed())
+    await asyncio.wait([asyncio.ensure_future(stop.wait()), failed],
+                       return_when=asyncio.FIRST_COMPLETED)
+    code = 1 if failed.done() else 0
+    if code:
+        logging.getLogger("dmbridge").error("could not start: %s", failed.result())
+    failed.cancel()
     await bridge.stop()
-    return 0
+    return code
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -251,6 +258,12 @@ def cmd_clear_declined(args: argparse.Namespace) -> int:
     return asyncio.run(_clear_declined(args.config, args.network, args.remote_id, args.user))
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    return asyncio.run(run_doctor(args.config, args.registration))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dmbridge", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -328,6 +341,16 @@ def parser() -> argparse.ArgumentParser:
     cd.add_argument("--remote-id", required=True, help="the remote user's ID on that network")
     cd.add_argument("--user", required=True, help="the Matrix user who declined")
     cd.set_defaults(func=cmd_clear_declined)
+
+    dr = sub.add_parser("doctor", help="check the set-up: config, database, homeserver, "
+                        "registration, webhooks, file modes",
+                        description="Run every check of the bridge's set-up and print one line "
+                        "per check, 'ok' or 'problem' with the cause and the fix. Exit status 1 "
+                        "if any check found a problem.")
+    with_config(dr)
+    dr.add_argument("-r", "--registration", type=Path, help="the registration file to compare "
+                    "with the config (default: registration.yaml beside the config, if there)")
+    dr.set_defaults(func=cmd_doctor)
     return p
 
 

@@ -14,6 +14,7 @@ from .api import PREFIX, make_api_app
 from .appservice import BridgeAppService
 from .config import Settings
 from .db import Stores, create_database, safe_url, start_database
+from .diagnosis import HomeserverChecks, Problem
 from .dms import DMService
 from .errors import RateLimited
 from .ghosts import Ghosts
@@ -27,6 +28,7 @@ from .media import MediaLinks, MediaService
 from .outbox import Outbox
 from .quotas import Quotas
 from .ratelimit import HomeserverLimits, Pacing
+from .readiness import Readiness, Watch
 from .startup import StartupError
 
 log = logging.getLogger("dmbridge")
@@ -71,6 +73,12 @@ class Bridge:
         self._recovery_task: asyncio.Task[None] | None = None
         self._invites: InviteHandler | None = None
         self._listening = False
+        self.readiness = Readiness(self.db, settings.database_url)
+        self.readiness.on_change = self._set_ready
+        self.watch: Watch | None = None
+
+    def _set_ready(self, ready: bool) -> None:
+        self.appservice.ready = ready  # mautrix's /_matrix/mau/ready says the same
 
     @staticmethod
     def _db_args(settings: Settings) -> dict[str, int]:
@@ -85,6 +93,12 @@ class Bridge:
         return self._dms
 
     async def start(self, *, ping: bool = True) -> None:
+        """Open the database and listen; then check the homeserver once and return, ready or
+        not: the bridge goes on checking in the background (see :mod:`dmbridge.readiness`).
+
+        Raises :class:`StartupError` if something only the config can fix is wrong. With
+        ``ping=False`` (benchmarks) the homeserver is not checked at all.
+        """
         self.log_limits.install()
         self._log_task = asyncio.create_task(self._log_summaries())
         log.info("starting: database %s", safe_url(self.settings.database_url))
@@ -109,18 +123,35 @@ class Bridge:
         )
         self.matrix.on_invited = self._invites.wake
         self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox, media,
-                                                            self.settings, self.quotas))
+                                                            self.settings, self.quotas,
+                                                            readiness=self.readiness))
         await self._listen()
         self._prune_task = asyncio.create_task(self._prune_loop())
         log.info("listening on http://%s:%d (API under %s)", self.settings.hostname,
                  self.settings.port, PREFIX)
-        await self._register_bot()
-        if ping:
-            await self.ping()
         await self.outbox.start()
+        self.watch = Watch(self.settings, self.readiness, self._on_contact)
+        if ping:
+            await self.watch.first()
+        else:
+            await self._on_contact()
+            self.readiness.set([])
+
+    async def _on_contact(self) -> Problem | None:
+        """The homeserver accepts the bridge: what needs it at start runs now."""
+        assert self._invites is not None and self._dms is not None
+        if (problem := await self._register_bot()) is not None:
+            return problem
         self._invites.start()
         self._recovery_task = asyncio.create_task(self._recover_unfinished(self._dms))
-        self.appservice.ready = True
+        return None
+
+    async def failed(self) -> StartupError:
+        """Waits until a check finds what only the config can fix (it may never happen)."""
+        if self.watch is None:
+            await asyncio.Event().wait()
+        assert self.watch is not None
+        return await asyncio.shield(self.watch.fatal)
 
     async def _listen(self) -> None:
         host, port = self.settings.hostname, self.settings.port
@@ -134,33 +165,25 @@ class Bridge:
                 "or choose another appservice.port (and appservice.address, then run "
                 "`dmbridge generate` for the registration)") from e
 
-    async def _register_bot(self) -> None:
+    async def _register_bot(self) -> Problem | None:
         try:
             await self.appservice.intent.ensure_registered()
         except (MatrixRequestError, MatrixConnectionError, aiohttp.ClientError,
                 RateLimited) as e:
-            log.error("could not register the bridge bot %s at %s: %s",
-                      self.settings.bot_user_id, self.settings.homeserver_url, e)
+            return Problem("registration", f"could not register the bridge bot "
+                           f"{self.settings.bot_user_id} at {self.settings.homeserver_url}: {e}",
+                           "see the homeserver's log")
+        return None
 
     async def ping(self) -> bool:
-        """Ask the homeserver to call us back; says which URL failed if it cannot."""
-        try:
-            duration = await self.appservice.ping_self()
-        except MatrixRequestError as e:
-            log.error(
-                "the homeserver could not reach the bridge at %s (appservice.address): %s %s",
-                self.settings.appservice_address, e.errcode, e.message,
-            )
-            return False
-        except (MatrixConnectionError, aiohttp.ClientError) as e:  # mautrix wraps the latter
-            log.error("the homeserver at %s (homeserver.address) is unreachable: %s",
-                      self.settings.homeserver_url, e)
-            return False
-        except RateLimited as e:
-            log.error("the homeserver rate-limits the bridge's self-check: %s", e)
+        """Ask the homeserver to call us back; logs which URL or token failed if it cannot."""
+        async with aiohttp.ClientSession() as session:
+            result = await HomeserverChecks(self.settings, session).ping()
+        if isinstance(result, Problem):
+            log.error("%s", result)
             return False
         log.info("the homeserver reaches the bridge at %s (%d ms)",
-                 self.settings.appservice_address, duration)
+                 self.settings.appservice_address, result)
         return True
 
     @staticmethod
@@ -194,6 +217,8 @@ class Bridge:
 
     async def stop(self) -> None:
         log.info("stopping")
+        if self.watch is not None:
+            await self.watch.stop()
         for task in (self._prune_task, self._log_task, self._recovery_task):
             if task is not None:
                 task.cancel()
