@@ -203,7 +203,7 @@ class HomeserverChecks:
             "registration",
             f"the registration the homeserver loaded names the bot {user_id} "
             f"(sender_localpart {localpart}), the config {expected} "
-            "(appservice.bot_localpart)",
+            "(appservice.bot_username)",
             REGENERATE,
         )
 

@@ -28,7 +28,7 @@ log = logging.getLogger("dmbridge.readiness")
 
 FIRST_DELAY_S = 1.0
 MAX_DELAY_S = 10.0
-RECHECK_S = 30.0
+RECHECK_S = 15.0
 REPEAT_LOG_S = 60.0
 DB_CHECK_TIMEOUT_S = 5.0
 
