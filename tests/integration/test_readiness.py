@@ -76,6 +76,15 @@ async def until_ready(bridge: BridgeProcess, port: int) -> None:
     await wait_for(ready, timeout=60, what=f"readiness:\n{bridge.log_tail()}")
 
 
+async def until_failing(bridge: BridgeProcess, port: int, check: str) -> None:
+    async def failing() -> bool:
+        assert bridge.running, bridge.log_tail()
+        status, body = await get(port, READY)
+        return status == 503 and check in [p["check"] for p in body["failing"]]
+
+    await wait_for(failing, timeout=60, what=f"{check} to fail:\n{bridge.log_tail()}")
+
+
 def config_for(folder: Path, hs_url: str, port: int, **overrides: Any) -> tuple[Path, Settings]:
     settings = make_settings(folder, homeserver_url=hs_url, domain=DOMAIN, port=port,
                              db_url=f"sqlite:///{folder / 'dmbridge.db'}", **overrides)
@@ -141,6 +150,10 @@ async def test_a_bridge_started_before_the_homeserver_waits_then_becomes_ready_a
             await human.join(sent["room_id"])
             [message] = await human.wait_messages(sent["room_id"], 1)
             assert message["content"]["body"] == "after the homeserver came up"
+
+        # Checked again after start: a homeserver that goes away makes it not ready.
+        await asyncio.to_thread(synapse.stop)
+        await until_failing(bridge, port, "homeserver")
         await bridge.terminate()
 
 
