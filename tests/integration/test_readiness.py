@@ -85,9 +85,10 @@ async def until_failing(bridge: BridgeProcess, port: int, check: str) -> None:
     await wait_for(failing, timeout=60, what=f"{check} to fail:\n{bridge.log_tail()}")
 
 
-def config_for(folder: Path, hs_url: str, port: int, **overrides: Any) -> tuple[Path, Settings]:
+def config_for(folder: Path, hs_url: str, port: int, db_url: str | None = None,
+               **overrides: Any) -> tuple[Path, Settings]:
     settings = make_settings(folder, homeserver_url=hs_url, domain=DOMAIN, port=port,
-                             db_url=f"sqlite:///{folder / 'dmbridge.db'}", **overrides)
+                             db_url=db_url or f"sqlite:///{folder / 'dmbridge.db'}", **overrides)
     config = folder / "config.yaml"
     config.chmod(0o600)  # as `dmbridge generate` writes it
     return config, settings
@@ -300,10 +301,10 @@ async def test_a_network_added_without_a_new_registration(homeserver: Homeserver
 
 
 async def test_doctor_finds_nothing_wrong_in_a_good_set_up(homeserver: Homeserver,
-                                                           tmp_path: Path) -> None:
+                                                           tmp_path: Path, db_url: str) -> None:
     async with WebhookReceiver("webhook-secret-0123456789") as rx:
         webhook = {"mode": "webhook", "url": rx.url, "secret": "webhook-secret-0123456789"}
-        config, _ = config_for(tmp_path, homeserver.url, homeserver.bridge_port,
+        config, _ = config_for(tmp_path, homeserver.url, homeserver.bridge_port, db_url,
                                networks={"sms": {"delivery": webhook}})
         async with BridgeProcess(config, tmp_path / "bridge.log") as bridge:
             bridge.start()
@@ -320,13 +321,15 @@ async def test_doctor_finds_nothing_wrong_in_a_good_set_up(homeserver: Homeserve
     assert any("schema version" in x and "(current)" in x for x in lines), lines
 
 
-async def test_doctor_names_a_stopped_bridge_an_unreachable_webhook_and_open_files(
+async def test_doctor_names_a_stopped_bridge_unreachable_webhook_and_database_open_files(
     homeserver: Homeserver, tmp_path: Path
 ) -> None:
     hook = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
-    config, _ = config_for(tmp_path, homeserver.url, free_port(), networks={
-        "chat": {"delivery": {"mode": "webhook", "url": hook,
-                              "secret": "webhook-secret-0123456789"}}})
+    db_port = free_port()  # no PostgreSQL there either
+    config, _ = config_for(tmp_path, homeserver.url, free_port(),
+                           f"postgres://dmbridge:secret@127.0.0.1:{db_port}/dmbridge", networks={
+                               "chat": {"delivery": {"mode": "webhook", "url": hook,
+                                                     "secret": "webhook-secret-0123456789"}}})
     config.chmod(0o644)
     code, lines = await doctor(config, homeserver.folder / "registration.yaml")
     assert code == 1
@@ -335,5 +338,9 @@ async def test_doctor_names_a_stopped_bridge_an_unreachable_webhook_and_open_fil
         problems) and f"fix: chmod 600 {config}" in "\n".join(problems), lines
     assert any(x.startswith(f"problem webhook chat: {hook} (networks[1].delivery.url) is "
                             "unreachable") for x in problems), lines
+    assert f"problem database: database postgres://dmbridge:***@127.0.0.1:{db_port}/dmbridge:" \
+        " cannot connect (" in "\n".join(problems), lines
+    assert "fix: check that PostgreSQL runs and accepts connections there" in "\n".join(lines)
+    assert "secret@" not in "\n".join(lines)
     [ping] = [x for x in lines if " ping: " in x]
     assert ping.startswith("skip ping: the bridge is not running at ")
