@@ -112,12 +112,12 @@ async def _run(config_path: Path) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     # A check after start may find what only the config can fix: then the bridge ends too.
-    failed = asyncio.ensure_future(bridge.failed())
-    await asyncio.wait([asyncio.ensure_future(stop.wait()), failed],
-                       return_when=asyncio.FIRST_COMPLETED)
+    stopping, failed = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(bridge.failed())
+    await asyncio.wait([stopping, failed], return_when=asyncio.FIRST_COMPLETED)
     code = 1 if failed.done() else 0
     if code:
         logging.getLogger("dmbridge").error("could not start: %s", failed.result())
+    stopping.cancel()
     failed.cancel()
     await bridge.stop()
     return code

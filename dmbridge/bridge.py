@@ -134,7 +134,8 @@ class Bridge:
         if ping:
             await self.watch.first()
         else:
-            await self._on_contact()
+            if (problem := await self._on_contact()) is not None:
+                log.error("%s", problem)
             self.readiness.set([])
 
     async def _on_contact(self) -> Problem | None:
