@@ -171,6 +171,11 @@ class Doctor:
                     self.report(ok("database", f"{path} does not exist yet; `dmbridge run` "
                                    f"creates it (schema version {latest})"))
                 return
+            if not os.access(path, os.R_OK):
+                self.report(Finding("problem", "database", f"{path} cannot be read by "
+                                    f"{current_user()}", "run the doctor as the user the bridge "
+                                    "runs as, or give the file to that user (chown)"))
+                return
             try:
                 version = _sqlite_version(path)
             except sqlite3.Error as e:
