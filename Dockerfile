@@ -25,4 +25,8 @@ VOLUME /data
 EXPOSE 29340
 # Listen on every interface inside the container; the config file may still say 127.0.0.1.
 ENV DMBRIDGE_APPSERVICE__HOSTNAME=0.0.0.0
+# Healthy means ready (GET /_dmbridge/v1/health/ready answers 200); the port is
+# appservice.port, 29340 unless DMBRIDGE_APPSERVICE__PORT says otherwise.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/_dmbridge/v1/health/ready' % os.environ.get('DMBRIDGE_APPSERVICE__PORT', '29340'), timeout=5)"]
 CMD ["dmbridge", "run", "-c", "/data/config.yaml"]

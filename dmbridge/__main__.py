@@ -136,9 +136,16 @@ async def _run(config_path: Path) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    # A check after start may find what only the config can fix: then the bridge ends too.
+    stopping, failed = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(bridge.failed())
+    await asyncio.wait([stopping, failed], return_when=asyncio.FIRST_COMPLETED)
+    code = 1 if failed.done() else 0
+    if code:
+        logging.getLogger("dmbridge").error("could not start: %s", failed.result())
+    stopping.cancel()
+    failed.cancel()
     await bridge.stop()
-    return 0
+    return code
 
 
 async def _stop_after_failed_start(bridge: Bridge) -> None:
@@ -313,6 +320,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     return asyncio.run(command(open_config(args.config), args.matrix_user, args.network,
                                args.remote_id, yes=args.yes))
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    return asyncio.run(run_doctor(args.config, args.registration))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -424,6 +435,15 @@ def parser() -> argparse.ArgumentParser:
     fg.add_argument("--remote-id", help="the remote user's ID on that network")
     fg.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     fg.set_defaults(func=cmd_forget)
+    dr = sub.add_parser("doctor", help="check the set-up: config, database, homeserver, "
+                        "registration, webhooks, file modes",
+                        description="Run every check of the bridge's set-up and print one line "
+                        "per check, 'ok' or 'problem' with the cause and the fix. Exit status 1 "
+                        "if any check found a problem.")
+    with_config(dr)
+    dr.add_argument("-r", "--registration", type=Path, help="the registration file to compare "
+                    "with the config (default: registration.yaml beside the config, if there)")
+    dr.set_defaults(func=cmd_doctor)
     return p
 
 

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from collections.abc import Sequence
 
 import aiohttp
@@ -22,6 +23,7 @@ from mautrix.appservice.state_store import ASStateStore
 
 from . import jsontext
 from .config import Settings
+from .diagnosis import wrong_hs_token
 from .listener import Listener
 from .matrix import MatrixHandler
 from .metrics import Metrics
@@ -31,6 +33,7 @@ log = logging.getLogger("dmbridge.appservice")
 MAX_TRANSACTION_BYTES = 64 * 1024 * 1024
 # Synapse refuses event content nested deeper than about 100 levels; a transaction adds three.
 MAX_TRANSACTION_DEPTH = 128
+TOKEN_WARNING_EVERY_S = 60.0
 
 
 def _error(status: int, errcode: str, message: str) -> web.Response:
@@ -57,6 +60,7 @@ class BridgeAppService(AppService):
         )
         # The state store is updated by MatrixHandler before the transaction is acknowledged.
         self.event_handlers.clear()
+        self._next_token_warning = 0.0
 
     def new_session(self, middlewares: Sequence[ClientMiddlewareType]) -> aiohttp.ClientSession:
         """The client session mautrix's intents use; ``middlewares`` count every request and
@@ -110,7 +114,12 @@ class BridgeAppService(AppService):
         if not token:
             return _error(401, "M_MISSING_TOKEN", "no hs_token in the request")
         if not hmac.compare_digest(token.encode(), self.hs_token.encode()):
-            log.warning("request to %s with a wrong hs_token", request.path)
+            # Once a minute at most: the homeserver retries, and the bridge pings it.
+            now = time.monotonic()
+            level = logging.WARNING if now >= self._next_token_warning else logging.DEBUG
+            if level == logging.WARNING:
+                self._next_token_warning = now + TOKEN_WARNING_EVERY_S
+            log.log(level, "%s", wrong_hs_token(f"{request.method} {request.path}"))
             return _error(403, "M_FORBIDDEN", "wrong hs_token")
         return None
 

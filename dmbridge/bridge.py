@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import time
 
 import aiohttp
 from aiohttp import web
@@ -18,6 +17,7 @@ from .appservice import BridgeAppService
 from .config import Settings
 from .db import Stores, create_database, safe_url, start_database
 from .db.timing import time_queries
+from .diagnosis import HomeserverChecks, Problem
 from .dms import DMService
 from .errors import RateLimited
 from .ghosts import Ghosts
@@ -33,6 +33,7 @@ from .notices import AdminNotices, NoticeRoom
 from .outbox import Outbox
 from .quotas import Quotas
 from .ratelimit import HomeserverLimits, Pacing
+from .readiness import Readiness, Watch
 from .retention import Retention
 from .startup import StartupError
 
@@ -85,6 +86,12 @@ class Bridge:
         self._invites: InviteHandler | None = None
         self._listening = False
         self._metrics_runner: web.AppRunner | None = None
+        self.readiness = Readiness(self.db, settings.database_url)
+        self.readiness.on_change = self._set_ready
+        self.watch: Watch | None = None
+
+    def _set_ready(self, ready: bool) -> None:
+        self.appservice.ready = ready  # mautrix's /_matrix/mau/ready says the same
 
     @staticmethod
     def _db_args(settings: Settings) -> dict[str, int]:
@@ -99,6 +106,12 @@ class Bridge:
         return self._dms
 
     async def start(self, *, ping: bool = True) -> None:
+        """Open the database and listen; then check the homeserver once and return, ready or
+        not: the bridge goes on checking in the background (see :mod:`dmbridge.readiness`).
+
+        Raises :class:`StartupError` if something only the config can fix is wrong. With
+        ``ping=False`` (benchmarks) the homeserver is not checked at all.
+        """
         self.log_limits.install()
         self._log_task = asyncio.create_task(self._log_summaries())
         self.notices.start()
@@ -124,20 +137,38 @@ class Bridge:
         )
         self.matrix.on_invited = self._invites.wake
         self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox, media,
-                                                            self.settings, self.quotas))
+                                                            self.settings, self.quotas,
+                                                            readiness=self.readiness))
         self._observe(self.appservice.app)
         await self._listen()
         await self._serve_metrics()
         self.retention.start()
         log.info("listening on http://%s:%d (API under %s)", self.settings.hostname,
                  self.settings.port, PREFIX)
-        await self._register_bot()
-        if ping:
-            await self.ping()
         await self.outbox.start()
+        self.watch = Watch(self.settings, self.readiness, self._on_contact, self.notices)
+        if ping:
+            await self.watch.first()
+        else:
+            if (problem := await self._on_contact()) is not None:
+                log.error("%s", problem)
+            self.readiness.set([])
+
+    async def _on_contact(self) -> Problem | None:
+        """The homeserver accepts the bridge: what needs it at start runs now."""
+        assert self._invites is not None and self._dms is not None
+        if (problem := await self._register_bot()) is not None:
+            return problem
         self._invites.start()
         self._recovery_task = asyncio.create_task(self._recover_unfinished(self._dms))
-        self.appservice.ready = True
+        return None
+
+    async def failed(self) -> StartupError:
+        """Waits until a check finds what only the config can fix (it may never happen)."""
+        if self.watch is None:
+            await asyncio.Event().wait()
+        assert self.watch is not None
+        return await asyncio.shield(self.watch.fatal)
 
     async def _listen(self) -> None:
         host, port = self.settings.hostname, self.settings.port
@@ -190,41 +221,28 @@ class Bridge:
             return None
         return int(self._metrics_runner.addresses[0][1])
 
-    async def _register_bot(self) -> None:
+    async def _register_bot(self) -> Problem | None:
         try:
             await self.appservice.intent.ensure_registered()
         except (MatrixRequestError, MatrixConnectionError, aiohttp.ClientError,
                 RateLimited) as e:
-            log.error("could not register the bridge bot %s at %s: %s",
-                      self.settings.bot_user_id, self.settings.homeserver_url, e)
             self.notices.startup_problem(f"could not register the bridge bot at start-up: {e}")
+            return Problem("registration", f"could not register the bridge bot "
+                           f"{self.settings.bot_user_id} at {self.settings.homeserver_url}: {e}",
+                           "see the homeserver's log")
+        return None
 
     async def ping(self) -> bool:
-        """Ask the homeserver to call us back; says which URL failed if it cannot."""
-        start = time.monotonic()
-        try:
-            duration = await self.appservice.ping_self()
-        except MatrixRequestError as e:
-            log.error(
-                "the homeserver could not reach the bridge at %s (appservice.address): %s %s",
-                self.settings.appservice_address, e.errcode, e.message,
-            )
-            self.notices.startup_problem(
-                f"the homeserver could not reach the bridge at {self.settings.appservice_address}"
-                f" (appservice.address) at start-up: {e.errcode} {e.message}. Messages from "
-                "Matrix users do not reach the bridge until this is fixed.")
+        """Ask the homeserver to call us back; logs which URL or token failed if it cannot."""
+        async with aiohttp.ClientSession() as session:
+            result = await HomeserverChecks(self.settings, session).ping()
+        if isinstance(result, Problem):
+            log.error("%s", result)
+            self.notices.startup_problem(f"{result}. Messages from Matrix users do not reach the "
+                                         "bridge until this is fixed.")
             return False
-        except (MatrixConnectionError, aiohttp.ClientError) as e:  # mautrix wraps the latter
-            log.error("the homeserver at %s (homeserver.address) is unreachable: %s",
-                      self.settings.homeserver_url, e)
-            return False
-        except RateLimited as e:
-            log.error("the homeserver rate-limits the bridge's self-check: %s", e)
-            return False
-        if duration < 0:  # a homeserver that does not say: our own round trip, for an idea
-            duration = round((time.monotonic() - start) * 1000)
         log.info("the homeserver reaches the bridge at %s (%d ms)",
-                 self.settings.appservice_address, duration)
+                 self.settings.appservice_address, result)
         return True
 
     @staticmethod
@@ -249,6 +267,8 @@ class Bridge:
 
     async def stop(self) -> None:
         log.info("stopping")
+        if self.watch is not None:
+            await self.watch.stop()
         await self.notices.stop()  # first: what a failed start reported goes out
         if self._notice_room is not None:
             await self._notice_room.close()

@@ -17,6 +17,7 @@ from ..networks import Network
 from ..outbox import Outbox
 from ..quotas import Quotas
 from ..ratelimit import budget_middleware
+from ..readiness import Readiness
 from . import handlers
 
 log = logging.getLogger("dmbridge.api")
@@ -27,6 +28,7 @@ OUTBOX = web.AppKey("outbox", Outbox)
 MEDIA = web.AppKey("media", MediaService)
 SETTINGS = web.AppKey("settings", Settings)
 QUOTAS = web.AppKey("quotas", Quotas)
+READINESS = web.AppKey("readiness", Readiness)
 NETWORK = web.RequestKey("network", Network)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -94,7 +96,7 @@ async def openapi(_: web.Request) -> web.Response:
 
 
 def make_api_app(service: DMService, outbox: Outbox, media: MediaService, settings: Settings,
-                 quotas: Quotas) -> web.Application:
+                 quotas: Quotas, *, readiness: Readiness | None = None) -> web.Application:
     budget = budget_middleware(settings.rate_limits.request_wait)
     app = web.Application(middlewares=[error_boundary, network_auth, budget])
     app[SERVICE] = service
@@ -102,9 +104,13 @@ def make_api_app(service: DMService, outbox: Outbox, media: MediaService, settin
     app[MEDIA] = media
     app[OUTBOX] = outbox
     app[SETTINGS] = settings
+    if readiness is not None:
+        app[READINESS] = readiness
     # HEAD is not part of the API (it is not in openapi.yaml): answered 405 like other methods.
     app.router.add_get("/openapi.yaml", openapi, allow_head=False)
     app.router.add_get("/health", handlers.health, allow_head=False)
+    app.router.add_get("/health/live", handlers.live, allow_head=False)
+    app.router.add_get("/health/ready", handlers.ready, allow_head=False)
     app.router.add_put("/networks/{network}/messages/{message_id}",
                        _counted(handlers.send_message))
     app.router.add_delete("/networks/{network}/messages/{message_id}",

@@ -186,6 +186,19 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def live(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    failing = await request.app[api.READINESS].now()
+    if not failing:
+        return web.json_response({"status": "ready"})
+    checks = ", ".join(p.check for p in failing)
+    return web.json_response({"errcode": "DMBRIDGE_NOT_READY", "error": f"not ready: {checks}",
+                              "failing": [p.to_json() for p in failing]}, status=503)
+
+
 async def set_typing(request: web.Request) -> web.Response:
     body = await read_object(request, request.app[api.SETTINGS].max_body_bytes)
     typing = body.get("typing")

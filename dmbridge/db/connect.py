@@ -33,6 +33,9 @@ SQLITE_BUSY_S = 5.0
 PG_RETRY_FOR_S = 15.0
 PG_CONNECT_TIMEOUT_S = 5.0
 PG_MAX_DELAY_S = 4.0
+# PostgreSQL may be starting alongside the bridge: these are worth another attempt.
+RETRYABLE = (OSError, TimeoutError, asyncpg.CannotConnectNowError,
+             asyncpg.TooManyConnectionsError)
 
 
 class DatabaseUnavailable(StartupError):
@@ -149,31 +152,34 @@ async def wait_for_postgres(url: str) -> None:
         attempts += 1
         try:
             conn = await asyncpg.connect(url, timeout=PG_CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError, asyncpg.CannotConnectNowError,
-                asyncpg.TooManyConnectionsError) as e:
+        except RETRYABLE as e:
             if time.monotonic() + delay > deadline:
-                raise DatabaseUnavailable(
-                    f"database {safe_url(url)}: cannot connect ({_pg_cause(e)}), {attempts} "
-                    f"attempts in {PG_RETRY_FOR_S:g} s; check that PostgreSQL runs and accepts "
-                    "connections there, or change database.url") from e
+                raise DatabaseUnavailable(postgres_failure(
+                    url, e, f", {attempts} attempts in {PG_RETRY_FOR_S:g} s")) from e
             log.warning("database %s: cannot connect (%s); trying again in %g s",
                         safe_url(url), _pg_cause(e), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, PG_MAX_DELAY_S)
-        except (asyncpg.InvalidPasswordError,
-                asyncpg.InvalidAuthorizationSpecificationError) as e:
-            raise DatabaseUnavailable(
-                f"database {safe_url(url)}: PostgreSQL refused the login ({e}); check the user "
-                "and password in database.url and pg_hba.conf") from e
-        except asyncpg.InvalidCatalogNameError as e:
-            raise DatabaseUnavailable(
-                f"database {safe_url(url)}: {e}; create it (createdb -O USER NAME), or change "
-                "database.url") from e
         except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as e:
-            raise DatabaseUnavailable(f"database {safe_url(url)}: {e}") from e
+            raise DatabaseUnavailable(postgres_failure(url, e)) from e
         else:
             await conn.close()
             return
+
+
+def postgres_failure(url: str, e: BaseException, tried: str = "") -> str:
+    """Why PostgreSQL at ``url`` cannot be used, and what to do; ``tried`` says how often."""
+    where = f"database {safe_url(url)}"
+    if isinstance(e, RETRYABLE):
+        return (f"{where}: cannot connect ({_pg_cause(e)}){tried}; check that PostgreSQL runs "
+                "and accepts connections there, or change database.url")
+    if isinstance(e, (asyncpg.InvalidPasswordError,
+                      asyncpg.InvalidAuthorizationSpecificationError)):
+        return (f"{where}: PostgreSQL refused the login ({e}); check the user and password in "
+                "database.url and pg_hba.conf")
+    if isinstance(e, asyncpg.InvalidCatalogNameError):
+        return f"{where}: {e}; create it (createdb -O USER NAME), or change database.url"
+    return f"{where}: {e}"
 
 
 def _pg_cause(e: BaseException) -> str:

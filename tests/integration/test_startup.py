@@ -27,7 +27,7 @@ from ruamel.yaml import YAML
 
 from dmbridge.localhs import free_port
 from tests.support.postgres import PostgresCluster
-from tests.support.process import BridgeProcess
+from tests.support.process import LIVE_PATHS, BridgeProcess
 
 # Generous: a failed start takes about a second (PostgreSQL: its retries, about 15 s). Only a
 # hang (the bug: systemd never restarts a process that does not exit) goes past it.
@@ -230,7 +230,7 @@ async def test_database_files_are_owner_only_and_read_only_commands_write_nothin
     port = int(YAML(typ="safe").load(config)["appservice"]["port"])
     async with BridgeProcess(config, folder / "bridge.log") as bridge:
         bridge.start()
-        await bridge.wait_ready(port)
+        await bridge.wait_ready(port, paths=LIVE_PATHS)  # no homeserver here
         files = [db, folder / "dmbridge.db-wal", folder / "dmbridge.db-shm"]
         assert {f.name: mode(f) for f in files} == {f.name: 0o600 for f in files}
 
@@ -255,7 +255,7 @@ async def test_a_rewrite_keeps_the_owner_and_mode(folder: Path) -> None:
 
     async with BridgeProcess(config, folder / "bridge.log") as bridge:  # runs as root
         bridge.start()
-        await bridge.wait_ready(port)
+        await bridge.wait_ready(port, paths=LIVE_PATHS)  # no homeserver here
         await bridge.terminate()
     upgraded = config.stat()
     assert "max_body_bytes: 131072" in config.read_text()  # it was rewritten ...

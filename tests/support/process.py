@@ -17,9 +17,11 @@ from typing import IO
 
 import aiohttp
 
-# Both must answer 200: health once the API listens, mautrix's readiness probe once start-up
-# has finished (the bot is registered and the homeserver pinged), which comes a little later.
-READY_PATHS = ("/_dmbridge/v1/health", "/_matrix/mau/ready")
+# Both must answer 200: health once the API listens, readiness once the homeserver accepts the
+# bridge (the bot is registered and the homeserver pinged it), which comes a little later.
+READY_PATHS = ("/_dmbridge/v1/health", "/_dmbridge/v1/health/ready")
+# The process runs and its API listens, whether or not the homeserver is there.
+LIVE_PATHS = ("/_dmbridge/v1/health",)
 
 
 class BridgeProcess:
@@ -85,12 +87,13 @@ class BridgeProcess:
                 targets.append(os.readlink(fd))
         return targets
 
-    async def wait_ready(self, port: int, timeout: float = 60.0) -> None:
-        """Until every ``READY_PATHS`` answers 200; fails early if the process exits."""
+    async def wait_ready(self, port: int, timeout: float = 60.0,
+                         paths: tuple[str, ...] = READY_PATHS) -> None:
+        """Until every one of ``paths`` answers 200; fails early if the process exits."""
         if self._proc is None:
             raise AssertionError("the bridge was never started")
         deadline = time.monotonic() + timeout
-        pending = list(READY_PATHS)
+        pending = list(paths)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
             while pending:
                 code = self._proc.poll()
