@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result: int = args.func(args)
     except ConfigError as e:
-        print(f"dmbridge: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # one for each wrong key
+            print(f"dmbridge: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
