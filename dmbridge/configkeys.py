@@ -82,7 +82,7 @@ def check_file(data: Mapping[Any, Any], keys: Keys, file: str) -> list[Finding]:
 def _check_mapping(data: Mapping[Any, Any], keys: Keys, path: tuple[str | int, ...], file: str,
                    root: Keys, merged: bool, found: list[Finding]) -> None:
     for key, value in data.items():
-        here = (*path, key)
+        here = (*path, key if isinstance(key, str) else str(key))
         where = f"{file}, line {_line(data, key)}" if _line(data, key) else file
         if not isinstance(key, str) or key not in keys:
             hint = _hint(str(key), keys, root)
@@ -105,7 +105,7 @@ def _check_mapping(data: Mapping[Any, Any], keys: Keys, path: tuple[str | int, .
 
 
 def check_env(environ: Mapping[str, str], keys: Keys, prefix: str) -> list[Finding]:
-    """Every ``PREFIX_SECTION__...`` variable naming a key that is not known.
+    """Every ``PREFIX_SECTION__...`` variable naming a key that is not known, or a section.
 
     Variables whose first part is not a section belong to someone else and are not looked at;
     list indexes and paths into plain values are left to the code that applies them.
@@ -131,6 +131,11 @@ def check_env(environ: Mapping[str, str], keys: Keys, prefix: str) -> list[Findi
                                      name, "unknown key; " + _env_hint(hint, parts, i, prefix)))
                 break
             node = node[part]
+        else:
+            if isinstance(node, dict) and node:
+                example = f"{name}__{next(iter(node)).upper()}"
+                found.append(Finding(dotted(tuple(int(p) if p.isdigit() else p for p in parts)),
+                                     name, f"is a section: set its keys one by one, as {example}"))
     return found
 
 

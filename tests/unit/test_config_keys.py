@@ -294,3 +294,24 @@ def test_an_empty_section_takes_the_defaults(config_path: Path) -> None:
     settings = open_config(config_path, environ={}, upgrade=True)
     assert settings.rate_limits.room_burst == 10
     assert "        burst: 10" in config_path.read_text()
+
+
+def test_a_variable_naming_a_whole_section_is_refused(config_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        open_config(config_path, environ={"DMBRIDGE_RATE_LIMITS__ROOM_CREATION": "5"})
+    assert str(info.value) == (
+        "config key 'rate_limits.room_creation' (DMBRIDGE_RATE_LIMITS__ROOM_CREATION): is a "
+        "section: set its keys one by one, as DMBRIDGE_RATE_LIMITS__ROOM_CREATION__PER_SECOND"
+    )
+
+
+def test_a_key_that_is_not_a_name_is_unknown(config_path: Path) -> None:
+    text = config_path.read_text()
+    config_path.write_text(text + "? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError) as info:
+        open_config(config_path, environ={})
+    line = len(text.splitlines()) + 1
+    assert str(info.value).startswith(
+        f"config key '('a', 'b')' ({config_path}, line {line}): unknown key; known keys here: "
+        "homeserver, appservice,"
+    )
