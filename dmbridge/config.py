@@ -503,9 +503,6 @@ def _quotas(raw: Any, key: str) -> QuotaSettings:
     limits = {"messages_per_second": (0, 100_000, False), "message_burst": (1, 1_000_000, True),
               "new_dms_per_hour": (0, 1_000_000, True)}
     values: dict[str, Any] = {}
-    for name in raw:
-        if name not in limits:
-            raise ConfigError(f"{key}.quotas.{name}", f"unknown; the keys are {', '.join(limits)}")
     for name, (low, high, integral) in limits.items():
         value = raw.get(name, getattr(default, name))
         kinds = (int,) if integral else (int, float)
