@@ -66,15 +66,14 @@ def name(path: tuple[str, ...]) -> str:
 
 
 def real_default(path: tuple[str, ...]) -> Any:
-    """The example's value; inside a list item, the value the code uses when it is left out."""
-    if ITEM in path:
-        value: Any = NETWORK_KEYS
-        for part in path[path.index(ITEM) + 1 :]:
-            value = value[part]
-        return value
-    value = example()
-    for part in path:
-        value = value[part]
+    """The example's value; inside a list item, the value the code uses when it is left out
+    (NETWORK_KEYS for a network, else the example's first item's)."""
+    value: Any = example()
+    for i, part in enumerate(path):
+        if part == ITEM and path[:i] == ("networks",):
+            value = NETWORK_KEYS
+        else:
+            value = value[0] if part == ITEM else value[part]
     return value
 
 
@@ -111,7 +110,7 @@ def matches(cell: str, real: Any) -> bool:
     """
     for need in Need:
         if cell.startswith(need.value):
-            if real is need:
+            if real is need or (need is Need.NONE and real is None):
                 return True
             if need is not Need.REQUIRED or isinstance(real, Need):
                 return False
