@@ -83,7 +83,8 @@ def _check_mapping(data: Mapping[Any, Any], keys: Keys, path: tuple[str | int, .
                    root: Keys, merged: bool, found: list[Finding]) -> None:
     for key, value in data.items():
         here = (*path, key if isinstance(key, str) else str(key))
-        where = f"{file}, line {_line(data, key)}" if _line(data, key) else file
+        line = _line(data, key)
+        where = f"{file}, line {line}" if line else file
         if not isinstance(key, str) or key not in keys:
             hint = _hint(str(key), keys, root)
             found.append(Finding(dotted(here), where, "unknown key; " + _file_hint(hint)))
