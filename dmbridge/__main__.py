@@ -463,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result: int = args.func(args)
     except ConfigError as e:
-        return _fail(str(e), 2)
+        for line in str(e).splitlines()[:-1]:  # one for each wrong key
+            _fail(line, 2)
+        return _fail(str(e).splitlines()[-1], 2)
     except CommandError as e:
         return _fail(str(e), e.code)
     except StartupError as e:

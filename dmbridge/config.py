@@ -7,16 +7,19 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from mautrix.util.config import BaseFileConfig, ConfigUpdateHelper
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import Comment, CommentedBase
 from ruamel.yaml.error import YAMLError
 from yarl import URL
 
+from .configkeys import Finding, Keys, check_env, check_file, dotted, known_keys
 from .files import PRIVATE, replace_file
 from .listener import ListenerSettings
 from .localpart import is_valid_localpart
@@ -29,15 +32,9 @@ from .startup import current_user
 EXAMPLE = "pkg://dmbridge/example-config.yaml"
 ENV_PREFIX = "DMBRIDGE_"
 PLACEHOLDER = "generate"
-SECTIONS = (
-    "homeserver", "appservice", "database", "api", "dm", "delivery", "media", "networks",
-    "logging", "rate_limits", "admin_notices", "retention", "metrics",
-)
 LOG_FORMATS = ("text", "json")
 ON_LEAVE = ("reinvite", "new_room")
 RETENTION_KEYS = ("message_maps", "history", "media", "dead_letters")
-LISTENER_KEYS = ("idle_timeout", "header_timeout", "body_stall_timeout", "body_timeout",
-                 "max_connections", "max_uploads_per_network")
 _NETWORK_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _DOMAIN = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
@@ -45,11 +42,32 @@ log = logging.getLogger("dmbridge.config")
 
 
 class ConfigError(ValueError):
-    """A config value is missing or wrong; names the key."""
+    """A config value is missing or wrong; names the key (and where it was written)."""
 
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"config key '{key}': {problem}")
+    def __init__(self, key: str, problem: str, where: str = "") -> None:
+        super().__init__(f"config key '{key}'{f' ({where})' if where else ''}: {problem}")
         self.key = key
+
+
+class ConfigErrors(ConfigError):
+    """Several keys are wrong at once (unknown keys); one line each."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        ValueError.__init__(self, "\n".join(str(e) for e in errors))
+        self.key = errors[0].key
+        self.errors = errors
+
+    @classmethod
+    def of(cls, findings: list[Finding]) -> ConfigErrors:
+        return cls([ConfigError(f.key, f.problem, f.where) for f in findings])
+
+
+class Need(Enum):
+    """A network key without a default value."""
+
+    REQUIRED = "required"
+    ID = "the network's `id`"
+    NONE = "none"
 
 
 class Config(BaseFileConfig):
@@ -58,6 +76,15 @@ class Config(BaseFileConfig):
     def __init__(self, path: str | Path) -> None:
         super().__init__(str(path), EXAMPLE)
         self._text = ""  # the file as read: a save that would not change it writes nothing
+        self._keys: Keys | None = None
+
+    def known_keys(self) -> Keys:
+        """The keys this file may hold: the packaged example's, and NETWORK_KEYS in networks."""
+        if self._keys is None:
+            base = self.load_base()
+            assert base is not None  # packaged with dmbridge
+            self._keys = known_keys(base._data, {"networks": NETWORK_KEYS})
+        return self._keys
 
     def load(self) -> None:
         """Read the file; a file that cannot be read or parsed is a ConfigError naming it."""
@@ -73,7 +100,7 @@ class Config(BaseFileConfig):
         try:
             self._data = _YAML.load(self._text)
         except YAMLError as e:
-            raise ConfigError("(file)", f"{self.path} is not valid YAML: {_yaml_problem(e)}"
+            raise ConfigError("(file)", f"{self.path} is not valid YAML, {_yaml_problem(e)}"
                               ) from None
 
     def load_example(self) -> None:
@@ -88,48 +115,37 @@ class Config(BaseFileConfig):
         _YAML.dump(self._data, stream)
         return stream.getvalue()
 
-    def save(self) -> None:
-        """Write the file if its text changed, atomically, keeping its owner and mode.
+    def save(self, text: str | None = None) -> None:
+        """Write the file (or ``text``, an earlier state of it) if its text changed,
+        atomically, keeping its owner and mode.
 
         Raises ``OSError`` and leaves the file as it was if it cannot; mautrix's own save
         would give it this process's owner and mode 0600 and warn only.
         """
-        text = self.text()
+        text = self.text() if text is None else text
         if text != self._text:
             replace_file(Path(self.path), text)
             self._text = text
 
+    def update(self, save: bool = True) -> None:
+        """Rebuild the file from the packaged example with the user's values.
+
+        Refuses (ConfigError) rather than drop a key the user wrote: check the keys first.
+        """
+        source = self._data
+        super().update(save=False)
+        lost = _lost_keys(source, self._data, ())
+        if lost:
+            raise ConfigError(lost, "would be lost by the upgrade; the file is left as it was")
+        if save:
+            self.save()
+
     def do_update(self, helper: ConfigUpdateHelper) -> None:
-        copy = helper.copy
-        for key in ("address", "domain"):
-            copy(f"homeserver.{key}")
-        for key in ("address", "hostname", "port", "id", "bot_username", "as_token", "hs_token"):
-            copy(f"appservice.{key}")
-        for key in ("url", "min_size", "max_size"):
-            copy(f"database.{key}")
-        copy("api.max_body_bytes")
-        copy("dm.creation_timeout")
-        copy("dm.on_leave")
-        for key in ("max_attempts", "max_age", "initial_backoff", "max_backoff", "timeout",
-                    "concurrency", "pull_ack_timeout", "pull_max_wait"):
-            copy(f"delivery.{key}")
-        for key in ("max_upload_bytes", "link_ttl", "public_url"):
-            copy(f"media.{key}")
-        copy("networks")
-        copy("logging.level")
-        copy("logging.format")
-        copy("metrics.enabled")
-        copy("metrics.listen")
-        for key in LISTENER_KEYS:
-            copy(f"appservice.listener.{key}")
-        # Rate limits: the homeserver's, waited out, and the bridge's own pacing.
-        for key in ("request_wait", "background_wait", "room_creation.per_second",
-                    "room_creation.burst"):
-            copy(f"rate_limits.{key}")
-        for key in ("user", "room", "repeat_window", "outage_after"):
-            copy(f"admin_notices.{key}")
-        for key in RETENTION_KEYS:
-            copy(f"retention.{key}")
+        """Every key of the example takes the file's value, if it has one (not null).
+
+        A new key in the example needs nothing here; a list (networks) is taken whole.
+        """
+        _merge(helper.base._data, helper.source._data)
 
     def fill_placeholders(self) -> bool:
         """Replace every "generate" token with a fresh secret; True if anything changed."""
@@ -157,7 +173,7 @@ class Config(BaseFileConfig):
             if not name.startswith(ENV_PREFIX):
                 continue
             path = name[len(ENV_PREFIX) :].lower().split("__")
-            if path[0] not in SECTIONS:
+            if path[0] not in self.known_keys():
                 continue  # another program's DMBRIDGE_ variable (DMBRIDGE_CACHE, ...)
             _set_path(self._data, path, raw, name)
             applied.append(".".join(path))
@@ -171,9 +187,47 @@ _YAML.width = 200
 
 
 def _yaml_problem(e: YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or str(e)
-    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+    """One line: where the parser stopped, what it found, and what it was reading."""
+    mark, context = getattr(e, "problem_mark", None), getattr(e, "context", None)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+    context_mark = getattr(e, "context_mark", None)
+    if context and context_mark:
+        text += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    elif context:
+        text += f" ({context})"
+    return text
+
+
+def _merge(base: MutableMapping[Any, Any], source: Mapping[Any, Any]) -> None:
+    for key, value in source.items():
+        if key not in base or value is None:
+            continue  # unknown keys are refused before; null means the example's value
+        if isinstance(base[key], Mapping) and isinstance(value, Mapping):
+            _merge(base[key], value)
+            continue
+        if isinstance(value, CommentedBase):  # the example's comments, not the user's, stay
+            setattr(value, Comment.attrib, Comment())
+        base[key] = value
+
+
+def _lost_keys(source: Any, result: Any, path: tuple[str | int, ...]) -> str:
+    """The first key of ``source`` missing from ``result``, dotted; "" if none."""
+    if isinstance(source, Mapping) and isinstance(result, Mapping):
+        for key, value in source.items():
+            if key not in result:
+                return dotted((*path, key))
+            lost = _lost_keys(value, result[key], (*path, key))
+            if lost:
+                return lost
+    elif isinstance(source, list) and isinstance(result, list):
+        if len(result) < len(source):
+            return dotted((*path, len(result)))
+        for i, value in enumerate(source):
+            lost = _lost_keys(value, result[i], (*path, i))
+            if lost:
+                return lost
+    return ""
 
 
 def _set_path(data: Any, path: list[str], value: Any, env_name: str) -> None:
@@ -384,16 +438,33 @@ def _database_url(raw: str, base_dir: Path) -> str:
     )
 
 
+# The keys a network may hold, with the value used when one is left out. Besides the example's
+# network, these are the keys a network is checked against: a key a network may hold goes here.
+NETWORK_KEYS: dict[str, Any] = {
+    "id": Need.REQUIRED,
+    "name": Need.ID,
+    "ghost_localpart": "dm_{network}_{remote_id}",
+    "displayname": "{name} ({network_name})",
+    "remote_id_pattern": "[A-Za-z0-9._+-]{1,64}",
+    "tokens": Need.REQUIRED,
+    "delivery": {"mode": PULL, "url": Need.NONE, "secret": Need.NONE},
+    "permissions": {"send_to": ["*"], "invites_from": ["*"]},
+    "quotas": {f.name: f.default for f in fields(QuotaSettings)},
+}
+
+
 def _network(r: _Reader, i: int, domain: str) -> Network:
     key = f"networks[{i}]"
     raw = r.config["networks"][i]
     if not isinstance(raw, dict):
-        raise ConfigError(key, "must be a mapping with id, name, ghost_localpart ...")
+        raise ConfigError(key, "must be a mapping with id, tokens, ...")
 
     def field(name: str) -> Any:
         value = raw.get(name)
+        if value is None and isinstance(NETWORK_KEYS[name], str):
+            return NETWORK_KEYS[name]
         if value is None or (isinstance(value, str) and not value.strip()):
-            raise ConfigError(f"{key}.{name}", "missing")
+            raise ConfigError(f"{key}.{name}", "missing" if value is None else "is empty")
         return value
 
     network_id = field("id")
@@ -436,7 +507,7 @@ def _network(r: _Reader, i: int, domain: str) -> Network:
             raise ConfigError(f"{key}.tokens[{j}]", "must be a string of 16 characters or more")
     return Network(
         id=network_id,
-        name=str(field("name")),
+        name=network_id if raw.get("name") is None else str(field("name")),
         domain=domain,
         ghost_localpart=template,
         displayname=displayname,
@@ -459,9 +530,6 @@ def _quotas(raw: Any, key: str) -> QuotaSettings:
     limits = {"messages_per_second": (0, 100_000, False), "message_burst": (1, 1_000_000, True),
               "new_dms_per_hour": (0, 1_000_000, True)}
     values: dict[str, Any] = {}
-    for name in raw:
-        if name not in limits:
-            raise ConfigError(f"{key}.quotas.{name}", f"unknown; the keys are {', '.join(limits)}")
     for name, (low, high, integral) in limits.items():
         value = raw.get(name, getattr(default, name))
         kinds = (int,) if integral else (int, float)
@@ -716,46 +784,50 @@ def _on_leave(r: _Reader) -> str:
     return value
 
 
-def check_shape(config: Config, path: str) -> None:
-    """Sections must be mappings (networks a list) before the upgrade can merge them."""
+def check_shape(config: Config, path: str, environ: Mapping[str, str] | None = None) -> None:
+    """Every key of the file, and of the environment's overrides, must be known, and sections
+    must be mappings (networks a list) for the upgrade to merge them: else ConfigErrors, one
+    line for each key."""
     if not isinstance(config._data, dict):
         raise ConfigError("(file)", f"{path} is not a YAML mapping")
-    for section in SECTIONS:
-        if section not in config._data:
-            continue
-        value, wanted = config._data[section], list if section == "networks" else dict
-        if not isinstance(value, wanted):
-            kind = "a list" if wanted is list else "a mapping of keys"
-            raise ConfigError(section, f"must be {kind}, got {value!r}")
+    keys = config.known_keys()
+    findings = check_file(config._data, keys, path)
+    findings += check_env(environ or {}, keys, ENV_PREFIX)
+    if findings:
+        raise ConfigErrors.of(findings)
 
 
-def read_config(path: str | Path) -> Config:
-    """The file, upgraded in memory from the packaged example (keeping the user's values)."""
+def read_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """The file, checked and upgraded in memory from the packaged example (keeping the user's
+    values); ``environ``'s overrides are checked too, not applied."""
     config = Config(path)
     config.load()
-    check_shape(config, str(path))
+    check_shape(config, str(path), environ)
     config.update(save=False)
     return config
 
 
 def open_config(path: str | Path, environ: Mapping[str, str] | None = None, *,
                 upgrade: bool = False) -> Settings:
-    """Load, upgrade, apply env overrides, validate.
+    """Load, check the keys, upgrade, apply env overrides, validate.
 
-    Only with ``upgrade`` (``dmbridge run``) is the upgraded file written back, and only if it
-    changed: commands that just read the config leave it as it was, byte for byte. A file that
-    cannot be rewritten (owned by root and read-only to the service user, say) is used as
-    upgraded in memory.
+    Only with ``upgrade`` (``dmbridge run``) is the upgraded file written back, and only once
+    the settings are valid and if it changed: commands that just read the config leave it as
+    it was, byte for byte. A file that cannot be rewritten (owned by root and read-only to the
+    service user, say) is used as upgraded in memory. Overrides are never written.
     """
-    config = read_config(path)
+    environ = os.environ if environ is None else environ
+    config = read_config(path, environ)
+    upgraded = config.text()
+    config.apply_env(environ)
+    settings = load_settings(config)
     if upgrade:
         try:
-            config.save()
+            config.save(upgraded)
         except OSError as e:
             log.warning("%s: not upgraded in place (%s); the upgraded settings are used, the "
                         "file is left as it was", path, e.strerror or e)
-    config.apply_env(os.environ if environ is None else environ)
-    return load_settings(config)
+    return settings
 
 
 def write_registration(settings: Settings, path: str | Path) -> None:

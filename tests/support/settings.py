@@ -8,7 +8,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from dmbridge.config import Config, Settings, load_settings
+from dmbridge.config import Config, Settings, check_shape, load_settings
 
 SMS_TOKEN = "sms-token-0123456789abcdef"
 CHAT_TOKEN = "chat-token-0123456789abcdef"
@@ -64,4 +64,5 @@ def make_settings(
         yaml.dump(data, f)
     config = Config(path)
     config.load()
+    check_shape(config, str(path))  # a mistyped override fails the test as it would the bridge
     return load_settings(config)
