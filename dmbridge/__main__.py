@@ -312,10 +312,10 @@ def cmd_clear_declined(args: argparse.Namespace) -> int:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     if (args.matrix_user is None) == (args.network is None and args.remote_id is None):
-        raise SystemExit("dmbridge: forget takes either --matrix-user or --network with "
-                         "--remote-id")
+        raise CommandError("forget takes either --matrix-user or --network with --remote-id",
+                           code=2)
     if args.matrix_user is None and (args.network is None or args.remote_id is None):
-        raise SystemExit("dmbridge: --network and --remote-id go together")
+        raise CommandError("--network and --remote-id go together", code=2)
     from .forget import command
 
     return asyncio.run(command(open_config(args.config), args.matrix_user, args.network,

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import aiohttp
 from aiohttp import web
 from aiohttp.client_middlewares import ClientMiddlewareType
-from mautrix.api import Method, Path
 from mautrix.appservice import AppService, AppServiceAPI
 from mautrix.appservice.state_store import ASStateStore
 
@@ -91,20 +90,6 @@ class BridgeAppService(AppService):
         self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()
         await self.listener.start(self.runner, host, port)
-
-    async def ping_self(self, txn_id: str | None = None) -> int:
-        """The homeserver's ping of the bridge: its ``duration_ms`` (-1 if it gives none).
-
-        mautrix's own turns a 0 ms ping (a homeserver on the same machine) into -1.
-        """
-        resp = await self.intent.api.request(
-            Method.POST, Path.v1.appservice[self.id].ping,
-            content={"transaction_id": txn_id} if txn_id is not None else {},
-        )
-        duration = resp.get("duration_ms") if isinstance(resp, dict) else None
-        if isinstance(duration, int | float) and not isinstance(duration, bool):
-            return max(0, int(duration))
-        return -1
 
     def _auth_error(self, request: web.Request) -> web.Response | None:
         """401 without a token, 403 with a wrong one, as the spec asks."""

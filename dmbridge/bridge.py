@@ -17,7 +17,7 @@ from .appservice import BridgeAppService
 from .config import Settings
 from .db import Stores, create_database, safe_url, start_database
 from .db.timing import time_queries
-from .diagnosis import HomeserverChecks, Problem
+from .diagnosis import Problem
 from .dms import DMService
 from .errors import RateLimited
 from .ghosts import Ghosts
@@ -226,24 +226,10 @@ class Bridge:
             await self.appservice.intent.ensure_registered()
         except (MatrixRequestError, MatrixConnectionError, aiohttp.ClientError,
                 RateLimited) as e:
-            self.notices.startup_problem(f"could not register the bridge bot at start-up: {e}")
             return Problem("registration", f"could not register the bridge bot "
                            f"{self.settings.bot_user_id} at {self.settings.homeserver_url}: {e}",
                            "see the homeserver's log")
         return None
-
-    async def ping(self) -> bool:
-        """Ask the homeserver to call us back; logs which URL or token failed if it cannot."""
-        async with aiohttp.ClientSession() as session:
-            result = await HomeserverChecks(self.settings, session).ping()
-        if isinstance(result, Problem):
-            log.error("%s", result)
-            self.notices.startup_problem(f"{result}. Messages from Matrix users do not reach the "
-                                         "bridge until this is fixed.")
-            return False
-        log.info("the homeserver reaches the bridge at %s (%d ms)",
-                 self.settings.appservice_address, result)
-        return True
 
     @staticmethod
     async def _recover_unfinished(dms: DMService) -> None:
@@ -269,9 +255,6 @@ class Bridge:
         log.info("stopping")
         if self.watch is not None:
             await self.watch.stop()
-        await self.notices.stop()  # first: what a failed start reported goes out
-        if self._notice_room is not None:
-            await self._notice_room.close()
         await self.retention.stop()
         for task in (self._log_task, self._recovery_task):
             if task is not None:
@@ -284,6 +267,10 @@ class Bridge:
             await self.appservice.stop()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+        # After everything that may report (dead letters, a failed start), before the end.
+        await self.notices.stop()
+        if self._notice_room is not None:
+            await self._notice_room.close()
         if self._homeserver is not None:
             await self._homeserver.close()
         self.limits.close()

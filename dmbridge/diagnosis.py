@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -235,8 +236,10 @@ class HomeserverChecks:
         return Problem(check, f"the homeserver answers a whoami for {probe} with "
                        f"{_errcode(status, data)}", "see the homeserver's log")
 
-    async def ping(self) -> Problem | int:
-        """The homeserver calls the bridge back: the round trip in ms, or why it failed."""
+    async def ping(self) -> Problem | int | None:
+        """The homeserver calls the bridge back: the round trip in ms, or why it failed; None
+        if the homeserver does not offer the ping (older than Matrix v1.7)."""
+        started = time.monotonic()
         path = f"/_matrix/client/v1/appservice/{quote(self.settings.appservice_id, safe='')}" \
                "/ping"
         got = await self._call("POST", path, body={"transaction_id": "dmbridge-check-"
@@ -247,7 +250,12 @@ class HomeserverChecks:
         status, data, _ = got
         data = data if isinstance(data, dict) else {}
         if status == 200:
-            return int(data.get("duration_ms", 0))
+            duration = data.get("duration_ms")
+            if isinstance(duration, int | float) and not isinstance(duration, bool):
+                return max(0, int(duration))
+            return round((time.monotonic() - started) * 1000)  # our own measure, for an idea
+        if status in (404, 405) and data.get("errcode", "M_UNRECOGNIZED") == "M_UNRECOGNIZED":
+            return None
         address = self.settings.appservice_address
         errcode = data.get("errcode")
         if status == 401:

@@ -242,6 +242,10 @@ class Doctor:
         ping = await checks.ping()
         if isinstance(ping, Problem):
             self.report(problem(ping))
+        elif ping is None:
+            self.report(Finding("skip", "ping", "the homeserver does not offer the appservice "
+                                "ping (Matrix v1.7), so whether it reaches the bridge is not "
+                                "checked"))
         else:
             self.report(ok("ping", f"the homeserver reaches the bridge at "
                            f"{settings.appservice_address} ({ping} ms)"))

@@ -143,9 +143,11 @@ class Homeserver:
                 params={"user_id": ghost_id}, headers=self._headers,
             ) as resp:
                 text = await resp.text(errors="replace")
-                # 403 on a leave: not in the room (any more); 404 on a forget: never was.
-                if resp.status != 200 and (action, resp.status) not in (
-                        ("leave", 403), ("forget", 404), ("forget", 400)):
+                # 403 on a leave: not in the room (any more), unless the homeserver refuses
+                # to act as the ghost at all; 404 on a forget: never was.
+                gone = (action, resp.status) in (("leave", 403), ("forget", 404),
+                                                 ("forget", 400))
+                if resp.status != 200 and (not gone or _refused_as_ghost(text)):
                     raise _request_error(resp.status, text)
 
     async def reset_profile(self, ghost_id: UserID, displayname: str) -> None:
@@ -200,3 +202,9 @@ def _request_error(status: int, text: str) -> MatrixRequestError:
     except (ValueError, AttributeError):
         errcode, message = None, None
     return make_request_error(status, text, errcode, message)
+
+
+def _refused_as_ghost(text: str) -> bool:
+    """A 403 that says the appservice may not act as this user (not in its namespace)."""
+    lowered = text.lower()
+    return "masquerade" in lowered or "namespace" in lowered or "exclusive" in lowered

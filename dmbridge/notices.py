@@ -175,9 +175,8 @@ class AdminNotices:
         """Send what is queued (up to ``grace`` seconds), then stop."""
         if self._task is None:
             return
-        if not self._queue.empty():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._queue.join(), grace)
+        with contextlib.suppress(TimeoutError):  # join() counts the notice being sent too
+            await asyncio.wait_for(self._queue.join(), grace)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
@@ -276,6 +275,7 @@ class NoticeRoom:
         self._room_id: str | None = None
         self._session: aiohttp.ClientSession | None = None
         self._sent: dict[str, int] | None = None  # kind -> when last sent (ms), as stored
+        self._told: set[str] = set()  # kinds this process told: AdminNotices spaced them out
 
     async def close(self) -> None:
         if self._session is not None:
@@ -284,7 +284,9 @@ class NoticeRoom:
     async def __call__(self, kind: str, text: str) -> None:
         sent = await self._sent_at()
         now = int(time.time() * 1000)
-        if kind == STARTUP and now - sent.get(kind, 0) < self._settings.repeat_window * 1000:
+        # Across restarts (a start-up failing in a loop) only the stored time spaces them out.
+        if kind == STARTUP and kind not in self._told and (
+                now - sent.get(kind, 0) < self._settings.repeat_window * 1000):
             log.info("admin notice not sent, the last start-up problem was told shortly "
                      "before: %s", text)
             return
@@ -298,6 +300,7 @@ class NoticeRoom:
                 self._room_id = None
             raise
         sent[kind] = now
+        self._told.add(kind)
         try:
             await self._request("PUT", self._account_data(SENT_TYPE), sent)
         except (NoticeFailed, aiohttp.ClientError, TimeoutError) as e:

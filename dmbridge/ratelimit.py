@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import time
@@ -175,8 +176,9 @@ class HomeserverLimits:
                         " more of the same in the next %.0f s are summed up", endpoint, wait,
                         LOG_WINDOW)
             self._storms[endpoint] = _Storm(first_wait=wait)
+            # The summary covers many requests: logged outside this one's context (its ID).
             self._flushes[endpoint] = asyncio.get_running_loop().call_later(
-                LOG_WINDOW, self._flush, endpoint)
+                LOG_WINDOW, self._flush, endpoint, context=contextvars.Context())
         else:
             storm.more += 1
             storm.longest = max(storm.longest, wait)

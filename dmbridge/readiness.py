@@ -162,6 +162,8 @@ class Watch:
         fatal = next((p for p in failing if p.fatal), None)
         if fatal is not None:
             self.fatal.set_result(StartupError(str(fatal)))
+            if self._notices is not None:
+                self._notices.startup_problem(f"could not start: {fatal}")
             return 0.0
         if self._notices is not None:
             if any(isinstance(p, Unreachable) for p in failing):
@@ -173,8 +175,13 @@ class Watch:
             self._delay = FIRST_DELAY_S
             self._logged.clear()
             if not was_ready:
-                log.info("the homeserver reaches the bridge at %s (%d ms)",
-                         self.settings.appservice_address, self.last_ping_ms or 0)
+                if self.last_ping_ms is None:
+                    log.info("the homeserver does not offer the appservice ping (Matrix v1.7); "
+                             "whether it reaches the bridge at %s is not checked",
+                             self.settings.appservice_address)
+                else:
+                    log.info("the homeserver reaches the bridge at %s (%d ms)",
+                             self.settings.appservice_address, self.last_ping_ms)
                 log.info("ready")
             return RECHECK_S
         delay = self._delay
@@ -200,4 +207,4 @@ class Watch:
             else:
                 log.error("not ready: %s (checking again in %g s)", problem, delay)
                 if self._notices is not None:
-                    self._notices.startup_problem(f"dmbridge is not ready: {problem}")
+                    self._notices.startup_problem(f"not ready: {problem}")

@@ -85,11 +85,11 @@ async def test_a_start_up_problem_is_told_in_the_admins_room(
         "appservice.port": homeserver.bridge_port + 1,
         "admin_notices.room": room_id, "admin_notices.repeat_window": 0,
     })
-    assert bridge.appservice.ready
+    assert not bridge.readiness.ready
     [notice] = (await _notices(admin, room_id, 1))[-1:]
     assert notice["content"]["body"].startswith(
-        f"dmbridge: the homeserver could not reach the bridge at http://127.0.0.1:"
-        f"{homeserver.bridge_port} (appservice.address) at start-up:")
+        f"dmbridge: not ready: the homeserver could not reach the bridge at "
+        f"http://127.0.0.1:{homeserver.bridge_port} (appservice.address)")
 
 
 async def test_a_bridge_that_cannot_start_tells_the_admin(

@@ -342,5 +342,6 @@ async def test_text_log_lines_carry_the_request_id(homeserver: Homeserver, tmp_p
     assert len(opened) == 1, lines
     assert re.search(r" INFO dmbridge\.opening: \[plat-text\] opened DM room ", opened[0])
     ping = [line for line in lines if "the homeserver reaches the bridge at" in line]
-    assert len(ping) == 1 and re.search(r"INFO dmbridge: the homeserver reaches the bridge at "
+    assert len(ping) == 1 and re.search(r"INFO dmbridge\.readiness: the homeserver reaches the "
+                                        r"bridge at "
                                         r"http://127\.0\.0\.1:\d+ \(\d+ ms\)$", ping[0]), ping
