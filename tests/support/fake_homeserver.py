@@ -66,6 +66,7 @@ class FakeHomeserver:
         self.on_room_created: Callable[[Room], Awaitable[None]] | None = None
         self.media: dict[str, tuple[str, bytes]] = {}
         self.ping_duration_ms: int | None = 1  # what the ping answers (None: nothing)
+        self.ping_offered = True  # False: a homeserver older than the ping (404 M_UNRECOGNIZED)
         self.server: TestServer | None = None
 
     @property
@@ -154,6 +155,9 @@ class FakeHomeserver:
         return web.json_response({"user_id": request.query.get("user_id") or self.bot})
 
     async def _ping(self, _: web.Request) -> web.Response:
+        if not self.ping_offered:
+            return web.json_response({"errcode": "M_UNRECOGNIZED", "error": "Unrecognized"},
+                                     status=404)
         if self.ping_duration_ms is None:
             return web.json_response({})
         return web.json_response({"duration_ms": self.ping_duration_ms})

@@ -44,3 +44,20 @@ async def test_the_ping_line_names_its_duration(
     [match] = [m for r in caplog.records if (m := LINE.fullmatch(r.getMessage()))]
     if logged is not None:
         assert match.group(1) == logged
+
+
+async def test_a_homeserver_without_the_ping_does_not_keep_the_bridge_unready(
+    hs: FakeHomeserver, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    hs.ping_offered = False
+    settings = make_settings(tmp_path, homeserver_url=hs.url, domain="localhost",
+                             port=free_port(), db_url=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    bridge = Bridge(settings)
+    caplog.set_level(logging.INFO, logger="dmbridge")
+    try:
+        await bridge.start()
+        assert bridge.readiness.ready
+    finally:
+        await bridge.stop()
+    assert any("does not offer the appservice ping" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
