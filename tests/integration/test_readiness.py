@@ -9,6 +9,7 @@ starts, stops and restarts with or without the registration.
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -232,8 +233,11 @@ async def test_a_wrong_hs_token(homeserver: Homeserver, tmp_path: Path) -> None:
         assert "appservice.hs_token differs from the hs_token in the registration the " \
                "homeserver loaded" in line and REGENERATE in line
         # The bridge's listener says it refused the homeserver's call.
-        assert log_lines(bridge, "WARNING dmbridge.appservice: refused POST "
-                         "/_matrix/app/v1/ping: its hs_token is not appservice.hs_token")
+        # (after the ID of the homeserver's request: "[hs-0123456789ab] ")
+        refused = log_lines(bridge, "refused POST /_matrix/app/v1/ping: its hs_token is not "
+                            "appservice.hs_token")
+        assert refused and all(re.search(r"WARNING dmbridge\.appservice: \[hs-[0-9a-f]{12}\] "
+                                         r"refused POST", line) for line in refused), refused
         status, body = await get(homeserver.bridge_port, READY)
         assert status == 503 and [p["check"] for p in body["failing"]] == ["ping"], body
         code, lines = await doctor(config)  # no registration file beside this config
