@@ -120,9 +120,29 @@ async def _run(config_path: Path) -> int:
     settings = open_config(config_path, upgrade=True)
     _setup_logging(settings.log_level, settings.log_format)
     bridge = Bridge(settings)
+    # SIGTERM or Ctrl-C stop the bridge whenever they come, while it starts too (the first
+    # check of the homeserver can take a while): what started is stopped in order.
+    stop = asyncio.Event()
+    signals: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        signals.append(sig)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    starting, stopping = asyncio.ensure_future(bridge.start()), asyncio.ensure_future(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        logging.getLogger("dmbridge").info("stopped while starting")
+        await _stop_after_failed_start(bridge)
+        return 130 if signals[:1] == [signal.SIGINT] else 0
     try:
-        await bridge.start()
-    except asyncio.CancelledError:  # Ctrl-C while starting
+        starting.result()
+    except asyncio.CancelledError:
         await _stop_after_failed_start(bridge)
         raise
     except Exception as e:
@@ -132,12 +152,8 @@ async def _run(config_path: Path) -> int:
         bridge.notices.startup_problem(f"could not start: {e}")
         await _stop_after_failed_start(bridge)
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     # A check after start may find what only the config can fix: then the bridge ends too.
-    stopping, failed = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(bridge.failed())
+    failed = asyncio.ensure_future(bridge.failed())
     await asyncio.wait([stopping, failed], return_when=asyncio.FIRST_COMPLETED)
     code = 1 if failed.done() else 0
     if code:

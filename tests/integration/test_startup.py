@@ -313,3 +313,27 @@ def wait_healthy(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> No
                     return
         time.sleep(0.1)
     raise AssertionError(f"not healthy:\n{log_path.read_text()}")
+
+
+def test_sigterm_while_the_first_homeserver_check_hangs_stops_cleanly(folder: Path) -> None:
+    """A homeserver that accepts connections and never answers holds the first check; SIGTERM
+    then stops the bridge in order, with status 0, instead of killing it."""
+    config = generate(folder, "sqlite:dmbridge.db")
+    port = int(YAML(typ="safe").load(config)["appservice"]["port"])
+    with closing(socket.socket()) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        env = {**ENV, "DMBRIDGE_HOMESERVER__ADDRESS":
+               f"http://127.0.0.1:{silent.getsockname()[1]}"}
+        log_path = folder / "bridge.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(command("run", "-c", str(config)), cwd=folder, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT)
+            try:
+                wait_healthy(proc, port, log_path)  # listening; the check still waits
+            finally:
+                proc.terminate()
+            assert proc.wait(EXIT_BOUND_S) == 0, log_path.read_text()
+    text = log_path.read_text()
+    assert "stopped while starting" in text and "Traceback" not in text, text
