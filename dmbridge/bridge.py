@@ -22,7 +22,7 @@ from .dms import DMService
 from .errors import RateLimited
 from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
-from .instances import Instances
+from .instances import Instances, SoleWorker
 from .invites import InviteHandler
 from .listener import Listener
 from .logfilter import LogLimits
@@ -57,6 +57,7 @@ class Bridge:
                                   log=logging.getLogger("dmbridge.db"))
         time_queries(self.db, self.metrics.db_query)
         self.instances = Instances(self.db, settings.database_url, settings.creation_timeout)
+        self.sole_worker = SoleWorker(settings.database_url)
         self.state_store = PgASStateStore(self.db)
         self.stores = Stores.over(self.db)
         self.listener = Listener(settings.listener)
@@ -116,7 +117,10 @@ class Bridge:
         self._log_task = asyncio.create_task(self._log_summaries())
         self.notices.start()
         log.info("starting: database %s", safe_url(self.settings.database_url))
+        # Refused before the schema is touched; a folder problem is the database's to explain.
+        self.sole_worker.hold(strict=False)
         await start_database(self.db, self.settings.database_url)
+        self.sole_worker.hold(strict=True)
         await self.state_store.upgrade_table.upgrade(self.db)
         await self.instances.start()
         self.appservice.new_session([self.notices.watch_homeserver, self.limits.middleware])
@@ -276,6 +280,7 @@ class Bridge:
         self.limits.close()
         await self.instances.stop()
         await self.db.stop()
+        self.sole_worker.release()
         self.log_limits.remove()
 
 
