@@ -23,7 +23,7 @@ from .errors import RateLimited
 from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
 from .instances import Instances, SoleWorker
-from .invites import InviteHandler
+from .invites import InviteHandler, lease_seconds
 from .listener import Listener
 from .logfilter import LogLimits
 from .matrix import MatrixHandler
@@ -157,6 +157,7 @@ class Bridge:
         self._invites = InviteHandler(
             stores=self.stores, networks=self.settings.networks, ghosts=self.ghosts,
             appservice=self.appservice, dms=self._dms, queued=self.outbox.wake,
+            lease_s=lease_seconds(self.settings.rate_limits.background_wait),
         )
         self.matrix.on_invited = self._invited
         self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox, media,

@@ -34,15 +34,21 @@ from .networks import Network, Networks
 log = logging.getLogger("dmbridge.invites")
 
 RETRY_S = 10.0  # how often invites are looked for without a wake-up
-# How long a worker may take to answer an invite before another takes it over: a join, the
-# room's members and m.direct, each of which may wait out the homeserver's rate limits.
-LEASE_S = 120.0
+# How long a worker may take to answer an invite before another takes it over: at least this,
+# and long enough for each request of an answer (registration, join, members, m.direct read
+# and write) to wait out the homeserver's rate limits (rate_limits.background_wait).
+MIN_LEASE_S = 120.0
+REQUESTS_PER_ANSWER = 5
+
+
+def lease_seconds(background_wait: float) -> float:
+    return max(MIN_LEASE_S, REQUESTS_PER_ANSWER * background_wait)
 
 
 class InviteHandler:
     def __init__(self, *, stores: Stores, networks: Networks, ghosts: Ghosts,
                  appservice: AppService, dms: DMService,
-                 queued: Callable[[set[str]], None]) -> None:
+                 queued: Callable[[set[str]], None], lease_s: float = MIN_LEASE_S) -> None:
         self.stores = stores
         self.networks = networks
         self.ghosts = ghosts
@@ -52,6 +58,7 @@ class InviteHandler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._owner = secrets.token_hex(8)
+        self._lease_ms = int(lease_s * 1000)
 
     def start(self) -> None:
         self._wake.set()  # answer what was left over from before a restart
@@ -79,8 +86,7 @@ class InviteHandler:
 
     async def _answer_leased(self, invite: GhostInvite) -> None:
         now = now_ms()
-        if not await self.stores.invites.lease(invite, self._owner, now,
-                                               now + int(LEASE_S * 1000)):
+        if not await self.stores.invites.lease(invite, self._owner, now, now + self._lease_ms):
             return  # another worker is answering it
         try:
             await self.answer(invite)
