@@ -1,8 +1,8 @@
 """Several bridge workers on one database: what one does, the others respect.
 
-Workers here are Bridge objects in the test's process, each listening on a port of its own
-(the homeserver's registration names the first one's); a test posts what a load balancer would
-have sent to another worker itself.
+Workers here are Bridge objects in the test's process (or `dmbridge run` processes), each
+listening on a port of its own (the homeserver's registration names the first one's); a test
+posts what a load balancer would have sent to another worker itself.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from mautrix.types import RoomID
 from nio import RoomMessagesResponse
@@ -35,7 +36,8 @@ from tests.integration.conftest import (
 )
 from tests.support.feed import Feed
 from tests.support.matrix import Human
-from tests.support.settings import AS_TOKEN, CHAT_TOKEN, HS_TOKEN
+from tests.support.process import BridgeProcess
+from tests.support.settings import AS_TOKEN, CHAT_TOKEN, HS_TOKEN, make_settings
 
 pytestmark = pytest.mark.integration
 
@@ -88,27 +90,56 @@ async def _joined_rooms(homeserver: Homeserver, user_id: str) -> list[str]:
 
 
 async def test_first_messages_from_a_new_contact_through_two_workers_at_once(
-    homeserver: Homeserver, workers: Workers, new_human: NewHuman,
+    homeserver: Homeserver, workers: Workers, new_human: NewHuman, pg_url: str,
 ) -> None:
     """Both platform requests are answered 200, with one ghost and one room between them."""
-    human = await new_human()
+    await _first_contacts(homeserver, workers.platforms, pg_url, await new_human())
+
+
+async def test_first_messages_through_two_worker_processes_at_once(
+    homeserver: Homeserver, pg_url: str, tmp_path: Path, new_human: NewHuman,
+) -> None:
+    """The same with two `dmbridge run` processes; both stop cleanly afterwards."""
+    ports = [homeserver.bridge_port, free_port()]
+    processes = []
+    for i, port in enumerate(ports):
+        folder = tmp_path / f"process{i}"
+        make_settings(folder, homeserver_url=homeserver.url, domain=DOMAIN, port=port,
+                      db_url=pg_url)
+        processes.append(BridgeProcess(folder / "config.yaml", folder / "bridge.log"))
+    async with processes[0], processes[1], aiohttp.ClientSession() as session:
+        for process, port in zip(processes, ports, strict=True):
+            process.start()  # the first one first: the homeserver pings it for both
+            await process.wait_ready(port)
+        await _first_contacts(homeserver, [Platform(session, port) for port in ports], pg_url,
+                              await new_human())
+        for process in processes:
+            assert await process.terminate() == 0, process.log_tail()
+
+
+async def _first_contacts(homeserver: Homeserver, platforms: list[Platform], pg_url: str,
+                          human: Human) -> None:
+    """New contacts' first messages to ``human``, each sent through every worker at once."""
     contacts = [_contact() for _ in range(4)]
     sends = [
         platform.send("chat", CHAT_TOKEN, f"m{n}", sender=remote_id, sender_name="Carol",
                       recipient=human.user_id, text=f"hello {n}")
         for remote_id, _ in contacts
-        for n, platform in enumerate(workers.platforms)
+        for n, platform in enumerate(platforms)
     ]
     answers = await asyncio.gather(*sends)
     assert [status for status, _ in answers] == [200] * len(sends), answers
-    db = workers.bridges[0].db
-    for i, (remote_id, ghost_id) in enumerate(contacts):
-        first, second = answers[2 * i][1], answers[2 * i + 1][1]
-        assert first["room_id"] == second["room_id"]
-        assert sorted([first["room_created"], second["room_created"]]) == [False, True]
-        assert await db.fetchval("SELECT COUNT(*) FROM ghost WHERE remote_id=$1",
-                                 remote_id) == 1
-        assert await _joined_rooms(homeserver, ghost_id) == [first["room_id"]]
+    conn = await asyncpg.connect(pg_url)
+    try:
+        for i, (remote_id, ghost_id) in enumerate(contacts):
+            first, second = answers[2 * i][1], answers[2 * i + 1][1]
+            assert first["room_id"] == second["room_id"]
+            assert sorted([first["room_created"], second["room_created"]]) == [False, True]
+            assert await conn.fetchval("SELECT COUNT(*) FROM ghost WHERE remote_id=$1",
+                                       remote_id) == 1
+            assert await _joined_rooms(homeserver, ghost_id) == [first["room_id"]]
+    finally:
+        await conn.close()
 
 
 def _tee_transactions(workers: Workers) -> None:
