@@ -22,8 +22,8 @@ from .dms import DMService
 from .errors import RateLimited
 from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
-from .instances import Instances
-from .invites import InviteHandler
+from .instances import Instances, SoleWorker
+from .invites import InviteHandler, lease_seconds
 from .listener import Listener
 from .logfilter import LogLimits
 from .matrix import MatrixHandler
@@ -31,6 +31,7 @@ from .media import MediaLinks, MediaService
 from .metrics import DatabaseGauges, Metrics, StoreCounts, metrics_handler
 from .notices import AdminNotices, NoticeRoom
 from .outbox import Outbox
+from .peers import Peers
 from .quotas import Quotas
 from .ratelimit import HomeserverLimits, Pacing
 from .readiness import Readiness, Watch
@@ -57,6 +58,7 @@ class Bridge:
                                   log=logging.getLogger("dmbridge.db"))
         time_queries(self.db, self.metrics.db_query)
         self.instances = Instances(self.db, settings.database_url, settings.creation_timeout)
+        self.sole_worker = SoleWorker(settings.database_url)
         self.state_store = PgASStateStore(self.db)
         self.stores = Stores.over(self.db)
         self.listener = Listener(settings.listener)
@@ -74,9 +76,13 @@ class Bridge:
         self._notice_room = NoticeRoom(settings.homeserver_url, settings.as_token,
                                        settings.bot_user_id, notices) if notices.enabled else None
         self.notices = AdminNotices(notices, self._notice_room)
+        # Other workers on the same PostgreSQL hear of new outbox items and invites at once.
+        self.peers = Peers(settings.database_url, on_outbox=self._heard_outbox,
+                           on_invites=self._heard_invites)
         self.outbox = Outbox(stores=self.stores, networks=settings.networks,
                              settings=settings.delivery, present=self.links.attach,
-                             notices=self.notices, metrics=self.metrics)
+                             notices=self.notices, metrics=self.metrics,
+                             announce=self.peers.outbox_queued)
         self.matrix.on_queued = self.outbox.wake
         self.retention = Retention(self.db, settings.retention)
         self._dms: DMService | None = None
@@ -89,6 +95,19 @@ class Bridge:
         self.readiness = Readiness(self.db, settings.database_url)
         self.readiness.on_change = self._set_ready
         self.watch: Watch | None = None
+
+    def _invited(self) -> None:
+        """Invites were recorded here: answered by this worker or another (see invites.py)."""
+        if self._invites is not None:
+            self._invites.wake()
+        self.peers.invites_queued()
+
+    def _heard_invites(self) -> None:
+        if self._invites is not None:
+            self._invites.wake()
+
+    def _heard_outbox(self, networks: set[str]) -> None:
+        self.outbox.wake_here(networks)
 
     def _set_ready(self, ready: bool) -> None:
         self.appservice.ready = ready  # mautrix's /_matrix/mau/ready says the same
@@ -116,9 +135,13 @@ class Bridge:
         self._log_task = asyncio.create_task(self._log_summaries())
         self.notices.start()
         log.info("starting: database %s", safe_url(self.settings.database_url))
+        # Refused before the schema is touched; a folder problem is the database's to explain.
+        self.sole_worker.hold(strict=False)
         await start_database(self.db, self.settings.database_url)
+        self.sole_worker.hold(strict=True)
         await self.state_store.upgrade_table.upgrade(self.db)
         await self.instances.start()
+        self.peers.start()
         self.appservice.new_session([self.notices.watch_homeserver, self.limits.middleware])
         self._homeserver = Homeserver(
             self.settings.homeserver_url, self.settings.as_token,
@@ -134,8 +157,9 @@ class Bridge:
         self._invites = InviteHandler(
             stores=self.stores, networks=self.settings.networks, ghosts=self.ghosts,
             appservice=self.appservice, dms=self._dms, queued=self.outbox.wake,
+            lease_s=lease_seconds(self.settings.rate_limits.background_wait),
         )
-        self.matrix.on_invited = self._invites.wake
+        self.matrix.on_invited = self._invited
         self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox, media,
                                                             self.settings, self.quotas,
                                                             readiness=self.readiness))
@@ -274,8 +298,10 @@ class Bridge:
         if self._homeserver is not None:
             await self._homeserver.close()
         self.limits.close()
+        await self.peers.stop()
         await self.instances.stop()
         await self.db.stop()
+        self.sole_worker.release()
         self.log_limits.remove()
 
 

@@ -6,8 +6,8 @@ heartbeat interval or timeout has to be tuned:
 - PostgreSQL (workers may be on several hosts): a connection named ``dmbridge/<instance>``; an
   instance is alive iff ``pg_stat_activity`` lists such a connection.
 - SQLite (one host): an exclusive ``flock`` on ``<database>.instances/<instance>``; alive iff
-  that lock cannot be taken. (One process per database is the design; tests run two bridges in
-  one process, and flock tells those apart too.)
+  that lock cannot be taken. SQLite takes one bridge process: :class:`SoleWorker` refuses a
+  second at start.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from typing import IO
 
 import asyncpg
 from mautrix.util.async_db import Database
+from yarl import URL
 
 from .db.dm import ABANDONED, DMRecord
+from .startup import StartupError
 
 log = logging.getLogger("dmbridge.instances")
 
@@ -126,6 +128,54 @@ class Instances:
         with contextlib.suppress(OSError):
             path.unlink()  # its process is gone
         return False
+
+
+class SoleWorker:
+    """On SQLite, the one bridge process: ``<database>.instances/worker.lock`` held until stop.
+
+    The file is never removed (a process opening it as another unlinks it could lock a file
+    nobody else sees); it names the holder's pid for the message that refuses a second.
+    """
+
+    def __init__(self, database_url: str) -> None:
+        self.database = URL(database_url).path
+        folder = _lock_folder(database_url) if database_url.startswith("sqlite") else None
+        self.path = folder / "worker.lock" if folder is not None else None
+        self._lock: IO[bytes] | None = None
+
+    def hold(self, *, strict: bool) -> None:
+        """Raise :class:`StartupError` if another process holds it. Without ``strict``, a folder
+        that cannot be written is left for the database's own start-up check to explain."""
+        if self.path is None or self._lock is not None:
+            return
+        try:
+            self.path.parent.mkdir(mode=0o700, exist_ok=True)
+            lock = open(self.path, "a+b")  # held until release
+        except OSError as e:
+            if not strict:
+                return
+            raise StartupError(f"database {self.database}: cannot create {self.path}: "
+                               f"{e.strerror or e}; make its folder writable") from e
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().decode(errors="replace").strip()
+            lock.close()
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise StartupError(
+                f"database {self.database}: another dmbridge{pid} is already running on this"
+                " SQLite database, and SQLite takes one bridge process; stop the other one, or"
+                " move to PostgreSQL (database.url) to run several workers") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()).encode())
+        lock.flush()
+        self._lock = lock
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
 
 def _hold(folder: Path, instance: str) -> IO[bytes]:

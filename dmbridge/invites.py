@@ -1,13 +1,15 @@
 """A Matrix user invites a ghost: the ghost joins and the room becomes their DM, or it declines.
 
 Invites are recorded in the transaction that brought them, then answered here; one that was not
-answered before a crash is answered after the restart.
+answered before a crash is answered after the restart. Every worker sharing the database sees
+every invite: a worker answers one only under a lease on it, so each invite is answered once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable
 
 import aiohttp
@@ -31,13 +33,22 @@ from .networks import Network, Networks
 
 log = logging.getLogger("dmbridge.invites")
 
-RETRY_S = 10.0
+RETRY_S = 10.0  # how often invites are looked for without a wake-up
+# How long a worker may take to answer an invite before another takes it over: at least this,
+# and long enough for each request of an answer (registration, join, members, m.direct read
+# and write) to wait out the homeserver's rate limits (rate_limits.background_wait).
+MIN_LEASE_S = 120.0
+REQUESTS_PER_ANSWER = 5
+
+
+def lease_seconds(background_wait: float) -> float:
+    return max(MIN_LEASE_S, REQUESTS_PER_ANSWER * background_wait)
 
 
 class InviteHandler:
     def __init__(self, *, stores: Stores, networks: Networks, ghosts: Ghosts,
                  appservice: AppService, dms: DMService,
-                 queued: Callable[[set[str]], None]) -> None:
+                 queued: Callable[[set[str]], None], lease_s: float = MIN_LEASE_S) -> None:
         self.stores = stores
         self.networks = networks
         self.ghosts = ghosts
@@ -46,6 +57,8 @@ class InviteHandler:
         self._queued = queued
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._owner = secrets.token_hex(8)
+        self._lease_ms = int(lease_s * 1000)
 
     def start(self) -> None:
         self._wake.set()  # answer what was left over from before a restart
@@ -64,12 +77,21 @@ class InviteHandler:
             await wake.wait(self._wake, RETRY_S)
             self._wake.clear()
             try:
-                for invite in await self.stores.invites.all():
-                    await self.answer(invite)
+                for invite in await self.stores.invites.unleased(now_ms()):
+                    await self._answer_leased(invite)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("answering invites failed; trying again in %.0f s", RETRY_S)
+
+    async def _answer_leased(self, invite: GhostInvite) -> None:
+        now = now_ms()
+        if not await self.stores.invites.lease(invite, self._owner, now, now + self._lease_ms):
+            return  # another worker is answering it
+        try:
+            await self.answer(invite)
+        finally:
+            await asyncio.shield(self.stores.invites.release(invite, self._owner))
 
     async def answer(self, invite: GhostInvite) -> None:
         parsed = self.networks.parse_ghost(invite.ghost_id)

@@ -12,6 +12,7 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -46,7 +47,8 @@ def backoff(attempt: int, settings: DeliverySettings, rng: random.Random | None 
 class Outbox:
     def __init__(self, *, stores: Stores, networks: Networks, settings: DeliverySettings,
                  present: Present = as_stored, notices: AdminNotices | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 announce: Callable[[set[str]], None] | None = None) -> None:
         self.stores = stores
         self.notices = notices or AdminNotices(NoticeSettings(), None)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -63,6 +65,8 @@ class Outbox:
         self._session: aiohttp.ClientSession | None = None
         self._webhook: WebhookClient | None = None
         self._owner = secrets.token_hex(4)
+        # Tells the other workers on the same database (see :mod:`dmbridge.peers`).
+        self._announce = announce or (lambda networks: None)
 
     def present(self, item: OutboxItem) -> dict[str, Any]:
         """The event as the platform receives it now."""
@@ -94,7 +98,12 @@ class Outbox:
             await self._session.close()
 
     def wake(self, networks: set[str]) -> None:
-        """New items were committed for these networks."""
+        """New items were committed for these networks, here: this worker and the others."""
+        self.wake_here(networks)
+        self._announce(networks)
+
+    def wake_here(self, networks: set[str]) -> None:
+        """New items were committed for these networks (by another worker, maybe)."""
         self._wake.set()
         for network in networks:
             signal = self._pull_signals.get(network)

@@ -53,6 +53,34 @@ class InviteStore:
         )
         return [_invite(r) for r in rows]
 
+    async def unleased(self, now: int) -> list[GhostInvite]:
+        """The invites no worker is answering now (or whose worker's lease ran out)."""
+        rows = await self.db.fetch(
+            "SELECT room_id, ghost_id, inviter, is_direct, event_id, received_at"
+            " FROM ghost_invite WHERE lease_until IS NULL OR lease_until < $1"
+            " ORDER BY received_at",
+            now,
+        )
+        return [_invite(r) for r in rows]
+
+    async def lease(self, invite: GhostInvite, owner: str, now: int, until: int) -> bool:
+        """Take the invite for ``owner`` to answer; False if another worker holds it."""
+        got = await self.db.fetchval(
+            "UPDATE ghost_invite SET lease_until=$4, leased_by=$3"
+            " WHERE room_id=$1 AND ghost_id=$2 AND (lease_until IS NULL OR lease_until < $5)"
+            " RETURNING room_id",
+            invite.room_id, invite.ghost_id, owner, until, now,
+        )
+        return got is not None
+
+    async def release(self, invite: GhostInvite, owner: str) -> None:
+        """Let the invite go (answered or not): a newer invite, or a retry, is taken up next."""
+        await self.db.execute(
+            "UPDATE ghost_invite SET lease_until=NULL, leased_by=NULL"
+            " WHERE room_id=$1 AND ghost_id=$2 AND leased_by=$3",
+            invite.room_id, invite.ghost_id, owner,
+        )
+
 
 def _invite(row: Any) -> GhostInvite:
     fields = {k: row[k] for k in GhostInvite.__dataclass_fields__}

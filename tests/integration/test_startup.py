@@ -170,6 +170,27 @@ def test_database_locked_by_another_process(folder: Path) -> None:
                         "is another dmbridge running on it?")
 
 
+async def test_a_second_bridge_on_the_same_sqlite_database(folder: Path) -> None:
+    """Refused before it touches the database, naming it, the running one and the fix; once
+    the first is gone (even killed), a bridge starts there again."""
+    config = generate(folder, "sqlite:dmbridge.db")
+    port = int(YAML(typ="safe").load(config)["appservice"]["port"])
+    async with BridgeProcess(config, folder / "first.log") as first, \
+            BridgeProcess(config, folder / "after.log") as after:
+        first.start()
+        await first.wait_ready(port, paths=LIVE_PATHS)  # no homeserver here
+        done = dmbridge("run", "-c", str(config), cwd=folder)
+        assert_failed_start(
+            done, f"database {folder / 'dmbridge.db'}: another dmbridge (pid {first.pid}) is "
+            "already running on this SQLite database",
+            "stop the other one, or move to PostgreSQL (database.url) to run several workers")
+        assert "cannot listen" not in done.stderr
+        assert await first.kill() == -9
+        after.start()
+        await after.wait_ready(port, paths=LIVE_PATHS)
+        assert await after.terminate() == 0
+
+
 def test_port_in_use(folder: Path, db_url: str) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
