@@ -13,17 +13,20 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from typing import cast
 
 import aiohttp
 from aiohttp import web
 from aiohttp.client_middlewares import ClientMiddlewareType
 from mautrix.appservice import AppService, AppServiceAPI
 from mautrix.appservice.state_store import ASStateStore
+from mautrix.util.logging import TraceLogger
 
 from . import jsontext
 from .config import Settings
 from .diagnosis import wrong_hs_token
 from .listener import Listener
+from .lru import LRU
 from .matrix import MatrixHandler
 from .metrics import Metrics
 
@@ -33,10 +36,34 @@ MAX_TRANSACTION_BYTES = 64 * 1024 * 1024
 # Synapse refuses event content nested deeper than about 100 levels; a transaction adds three.
 MAX_TRANSACTION_DEPTH = 128
 TOKEN_WARNING_EVERY_S = 60.0
+# Ghosts whose homeserver client is kept between uses.
+GHOST_CLIENTS_MAX = 10_000
 
 
 def _error(status: int, errcode: str, message: str) -> web.Response:
     return web.json_response({"errcode": errcode, "error": message}, status=status)
+
+
+class ClientLogs(TraceLogger):
+    """The logger mautrix's homeserver clients name theirs after, not one to log on.
+
+    mautrix names a logger after each ghost its client acts as (``….api.<user ID>``), and
+    :mod:`logging` keeps every logger it ever made: memory that grows with each ghost. Here the
+    bot's client logs on ``….api.bot`` and every ghost's on ``….api.ghost``; a request's line
+    names its ghost anyway (its ``user_id`` parameter).
+    """
+
+    def __init__(self, base: logging.Logger, *, clients: bool = False) -> None:
+        super().__init__(base.name)
+        self.parent = base  # if anything logs here after all, it reaches base's handlers
+        self._base = base
+        self._clients = clients  # the "api" level, whose children are named per user
+
+    def getChild(self, suffix: str) -> TraceLogger:
+        if self._clients:
+            return cast(TraceLogger, self._base.getChild("bot" if suffix == "bot" else "ghost"))
+        child = cast(TraceLogger, self._base.getChild(suffix))
+        return ClientLogs(child, clients=True) if suffix == "api" else child
 
 
 class BridgeAppService(AppService):
@@ -76,16 +103,20 @@ class BridgeAppService(AppService):
         """As mautrix's start, but on the session from :meth:`new_session`, and listening
         through the :class:`Listener` (connection cap, timeouts)."""
         await self.state_store.open()
-        self._intent = AppServiceAPI(
+        api = AppServiceAPI(
             base_url=self.server,
             bot_mxid=self.bot_mxid,
-            log=self.log,
+            log=ClientLogs(self.log),
             token=self.as_token,
             state_store=self.state_store,
             bridge_name=self.bridge_name,
             client_session=self.http_session,
             default_retry_count=self.default_http_retry_count,
-        ).bot_intent()
+        )
+        # mautrix keeps a client per ghost for ever; one is cheap to make again (transaction
+        # IDs are counted by the parent), so only the recently used are kept.
+        api.children = LRU(GHOST_CLIENTS_MAX)
+        self._intent = api.bot_intent()
         self.listener.install(self.app)
         self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()

@@ -8,7 +8,6 @@ import logging
 
 import aiohttp
 from aiohttp import web
-from mautrix.appservice.state_store.asyncpg import PgASStateStore
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 from . import requestid
@@ -37,6 +36,7 @@ from .ratelimit import HomeserverLimits, Pacing
 from .readiness import Readiness, Watch
 from .retention import Retention
 from .startup import StartupError
+from .statestore import BridgeStateStore
 
 log = logging.getLogger("dmbridge")
 
@@ -59,7 +59,7 @@ class Bridge:
         time_queries(self.db, self.metrics.db_query)
         self.instances = Instances(self.db, settings.database_url, settings.creation_timeout)
         self.sole_worker = SoleWorker(settings.database_url)
-        self.state_store = PgASStateStore(self.db)
+        self.state_store = BridgeStateStore(self.db)
         self.stores = Stores.over(self.db)
         self.listener = Listener(settings.listener)
         self.appservice = BridgeAppService(settings, self.state_store, self.listener,

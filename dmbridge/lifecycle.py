@@ -20,6 +20,7 @@ from .db.history import Transition
 from .db.invite import GhostInvite
 from .db.message import EDIT, MESSAGE, REACTION, MatrixMessage
 from .errors import NotFound
+from .lru import LRU
 from .marker import MARKER, Marker
 from .networks import Network, Networks
 
@@ -28,6 +29,8 @@ log = logging.getLogger("dmbridge.lifecycle")
 _MEMBERSHIPS = frozenset({"join", "invite", "leave", "ban", "knock"})
 _MESSAGES = frozenset({"m.room.message", "m.sticker"})
 _RELATED = frozenset({"m.reaction", "m.room.redaction"})
+# Rooms whose user is remembered as typing (to tell the platform each start and stop once).
+TYPING_ROOMS_MAX = 10_000
 
 
 @dataclass
@@ -49,7 +52,10 @@ class Lifecycle:
         self.networks = networks
         self.bot_user_id = bot_user_id
         self.on_leave = on_leave
-        self._typing: dict[str, bool] = {}  # is the DM's user typing, per room, as last told
+        # The rooms whose user the platform was last told is typing; a room leaves when it is
+        # told the typing stopped. Stops the bridge never sees (a DM ended meanwhile) would
+        # keep rooms for ever: past the cap the oldest go (its stop, if it comes, is not told).
+        self._typing: LRU[str, None] = LRU(TYPING_ROOMS_MAX)
 
     async def apply(self, conn: Connection, raw: dict[str, Any], now: int, effects: Effects
                     ) -> None:
@@ -81,8 +87,11 @@ class Lifecycle:
         if kind == "m.typing":
             user_ids = content.get("user_ids")
             is_typing = isinstance(user_ids, list) and dm.user_id in user_ids
-            if self._typing.get(room_id, False) != is_typing:
-                self._typing[room_id] = is_typing
+            if (room_id in self._typing) != is_typing:
+                if is_typing:
+                    self._typing[room_id] = None
+                else:
+                    del self._typing[room_id]
                 items.append(payloads.typing(lane, room_id, is_typing, now))
         else:
             for event_id, receipts in content.items():
