@@ -24,10 +24,10 @@ import time
 import uuid
 
 import aiohttp
+from mautrix.util.async_db import Connection, Database, Scheme
 
 from bench.support import DB_HELP, bridge_on_stub
 from bench.warm_path import warm_ratios
-from dmbridge.bridge import Bridge
 from tests.support.settings import SMS_TOKEN
 
 # Row i of n: block b = i / 100 holds ghosts 10b..10b+9 and users 10b..10b+9, each pair once.
@@ -54,16 +54,17 @@ SEED = [
 USER = "@seed5:localhost"  # a seeded user, with 10 DMs
 
 
-async def seed(bridge: Bridge, dms: int) -> float:
+async def seed(db: Database, dms: int) -> float:
     """Fill the empty tables with ``dms`` DMs; seconds it took."""
     start = time.perf_counter()
-    async with bridge.db.acquire() as conn, conn.transaction():
+    conn: Connection
+    async with db.acquire() as conn, conn.transaction():
         for i, statement in enumerate(SEED):
             await conn.execute(statement, dms if i < len(SEED) - 1 else (dms + 9) // 10)
-    if bridge.db.scheme.value == "sqlite":
-        await bridge.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    if db.scheme == Scheme.SQLITE:
+        await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     else:
-        await bridge.db.execute("VACUUM ANALYZE")  # as autovacuum does after a bulk load
+        await db.execute("VACUUM ANALYZE")  # as autovacuum does after a bulk load
     return time.perf_counter() - start
 
 
@@ -81,7 +82,7 @@ async def measure(db: str, dms: int, messages: int, rounds: int, opens: int
                   ) -> tuple[float, float, float, float]:
     """Seed seconds, warm ratio, new DM ms, GET /dms?user_id= ms."""
     async with bridge_on_stub(db, ping=False, quiet=logging.WARNING) as (bridge, hs_url, port):
-        seeded = await seed(bridge, dms)
+        seeded = await seed(bridge.db, dms)
         [(_, bare, via_bridge, _)] = await warm_ratios(
             bridge, hs_url, messages=messages, concurrency=[1], rounds=rounds)
         run = uuid.uuid4().int % 900_000 + 100_000  # fresh phone numbers
