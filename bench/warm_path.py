@@ -20,11 +20,11 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from bench.support import DB_HELP, bridge_on_stub
+from dmbridge.bridge import Bridge
 from tests.support.settings import AS_TOKEN
 
 PHONE = "+15551234567"
 GHOST = "@dm_sms_=2b15551234567:localhost"
-
 
 
 async def _run(n: int, concurrency: int, one: Callable[[int], Awaitable[object]]) -> float:
@@ -40,6 +40,42 @@ async def _run(n: int, concurrency: int, one: Callable[[int], Awaitable[object]]
     return n / (time.perf_counter() - start)
 
 
+async def warm_ratios(bridge: Bridge, hs_url: str, *, messages: int, concurrency: list[int],
+                      rounds: int) -> list[tuple[int, float, float, float]]:
+    """Per concurrency: bare PUT msg/s, bridge msg/s (medians of the rounds), hs requests/msg."""
+    alice = "@alice:localhost"
+    room_id = (await bridge.dms.send("sms", PHONE, alice, message_id="warmup",
+                                     text="hi")).room_id
+    run_id = uuid.uuid4().hex[:8]
+    send_url = f"{hs_url}/_matrix/client/v3/rooms/{room_id}/send/m.room.message/"
+    headers = {"Authorization": f"Bearer {AS_TOKEN}", "Content-Type": "application/json"}
+    results = []
+    async with aiohttp.ClientSession() as session:
+        async def bare(i: int) -> object:
+            body = '{"msgtype": "m.text", "body": "benchmark message"}'
+            async with session.put(f"{send_url}bare-{run_id}-{i}", data=body,
+                                   params={"user_id": GHOST}, headers=headers) as resp:
+                return (await resp.json())["event_id"]
+
+        for conc in concurrency:
+            bare_rates, bridge_rates = [], []
+            per_msg = 0.0
+            for r in range(rounds):
+                tag = f"{run_id}-{conc}-{r}"
+
+                async def via_bridge(i: int, tag: str = tag) -> object:
+                    return await bridge.dms.send("sms", PHONE, alice, message_id=f"{tag}-{i}",
+                                                 text="benchmark message")
+
+                bare_rates.append(await _run(messages, conc, bare))
+                before = bridge.requests.total
+                bridge_rates.append(await _run(messages, conc, via_bridge))
+                per_msg = (bridge.requests.total - before) / messages
+            results.append((conc, statistics.median(bare_rates),
+                            statistics.median(bridge_rates), per_msg))
+    return results
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,41 +87,15 @@ async def main() -> None:
     args = parser.parse_args()
 
     async with bridge_on_stub(args.db) as (bridge, hs_url, _):
-        alice = "@alice:localhost"
-        room_id = (await bridge.dms.send("sms", PHONE, alice, message_id="warmup",
-                                         text="hi")).room_id
-        run_id = uuid.uuid4().hex[:8]
-        send_url = f"{hs_url}/_matrix/client/v3/rooms/{room_id}/send/m.room.message/"
-        headers = {"Authorization": f"Bearer {AS_TOKEN}", "Content-Type": "application/json"}
-
-        async with aiohttp.ClientSession() as session:
-            async def bare(i: int) -> object:
-                body = '{"msgtype": "m.text", "body": "benchmark message"}'
-                async with session.put(f"{send_url}bare-{run_id}-{i}", data=body,
-                                       params={"user_id": GHOST}, headers=headers) as resp:
-                    return (await resp.json())["event_id"]
-
-            print(f"warm message cost, {args.messages} messages per round, median of "
-                  f"{args.rounds} rounds, database {args.db}")
-            print(f"{'concurrency':>11}  {'bare PUT msg/s':>14}  {'bridge msg/s':>12}  "
-                  f"{'bare µs/msg':>11}  {'bridge µs/msg':>13}  {'ratio':>5}  hs req/msg")
-            for conc in args.concurrency:
-                bare_rates, bridge_rates = [], []
-                for r in range(args.rounds):
-                    tag = f"{run_id}-{conc}-{r}"
-
-                    async def via_bridge(i: int, tag: str = tag) -> object:
-                        return await bridge.dms.send("sms", PHONE, alice,
-                                                     message_id=f"{tag}-{i}",
-                                                     text="benchmark message")
-
-                    bare_rates.append(await _run(args.messages, conc, bare))
-                    before = bridge.requests.total
-                    bridge_rates.append(await _run(args.messages, conc, via_bridge))
-                    per_msg = (bridge.requests.total - before) / args.messages
-                b, g = statistics.median(bare_rates), statistics.median(bridge_rates)
-                print(f"{conc:>11}  {b:>14.0f}  {g:>12.0f}  {1e6 / b:>11.0f}  {1e6 / g:>13.0f}"
-                      f"  {b / g:>5.2f}  {per_msg:.2f}")
+        print(f"warm message cost, {args.messages} messages per round, median of "
+              f"{args.rounds} rounds, database {args.db}")
+        print(f"{'concurrency':>11}  {'bare PUT msg/s':>14}  {'bridge msg/s':>12}  "
+              f"{'bare µs/msg':>11}  {'bridge µs/msg':>13}  {'ratio':>5}  hs req/msg")
+        for conc, b, g, per_msg in await warm_ratios(
+                bridge, hs_url, messages=args.messages, concurrency=args.concurrency,
+                rounds=args.rounds):
+            print(f"{conc:>11}  {b:>14.0f}  {g:>12.0f}  {1e6 / b:>11.0f}  {1e6 / g:>13.0f}"
+                  f"  {b / g:>5.2f}  {per_msg:.2f}")
 
 
 if __name__ == "__main__":

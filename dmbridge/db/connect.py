@@ -33,6 +33,9 @@ SQLITE_BUSY_S = 5.0
 PG_RETRY_FOR_S = 15.0
 PG_CONNECT_TIMEOUT_S = 5.0
 PG_MAX_DELAY_S = 4.0
+# SQLite's page cache (64 MiB; its default is 2 MiB) and memory-mapped reads (up to 256 MiB of
+# the file), so the upper levels of a big table's indexes stay in memory.
+SQLITE_PRAGMAS = ("PRAGMA cache_size = -65536", "PRAGMA mmap_size = 268435456")
 # PostgreSQL may be starting alongside the bridge: these are worth another attempt.
 RETRYABLE = (OSError, TimeoutError, asyncpg.CannotConnectNowError,
              asyncpg.TooManyConnectionsError)
@@ -43,7 +46,10 @@ class DatabaseUnavailable(StartupError):
 
 
 def create_database(url: str, *, db_args: dict[str, int], log: logging.Logger) -> Database:
-    return Database.create(url, upgrade_table=upgrade_table, db_args=db_args, log=log)
+    args: dict[str, object] = {**db_args}
+    if is_sqlite(url):
+        args["init_commands"] = list(SQLITE_PRAGMAS)  # mautrix adds WAL and the busy timeout
+    return Database.create(url, upgrade_table=upgrade_table, db_args=args, log=log)
 
 
 def is_sqlite(url: str) -> bool:

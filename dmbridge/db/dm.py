@@ -184,15 +184,42 @@ class DMStore:
         ghost_id: UserID | None = None,
         limit: int = 100,
     ) -> list[DMRecord]:
-        rows = await self.db.fetch(
-            _SELECT + " WHERE dm.state = 'active'"
-            " AND (CAST($1 AS TEXT) IS NULL OR dm.network = $1)"
-            " AND (CAST($2 AS TEXT) IS NULL OR dm.user_id = $2)"
-            " AND (CAST($3 AS TEXT) IS NULL OR dm.ghost_id = $3)"
-            " ORDER BY dm.created_at, dm.room_id LIMIT $4",
-            network, user_id, ghost_id, limit,
+        """The oldest active DMs matching every filter given, at most ``limit``."""
+        if network is None and user_id is None and ghost_id is None:
+            # One search of the listing index per network, merged: all networks at once
+            # would sort every active DM.
+            rows = [row for net in await self._active_networks()
+                    for row in await self._find({"network": net}, limit)]
+            rows.sort(key=lambda row: (row["created_at"], row["room_id"]))
+            return [_record(row) for row in rows[:limit]]
+        filters = {"network": network, "user_id": user_id, "ghost_id": ghost_id}
+        return [_record(row) for row in await self._find(
+            {k: v for k, v in filters.items() if v is not None}, limit)]
+
+    async def _find(self, filters: dict[str, str], limit: int) -> list[Any]:
+        # Only the filters given are in the statement. With a user or a ghost, the network is
+        # compared as an expression, so that SQLite's planner (without statistics) searches
+        # their few DMs rather than walking the network's whole listing index.
+        narrow = "user_id" in filters or "ghost_id" in filters
+        where = "".join(
+            f" AND dm.network || '' = ${n}" if column == "network" and narrow
+            else f" AND dm.{column} = ${n}" for n, column in enumerate(filters, 1))
+        return await self.db.fetch(
+            f"SELECT {_COLUMNS}, dm.created_at FROM dm {_JOINS} WHERE dm.state = 'active'"
+            f"{where} ORDER BY dm.created_at, dm.room_id LIMIT ${len(filters) + 1}",
+            *filters.values(), limit,
         )
-        return [_record(row) for row in rows]
+
+    async def _active_networks(self) -> list[str]:
+        """The networks with an active DM, one search of the listing index each."""
+        rows = await self.db.fetch(
+            "WITH RECURSIVE net(network) AS ("
+            " SELECT MIN(network) FROM dm WHERE state = 'active'"
+            " UNION ALL SELECT (SELECT MIN(network) FROM dm"
+            "  WHERE state = 'active' AND network > net.network)"
+            " FROM net WHERE net.network IS NOT NULL)"
+            " SELECT network FROM net WHERE network IS NOT NULL")
+        return [str(row["network"]) for row in rows]
 
     async def active_rooms_of_ghost(self, ghost_id: UserID) -> dict[UserID, list[RoomID]]:
         rows = await self.db.fetch(
@@ -265,6 +292,7 @@ class DMStore:
         )
 
     async def count_by_state(self) -> dict[str, int]:
-        """How many DM rows are in each state (for metrics; a scan of the table)."""
-        rows = await self.db.fetch("SELECT state, COUNT(*) AS n FROM dm GROUP BY state")
-        return {str(r["state"]): int(r["n"]) for r in rows}
+        """How many DM rows are in each state (for metrics; read from the dm_state index)."""
+        rows = await self.db.fetch(
+            "SELECT state || '' AS s, COUNT(*) AS n FROM dm GROUP BY state || ''")
+        return {str(r["s"]): int(r["n"]) for r in rows}

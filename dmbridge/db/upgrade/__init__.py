@@ -12,5 +12,6 @@ from . import (  # noqa: E402,F401
     v04_message_map_media,
     v05_creation_owner,
     v06_retention_indexes,
+    v07_dm_indexes,
     v08_invite_lease,
 )
