@@ -23,6 +23,8 @@ from yarl import URL
 
 from ..files import PRIVATE, restrict
 from ..startup import StartupError, current_user
+from .postgres import UnresetConnection
+from .sqlite import OneTripSQLiteDatabase
 from .upgrade import upgrade_table
 
 log = logging.getLogger("dmbridge.db")
@@ -43,7 +45,11 @@ class DatabaseUnavailable(StartupError):
 
 
 def create_database(url: str, *, db_args: dict[str, int], log: logging.Logger) -> Database:
-    return Database.create(url, upgrade_table=upgrade_table, db_args=db_args, log=log)
+    if is_sqlite(url):
+        return OneTripSQLiteDatabase(URL(url), upgrade_table=upgrade_table, db_args=dict(db_args),
+                                     log=log)
+    return Database.create(url, upgrade_table=upgrade_table,
+                           db_args={**db_args, "connection_class": UnresetConnection}, log=log)
 
 
 def is_sqlite(url: str) -> bool:
