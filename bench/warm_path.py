@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from bench.support import DB_HELP, bridge_on_stub
+from bench.support import DB_HELP, bridge_on_stub, statements
 from tests.support.settings import AS_TOKEN
 
 PHONE = "+15551234567"
@@ -68,7 +68,7 @@ async def main() -> None:
             print(f"warm message cost, {args.messages} messages per round, median of "
                   f"{args.rounds} rounds, database {args.db}")
             print(f"{'concurrency':>11}  {'bare PUT msg/s':>14}  {'bridge msg/s':>12}  "
-                  f"{'bare µs/msg':>11}  {'bridge µs/msg':>13}  {'ratio':>5}  hs req/msg")
+                  f"{'bare µs/msg':>11}  {'bridge µs/msg':>13}  {'ratio':>5}  hs req/msg  db stmt/msg")
             for conc in args.concurrency:
                 bare_rates, bridge_rates = [], []
                 for r in range(args.rounds):
@@ -80,12 +80,13 @@ async def main() -> None:
                                                      text="benchmark message")
 
                     bare_rates.append(await _run(args.messages, conc, bare))
-                    before = bridge.requests.total
+                    before, stmts = bridge.requests.total, statements(bridge)
                     bridge_rates.append(await _run(args.messages, conc, via_bridge))
                     per_msg = (bridge.requests.total - before) / args.messages
+                    stmt_per_msg = (statements(bridge) - stmts) / args.messages
                 b, g = statistics.median(bare_rates), statistics.median(bridge_rates)
                 print(f"{conc:>11}  {b:>14.0f}  {g:>12.0f}  {1e6 / b:>11.0f}  {1e6 / g:>13.0f}"
-                      f"  {b / g:>5.2f}  {per_msg:.2f}")
+                      f"  {b / g:>5.2f}  {per_msg:>10.2f}  {stmt_per_msg:>11.2f}")
 
 
 if __name__ == "__main__":
