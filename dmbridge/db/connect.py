@@ -46,8 +46,7 @@ class DatabaseUnavailable(StartupError):
 
 def create_database(url: str, *, db_args: dict[str, int], log: logging.Logger) -> Database:
     if is_sqlite(url):
-        return OneTripSQLiteDatabase(URL(url), upgrade_table=upgrade_table, db_args=dict(db_args),
-                                     log=log)
+        return OneTripSQLiteDatabase(URL(url), upgrade_table, db_args, log)
     return Database.create(url, upgrade_table=upgrade_table,
                            db_args={**db_args, "connection_class": UnresetConnection}, log=log)
 

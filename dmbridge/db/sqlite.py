@@ -5,6 +5,13 @@ mautrix runs a statement on aiosqlite as three trips to the thread that owns the
 far more than the tiny statements of the hot path. Here each statement is one trip: the thread
 executes it, reads every row and finishes it, so a write outside a transaction is committed
 before the call returns, as before.
+
+A statement that starts with :data:`POINT_READ` skips even that trip: it runs on the event loop
+itself. Only tiny reads by unique keys are marked so (the hot path's lookups): in WAL mode a
+read takes no lock that another process's write holds, so it never sleeps in ``busy_timeout``
+and never blocks the loop for longer than the lookup. Writes, and any read that may touch
+many rows, stay on the thread. (Running it there is safe because the one connection is taken
+from mautrix's pool first: the thread runs nothing else meanwhile.)
 """
 
 # The methods keep mautrix's signatures, ``timeout`` parameters included.
@@ -12,14 +19,20 @@ before the call returns, as before.
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+from mautrix.util.async_db import UpgradeTable
 from mautrix.util.async_db.aiosqlite import SQLiteDatabase, TxnConnection
 from mautrix.util.async_db.connection import LoggingConnection
+from yarl import URL
+
+POINT_READ = "/* point read */ "
+"""The mark of a tiny read by unique keys, run on the event loop on SQLite (a comment in SQL)."""
 
 # mautrix's rewrite of PostgreSQL's $1 placeholders to SQLite's ?1.
 _POSITIONAL = re.compile(r"\$(\d+)")
@@ -71,10 +84,14 @@ class OneTripConnection:
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None
                     ) -> list[sqlite3.Row]:
+        if query.startswith(POINT_READ):
+            return _all(self.conn._conn, _sqlite_sql(query), args)
         return await self._on_thread(_all, query, args)
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None
                        ) -> sqlite3.Row | None:
+        if query.startswith(POINT_READ):
+            return _one(self.conn._conn, _sqlite_sql(query), args)
         return await self._on_thread(_one, query, args)
 
     async def fetchval(self, query: str, *args: Any, column: int = 0,
@@ -85,6 +102,11 @@ class OneTripConnection:
 
 class OneTripSQLiteDatabase(SQLiteDatabase):
     """mautrix's SQLite database (one connection, WAL), each statement one thread trip."""
+
+    def __init__(self, url: URL, upgrade_table: UpgradeTable, db_args: dict[str, Any],
+                 log: logging.Logger) -> None:
+        # Point reads use the connection from the event loop's thread, never at the same time.
+        super().__init__(url, upgrade_table, {**db_args, "check_same_thread": False}, log)
 
     def acquire_direct(self) -> AbstractAsyncContextManager[LoggingConnection]:
         if self._parent:
