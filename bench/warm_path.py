@@ -68,7 +68,8 @@ async def main() -> None:
             print(f"warm message cost, {args.messages} messages per round, median of "
                   f"{args.rounds} rounds, database {args.db}")
             print(f"{'concurrency':>11}  {'bare PUT msg/s':>14}  {'bridge msg/s':>12}  "
-                  f"{'bare µs/msg':>11}  {'bridge µs/msg':>13}  {'ratio':>5}  hs req/msg  db stmt/msg")
+                  f"{'bare µs/msg':>11}  {'bridge µs/msg':>13}  {'ratio':>5}  hs req/msg  "
+                  "db stmt/msg")
             for conc in args.concurrency:
                 bare_rates, bridge_rates = [], []
                 for r in range(args.rounds):
