@@ -19,6 +19,12 @@ from tests.support.settings import AS_TOKEN, make_settings
 DB_HELP = "sqlite, postgres (a private throwaway cluster), or a postgres:// URL"
 
 
+def statements(bridge: Bridge) -> int:
+    """Database statements the bridge has run so far (from its own metrics)."""
+    return int(sum(sample.value for metric in bridge.metrics.db_duration.collect()
+                   for sample in metric.samples if sample.name.endswith("_count")))
+
+
 def spawn(module: str, *args: str) -> tuple[subprocess.Popen[str], str]:
     """Start ``python -m module``, which prints its URL first and serves until stdin closes.
 

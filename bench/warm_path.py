@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from bench.support import DB_HELP, bridge_on_stub
+from bench.support import DB_HELP, bridge_on_stub, statements
 from dmbridge.bridge import Bridge
 from tests.support.settings import AS_TOKEN
 
@@ -41,8 +41,9 @@ async def _run(n: int, concurrency: int, one: Callable[[int], Awaitable[object]]
 
 
 async def warm_ratios(bridge: Bridge, hs_url: str, *, messages: int, concurrency: list[int],
-                      rounds: int) -> list[tuple[int, float, float, float]]:
-    """Per concurrency: bare PUT msg/s, bridge msg/s (medians of the rounds), hs requests/msg."""
+                      rounds: int) -> list[tuple[int, float, float, float, float]]:
+    """Per concurrency: bare PUT msg/s, bridge msg/s (medians of the rounds), homeserver
+    requests and database statements per message."""
     alice = "@alice:localhost"
     room_id = (await bridge.dms.send("sms", PHONE, alice, message_id="warmup",
                                      text="hi")).room_id
@@ -59,7 +60,7 @@ async def warm_ratios(bridge: Bridge, hs_url: str, *, messages: int, concurrency
 
         for conc in concurrency:
             bare_rates, bridge_rates = [], []
-            per_msg = 0.0
+            per_msg = stmt_per_msg = 0.0
             for r in range(rounds):
                 tag = f"{run_id}-{conc}-{r}"
 
@@ -68,11 +69,12 @@ async def warm_ratios(bridge: Bridge, hs_url: str, *, messages: int, concurrency
                                                  text="benchmark message")
 
                 bare_rates.append(await _run(messages, conc, bare))
-                before = bridge.requests.total
+                before, stmts = bridge.requests.total, statements(bridge)
                 bridge_rates.append(await _run(messages, conc, via_bridge))
                 per_msg = (bridge.requests.total - before) / messages
+                stmt_per_msg = (statements(bridge) - stmts) / messages
             results.append((conc, statistics.median(bare_rates),
-                            statistics.median(bridge_rates), per_msg))
+                            statistics.median(bridge_rates), per_msg, stmt_per_msg))
     return results
 
 
@@ -90,12 +92,13 @@ async def main() -> None:
         print(f"warm message cost, {args.messages} messages per round, median of "
               f"{args.rounds} rounds, database {args.db}")
         print(f"{'concurrency':>11}  {'bare PUT msg/s':>14}  {'bridge msg/s':>12}  "
-              f"{'bare µs/msg':>11}  {'bridge µs/msg':>13}  {'ratio':>5}  hs req/msg")
-        for conc, b, g, per_msg in await warm_ratios(
+              f"{'bare µs/msg':>11}  {'bridge µs/msg':>13}  {'ratio':>5}  hs req/msg  "
+              "db stmt/msg")
+        for conc, b, g, per_msg, stmt_per_msg in await warm_ratios(
                 bridge, hs_url, messages=args.messages, concurrency=args.concurrency,
                 rounds=args.rounds):
             print(f"{conc:>11}  {b:>14.0f}  {g:>12.0f}  {1e6 / b:>11.0f}  {1e6 / g:>13.0f}"
-                  f"  {b / g:>5.2f}  {per_msg:.2f}")
+                  f"  {b / g:>5.2f}  {per_msg:>10.2f}  {stmt_per_msg:>11.2f}")
 
 
 if __name__ == "__main__":

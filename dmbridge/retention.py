@@ -4,7 +4,8 @@ What is kept, and for how long, is ``retention.*`` in the config (README: "Reten
 forgetting"). Each kind is deleted oldest first, at most ``batch`` rows per statement with a
 short pause between statements, so that a large backlog never holds SQLite's single connection
 (or a PostgreSQL table lock) for long. On PostgreSQL, workers sharing the database take turns:
-a round is skipped while another worker holds the retention advisory lock.
+a round is skipped while another worker holds the retention advisory lock, which a round always
+releases (ending its connection if it cannot).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import asyncpg
 from mautrix.util.async_db import Connection, Database, Scheme
 
 from .config import RetentionSettings
@@ -123,7 +125,7 @@ class Retention:
                     return await _delete(conn, kind, cutoff, limit)
                 return self._logged(await self._round(on_conn, now))
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+                await _unlock(conn)
 
     async def _on_db(self, kind: str, cutoff: int, limit: int) -> int:
         return await _delete(self.db, kind, cutoff, limit)
@@ -149,6 +151,16 @@ class Retention:
         log.info("pruned old rows: %s",
                  ", ".join(f"{kind} {n}" for kind, n in counts.items()) or "nothing is pruned")
         return counts
+
+
+async def _unlock(conn: Connection) -> None:
+    """Release the round's session lock, or end the session if that fails (ending it releases
+    the lock): pooled connections go back to the pool as they are, locks included."""
+    try:
+        await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+    except BaseException:  # cancelled, or the connection is unusable after a cancelled query
+        cast(asyncpg.Connection, conn.wrapped).terminate()
+        raise
 
 
 def oldest(kind: str) -> str:

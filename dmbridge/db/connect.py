@@ -23,6 +23,8 @@ from yarl import URL
 
 from ..files import PRIVATE, restrict
 from ..startup import StartupError, current_user
+from .postgres import UnresetConnection
+from .sqlite import OneTripSQLiteDatabase
 from .upgrade import upgrade_table
 
 log = logging.getLogger("dmbridge.db")
@@ -46,10 +48,11 @@ class DatabaseUnavailable(StartupError):
 
 
 def create_database(url: str, *, db_args: dict[str, int], log: logging.Logger) -> Database:
-    args: dict[str, object] = {**db_args}
-    if is_sqlite(url):
-        args["init_commands"] = list(SQLITE_PRAGMAS)  # mautrix adds WAL and the busy timeout
-    return Database.create(url, upgrade_table=upgrade_table, db_args=args, log=log)
+    if is_sqlite(url):  # mautrix adds WAL and the busy timeout to the init commands
+        return OneTripSQLiteDatabase(URL(url), upgrade_table,
+                                     {**db_args, "init_commands": list(SQLITE_PRAGMAS)}, log)
+    return Database.create(url, upgrade_table=upgrade_table,
+                           db_args={**db_args, "connection_class": UnresetConnection}, log=log)
 
 
 def is_sqlite(url: str) -> bool:

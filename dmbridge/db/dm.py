@@ -7,6 +7,7 @@ from mautrix.types import RoomID, UserID
 from mautrix.util.async_db import Connection, Database
 
 from .message import SentMessage
+from .sqlite import POINT_READ
 
 CREATING, ACTIVE, ENDED = "creating", "active", "ended"
 DECLINED = "declined"  # the user turned the contact down: nothing is sent until they reach out
@@ -52,7 +53,7 @@ _JOINS = """
 """
 _SELECT = f"SELECT {_COLUMNS} FROM dm {_JOINS}"
 # The pair's current DM and, in the same round trip, whether this message was already sent.
-_FOR_SEND = f"""
+_FOR_SEND = POINT_READ + f"""
     SELECT {_COLUMNS}, sm.room_id AS sent_room_id, sm.event_id AS sent_event_id,
            sm.kind AS sent_kind
       FROM (SELECT CAST($1 AS TEXT) AS ghost_id, CAST($2 AS TEXT) AS user_id) AS pair

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from mautrix.util.async_db import Database
 
-from dmbridge.db import Stores, upgrade_table
+from dmbridge.db import Stores, create_database
 from tests.support.postgres import PostgresCluster
 
 
@@ -27,7 +27,7 @@ async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         url = f"sqlite:///{tmp_path / 'dmbridge.db'}"
     else:
         url = request.getfixturevalue("module_pg_url")
-    db = Database.create(url, upgrade_table=upgrade_table)
+    db = create_database(url, db_args={}, log=logging.getLogger("dmbridge.db"))  # the bridge's
     await db.start()
     if request.param == "postgres":
         tables = [r["tablename"] for r in await db.fetch(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -148,6 +150,47 @@ async def test_a_worker_skips_the_round_while_another_prunes(stores: Stores) -> 
     assert await count(stores, "sent_message") == 1
     assert (await Retention(stores.db, RetentionSettings()).prune(NOW) or {}).get(
         "sent_messages") == 1
+
+
+async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    for _ in range(1000):
+        if await check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never came: {what}")
+
+
+@pytest.mark.parametrize("where", ["between statements", "in a statement"])
+async def test_a_round_stopped_midway_leaves_the_lock_to_the_other_workers(
+        stores: Stores, where: str) -> None:
+    """Pooled connections are not reset on release: the round must release the lock itself."""
+    if stores.db.scheme not in (Scheme.POSTGRES, Scheme.COCKROACH):
+        pytest.skip("SQLite has one process: nothing to take turns with")
+    for i in range(3):
+        await sent(stores, f"old{i}", days_ago(100) + i)
+    retention = Retention(stores.db, RetentionSettings(), batch=1, pause=3600)
+    other = await asyncpg.connect(str(stores.db.url))  # another worker's session
+    try:
+        if where == "in a statement":  # the DELETE waits for this transaction's row locks
+            txn = other.transaction()
+            await txn.start()
+            await other.execute("SELECT 1 FROM sent_message FOR UPDATE")
+        retention.start(first=0)
+        if where == "in a statement":
+            await _until(lambda: other.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE 'DELETE FROM sent_message%')"), "the DELETE waiting")
+        else:
+            async def deleted_one() -> bool:
+                return retention.statements.get("sent_messages", 0) >= 1
+            await _until(deleted_one, "the first DELETE")
+        await retention.stop()
+        if where == "in a statement":
+            await txn.rollback()
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY)
+    finally:
+        await other.close()
+    assert await stores.db.fetchval("SELECT 1") == 1  # the pool goes on working
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,0 +1,121 @@
+"""SQLite statements in one trip to aiosqlite's worker thread each.
+
+mautrix runs a statement on aiosqlite as three trips to the thread that owns the connection
+(execute, fetch, close the cursor), each a queue hand-off and an event-loop wake-up that cost
+far more than the tiny statements of the hot path. Here each statement is one trip: the thread
+executes it, reads every row and finishes it, so a write outside a transaction is committed
+before the call returns, as before.
+
+A statement that starts with :data:`POINT_READ` skips even that trip: it runs on the event loop
+itself. Only tiny reads by unique keys are marked so (the hot path's lookups): in WAL mode a
+read takes no lock that another process's write holds, so it never sleeps in ``busy_timeout``
+and never blocks the loop for longer than the lookup. Writes, and any read that may touch
+many rows, stay on the thread. (Running it there is safe because the one connection is taken
+from mautrix's pool first: the thread runs nothing else meanwhile.)
+"""
+
+# The methods keep mautrix's signatures, ``timeout`` parameters included.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from mautrix.util.async_db import UpgradeTable
+from mautrix.util.async_db.aiosqlite import SQLiteDatabase, TxnConnection
+from mautrix.util.async_db.connection import LoggingConnection
+from yarl import URL
+
+POINT_READ = "/* point read */ "
+"""The mark of a tiny read by unique keys, run on the event loop on SQLite (a comment in SQL)."""
+
+# mautrix's rewrite of PostgreSQL's $1 placeholders to SQLite's ?1.
+_POSITIONAL = re.compile(r"\$(\d+)")
+
+
+def _sqlite_sql(query: str) -> str:
+    return _POSITIONAL.sub(r"?\1", query)
+
+
+Run = Callable[[sqlite3.Connection, str, tuple[Any, ...]], Any]
+
+
+def _all(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> list[sqlite3.Row]:
+    cursor = conn.execute(sql, args)
+    try:
+        return cursor.fetchall()
+    finally:
+        cursor.close()
+
+
+def _one(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> sqlite3.Row | None:
+    cursor = conn.execute(sql, args)
+    try:
+        row: sqlite3.Row | None = cursor.fetchone()
+        return row
+    finally:
+        cursor.close()  # finishes the statement: a write (INSERT ... RETURNING) is committed
+
+
+class OneTripConnection:
+    """What mautrix's ``LoggingConnection`` wraps, over one aiosqlite connection."""
+
+    def __init__(self, conn: TxnConnection) -> None:
+        self.conn = conn
+
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        return self.conn.transaction()  # BEGIN, COMMIT and ROLLBACK are a trip each already
+
+    async def _on_thread(self, run: Run, query: str, args: tuple[Any, ...]) -> Any:
+        # aiosqlite's own hand-off to its thread (``Connection._execute``), one per statement.
+        return await self.conn._execute(  # type: ignore[no-untyped-call]
+            run, self.conn._conn, _sqlite_sql(query), args)
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> None:
+        await self._on_thread(_all, query, args)
+
+    async def executemany(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        return await self.conn.executemany(query, *args)
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None
+                    ) -> list[sqlite3.Row]:
+        if query.startswith(POINT_READ):
+            return _all(self.conn._conn, _sqlite_sql(query), args)
+        return await self._on_thread(_all, query, args)
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None
+                       ) -> sqlite3.Row | None:
+        if query.startswith(POINT_READ):
+            return _one(self.conn._conn, _sqlite_sql(query), args)
+        return await self._on_thread(_one, query, args)
+
+    async def fetchval(self, query: str, *args: Any, column: int = 0,
+                       timeout: float | None = None) -> Any:
+        row = await self.fetchrow(query, *args)
+        return None if row is None else row[column]
+
+
+class OneTripSQLiteDatabase(SQLiteDatabase):
+    """mautrix's SQLite database (one connection, WAL), each statement one thread trip."""
+
+    def __init__(self, url: URL, upgrade_table: UpgradeTable, db_args: dict[str, Any],
+                 log: logging.Logger) -> None:
+        # Point reads use the connection from the event loop's thread, never at the same time.
+        super().__init__(url, upgrade_table, {**db_args, "check_same_thread": False}, log)
+
+    def acquire_direct(self) -> AbstractAsyncContextManager[LoggingConnection]:
+        if self._parent:
+            return self._parent.acquire()
+        return self._one_trip()
+
+    @asynccontextmanager
+    async def _one_trip(self) -> AsyncIterator[LoggingConnection]:
+        conn: LoggingConnection
+        async with self._acquire() as conn:
+            yield LoggingConnection(self.scheme, OneTripConnection(conn.wrapped),
+                                    self.log)

@@ -1,0 +1,84 @@
+"""The bridge's database connections: what each statement costs, and what it leaves behind."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from mautrix.util.async_db import Connection, Database
+
+from dmbridge.db import create_database
+from dmbridge.db.sqlite import POINT_READ
+from tests.support.postgres import PostgresCluster
+
+LOG = logging.getLogger("dmbridge.db")
+
+
+@pytest.fixture
+async def sqlite_db(tmp_path: Path) -> AsyncIterator[Database]:
+    db = create_database(f"sqlite:///{tmp_path / 'dmbridge.db'}", db_args={}, log=LOG)
+    await db.start()
+    yield db
+    await db.stop()
+
+
+async def _thread_of(db: Database, query: str) -> int:
+    conn: Connection
+    async with db.acquire() as conn:  # the sqlite3 connection under mautrix's and aiosqlite's
+        conn.wrapped.conn._conn.create_function("thread", 0, threading.get_ident)
+        return int(await conn.fetchval(query))
+
+
+async def test_a_point_read_runs_on_the_event_loop_and_other_statements_on_the_thread(
+        sqlite_db: Database) -> None:
+    here = threading.get_ident()
+    assert await _thread_of(sqlite_db, POINT_READ + "SELECT thread()") == here
+    assert await _thread_of(sqlite_db, "SELECT thread()") != here
+
+
+async def test_a_write_is_committed_when_it_returns(sqlite_db: Database,
+                                                    tmp_path: Path) -> None:
+    await sqlite_db.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+    inserted = await sqlite_db.fetchval("INSERT INTO t (k) VALUES ($1) RETURNING k", "a")
+    await sqlite_db.execute("INSERT INTO t (k) VALUES ($1)", "b")
+    other = sqlite3.connect(tmp_path / "dmbridge.db")  # what a new process would read
+    try:
+        assert inserted == "a"
+        assert [k for (k,) in other.execute("SELECT k FROM t ORDER BY k")] == ["a", "b"]
+    finally:
+        other.close()
+
+
+async def test_a_failed_transaction_leaves_nothing(sqlite_db: Database) -> None:
+    await sqlite_db.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+    conn: Connection
+    with pytest.raises(sqlite3.IntegrityError):
+        async with sqlite_db.acquire() as conn, conn.transaction():
+            await conn.execute("INSERT INTO t (k) VALUES ($1)", "a")
+            await conn.execute("INSERT INTO t (k) VALUES ($1)", "a")
+    assert await sqlite_db.fetchval("SELECT COUNT(*) FROM t") == 0
+    assert await sqlite_db.fetchrow(POINT_READ + "SELECT k FROM t WHERE k=$1", "a") is None
+
+
+async def test_a_pooled_postgres_connection_is_released_without_a_reset_query(
+        pg_cluster: PostgresCluster) -> None:
+    """One statement on the pool is one server round trip: no reset (``RESET ALL`` ...) after."""
+    url = pg_cluster.create_database("t_no_reset")
+    db = create_database(url, db_args={"min_size": 1, "max_size": 1}, log=LOG)
+    await db.start()
+    try:
+        await db.execute("SELECT set_config('dmbridge.probe', 'kept', false)")  # session-wide
+        assert await db.fetchval("SELECT current_setting('dmbridge.probe', true)") == "kept"
+        conn: Connection
+        with pytest.raises(asyncpg.UniqueViolationError):  # an open transaction is rolled back
+            async with db.acquire() as conn, conn.transaction():
+                await conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+                await conn.execute("INSERT INTO t VALUES ('a'), ('a')")
+        assert not await db.table_exists("t")
+    finally:
+        await db.stop()
