@@ -82,7 +82,7 @@ async def test_a_start_up_problem_is_told_in_the_admins_room(
     await admin.invite(room_id, BOT, is_direct=False)
     # The registration tells the homeserver to call the usual port; this bridge listens elsewhere.
     bridge = await start_bridge(**{
-        "appservice.port": homeserver.bridge_port + 1,
+        "appservice.port": free_port(),
         "admin_notices.room": room_id, "admin_notices.repeat_window": 0,
     })
     assert not bridge.readiness.ready

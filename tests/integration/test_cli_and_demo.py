@@ -17,7 +17,7 @@ from nio import AsyncClient, InviteMemberEvent, LoginResponse, SyncResponse
 from dmbridge import payloads
 from dmbridge.bridge import Bridge
 from dmbridge.db import now_ms
-from dmbridge.localhs import LocalSynapse, ensure_synapse
+from dmbridge.localhs import LocalSynapse, ensure_synapse, free_port
 from tests.integration.conftest import BridgeFactory, Homeserver, Platform, wait_for
 from tests.support.settings import CHAT_TOKEN
 from tests.support.webhook import WebhookReceiver
@@ -68,7 +68,7 @@ async def test_failed_self_ping_names_the_unreachable_url(
 ) -> None:
     # The registration tells the homeserver to call the usual port; this bridge listens elsewhere.
     caplog.set_level(logging.ERROR, logger="dmbridge")
-    wrong_port = homeserver.bridge_port + 1
+    wrong_port = free_port()  # not the registration's: the homeserver calls another port
     bridge = await start_bridge(**{"appservice.port": wrong_port})
     assert not bridge.readiness.ready  # the start-up check found it, and says so
     expected = f"could not reach the bridge at http://127.0.0.1:{homeserver.bridge_port}"
