@@ -103,9 +103,13 @@ class Peers:
         conn: asyncpg.Connection = await asyncpg.connect(
             self.database_url, timeout=CONNECT_TIMEOUT_S,
             server_settings={"application_name": "dmbridge-peers"})
-        conn.add_termination_listener(lambda _: self._outgoing.set())
-        await conn.add_listener(OUTBOX, self._heard)
-        await conn.add_listener(INVITES, self._heard)
+        try:
+            conn.add_termination_listener(lambda _: self._outgoing.set())
+            await conn.add_listener(OUTBOX, self._heard)
+            await conn.add_listener(INVITES, self._heard)
+        except BaseException:
+            conn.terminate()  # not left open behind a failed (or cancelled) set-up
+            raise
         log.debug("listening on %s and %s", OUTBOX, INVITES)
         return conn
 
@@ -117,16 +121,17 @@ class Peers:
             if conn.is_closed():
                 raise ConnectionError("the connection was closed")
             if not woken:
-                await conn.execute("SELECT 1")
+                await conn.execute("SELECT 1", timeout=CONNECT_TIMEOUT_S)
                 continue
             networks, self._networks = self._networks, set()
             invites, self._invites = self._invites, False
             # NOTIFY's payload is a literal; pg_notify takes parameters.
             if networks:
                 await conn.execute("SELECT pg_notify($1, $2)", OUTBOX,
-                                   ",".join(sorted(networks)))
+                                   ",".join(sorted(networks)), timeout=CONNECT_TIMEOUT_S)
             if invites:
-                await conn.execute("SELECT pg_notify($1, '')", INVITES)
+                await conn.execute("SELECT pg_notify($1, '')", INVITES,
+                                   timeout=CONNECT_TIMEOUT_S)
 
     def _heard(self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, pid: int,
                channel: str, payload: object) -> None:

@@ -64,12 +64,13 @@ class InviteStore:
         return [_invite(r) for r in rows]
 
     async def lease(self, invite: GhostInvite, owner: str, now: int, until: int) -> bool:
-        """Take the invite for ``owner`` to answer; False if another worker holds it."""
+        """Take the invite for ``owner`` to answer; False if another worker holds it, or if
+        it is no longer this invite (answered, and the user invited the ghost again)."""
         got = await self.db.fetchval(
             "UPDATE ghost_invite SET lease_until=$4, leased_by=$3"
-            " WHERE room_id=$1 AND ghost_id=$2 AND (lease_until IS NULL OR lease_until < $5)"
-            " RETURNING room_id",
-            invite.room_id, invite.ghost_id, owner, until, now,
+            " WHERE room_id=$1 AND ghost_id=$2 AND event_id=$6"
+            " AND (lease_until IS NULL OR lease_until < $5) RETURNING room_id",
+            invite.room_id, invite.ghost_id, owner, until, now, invite.event_id,
         )
         return got is not None
 

@@ -19,6 +19,7 @@ from mautrix's pool first: the thread runs nothing else meanwhile.)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sqlite3
@@ -27,7 +28,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from mautrix.util.async_db import UpgradeTable
-from mautrix.util.async_db.aiosqlite import SQLiteDatabase, TxnConnection
+from mautrix.util.async_db.aiosqlite import SQLiteDatabase, TxnConnection, in_transaction
 from mautrix.util.async_db.connection import LoggingConnection
 from yarl import URL
 
@@ -68,13 +69,36 @@ class OneTripConnection:
     def __init__(self, conn: TxnConnection) -> None:
         self.conn = conn
 
-    def transaction(self) -> AbstractAsyncContextManager[None]:
-        return self.conn.transaction()  # BEGIN, COMMIT and ROLLBACK are a trip each already
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """As mautrix's, but a cancelled transaction is rolled back too: left open, the
+        connection would carry it to its next user, and its writes would be lost."""
+        if in_transaction.get():
+            yield
+            return
+        await self._on_thread(_all, "BEGIN TRANSACTION", ())
+        token = in_transaction.set(True)
+        try:
+            yield
+        except BaseException:
+            await asyncio.shield(self._on_thread(_all, "ROLLBACK", ()))
+            raise
+        else:
+            await self._on_thread(_all, "COMMIT", ())
+        finally:
+            in_transaction.reset(token)
 
     async def _on_thread(self, run: Run, query: str, args: tuple[Any, ...]) -> Any:
         # aiosqlite's own hand-off to its thread (``Connection._execute``), one per statement.
-        return await self.conn._execute(  # type: ignore[no-untyped-call]
-            run, self.conn._conn, _sqlite_sql(query), args)
+        job = asyncio.ensure_future(self.conn._execute(  # type: ignore[no-untyped-call]
+            run, self.conn._conn, _sqlite_sql(query), args))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # The thread runs the statement anyway: the connection goes back to the pool (and
+            # a point read may use it from the event loop) only once it has.
+            await asyncio.wait([job])
+            raise
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> None:
         await self._on_thread(_all, query, args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import threading
@@ -63,6 +64,35 @@ async def test_a_failed_transaction_leaves_nothing(sqlite_db: Database) -> None:
             await conn.execute("INSERT INTO t (k) VALUES ($1)", "a")
     assert await sqlite_db.fetchval("SELECT COUNT(*) FROM t") == 0
     assert await sqlite_db.fetchrow(POINT_READ + "SELECT k FROM t WHERE k=$1", "a") is None
+
+
+async def test_a_cancelled_transaction_is_rolled_back_and_the_connection_stays_usable(
+    sqlite_db: Database, tmp_path: Path,
+) -> None:
+    await sqlite_db.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+    inside = asyncio.Event()
+
+    async def cancelled() -> None:
+        conn: Connection
+        async with sqlite_db.acquire() as conn, conn.transaction():
+            await conn.execute("INSERT INTO t (k) VALUES ($1)", "lost")
+            inside.set()
+            await asyncio.Event().wait()  # cancelled here, mid-transaction
+
+    task = asyncio.create_task(cancelled())
+    await inside.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await sqlite_db.fetchval("SELECT COUNT(*) FROM t") == 0
+    conn: Connection
+    async with sqlite_db.acquire() as conn, conn.transaction():  # no "within a transaction"
+        await conn.execute("INSERT INTO t (k) VALUES ($1)", "kept")
+    other = sqlite3.connect(tmp_path / "dmbridge.db")  # committed, for others too
+    try:
+        assert other.execute("SELECT k FROM t").fetchall() == [("kept",)]
+    finally:
+        other.close()
 
 
 async def test_a_pooled_postgres_connection_is_released_without_a_reset_query(
