@@ -1,4 +1,4 @@
-"""Fixtures for the unit tests that need the bridge's tables on both database backends."""
+"""Fixtures for the unit tests: the bridge's tables on both database backends, a fake homeserver."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from dmbridge.db import Stores, create_database
+from tests.support.fake_homeserver import FakeHomeserver
 from tests.support.postgres import PostgresCluster
+from tests.support.settings import AS_TOKEN
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +37,12 @@ async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         await db.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
     yield Stores.over(db)
     await db.stop()
+
+
+@pytest.fixture
+async def hs() -> AsyncIterator[FakeHomeserver]:
+    """A fake homeserver on 127.0.0.1 that records what the bridge asks of it."""
+    server = FakeHomeserver(AS_TOKEN)
+    await server.start()
+    yield server
+    await server.stop()

@@ -23,20 +23,12 @@ from dmbridge.errors import (
 from dmbridge.localhs import free_port
 from dmbridge.marker import Marker
 from tests.support.fake_homeserver import FakeHomeserver, Room
-from tests.support.settings import AS_TOKEN, make_settings
+from tests.support.settings import make_settings
 
 PHONE = "+15551234567"
 GHOST = "@dm_sms_=2b15551234567:localhost"
 MakeBridge = Callable[..., Awaitable[Bridge]]
 
-
-
-@pytest.fixture
-async def hs() -> AsyncIterator[FakeHomeserver]:
-    server = FakeHomeserver(AS_TOKEN)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture

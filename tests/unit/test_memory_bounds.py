@@ -17,7 +17,7 @@ from dmbridge.localhs import free_port
 from dmbridge.lru import LRU
 from dmbridge.matrix import MatrixHandler
 from tests.support.fake_homeserver import FakeHomeserver
-from tests.support.settings import AS_TOKEN, make_settings
+from tests.support.settings import make_settings
 from tests.unit.test_lifecycle_rules import SMS, USER, make_handler
 
 # --- the LRU itself ---------------------------------------------------------------------------
@@ -95,14 +95,6 @@ async def test_typing_flags_are_dropped_on_stop_and_capped(stores: Stores) -> No
 
 
 # --- mautrix's per-ghost clients and registrations ---------------------------------------------
-
-
-@pytest.fixture
-async def hs() -> AsyncIterator[FakeHomeserver]:
-    server = FakeHomeserver(AS_TOKEN)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,17 +11,14 @@ import pytest
 from dmbridge.bridge import Bridge
 from dmbridge.localhs import free_port
 from tests.support.fake_homeserver import FakeHomeserver
-from tests.support.settings import AS_TOKEN, make_settings
+from tests.support.settings import make_settings
 
 LINE = re.compile(r"the homeserver reaches the bridge at http://127\.0\.0\.1:\d+ \((\d+) ms\)")
 
 
-@pytest.fixture
-async def hs() -> AsyncIterator[FakeHomeserver]:
-    server = FakeHomeserver(AS_TOKEN)
-    await server.start()
-    yield server
-    await server.stop()
+def _bridge_on(hs: FakeHomeserver, tmp_path: Path) -> Bridge:
+    return Bridge(make_settings(tmp_path, homeserver_url=hs.url, domain="localhost",
+                                port=free_port(), db_url=f"sqlite:///{tmp_path / 'db.sqlite'}"))
 
 
 @pytest.mark.parametrize(("answer", "logged"), [(0, "0"), (37, "37"), (None, None)])
@@ -33,9 +29,7 @@ async def test_the_ping_line_names_its_duration(
     """A homeserver on the same machine answers 0 ms; one that says nothing gets our own
     measure of the round trip."""
     hs.ping_duration_ms = answer
-    settings = make_settings(tmp_path, homeserver_url=hs.url, domain="localhost",
-                             port=free_port(), db_url=f"sqlite:///{tmp_path / 'db.sqlite'}")
-    bridge = Bridge(settings)
+    bridge = _bridge_on(hs, tmp_path)
     caplog.set_level(logging.INFO, logger="dmbridge")
     try:
         await bridge.start()
@@ -50,9 +44,7 @@ async def test_a_homeserver_without_the_ping_does_not_keep_the_bridge_unready(
     hs: FakeHomeserver, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     hs.ping_offered = False
-    settings = make_settings(tmp_path, homeserver_url=hs.url, domain="localhost",
-                             port=free_port(), db_url=f"sqlite:///{tmp_path / 'db.sqlite'}")
-    bridge = Bridge(settings)
+    bridge = _bridge_on(hs, tmp_path)
     caplog.set_level(logging.INFO, logger="dmbridge")
     try:
         await bridge.start()
