@@ -57,6 +57,7 @@ def homeserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Homeserver]
 
 
 BridgeFactory = Callable[..., Awaitable[Bridge]]
+NewHuman = Callable[[], Awaitable[Human]]
 
 
 @asynccontextmanager
@@ -93,7 +94,7 @@ async def bridge(start_bridge: BridgeFactory) -> Bridge:
 
 
 @asynccontextmanager
-async def humans_on(homeserver: Homeserver) -> AsyncIterator[Callable[[], Awaitable[Human]]]:
+async def humans_on(homeserver: Homeserver) -> AsyncIterator[NewHuman]:
     """Register and log in Matrix users (nio clients) on ``homeserver``; closed on the way out."""
     clients: list[AsyncClient] = []
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +20,16 @@ from tests.integration.conftest import (
     DOMAIN,
     BridgeFactory,
     Homeserver,
+    NewHuman,
     Platform,
 )
 from tests.support.feed import Feed
 from tests.support.holding_proxy import HoldingProxy
-from tests.support.matrix import Human
 from tests.support.process import BridgeProcess
 from tests.support.settings import AS_TOKEN, CHAT_TOKEN, make_settings
 
 pytestmark = pytest.mark.integration
 
-NewHuman = Callable[[], Awaitable[Human]]
 UNREACHABLE = "@someone:example.invalid"  # Synapse here federates with nobody
 
 

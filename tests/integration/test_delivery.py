@@ -6,7 +6,7 @@ import asyncio
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,14 @@ import asyncpg
 from nio import ProfileSetDisplayNameResponse
 
 from dmbridge.bridge import Bridge
-from tests.integration.conftest import BridgeFactory, Homeserver, Platform, accept_dm, wait_for
+from tests.integration.conftest import (
+    BridgeFactory,
+    Homeserver,
+    NewHuman,
+    Platform,
+    accept_dm,
+    wait_for,
+)
 from tests.support.matrix import Human
 from tests.support.process import BridgeProcess
 from tests.support.settings import CHAT_TOKEN, HS_TOKEN, SMS_TOKEN
@@ -27,8 +34,6 @@ from tests.support.webhook import (
     WebhookReceiver,
     verify_signature,
 )
-
-NewHuman = Callable[[], Awaitable[Human]]
 
 SECRET = "webhook-secret-0123456789abcdef"
 NAME = "Bob Example"  # the human's display name, set before joining so the room knows it

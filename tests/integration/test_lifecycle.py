@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -22,6 +21,7 @@ from tests.integration.conftest import (
     PASSWORD,
     BridgeFactory,
     Homeserver,
+    NewHuman,
     Platform,
     accept_dm,
     wait_for,
@@ -31,7 +31,6 @@ from tests.support.matrix import Human
 from tests.support.settings import CHAT_TOKEN
 
 NET = "chat"
-NewHuman = Callable[[], Awaitable[Human]]
 
 
 def _contact() -> str:

@@ -13,7 +13,7 @@ import re
 import resource
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,13 @@ import aiohttp
 import pytest
 
 from dmbridge.listener import connection_cap
-from tests.integration.conftest import Homeserver, Platform, accept_dm
+from tests.integration.conftest import Homeserver, NewHuman, Platform, accept_dm
 from tests.integration.test_media import png
-from tests.support.matrix import Human
 from tests.support.process import BridgeProcess
 from tests.support.settings import HS_TOKEN, SMS_TOKEN
 
 pytestmark = pytest.mark.integration
 
-NewHuman = Callable[[], Awaitable[Human]]
 IDLE_CONNECTIONS = 2000
 NOFILE = 1024
 PNG = png(4, 4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +17,16 @@ from dmbridge.localhs import free_port
 from tests.integration.conftest import (
     BridgeFactory,
     Homeserver,
+    NewHuman,
     Platform,
     accept_dm,
     bridges_on,
     wait_for,
 )
-from tests.support.matrix import Human
 from tests.support.process import BridgeProcess
 from tests.support.settings import SMS_TOKEN
 from tests.support.webhook import WebhookReceiver
 
-NewHuman = Callable[[], Awaitable[Human]]
 SECRET = "webhook-secret-0123456789abcdef"
 SEND_ROUTE = "/_dmbridge/v1/networks/{network}/messages/{message_id}"
 SEND_ENDPOINT = "/_matrix/client/v3/rooms/{id}/send/{type}/{txn}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from dmbridge.peers import INVITES, OUTBOX
 from tests.integration.conftest import (
     DOMAIN,
     Homeserver,
+    NewHuman,
     Platform,
     accept_dm,
     bridges_on,
@@ -41,7 +42,6 @@ from tests.support.settings import AS_TOKEN, CHAT_TOKEN, HS_TOKEN, make_settings
 
 pytestmark = pytest.mark.integration
 
-NewHuman = Callable[[], Awaitable[Human]]
 
 
 @pytest.fixture
