@@ -296,14 +296,21 @@ class Lifecycle:
             return (payloads.message(lane, room_id, raw, dm.user_displayname, now,
                                      content=new_content), mapped(MESSAGE))
         in_reply_to = relates.get("m.in_reply_to")
-        reply_to = None
+        reply_to = thread_root = None
         answered = _event_ref(in_reply_to.get("event_id")) if isinstance(
             in_reply_to, dict) else None
+        root = _event_ref(relates.get("event_id")) if relates.get(
+            "rel_type") == "m.thread" else None
+        if root is not None:
+            thread_root = await self._target(conn, dm, root) or payloads.target(
+                root, None, "unknown")
+            if relates.get("is_falling_back") is True:
+                answered = None  # a reply only for clients without threads
         if answered is not None:
             reply_to = await self._target(conn, dm, answered) or payloads.target(
                 answered, None, "unknown")
         return (payloads.message(lane, room_id, raw, dm.user_displayname, now,
-                                 reply_to=reply_to), mapped(MESSAGE))
+                                 reply_to=reply_to, thread_root=thread_root), mapped(MESSAGE))
 
     async def _target(self, conn: Connection, dm: DMRecord, event_id: str
                       ) -> dict[str, Any] | None:

@@ -24,9 +24,10 @@ from mautrix.appservice import AppService
 from mautrix.errors import MatrixConnectionError, MatrixRequestError, MForbidden, MNotFound
 from mautrix.types import EventType, RoomCreatePreset, RoomID, UserID
 
+from . import payloads
 from .config import Settings
 from .db import Stores, now_ms
-from .db.dm import ACTIVE, CREATING, DECLINED, JOINING, DMRecord
+from .db.dm import ACTIVE, CREATING, DECLINED, ENDED, JOINING, DMRecord
 from .errors import (
     Busy,
     Declined,
@@ -36,6 +37,7 @@ from .errors import (
 )
 from .ghosts import Ghosts
 from .instances import Instances
+from .lifecycle import move
 from .locks import KeyedLocks, LockWaitTimeout
 from .marker import Marker
 from .networks import Network
@@ -52,6 +54,10 @@ _DECLINE_WORDING = {
     "ghost_banned": "banned this contact from the DM",
 }
 _HS_ERRORS = (TimeoutError, MatrixRequestError, MatrixConnectionError, aiohttp.ClientError)
+# What the Matrix user reads in a DM room the platform replaced with a new one (``new: true``).
+MOVED_REASON = "This conversation continues in a new room."
+# The reason of the platform's dm.ended notice about it.
+REPLACED_BY_PLATFORM = "replaced_by_platform"
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class DM:
 class OpenedDM:
     dm: DM
     created: bool
+    replaced: RoomID | None = None  # the DM room this request ended (``new: true``)
 
 
 @dataclass(frozen=True)
@@ -147,12 +154,16 @@ class Opener:
     async def open(
         self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
         profile: Profile, record: DMRecord | None, *, new_room: bool = True,
+        replace: bool = False, replaces: RoomID | None = None,
     ) -> OpenedDM:
         """Reuse the DM looked up as ``record`` if it is usable; otherwise fix or make one.
 
         ``new_room=False``: reuse (or re-invite into) the current room, never make another.
+        ``replace=True``: end the pair's current DM and make a new one; with ``replaces``, only
+        if the current DM is still that room (a retry finds it replaced, and reuses the new one).
         """
-        if record and record.state == ACTIVE and _unusable_reason(record) is None:
+        if (not replace and record and record.state == ACTIVE
+                and _unusable_reason(record) is None):
             await self.sync_profile(network, remote_id, profile, record.ghost_displayname,
                                     record.ghost_avatar_url)
             return OpenedDM(DM.of(record), created=False)
@@ -160,16 +171,18 @@ class Opener:
             async with self._pair_locks.hold((ghost_id, user_id),
                                              wait=self.settings.creation_timeout):
                 return await self._open_locked(network, remote_id, ghost_id, user_id, profile,
-                                               new_room)
+                                               new_room, replace, replaces)
         except LockWaitTimeout:
             raise Busy(f"the DM between {ghost_id} and {user_id} is still being opened by an"
                        " earlier request") from None
 
     async def _open_locked(
         self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
-        profile: Profile, new_room: bool,
+        profile: Profile, new_room: bool, replace: bool = False,
+        replaces: RoomID | None = None,
     ) -> OpenedDM:
         deadline = time.monotonic() + self.settings.creation_timeout
+        replaced: RoomID | None = None
         while True:
             record = await self.stores.dms.get_current(ghost_id, user_id)
             if record is None:
@@ -182,8 +195,9 @@ class Opener:
                     ghost_id, user_id, network.id, remote_id, claim, self.instances.id,
                     now_ms(),
                 ):
-                    return await self._create(network, remote_id, ghost_id, user_id, profile,
-                                              claim)
+                    opened = await self._create(network, remote_id, ghost_id, user_id, profile,
+                                                claim)
+                    return OpenedDM(opened.dm, opened.created, replaced)
                 continue  # another worker claimed the pair first; wait for its room
             if record.state == DECLINED:
                 raise declined(record)
@@ -201,6 +215,14 @@ class Opener:
                     raise Busy(f"the DM between {ghost_id} and {user_id} is still being created")
                 await asyncio.sleep(0.05)
                 continue
+            if replace:
+                replace = False
+                assert record.room_id is not None
+                if replaces is None or record.room_id == replaces:
+                    await self._retire(network, record)
+                    replaced = record.room_id
+                    continue
+                # An earlier try of this request replaced that room already: keep this one.
             reason = _unusable_reason(record)
             if reason is None:
                 await self.sync_profile(network, remote_id, profile, record.ghost_displayname,
@@ -215,6 +237,32 @@ class Opener:
             log.info("DM room %s (%s / %s) is no longer usable: %s; opening a new one",
                      record.room_id, ghost_id, user_id, reason)
             await self.stores.dms.end(record.room_id, now_ms())
+
+    async def _retire(self, network: Network, record: DMRecord) -> None:
+        """The platform asked for a fresh DM: end the current one and tell the platform
+        (``dm.ended``, ``replaced_by_platform``), then withdraw the user's invite if they never
+        joined, and the ghost leaves with a reason the user's client shows. The room stays
+        with the user, history and all; nothing written there reaches the platform any more."""
+        assert record.room_id is not None
+        conn: Any
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            await move(self.stores, conn, record, ENDED, REPLACED_BY_PLATFORM, None, now_ms(),
+                       payloads.DM_ENDED)
+        api = self.ghosts.intent(record.ghost_id).api
+        steps: list[tuple[str, Any, dict[str, Any]]] = [
+            ("leave", Path.v3.rooms[record.room_id].leave, {"reason": MOVED_REASON})]
+        if record.user_membership == "invite":
+            steps.insert(0, ("kick", Path.v3.rooms[record.room_id].kick,
+                             {"user_id": record.user_id, "reason": MOVED_REASON}))
+        for name, path, content in steps:
+            try:
+                await api.request(Method.POST, path, content=content)
+            except _HS_ERRORS as e:
+                # Ended already: the user's messages there are not delivered while the ghost
+                # is gone, and if it is not, what they write there makes that room the DM again.
+                log.warning("replacing DM room %s: %s failed: %r", record.room_id, name, e)
+        log.info("DM room %s (%s / %s) replaced at %s's request; opening a new one",
+                 record.room_id, record.ghost_id, record.user_id, network.id)
 
     # --- recovery ---------------------------------------------------------------------------
 

@@ -52,11 +52,13 @@ class Lane:
 
 def message(lane: Lane, room_id: str, raw: dict[str, Any], displayname: str | None,
             now: int, *, reply_to: dict[str, Any] | None = None,
-            content: dict[str, Any] | None = None) -> dict[str, Any]:
+            content: dict[str, Any] | None = None,
+            thread_root: dict[str, Any] | None = None) -> dict[str, Any]:
     """A Matrix user's message, as the platform receives it.
 
     ``content`` replaces the event's own (an edit of a message the platform never got arrives
-    as a message with the edited content); ``reply_to`` names the message it answers.
+    as a message with the edited content); ``reply_to`` names the message it answers,
+    ``thread_root`` the root of the thread it is in.
     """
     if content is None:
         content = raw.get("content") if isinstance(raw.get("content"), dict) else {}
@@ -71,6 +73,7 @@ def message(lane: Lane, room_id: str, raw: dict[str, Any], displayname: str | No
             **_text_of(content, raw.get("type") == "m.sticker", reply_to is not None),
             "media": _media_of(content),
             "reply_to": reply_to,
+            "thread_root": thread_root,
             "sent_at": timestamp(raw.get("origin_server_ts")),
         },
     }

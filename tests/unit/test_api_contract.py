@@ -121,6 +121,15 @@ def test_fields_the_handlers_read_have_the_documented_limits(spec: dict[str, Any
         for field in fields:
             _check_text(op_id, field, params[field.key]["schema"],
                         params[field.key].get("required", False))
+    for op_id, flags in body.FLAGS.items():
+        properties = _body_schema(operations[op_id][2])["properties"]
+        for flag in flags:
+            assert properties[flag.key]["type"] == ["boolean", "null"], (op_id, flag.key)
+            assert properties[flag.key]["default"] is flag.default, (op_id, flag.key)
+    for op_id, integers in body.INTEGERS.items():
+        properties = _body_schema(operations[op_id][2])["properties"]
+        for integer in integers:
+            assert properties[integer.key]["type"] == ["integer", "null"], (op_id, integer.key)
     for op_id, numbers in body.NUMBERS.items():
         op = operations[op_id][2]
         where = {p["name"]: p["schema"] for p in op["parameters"] if p["in"] == "query"}
