@@ -21,7 +21,8 @@ def check_origin_ts(ts: int, now_ms: int) -> int:
             f"'ts' {ts} is {(ts - now_ms) / 1000:.0f} s ahead of the bridge's clock; at most"
             f" {MAX_AHEAD_MS // 1000} s ahead is accepted (milliseconds since the epoch)")
     if ts < EARLIEST_MS:
-        hint = " (seconds given for milliseconds?)" if ts * 1000 >= EARLIEST_MS else ""
+        seconds = EARLIEST_MS <= ts * 1000 <= now_ms + MAX_AHEAD_MS
+        hint = " (seconds given for milliseconds?)" if seconds else ""
         raise InvalidParam(f"'ts' {ts} is before 1990-01-01; it must be milliseconds since the"
                            f" epoch{hint}")
     return ts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -455,3 +456,50 @@ async def test_a_room_kept_as_ended_never_ends_the_dm_a_recovery_made_of_it(
     assert (dm.room_id, dm.state) == (sent.room_id, "active")
     older = await bridge.stores.dms.get_by_room(RoomID("!older"))
     assert older is not None and (older.state, older.reason) == ("ended", "superseded")
+
+
+async def _outbox_notices(bridge: Bridge) -> list[tuple[str, str]]:
+    rows = await bridge.db.fetch("SELECT type, payload FROM outbox ORDER BY id")
+    return [(r["type"], json.loads(r["payload"])["dm"]["reason"]) for r in rows]
+
+
+async def test_a_fresh_dm_withdraws_the_invite_leaves_and_opens_a_new_room(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    start = len(hs.requests)
+    opened = await bridge.dms.open_dm("sms", PHONE, alice, new=True)
+    # The user was only invited: the invite is withdrawn, then the ghost leaves; a new room.
+    assert hs.names(start)[:3] == ["POST kick", "POST leave", "GET profile"]
+    assert "POST createRoom" in hs.names(start)
+    assert (opened.created, opened.replaced) == (True, first.room_id)
+    assert opened.dm.room_id != first.room_id
+    old = hs.rooms[first.room_id]
+    assert (old.members[alice], old.members[GHOST]) == ("leave", "leave")
+    assert await _outbox_notices(bridge) == [("dm.ended", "replaced_by_platform")]
+    later = await bridge.dms.send("sms", PHONE, alice, message_id="2", text="again")
+    assert (later.room_id, later.room_created) == (opened.dm.room_id, False)
+
+
+async def test_a_fresh_dm_with_replaces_replaces_that_room_once(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    opened = await bridge.dms.open_dm("sms", PHONE, alice, new=True, replaces=first.room_id)
+    start = len(hs.requests)
+    again = await bridge.dms.open_dm("sms", PHONE, alice, new=True, replaces=first.room_id)
+    assert hs.names(start) == []  # a retry: the room it made is answered as it is
+    assert (again.dm.room_id, again.created, again.replaced) == (opened.dm.room_id, False, None)
+
+
+async def test_a_fresh_dm_is_opened_even_when_the_ghost_cannot_leave_the_old_room(
+    bridge: Bridge, hs: FakeHomeserver, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    hs.fail_next("POST leave", 500, {"errcode": "M_UNKNOWN", "error": "down"})
+    opened = await bridge.dms.open_dm("sms", PHONE, alice, new=True)
+    assert opened.created and opened.dm.room_id != first.room_id
+    assert f"replacing DM room {first.room_id}: leave failed" in caplog.text
