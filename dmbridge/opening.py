@@ -227,11 +227,11 @@ class Opener:
             if reason is None:
                 await self.sync_profile(network, remote_id, profile, record.ghost_displayname,
                                         record.ghost_avatar_url)
-                return OpenedDM(DM.of(record), created=False)
+                return OpenedDM(DM.of(record), created=False, replaced=replaced)
             assert record.room_id is not None
             if (reason == "user-left" and self.settings.on_leave == "reinvite"
                     and await self._reinvite(record)):
-                return OpenedDM(DM.of(record), created=False)
+                return OpenedDM(DM.of(record), created=False, replaced=replaced)
             if not new_room:
                 raise NoNewRoom
             log.info("DM room %s (%s / %s) is no longer usable: %s; opening a new one",
