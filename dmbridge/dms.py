@@ -52,6 +52,7 @@ from .relations import (
     reply_content,
     resolve,
     thread_content,
+    thread_refused,
     with_article,
 )
 from .timestamps import check_origin_ts
@@ -247,6 +248,11 @@ class DMService:
         txn_id = txn_id_for(network.id, remote_id, message_id)
         try:
             event_id = await self._send_into(opened.dm, txn_id, content, ts)
+        except HomeserverError as e:
+            if thread_root is not None and thread_refused(e):
+                raise InvalidParam(f"{thread_root} is itself in a thread; give the thread's"
+                                   " root as thread_root") from e
+            raise
         except MForbidden as e:
             if resolved is not None or thread is not None:  # a new room would not hold it
                 raise HomeserverError(f"the homeserver refused the message: {e}") from e

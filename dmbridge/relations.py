@@ -11,6 +11,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
+from mautrix.errors import MatrixRequestError
 from mautrix.types import EventID, RoomID
 
 from .db import Stores
@@ -166,6 +167,14 @@ def thread_content(content: dict[str, Any], root: EventID, reply_to: EventID | N
         "rel_type": "m.thread", "event_id": root, "is_falling_back": reply_to is None,
         "m.in_reply_to": {"event_id": reply_to or root},
     }}
+
+
+def thread_refused(e: BaseException) -> bool:
+    """The homeserver's answer when a thread's root relates to another event itself (it is
+    in a thread): Synapse's 400 "Cannot start threads from an event with a relation"."""
+    cause = e.__cause__
+    return (isinstance(cause, MatrixRequestError) and getattr(cause, "http_status", None) == 400
+            and "Cannot start threads" in (cause.message or ""))
 
 
 def edit_content(new: dict[str, Any], target: EventID) -> dict[str, Any]:

@@ -215,7 +215,14 @@ async def test_threads_both_ways(bridge: Bridge, platform: Platform, new_human) 
         "rel_type": "m.thread", "event_id": root["event_id"], "is_falling_back": False,
         "m.in_reply_to": {"event_id": answer}}
 
-    # Refused: an unknown root, a root that is an edit, a thread with an edit.
+    # Refused: a root that is itself in the thread (its root is the one to name), an unknown
+    # root, a root that is an edit, a thread with an edit.
+    status, refused = await platform.send(NET, CHAT_TOKEN, "x1", sender=contact,
+                                          recipient=human.user_id, text="?",
+                                          thread_root={"message_id": "t1"})
+    assert (status, refused) == (400, {
+        "errcode": "M_INVALID_PARAM",
+        "error": "message t1 is itself in a thread; give the thread's root as thread_root"})
     status, refused = await platform.send(NET, CHAT_TOKEN, "x1", sender=contact,
                                           recipient=human.user_id, text="?",
                                           thread_root={"message_id": "nope"})

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mautrix.errors import make_request_error
 from mautrix.types import EventID
 
 from dmbridge.api.body import NEW, TS
 from dmbridge.api.discovery import describe
-from dmbridge.errors import BadRequest, InvalidParam
-from dmbridge.relations import thread_content
+from dmbridge.errors import BadRequest, HomeserverError, InvalidParam
+from dmbridge.relations import thread_content, thread_refused
 from dmbridge.timestamps import EARLIEST_MS, MAX_AHEAD_MS, check_origin_ts
 from tests.support.settings import make_settings
 
@@ -88,6 +89,26 @@ def test_a_thread_message_that_answers_one_is_a_real_reply() -> None:
     assert relates["m.relates_to"] == {"rel_type": "m.thread", "event_id": "$root",
                                        "is_falling_back": False,
                                        "m.in_reply_to": {"event_id": "$answered"}}
+
+
+def _refusal(cause: Exception) -> HomeserverError:
+    try:
+        raise HomeserverError("the homeserver did not take the message") from cause
+    except HomeserverError as e:
+        return e
+
+
+def test_only_the_homeservers_refusal_of_a_thread_root_is_told_apart() -> None:
+    synapse = "Cannot start threads from an event with a relation"
+    def answer(status: int, errcode: str, message: str) -> Exception:
+        return make_request_error(status, "{}", errcode, message)
+
+    assert thread_refused(_refusal(answer(400, "M_UNKNOWN", synapse)))
+    assert not thread_refused(_refusal(answer(400, "M_UNKNOWN",
+                                              "Can't send relation to unknown event")))
+    assert not thread_refused(_refusal(answer(502, "M_UNKNOWN", synapse)))
+    assert not thread_refused(_refusal(answer(403, "M_FORBIDDEN", "not in room")))
+    assert not thread_refused(HomeserverError("no cause"))
 
 
 def test_the_description_names_ghosts_as_the_network_makes_them(tmp_path: Path) -> None:
