@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from mautrix.types import UserID
-from mautrix.util.async_db import Database, Scheme
+from mautrix.util.async_db import Connection, Database, Scheme
 
 from .locks import KeyedLocks
 
@@ -38,6 +38,7 @@ class GhostLocks:
             if not self._shared:
                 yield
                 return
+            conn: Connection
             async with self.db.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))",
                                    self.space, ghost_id)
