@@ -96,6 +96,7 @@ class SlowAnswers(InviteHandler):
                          dms=nothing, queued=lambda networks: None, lease_s=lease_s)
         self.seconds = seconds
         self.started = asyncio.Event()
+        self.finished = asyncio.Event()
         self.answered: list[GhostInvite] = []
 
     async def answer(self, invite: GhostInvite) -> None:
@@ -103,6 +104,7 @@ class SlowAnswers(InviteHandler):
         await asyncio.sleep(self.seconds)
         self.answered.append(invite)
         await self.stores.invites.done(invite)
+        self.finished.set()
 
 
 async def test_an_answer_longer_than_the_lease_keeps_it(stores: Stores) -> None:
@@ -117,9 +119,7 @@ async def test_an_answer_longer_than_the_lease_keeps_it(stores: Stores) -> None:
             assert await stores.invites.unleased() == []
             assert not await stores.invites.lease(INVITE, "other", LONG)
             await asyncio.sleep(0.1)
-        async with asyncio.timeout(10):
-            while not worker.answered:
-                await asyncio.sleep(0.05)
+        await asyncio.wait_for(worker.finished.wait(), 10)
     finally:
         await worker.stop()
     assert worker.answered == [INVITE]
@@ -139,9 +139,7 @@ async def test_a_restarted_bridge_on_sqlite_answers_its_previous_processs_invite
     worker = SlowAnswers(stores, lease_s=600, seconds=0)
     worker.start()
     try:
-        async with asyncio.timeout(10):
-            while not worker.answered:
-                await asyncio.sleep(0.05)
+        await asyncio.wait_for(worker.finished.wait(), 10)
     finally:
         await worker.stop()
     assert worker.answered == [INVITE]
