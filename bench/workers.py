@@ -51,6 +51,21 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+async def counted(session: aiohttp.ClientSession, ports: list[int]) -> tuple[float, float]:
+    """Database statements and homeserver requests so far, summed over the workers (read from
+    each worker's /metrics, not through the balancer)."""
+    statements = requests = 0.0
+    for port in ports:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            text = await resp.text()
+        for line in text.splitlines():
+            if line.startswith("dmbridge_db_query_duration_seconds_count"):
+                statements += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("dmbridge_homeserver_requests_total"):
+                requests += float(line.rsplit(" ", 1)[1])
+    return statements, requests
+
+
 def senders(pairs: int) -> list[str]:
     return [f"+1555{n:07d}" for n in range(pairs)]
 
@@ -82,9 +97,10 @@ async def send_all(session: aiohttp.ClientSession, base: str, ids: list[tuple[st
 
 
 async def measure(cluster: PostgresCluster, hs_url: str, folder: Path, workers: int,
-                  args: argparse.Namespace) -> tuple[float, float, float, float]:
+                  args: argparse.Namespace) -> tuple[float, float, float, float, float, float]:
     """Median msg/s, worker CPU ms per message and nginx CPU ms per message; the workers' CPU
-    ms per second while idle (their background work, counted in CPU per message too)."""
+    ms per second while idle (their background work, counted in CPU per message too); database
+    statements and homeserver requests per message."""
     db_url = cluster.create_database(f"bench_{workers}_{uuid.uuid4().hex[:6]}")
     ports = [free_port() for _ in range(workers)]
     balancer = Nginx(folder / f"nginx{workers}", free_port(), ports)
@@ -114,6 +130,7 @@ async def measure(cluster: PostgresCluster, hs_url: str, folder: Path, workers: 
         await asyncio.sleep(IDLE_S)
         idle = (sum(map(cpu_seconds, worker_pids)) - before_idle) * 1000 / IDLE_S
         rates, worker_cpu, nginx_cpu = [], [], []
+        counts_before = await counted(session, ports)
         for r in range(args.rounds):
             ids = [(f"r{r}-{n}", who[n % len(who)]) for n in range(args.messages)]
             before = sum(map(cpu_seconds, worker_pids)), sum(map(cpu_seconds, nginx_pids))
@@ -122,10 +139,13 @@ async def measure(cluster: PostgresCluster, hs_url: str, folder: Path, workers: 
             rates.append(args.messages / took)
             worker_cpu.append((after[0] - before[0]) * 1000 / args.messages)
             nginx_cpu.append((after[1] - before[1]) * 1000 / args.messages)
+        counts_after = await counted(session, ports)
+        sent = args.messages * args.rounds
+        per_message = [(b - a) / sent for a, b in zip(counts_before, counts_after, strict=True)]
         for process in processes:
             await process.terminate()
     return (statistics.median(rates), statistics.median(worker_cpu),
-            statistics.median(nginx_cpu), idle)
+            statistics.median(nginx_cpu), idle, *per_message)
 
 
 async def main() -> None:
@@ -152,11 +172,13 @@ async def main() -> None:
           f"per round over {args.pairs} DMs, {args.concurrency} in flight, median of "
           f"{args.rounds} rounds; {os.cpu_count()} CPUs")
     print(f"{'workers':>7}  {'msg/s':>7}  {'vs 1':>5}  {'worker CPU ms/msg':>17}  "
-          f"{'vs 1':>5}  {'nginx CPU ms/msg':>16}  {'idle worker CPU ms/s':>20}")
+          f"{'vs 1':>5}  {'nginx CPU ms/msg':>16}  {'idle worker CPU ms/s':>20}  "
+          "db stmt/msg  hs req/msg")
     first_rate, first_cpu = results[0][1], results[0][2]
-    for n, rate, worker_ms, nginx_ms, idle in results:
+    for n, rate, worker_ms, nginx_ms, idle, statements, requests in results:
         print(f"{n:>7}  {rate:>7.0f}  {rate / first_rate:>5.2f}  {worker_ms:>17.2f}  "
-              f"{worker_ms / first_cpu:>5.2f}  {nginx_ms:>16.2f}  {idle:>20.1f}")
+              f"{worker_ms / first_cpu:>5.2f}  {nginx_ms:>16.2f}  {idle:>20.1f}  "
+              f"{statements:>11.2f}  {requests:>10.2f}")
 
 
 if __name__ == "__main__":
