@@ -151,6 +151,8 @@ async def test_three_workers_behind_nginx_lose_nothing_when_one_is_killed(
         finally:
             await conn.close()
         served = Counter(address.rsplit(":", 1)[1] for address in balancer.upstreams())
+        met_dead = [line for line in balancer.error_log.read_text().splitlines()
+                    if f"upstream: \"http://127.0.0.1:{ports[1]}/" in line]
         for worker in (workers[0], workers[2]):
             assert await worker.terminate() == 0, worker.log_tail()
 
@@ -176,8 +178,10 @@ async def test_three_workers_behind_nginx_lose_nothing_when_one_is_killed(
             (pair.human.user_id, pair.reply)] + [
             (pair.ghost_id, text) for text in pair.texts[3:]], pair.room_id
         assert await _joined_rooms(homeserver, pair.ghost_id) == [pair.room_id]
-    # Every worker served requests through nginx.
+    # Every worker served requests through nginx, which then found the killed one gone and
+    # sent its requests on to the others.
     assert set(served) == {str(port) for port in ports}, served
+    assert met_dead, "nginx never tried the killed worker after it died"
 
 
 async def _limited(calls: list[Any], at_once: int = 8) -> None:
