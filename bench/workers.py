@@ -116,8 +116,9 @@ async def measure(cluster: PostgresCluster, hs_url: str, folder: Path, workers: 
         for process in processes:
             await stack.enter_async_context(process)
         await balancer.start()
+        for process in processes:
+            process.start()
         for process, port in zip(processes, ports, strict=True):
-            process.start()  # one after the other: the first one creates the schema
             await process.wait_ready(port)
         assert balancer.pid is not None
         nginx_pids = [balancer.pid, *children(balancer.pid)]

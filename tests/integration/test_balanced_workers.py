@@ -110,8 +110,9 @@ async def test_three_workers_behind_nginx_lose_nothing_when_one_is_killed(
         workers.append(BridgeProcess(folder / "config.yaml", folder / "bridge.log"))
     async with balancer, workers[0], workers[1], workers[2], aiohttp.ClientSession() as session:
         await balancer.start()
+        for worker in workers:
+            worker.start()  # all at once: one creates the schema, the others wait for it
         for worker, port in zip(workers, ports, strict=True):
-            worker.start()  # one after the other: the first one creates the schema
             await worker.wait_ready(port)
         platform = BalancedPlatform(session, balancer.listen_port)
         humans = [await new_human() for _ in range(HUMANS)]
