@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from nio import SyncResponse
 
 from dmbridge.localhs import free_port
 from tests.conftest import REQUIRE_ALL
@@ -171,6 +172,8 @@ async def test_three_workers_behind_nginx_lose_nothing_when_one_is_killed(
         joined = await human.client.joined_rooms()
         assert sorted(joined.rooms) == mine  # type: ignore[union-attr]
         assert sorted(human.invites) == mine
+        assert isinstance(await human.client.sync(timeout=0), SyncResponse)
+        assert dict(human.client.invited_rooms) == {}  # no second room waits to be accepted
     # Each human's client shows each conversation whole, in order, each message once.
     for pair in pairs:
         shown = [(e["sender"], e["content"]["body"]) for e in await pair.human.messages(
