@@ -4,7 +4,9 @@ A ghost's ``m.direct`` is read, merged and written back; two writers at once wou
 what they read, and one's room would vanish from the ghost's list. In one process a per-ghost
 asyncio lock is enough (SQLite has one worker). Workers sharing a PostgreSQL database also take
 a transaction-scoped advisory lock keyed on the ghost: PostgreSQL releases it when the
-transaction ends, whether it commits, rolls back, or its connection dies with its worker.
+transaction ends, whether it commits, rolls back, or its connection dies with its worker. The
+holder's own statements run on that connection (mautrix hands a task the connection it holds),
+so holders never wait for a second pooled connection while keeping one.
 """
 
 from __future__ import annotations
