@@ -3,6 +3,10 @@
 Invites are recorded in the transaction that brought them, then answered here; one that was not
 answered before a crash is answered after the restart. Every worker sharing the database sees
 every invite: a worker answers one only under a lease on it, so each invite is answered once.
+The lease is counted on the database's clock and renewed while the answer runs, however long
+the homeserver makes it wait; it runs out only when its worker stops renewing it (it died, or
+lost the database). SQLite has one process: a restarted bridge takes over at once the leases its
+previous process held.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from mautrix.api import Method, Path
 from mautrix.appservice import AppService
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 from mautrix.types import RoomID, UserID
-from mautrix.util.async_db import Connection
+from mautrix.util.async_db import Connection, Scheme
 
 from . import payloads, wake
 from .db import Stores, now_ms
@@ -73,25 +77,59 @@ class InviteHandler:
         self._wake.set()
 
     async def _run(self) -> None:
+        if self.stores.db.scheme == Scheme.SQLITE:
+            await self._take_over()
         while True:
             await wake.wait(self._wake, RETRY_S)
             self._wake.clear()
             try:
-                for invite in await self.stores.invites.unleased(now_ms()):
+                for invite in await self.stores.invites.unleased():
                     await self._answer_leased(invite)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("answering invites failed; trying again in %.0f s", RETRY_S)
 
+    async def _take_over(self) -> None:
+        """SQLite: this is the only process on the database, so a lease held by another owner
+        is a previous process's, which ended before its answer did."""
+        try:
+            taken = await self.stores.invites.release_others(self._owner)
+        except Exception:
+            log.exception("could not take over the invites of the previous process; they are"
+                          " answered once their leases run out")
+            return
+        if taken:
+            log.info("took over %d invite(s) the previous process was answering", taken)
+
     async def _answer_leased(self, invite: GhostInvite) -> None:
-        now = now_ms()
-        if not await self.stores.invites.lease(invite, self._owner, now, now + self._lease_ms):
+        if not await self.stores.invites.lease(invite, self._owner, self._lease_ms):
             return  # another worker is answering it
+        renewing = asyncio.create_task(self._renew(invite))
         try:
             await self.answer(invite)
         finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
             await asyncio.shield(self.stores.invites.release(invite, self._owner))
+
+    async def _renew(self, invite: GhostInvite) -> None:
+        """Every third of the lease, the lease again from now, for as long as the answer runs."""
+        while True:
+            await asyncio.sleep(self._lease_ms / 3000)
+            try:
+                held = await self.stores.invites.renew(invite, self._owner, self._lease_ms)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("could not renew the lease on the invite of %s to %s: %r",
+                            invite.ghost_id, invite.room_id, e)
+                continue
+            if not held:
+                log.warning("the lease on the invite of %s to %s is no longer held (answered,"
+                            " or it ran out and another worker took it)", invite.ghost_id,
+                            invite.room_id)
+                return
 
     async def answer(self, invite: GhostInvite) -> None:
         parsed = self.networks.parse_ghost(invite.ghost_id)

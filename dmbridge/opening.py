@@ -35,6 +35,7 @@ from .errors import (
     RecipientUnreachable,
     UnknownRecipient,
 )
+from .ghostlock import GhostLocks
 from .ghosts import Ghosts
 from .instances import Instances
 from .lifecycle import move
@@ -148,7 +149,7 @@ class Opener:
         self.instances = instances
         self.recovery = Recovery(stores=stores, ghosts=ghosts)
         self._pair_locks: KeyedLocks[tuple[UserID, UserID]] = KeyedLocks()
-        self._direct_locks: KeyedLocks[UserID] = KeyedLocks()
+        self._direct_locks = GhostLocks(stores.db)
         self._room_version: str | None = None
 
     async def open(
@@ -460,7 +461,8 @@ class Opener:
             log.error("could not list %s in the m.direct of %s: %r", room_id, ghost_id, e)
 
     async def add_to_m_direct(self, ghost_id: UserID, user_id: UserID, room_id: RoomID) -> None:
-        """Read, merge, write the ghost's m.direct: other entries are never lost."""
+        """Read, merge, write the ghost's m.direct: other entries are never lost, whichever
+        worker writes them (one writer per ghost at a time, across workers)."""
         async with self._direct_locks.hold(ghost_id):
             intent = self.ghosts.intent(ghost_id)
             try:

@@ -29,6 +29,9 @@ from .upgrade import upgrade_table
 
 log = logging.getLogger("dmbridge.db")
 
+# A session advisory lock held while the schema is created or upgraded ("dmbschem" in ASCII).
+SCHEMA_LOCK_KEY = 0x646D62736368656D
+
 # SQLite keeps these beside the database (WAL mode); they hold message data too.
 SQLITE_COMPANIONS = ("-wal", "-shm")
 SQLITE_BUSY_S = 5.0
@@ -62,17 +65,25 @@ def is_sqlite(url: str) -> bool:
 async def start_database(db: Database, url: str) -> None:
     """Open (creating or upgrading the schema) or raise :class:`DatabaseUnavailable`."""
     path = Path(URL(url).path) if is_sqlite(url) else None
+    turn: asyncpg.Connection | None = None
     if path is not None:
         await asyncio.to_thread(prepare_sqlite, path)
     else:
-        await wait_for_postgres(url)
+        turn = await wait_for_postgres(url)
     try:
+        if turn is not None:
+            # Workers started together create or upgrade the schema one at a time; the lock
+            # goes with this connection's session, closed below whatever happens.
+            await turn.execute("SELECT pg_advisory_lock($1)", SCHEMA_LOCK_KEY)
         await db.start()
     except DatabaseException as e:  # e.g. a schema newer than this version knows
         raise DatabaseUnavailable(f"database {safe_url(url)}: {e}; run the dmbridge version "
                                   "that wrote it, or restore a backup") from e
     except (OSError, sqlite3.Error, asyncpg.PostgresError) as e:
         raise DatabaseUnavailable(f"database {safe_url(url)}: {e}") from e
+    finally:
+        if turn is not None:
+            await turn.close()
     if path is not None:
         await asyncio.to_thread(restrict_sqlite_files, path)
 
@@ -153,8 +164,8 @@ def _owner(path: Path) -> str:
     return f"owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}"
 
 
-async def wait_for_postgres(url: str) -> None:
-    """Connect once; retry refused or timed-out connections for a little while, then fail."""
+async def wait_for_postgres(url: str) -> asyncpg.Connection:
+    """Connect; retry refused or timed-out connections for a little while, then fail."""
     deadline = time.monotonic() + PG_RETRY_FOR_S
     delay, attempts = 0.5, 0
     while True:
@@ -172,8 +183,7 @@ async def wait_for_postgres(url: str) -> None:
         except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as e:
             raise DatabaseUnavailable(postgres_failure(url, e)) from e
         else:
-            await conn.close()
-            return
+            return conn
 
 
 def postgres_failure(url: str, e: BaseException, tried: str = "") -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mautrix.util.async_db import Connection, Database
+from mautrix.util.async_db import Connection, Database, Scheme
 
 
 @dataclass(frozen=True)
@@ -53,24 +53,40 @@ class InviteStore:
         )
         return [_invite(r) for r in rows]
 
-    async def unleased(self, now: int) -> list[GhostInvite]:
+    def _now(self) -> str:
+        """Milliseconds since the epoch on the database's clock: one clock for every worker,
+        whatever the clocks of their hosts say."""
+        if self.db.scheme in (Scheme.POSTGRES, Scheme.COCKROACH):
+            return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+        return "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+
+    async def unleased(self) -> list[GhostInvite]:
         """The invites no worker is answering now (or whose worker's lease ran out)."""
         rows = await self.db.fetch(
             "SELECT room_id, ghost_id, inviter, is_direct, event_id, received_at"
-            " FROM ghost_invite WHERE lease_until IS NULL OR lease_until < $1"
+            f" FROM ghost_invite WHERE lease_until IS NULL OR lease_until < {self._now()}"
             " ORDER BY received_at",
-            now,
         )
         return [_invite(r) for r in rows]
 
-    async def lease(self, invite: GhostInvite, owner: str, now: int, until: int) -> bool:
-        """Take the invite for ``owner`` to answer; False if another worker holds it, or if
-        it is no longer this invite (answered, and the user invited the ghost again)."""
+    async def lease(self, invite: GhostInvite, owner: str, lease_ms: int) -> bool:
+        """Take the invite for ``owner`` for ``lease_ms``; False if another worker holds it, or
+        if it is no longer this invite (answered, and the user invited the ghost again)."""
+        now = self._now()
         got = await self.db.fetchval(
-            "UPDATE ghost_invite SET lease_until=$4, leased_by=$3"
-            " WHERE room_id=$1 AND ghost_id=$2 AND event_id=$6"
-            " AND (lease_until IS NULL OR lease_until < $5) RETURNING room_id",
-            invite.room_id, invite.ghost_id, owner, until, now, invite.event_id,
+            f"UPDATE ghost_invite SET lease_until={now} + $4, leased_by=$3"
+            " WHERE room_id=$1 AND ghost_id=$2 AND event_id=$5"
+            f" AND (lease_until IS NULL OR lease_until < {now}) RETURNING room_id",
+            invite.room_id, invite.ghost_id, owner, lease_ms, invite.event_id,
+        )
+        return got is not None
+
+    async def renew(self, invite: GhostInvite, owner: str, lease_ms: int) -> bool:
+        """Extend ``owner``'s lease to ``lease_ms`` from now; False if it is no longer held."""
+        got = await self.db.fetchval(
+            f"UPDATE ghost_invite SET lease_until={self._now()} + $4"
+            " WHERE room_id=$1 AND ghost_id=$2 AND leased_by=$3 RETURNING room_id",
+            invite.room_id, invite.ghost_id, owner, lease_ms,
         )
         return got is not None
 
@@ -81,6 +97,16 @@ class InviteStore:
             " WHERE room_id=$1 AND ghost_id=$2 AND leased_by=$3",
             invite.room_id, invite.ghost_id, owner,
         )
+
+    async def release_others(self, owner: str) -> int:
+        """Let go of every lease not ``owner``'s; for the only process on the database (SQLite),
+        whose other owners are processes that have ended. How many were let go."""
+        rows = await self.db.fetch(
+            "UPDATE ghost_invite SET lease_until=NULL, leased_by=NULL"
+            " WHERE leased_by IS NOT NULL AND leased_by <> $1 RETURNING room_id",
+            owner,
+        )
+        return len(rows)
 
 
 def _invite(row: Any) -> GhostInvite:

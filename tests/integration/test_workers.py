@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from mautrix.types import RoomID
+from mautrix.types import RoomID, UserID
 from nio import RoomMessagesResponse
 
 from dmbridge.bridge import Bridge
@@ -232,3 +232,31 @@ async def test_a_message_queued_by_one_worker_wakes_another_workers_long_poll(
     assert any(r.name == "dmbridge.peers" and r.getMessage().startswith(
         "woken by another worker") and "dmbridge_outbox chat" in r.getMessage()
         for r in caplog.records)
+
+
+async def test_rooms_two_workers_list_for_one_ghost_at_once_all_stay_in_its_m_direct(
+    homeserver: Homeserver, workers: Workers, new_human: NewHuman,
+) -> None:
+    """Each worker reads, merges and writes the ghost's m.direct; taking turns across workers,
+    neither writes over a room the other has just listed."""
+    human = await new_human()
+    remote_id, ghost_id = _contact()
+    status, body = await workers.platforms[0].send(
+        "chat", CHAT_TOKEN, "m1", sender=remote_id, recipient=human.user_id, text="hi")
+    assert status == 200, body
+    listed = {
+        (bridge, UserID(f"@someone{w}x{n}:{DOMAIN}"), RoomID(f"!room{w}x{n}:{DOMAIN}"))
+        for w, bridge in enumerate(workers.bridges) for n in range(6)
+    }
+    await asyncio.gather(*(bridge.dms.add_to_m_direct(UserID(ghost_id), user_id, room_id)
+                           for bridge, user_id, room_id in listed))
+    async with aiohttp.ClientSession() as session, session.get(
+        f"{homeserver.url}/_matrix/client/v3/user/{ghost_id}/account_data/m.direct",
+        params={"user_id": ghost_id}, headers={"Authorization": f"Bearer {AS_TOKEN}"},
+    ) as resp:
+        direct = await resp.json()
+        assert resp.status == 200, direct
+    assert direct[human.user_id] == [body["room_id"]]
+    assert {(user_id, room_id) for _, user_id, room_id in listed} == {
+        (user_id, room_id) for user_id, rooms in direct.items() if user_id != human.user_id
+        for room_id in rooms}

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from mautrix.util.async_db import Connection
+import asyncio
+import logging
+import time
+from typing import Any, cast
+
+import pytest
+from mautrix.util.async_db import Connection, Scheme
 
 from dmbridge.db import Stores
 from dmbridge.db.invite import GhostInvite
+from dmbridge.invites import InviteHandler
 
 INVITE = GhostInvite(room_id="!r:example.org", ghost_id="@dm_sms_1:example.org",
                      inviter="@alice:example.org", is_direct=True, event_id="$invite",
                      received_at=1000)
+LONG = 600_000  # ms: a lease that does not run out during a test
+SHORT = 50  # ms: one that has run out after RUN_OUT seconds
+RUN_OUT = 0.2
 
 
 async def _record(stores: Stores, invite: GhostInvite) -> None:
@@ -22,31 +32,115 @@ async def test_one_worker_holds_an_invite_until_it_lets_go_or_the_lease_runs_out
     stores: Stores,
 ) -> None:
     await _record(stores, INVITE)
-    assert await stores.invites.unleased(2000) == [INVITE]
-    assert await stores.invites.lease(INVITE, "a", 2000, 5000)
-    assert not await stores.invites.lease(INVITE, "b", 2001, 5001)
-    assert await stores.invites.unleased(2001) == []
+    assert await stores.invites.unleased() == [INVITE]
+    assert await stores.invites.lease(INVITE, "a", SHORT)
+    assert not await stores.invites.lease(INVITE, "b", LONG)
+    assert await stores.invites.unleased() == []
     await stores.invites.release(INVITE, "b")  # not b's to let go
-    assert not await stores.invites.lease(INVITE, "b", 2002, 5002)
+    assert not await stores.invites.lease(INVITE, "b", LONG)
     # a's process died: its lease runs out, and b takes the invite over.
-    assert await stores.invites.unleased(5001) == [INVITE]
-    assert await stores.invites.lease(INVITE, "b", 5001, 9000)
-    await stores.invites.release(INVITE, "a")  # a, back late, does not take it from b
-    assert not await stores.invites.lease(INVITE, "c", 5002, 9000)
+    await asyncio.sleep(RUN_OUT)
+    assert await stores.invites.unleased() == [INVITE]
+    assert not await stores.invites.renew(INVITE, "b", LONG)  # b holds nothing to renew yet
+    assert await stores.invites.lease(INVITE, "b", LONG)
+    assert not await stores.invites.renew(INVITE, "a", LONG)  # a, back late, has lost it
+    await stores.invites.release(INVITE, "a")  # nor does it take it from b
+    assert not await stores.invites.lease(INVITE, "c", LONG)
     await stores.invites.release(INVITE, "b")
-    assert await stores.invites.unleased(5003) == [INVITE]
+    assert await stores.invites.unleased() == [INVITE]
     await stores.invites.done(INVITE)
-    assert not await stores.invites.lease(INVITE, "c", 5004, 9000)  # answered: gone
+    assert not await stores.invites.lease(INVITE, "c", LONG)  # answered: gone
+
+
+async def test_a_renewed_lease_lasts_past_its_length(stores: Stores) -> None:
+    await _record(stores, INVITE)
+    assert await stores.invites.lease(INVITE, "a", SHORT)
+    for _ in range(3):
+        assert await stores.invites.renew(INVITE, "a", LONG)
+    await asyncio.sleep(RUN_OUT)
+    assert await stores.invites.unleased() == []
+    assert not await stores.invites.lease(INVITE, "b", LONG)
+
+
+async def test_a_lease_is_counted_on_the_databases_clock_not_the_hosts(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker whose host clock runs an hour ahead does not take another worker's lease."""
+    await _record(stores, INVITE)
+    assert await stores.invites.lease(INVITE, "a", LONG)
+    ahead = time.time() + 3600
+    monkeypatch.setattr(time, "time", lambda: ahead)
+    assert await stores.invites.unleased() == []
+    assert not await stores.invites.lease(INVITE, "b", LONG)
 
 
 async def test_a_newer_invite_of_a_leased_one_waits_for_the_lease(stores: Stores) -> None:
     """The user invited the ghost again while a worker answers the first invite: the newer one
     is answered once that worker lets go (its answer leaves the newer invite in place)."""
     await _record(stores, INVITE)
-    assert await stores.invites.lease(INVITE, "a", 2000, 5000)
+    assert await stores.invites.lease(INVITE, "a", LONG)
     newer = GhostInvite(**{**INVITE.__dict__, "event_id": "$again", "received_at": 2100})
     await _record(stores, newer)
-    assert await stores.invites.unleased(2200) == []
+    assert await stores.invites.unleased() == []
     await stores.invites.done(INVITE)  # the first invite's answer
     await stores.invites.release(INVITE, "a")
-    assert await stores.invites.unleased(2300) == [newer]
+    assert await stores.invites.unleased() == [newer]
+
+
+class SlowAnswers(InviteHandler):
+    """Answers take ``seconds`` each and are only recorded (no homeserver)."""
+
+    def __init__(self, stores: Stores, lease_s: float, seconds: float) -> None:
+        nothing = cast(Any, None)
+        super().__init__(stores=stores, networks=nothing, ghosts=nothing, appservice=nothing,
+                         dms=nothing, queued=lambda networks: None, lease_s=lease_s)
+        self.seconds = seconds
+        self.started = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.answered: list[GhostInvite] = []
+
+    async def answer(self, invite: GhostInvite) -> None:
+        self.started.set()
+        await asyncio.sleep(self.seconds)
+        self.answered.append(invite)
+        await self.stores.invites.done(invite)
+        self.finished.set()
+
+
+async def test_an_answer_longer_than_the_lease_keeps_it(stores: Stores) -> None:
+    """The worker renews its lease while the homeserver keeps the answer waiting: no other
+    worker takes the invite over meanwhile, and it is answered once."""
+    await _record(stores, INVITE)
+    worker = SlowAnswers(stores, lease_s=0.15, seconds=1.0)
+    worker.start()
+    try:
+        await asyncio.wait_for(worker.started.wait(), 10)
+        for _ in range(8):  # over five lease lengths
+            assert await stores.invites.unleased() == []
+            assert not await stores.invites.lease(INVITE, "other", LONG)
+            await asyncio.sleep(0.1)
+        await asyncio.wait_for(worker.finished.wait(), 10)
+    finally:
+        await worker.stop()
+    assert worker.answered == [INVITE]
+    assert await stores.invites.all() == []
+
+
+async def test_a_restarted_bridge_on_sqlite_answers_its_previous_processs_invites_at_once(
+    stores: Stores, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SQLite takes one process: a lease not the new process's is a dead process's, so the
+    invite is answered now, not once the lease runs out."""
+    if stores.db.scheme != Scheme.SQLITE:
+        pytest.skip("several workers share a PostgreSQL database; leases there run out")
+    await _record(stores, INVITE)
+    assert await stores.invites.lease(INVITE, "killed process", LONG)
+    caplog.set_level(logging.INFO, logger="dmbridge.invites")
+    worker = SlowAnswers(stores, lease_s=600, seconds=0)
+    worker.start()
+    try:
+        await asyncio.wait_for(worker.finished.wait(), 10)
+    finally:
+        await worker.stop()
+    assert worker.answered == [INVITE]
+    assert "took over 1 invite(s) the previous process was answering" in caplog.messages
