@@ -6,7 +6,7 @@ from typing import Any
 from mautrix.types import RoomID, UserID
 from mautrix.util.async_db import Connection, Database
 
-from . import dmcache
+from . import dmcache, hot
 from .dmcache import DMCache
 from .message import SentMessage
 from .sqlite import POINT_READ
@@ -110,11 +110,11 @@ class DMStore:
         this message if already sent."""
         record = self.cache.get(ghost_id, user_id)
         if record is not None:
-            return record, _sent_of(await self.db.fetchrow(_SENT, network, remote_id,
-                                                           message_id))
+            return record, _sent_of(await hot.fetchrow(self.db, _SENT, network, remote_id,
+                                                       message_id))
         read_at = self.cache.version
-        row = await self.db.fetchrow(_FOR_SEND, ghost_id, user_id, network, remote_id,
-                                     message_id)
+        row = await hot.fetchrow(self.db, _FOR_SEND, ghost_id, user_id, network, remote_id,
+                                 message_id)
         assert row is not None  # the pair subquery always yields one row
         record = _record(row) if row["ghost_id"] is not None else None
         if record is not None and record.state == ACTIVE:
