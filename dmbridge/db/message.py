@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -104,8 +105,8 @@ class SentMessageStore:
                sent.target_event_id)
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting.append((row, done))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write())
+        if self._writer is None:  # in a context of its own: never in a caller's transaction
+            self._writer = asyncio.create_task(self._write(), context=contextvars.Context())
         if await asyncio.shield(done):
             return sent
         return await self.get(network, remote_id, message_id) or sent
