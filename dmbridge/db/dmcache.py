@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .dm import DMRecord
 
 CHANNEL = "dmbridge_dm"  # payload: the changes, one a line (see :func:`encode`)
-MAX_ENTRIES = 100_000  # pairs remembered; about 1 KiB each
+MAX_ENTRIES = 10_000  # pairs remembered; about 1 KiB each
 _PAYLOAD_LIMIT = 7000  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
 _EVERYTHING = "*"
 
