@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from mautrix.util.async_db import Database
+from mautrix.util.async_db.asyncpg import PostgresDatabase
 from mautrix.util.async_db.database import conn_var
 
 from .sqlite import POINT_READ, OneTripConnection, OneTripSQLiteDatabase, sqlite_sql
@@ -37,13 +38,14 @@ async def fetch(db: Database, query: str, *args: Any) -> list[Any]:
 
 async def _run(db: Database, kind: str, query: str, args: tuple[Any, ...], *, one: bool
                ) -> Any:
-    if conn_var.get(None) is not None:  # inside the caller's connection (a transaction)
+    if conn_var.get(None) is not None or not isinstance(
+            db, (OneTripSQLiteDatabase, PostgresDatabase)):  # a caller's connection, or a stand-in
         return await (db.fetchrow(query, *args) if one else db.fetch(query, *args))
     start = time.monotonic()
     try:
         if isinstance(db, OneTripSQLiteDatabase):
             return await _sqlite(db, query, args, one)
-        async with db.pool.acquire() as conn:  # type: ignore[attr-defined]
+        async with db.pool.acquire() as conn:
             return await (conn.fetchrow(query, *args) if one else conn.fetch(query, *args))
     finally:
         duration = time.monotonic() - start
