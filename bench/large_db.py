@@ -88,7 +88,7 @@ async def measure(db: str, dms: int, messages: int, rounds: int, opens: int
     """Seed seconds, bare and bridge µs per warm message, new DM ms, GET /dms?user_id= ms."""
     async with bridge_on_stub(db, ping=False, quiet=logging.WARNING) as (bridge, hs_url, port):
         seeded = await seed(bridge.db, dms)
-        [(_, bare, via_bridge, _, _)] = await warm_ratios(
+        [(_, bare, via_bridge, *_)] = await warm_ratios(
             bridge, hs_url, messages=messages, concurrency=[1], rounds=rounds)
         run = uuid.uuid4().int % 900_000 + 100_000  # fresh phone numbers
 

@@ -3,7 +3,9 @@
 The homeserver is a stub in its own process that answers at once, so what is measured is the
 client side: for the bridge, `DMService.send` (idempotency check, DM lookup, the PUT, the message
 map insert); for the baseline, one PUT with the as_token, nothing else. Rounds alternate
-between the two so drift on a shared machine hits both alike.
+between the two so drift on a shared machine hits both alike. Beside the wall-clock ratio, the
+process's CPU time per message (all its threads; the stub and PostgreSQL are other processes),
+which a busy machine disturbs less.
 
     python -m bench.warm_path [--messages 2000] [--concurrency 1 8] [--db sqlite|postgres://...]
 """
@@ -27,23 +29,24 @@ PHONE = "+15551234567"
 GHOST = "@dm_sms_=2b15551234567:localhost"
 
 
-async def _run(n: int, concurrency: int, one: Callable[[int], Awaitable[object]]) -> float:
-    """Messages per second for n messages with `concurrency` in flight."""
+async def _run(n: int, concurrency: int, one: Callable[[int], Awaitable[object]]
+               ) -> tuple[float, float]:
+    """Messages per second for n messages with `concurrency` in flight, and CPU s/message."""
     counter = iter(range(n))
 
     async def worker() -> None:
         for i in counter:
             await one(i)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), (time.process_time() - cpu) / n
 
 
 async def warm_ratios(bridge: Bridge, hs_url: str, *, messages: int, concurrency: list[int],
-                      rounds: int) -> list[tuple[int, float, float, float, float]]:
+                      rounds: int) -> list[tuple[int, float, float, float, float, float, float]]:
     """Per concurrency: bare PUT msg/s, bridge msg/s (medians of the rounds), homeserver
-    requests and database statements per message."""
+    requests and database statements per message, bare and bridge CPU s/message (medians)."""
     alice = "@alice:localhost"
     room_id = (await bridge.dms.send("sms", PHONE, alice, message_id="warmup",
                                      text="hi")).room_id
@@ -59,7 +62,7 @@ async def warm_ratios(bridge: Bridge, hs_url: str, *, messages: int, concurrency
                 return (await resp.json())["event_id"]
 
         for conc in concurrency:
-            bare_rates, bridge_rates = [], []
+            bare_rates, bridge_rates, bare_cpu, bridge_cpu = [], [], [], []
             per_msg = stmt_per_msg = 0.0
             for r in range(rounds):
                 tag = f"{run_id}-{conc}-{r}"
@@ -68,13 +71,18 @@ async def warm_ratios(bridge: Bridge, hs_url: str, *, messages: int, concurrency
                     return await bridge.dms.send("sms", PHONE, alice, message_id=f"{tag}-{i}",
                                                  text="benchmark message")
 
-                bare_rates.append(await _run(messages, conc, bare))
+                rate, cpu = await _run(messages, conc, bare)
+                bare_rates.append(rate)
+                bare_cpu.append(cpu)
                 before, stmts = bridge.requests.total, statements(bridge)
-                bridge_rates.append(await _run(messages, conc, via_bridge))
+                rate, cpu = await _run(messages, conc, via_bridge)
+                bridge_rates.append(rate)
+                bridge_cpu.append(cpu)
                 per_msg = (bridge.requests.total - before) / messages
                 stmt_per_msg = (statements(bridge) - stmts) / messages
             results.append((conc, statistics.median(bare_rates),
-                            statistics.median(bridge_rates), per_msg, stmt_per_msg))
+                            statistics.median(bridge_rates), per_msg, stmt_per_msg,
+                            statistics.median(bare_cpu), statistics.median(bridge_cpu)))
     return results
 
 
@@ -93,12 +101,13 @@ async def main() -> None:
               f"{args.rounds} rounds, database {args.db}")
         print(f"{'concurrency':>11}  {'bare PUT msg/s':>14}  {'bridge msg/s':>12}  "
               f"{'bare µs/msg':>11}  {'bridge µs/msg':>13}  {'ratio':>5}  hs req/msg  "
-              "db stmt/msg")
-        for conc, b, g, per_msg, stmt_per_msg in await warm_ratios(
+              "db stmt/msg  bare CPU µs  bridge CPU µs  CPU ratio")
+        for conc, b, g, per_msg, stmt_per_msg, b_cpu, g_cpu in await warm_ratios(
                 bridge, hs_url, messages=args.messages, concurrency=args.concurrency,
                 rounds=args.rounds):
             print(f"{conc:>11}  {b:>14.0f}  {g:>12.0f}  {1e6 / b:>11.0f}  {1e6 / g:>13.0f}"
-                  f"  {b / g:>5.2f}  {per_msg:>10.2f}  {stmt_per_msg:>11.2f}")
+                  f"  {b / g:>5.2f}  {per_msg:>10.2f}  {stmt_per_msg:>11.2f}"
+                  f"  {b_cpu * 1e6:>11.0f}  {g_cpu * 1e6:>13.0f}  {g_cpu / b_cpu:>9.2f}")
 
 
 if __name__ == "__main__":

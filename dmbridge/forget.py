@@ -29,7 +29,7 @@ from mautrix.util.async_db import Connection, Database
 
 from . import payloads
 from .config import Settings
-from .db import Stores, create_database, now_ms, start_database
+from .db import Stores, create_database, dmcache, now_ms, start_database
 from .db.dm import DMRecord
 from .errors import BridgeError, InvalidParam, NotFound
 from .homeserver import Homeserver
@@ -154,12 +154,14 @@ async def _tell_and_end(stores: Stores, subject: Subject, done: Forgotten
     now = now_ms()
     seen: dict[RoomID, str | None] = {}
     conn: Connection
-    async with stores.db.acquire() as conn, conn.transaction():
+    async with stores.transaction() as conn:
         done.notices = await _tell(stores, conn, done.dms, now)
         done.counts = await _delete_kept(conn, subject, done.dms)
         for dm in done.dms:
             if dm.room_id is None:
                 continue
+            stores.dms.cache.changed(dmcache.pair(dm.ghost_id, dm.user_id),
+                                     dmcache.room(dm.room_id))
             await conn.execute("UPDATE dm SET state='ended', reason=$2, claim=NULL, updated_at=$3"
                                " WHERE room_id=$1", dm.room_id, REASON, now)
             if dm.ghost_membership in ("join", "invite"):
@@ -174,14 +176,18 @@ async def _finish(stores: Stores, subject: Subject, done: Forgotten, state_table
     """Step 3: the rooms the ghost left, what was added meanwhile, and the ghost once it is
     fully done with."""
     conn: Connection
-    async with stores.db.acquire() as conn, conn.transaction():
+    async with stores.transaction() as conn:
         again = await _delete_kept(conn, subject, done.dms)
         for kind, n in again.items():
             done.counts[kind] = done.counts.get(kind, 0) + n
         rooms = set(done.left)
         gone = [dm for dm in done.dms if dm.room_id is None or dm.room_id in rooms]
+        for dm in gone:
+            stores.dms.cache.changed(dmcache.pair(dm.ghost_id, dm.user_id),
+                                     *([dmcache.room(dm.room_id)] if dm.room_id else []))
         done.counts["dm"] = await _delete_dms(conn, gone, state_tables)
         if not done.failed and done.profile_error is None and subject.ghost_id is not None:
+            stores.dms.cache.changed(dmcache.ghost(subject.ghost_id))
             done.counts["ghost"], done.counts["media"] = await _delete_ghost(
                 conn, subject.ghost_id)
 

@@ -181,7 +181,7 @@ class InviteHandler:
         one_to_one = f"{network.name} contacts only take one-to-one chats."
         previous: DMRecord | None = None
         conn: Connection
-        async with self.stores.db.acquire() as conn, conn.transaction():
+        async with self.stores.transaction() as conn:
             existing = await self.stores.dms.by_room(conn, room_id)
             taken = existing is not None and (existing.ghost_id, existing.user_id) != (
                 ghost_id, user_id)
@@ -241,7 +241,7 @@ class InviteHandler:
                       notice: str | None, previous: DMRecord | None = None) -> None:
         """Settle the joining room; on failure the DM it replaced (if any) is the DM again."""
         conn: Connection
-        async with self.stores.db.acquire() as conn, conn.transaction():
+        async with self.stores.transaction() as conn:
             dm = await self.stores.dms.by_room(conn, room_id)
             if dm is None or dm.state != JOINING:
                 return  # something newer (a leave, a kick) already moved it on

@@ -370,7 +370,7 @@ async def clear_declined(stores: Stores, network: Network, remote_id: str, user_
     """An admin lifts a decline; the pair's next message opens a new DM. Raises NotFound."""
     ghost_id = network.ghost_user_id(remote_id)
     conn: Connection
-    async with stores.db.acquire() as conn, conn.transaction():
+    async with stores.transaction() as conn:
         record = await stores.dms.current_in(conn, ghost_id, user_id)
         if record is None or record.state != DECLINED:
             raise NotFound(f"{user_id} has not declined DMs from {network.id} user {remote_id}")

@@ -58,7 +58,7 @@ class MatrixHandler:
         conn: Connection
         effects = Effects()
         outcomes: list[tuple[object, str]] = []  # counted once committed
-        async with self.stores.db.acquire() as conn, conn.transaction():
+        async with self.stores.transaction() as conn:
             for raw in events:
                 if (problem := unstorable(raw, untrusted)) is not None:
                     log.warning("txn %s: skipping an event the bridge cannot store (%s): %.300r",

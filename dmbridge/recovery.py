@@ -118,7 +118,7 @@ class Recovery:
 
     async def _record_ended(self, record: DMRecord, room_id: RoomID) -> None:
         conn: Connection
-        async with self.stores.db.acquire() as conn:
+        async with self.stores.transaction() as conn:
             if not await self.stores.dms.keep_ended(conn, record.ghost_id, record.user_id,
                                                     record.network, record.remote_id, room_id,
                                                     "superseded", now_ms()):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from mautrix.util.async_db import Database
+from mautrix.util.async_db import Connection, Database, Scheme
 
 from .connect import DatabaseUnavailable, create_database, safe_url, start_database
 from .dm import DMStore
+from .dmcache import DMCache
 from .event import ProcessedEventStore
 from .ghost import GhostStore
 from .history import HistoryStore
@@ -40,11 +43,14 @@ class Stores:
 
     @classmethod
     def over(cls, db: Database) -> Stores:
+        """The stores over ``db``; on PostgreSQL, other workers may share it (see
+        :class:`DMCache`)."""
+        cache = DMCache(shared=db.scheme != Scheme.SQLITE)
         return cls(
             db=db,
-            ghosts=GhostStore(db),
-            dms=DMStore(db),
-            members=MemberStore(db),
+            ghosts=GhostStore(db, cache),
+            dms=DMStore(db, cache),
+            members=MemberStore(db, cache),
             messages=SentMessageStore(db),
             matrix_messages=MatrixMessageStore(db),
             media=MediaStore(db),
@@ -53,6 +59,13 @@ class Stores:
             history=HistoryStore(db),
             invites=InviteStore(db),
         )
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """A transaction that may change DMs, their rooms' members or their ghosts: the DM
+        cache learns of its changes (and other workers, when it commits)."""
+        async with self.dms.cache.writing(self.db, atomic=True) as conn:
+            yield conn
 
 
 __all__ = [

@@ -6,6 +6,8 @@ from typing import Any
 from mautrix.types import RoomID, UserID
 from mautrix.util.async_db import Connection, Database
 
+from . import dmcache, hot
+from .dmcache import DMCache
 from .message import SentMessage
 from .sqlite import POINT_READ
 
@@ -63,6 +65,11 @@ _FOR_SEND = POINT_READ + f"""
       LEFT JOIN sent_message sm
              ON sm.network = $3 AND sm.remote_id = $4 AND sm.message_id = $5
 """
+# The same question when the pair's DM is known from the cache.
+_SENT = POINT_READ + """
+    SELECT room_id AS sent_room_id, event_id AS sent_event_id, kind AS sent_kind
+      FROM sent_message WHERE network = $1 AND remote_id = $2 AND message_id = $3
+"""
 
 
 _ACTIVATE = (
@@ -76,9 +83,18 @@ def _record(row: Any) -> DMRecord:
     return DMRecord(**{**fields, "others_joined": int(row["others_joined"] or 0)})
 
 
+def _sent_of(row: Any) -> SentMessage | None:
+    if row is None or row["sent_event_id"] is None:
+        return None
+    return SentMessage(row["sent_room_id"], row["sent_event_id"], row["sent_kind"])
+
+
 class DMStore:
-    def __init__(self, db: Database) -> None:
+    """The ``dm`` table; every write names what it changes to the :class:`DMCache`."""
+
+    def __init__(self, db: Database, cache: DMCache) -> None:
         self.db = db
+        self.cache = cache
 
     async def get_current(self, ghost_id: UserID, user_id: UserID) -> DMRecord | None:
         row = await self.db.fetchrow(
@@ -90,14 +106,20 @@ class DMStore:
     async def get_for_send(
         self, ghost_id: UserID, user_id: UserID, network: str, remote_id: str, message_id: str
     ) -> tuple[DMRecord | None, SentMessage | None]:
-        """One round trip for the hot path: the pair's DM, and this message if already sent."""
-        row = await self.db.fetchrow(_FOR_SEND, ghost_id, user_id, network, remote_id,
-                                     message_id)
+        """One round trip for the hot path: the pair's DM (from the cache if it is there), and
+        this message if already sent."""
+        record = self.cache.get(ghost_id, user_id)
+        if record is not None:
+            return record, _sent_of(await hot.fetchrow(self.db, _SENT, network, remote_id,
+                                                       message_id))
+        read_at = self.cache.version
+        row = await hot.fetchrow(self.db, _FOR_SEND, ghost_id, user_id, network, remote_id,
+                                 message_id)
         assert row is not None  # the pair subquery always yields one row
         record = _record(row) if row["ghost_id"] is not None else None
-        sent = (SentMessage(row["sent_room_id"], row["sent_event_id"], row["sent_kind"])
-                if row["sent_event_id"] is not None else None)
-        return record, sent
+        if record is not None and record.state == ACTIVE:
+            self.cache.fill(record, read_at)
+        return record, _sent_of(row)
 
     async def get_by_room(self, room_id: RoomID) -> DMRecord | None:
         row = await self.db.fetchrow(_SELECT + " WHERE dm.room_id=$1", room_id)
@@ -138,21 +160,21 @@ class DMStore:
         )
         return _record(row) if row else None
 
-    @staticmethod
     async def set_state(
-        conn: Connection, room_id: str, state: str, reason: str, now_ms: int
+        self, conn: Connection, room_id: str, state: str, reason: str, now_ms: int
     ) -> None:
+        self.cache.changed(dmcache.room(room_id))
         await conn.execute(
             "UPDATE dm SET state=$2, reason=$3, claim=NULL, updated_at=$4 WHERE room_id=$1",
             room_id, state, reason, now_ms,
         )
 
-    @staticmethod
     async def adopt(
-        conn: Connection, ghost_id: str, user_id: str, network: str, remote_id: str,
+        self, conn: Connection, ghost_id: str, user_id: str, network: str, remote_id: str,
         room_id: str, state: str, reason: str, now_ms: int,
     ) -> None:
         """Make ``room_id`` the pair's DM; the caller has ended the pair's previous one."""
+        self.cache.changed(dmcache.pair(ghost_id, user_id), dmcache.room(room_id))
         await conn.execute(
             "INSERT INTO dm (ghost_id, user_id, network, remote_id, room_id, state, reason,"
             " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)"
@@ -161,14 +183,14 @@ class DMStore:
             ghost_id, user_id, network, remote_id, room_id, state, reason, now_ms,
         )
 
-    @staticmethod
     async def keep_ended(
-        conn: Connection, ghost_id: str, user_id: str, network: str, remote_id: str,
+        self, conn: Connection, ghost_id: str, user_id: str, network: str, remote_id: str,
         room_id: str, reason: str, now_ms: int,
     ) -> bool:
         """Record a room of the pair that is not its DM as ended, so what the user writes there
         still reaches the platform; False (nothing changed) if the room is recorded already,
         e.g. made the pair's DM by a recovery or a transaction running at the same time."""
+        self.cache.changed(dmcache.pair(ghost_id, user_id), dmcache.room(room_id))
         got = await conn.fetchval(
             "INSERT INTO dm (ghost_id, user_id, network, remote_id, room_id, state, reason,"
             " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'ended', $6, $7, $7)"
@@ -241,12 +263,15 @@ class DMStore:
 
         ``instance`` names this process, so others can tell whether the claim's holder lives.
         """
-        got = await self.db.fetchval(
-            "INSERT INTO dm (ghost_id, user_id, network, remote_id, state, claim, instance,"
-            " created_at, updated_at) VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $7)"
-            " ON CONFLICT (ghost_id, user_id) WHERE state <> 'ended' DO NOTHING RETURNING claim",
-            ghost_id, user_id, network, remote_id, claim, instance, now_ms,
-        )
+        async with self.cache.writing(self.db) as conn:
+            self.cache.changed(dmcache.pair(ghost_id, user_id))
+            got = await conn.fetchval(
+                "INSERT INTO dm (ghost_id, user_id, network, remote_id, state, claim, instance,"
+                " created_at, updated_at) VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $7)"
+                " ON CONFLICT (ghost_id, user_id) WHERE state <> 'ended' DO NOTHING"
+                " RETURNING claim",
+                ghost_id, user_id, network, remote_id, claim, instance, now_ms,
+            )
         return got is not None
 
     async def activate(
@@ -255,7 +280,9 @@ class DMStore:
         """The claimed pair's room is ``room_id``; True also if it was already recorded as
         the pair's active DM (adopted from the homeserver's transaction or by a recovery), not
         if it was kept as an ended room because another creation superseded this claim."""
-        got = await self.db.fetchval(_ACTIVATE, ghost_id, user_id, claim, room_id, now_ms)
+        async with self.cache.writing(self.db) as conn:
+            self.cache.changed(dmcache.pair(ghost_id, user_id), dmcache.room(room_id))
+            got = await conn.fetchval(_ACTIVATE, ghost_id, user_id, claim, room_id, now_ms)
         if got is not None:
             return True
         mine = await self.db.fetchval(
@@ -267,30 +294,37 @@ class DMStore:
 
     async def abandon(self, ghost_id: UserID, user_id: UserID, claim: str) -> None:
         """The claim's request gave up mid-creation: the next request recovers it at once."""
-        await self.db.execute(
-            "UPDATE dm SET instance=$4 WHERE ghost_id=$1 AND user_id=$2 AND state='creating'"
-            " AND claim=$3",
-            ghost_id, user_id, claim, ABANDONED,
-        )
+        async with self.cache.writing(self.db) as conn:
+            self.cache.changed(dmcache.pair(ghost_id, user_id))
+            await conn.execute(
+                "UPDATE dm SET instance=$4 WHERE ghost_id=$1 AND user_id=$2"
+                " AND state='creating' AND claim=$3",
+                ghost_id, user_id, claim, ABANDONED,
+            )
 
-    @staticmethod
-    async def activate_in(conn: Connection, ghost_id: str, user_id: str, claim: str,
+    async def activate_in(self, conn: Connection, ghost_id: str, user_id: str, claim: str,
                           room_id: str, now_ms: int) -> bool:
         """As :meth:`activate`, inside the caller's transaction; False if the claim moved on."""
+        self.cache.changed(dmcache.pair(ghost_id, user_id), dmcache.room(room_id))
         got = await conn.fetchval(_ACTIVATE, ghost_id, user_id, claim, room_id, now_ms)
         return got is not None
 
     async def release(self, ghost_id: UserID, user_id: UserID, claim: str) -> None:
-        await self.db.execute(
-            "DELETE FROM dm WHERE ghost_id=$1 AND user_id=$2 AND state='creating' AND claim=$3",
-            ghost_id, user_id, claim,
-        )
+        async with self.cache.writing(self.db) as conn:
+            self.cache.changed(dmcache.pair(ghost_id, user_id))
+            await conn.execute(
+                "DELETE FROM dm WHERE ghost_id=$1 AND user_id=$2 AND state='creating'"
+                " AND claim=$3",
+                ghost_id, user_id, claim,
+            )
 
     async def end(self, room_id: RoomID, now_ms: int) -> None:
-        await self.db.execute(
-            "UPDATE dm SET state='ended', updated_at=$2 WHERE room_id=$1 AND state='active'",
-            room_id, now_ms,
-        )
+        async with self.cache.writing(self.db) as conn:
+            self.cache.changed(dmcache.room(room_id))
+            await conn.execute(
+                "UPDATE dm SET state='ended', updated_at=$2 WHERE room_id=$1 AND state='active'",
+                room_id, now_ms,
+            )
 
     async def count_by_state(self) -> dict[str, int]:
         """How many DM rows are in each state (for metrics; read from the dm_state index)."""

@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from mautrix.types import UserID
 from mautrix.util.async_db import Database
 
+from . import dmcache
+from .dmcache import DMCache
+
 
 @dataclass
 class Ghost:
@@ -17,8 +20,12 @@ class Ghost:
 
 
 class GhostStore:
-    def __init__(self, db: Database) -> None:
+    """Ghosts' registrations and profiles (shown in their DMs' records: every write names the
+    ghost to the :class:`DMCache`)."""
+
+    def __init__(self, db: Database, cache: DMCache) -> None:
         self.db = db
+        self.cache = cache
 
     async def get(self, user_id: UserID) -> Ghost | None:
         row = await self.db.fetchrow(
@@ -32,21 +39,27 @@ class GhostStore:
         # No conflict target: two workers inserting the same ghost at once may collide on
         # either unique key (user_id, or network and remote_id), and PostgreSQL only forgives
         # a collision on the target's.
-        await self.db.execute(
-            "INSERT INTO ghost (user_id, network, remote_id, registered) VALUES ($1, $2, $3, true)"
-            " ON CONFLICT DO NOTHING",
-            user_id, network, remote_id,
-        )
-        await self.db.execute(
-            "UPDATE ghost SET registered=true WHERE user_id=$1 AND NOT registered", user_id
-        )
+        async with self.cache.writing(self.db) as conn:
+            self.cache.changed(dmcache.ghost(user_id))
+            await conn.execute(
+                "INSERT INTO ghost (user_id, network, remote_id, registered)"
+                " VALUES ($1, $2, $3, true) ON CONFLICT DO NOTHING",
+                user_id, network, remote_id,
+            )
+            await conn.execute(
+                "UPDATE ghost SET registered=true WHERE user_id=$1 AND NOT registered", user_id
+            )
 
     async def set_displayname(self, user_id: UserID, displayname: str) -> None:
-        await self.db.execute(
-            "UPDATE ghost SET displayname=$2 WHERE user_id=$1", user_id, displayname
-        )
+        async with self.cache.writing(self.db) as conn:
+            self.cache.changed(dmcache.ghost(user_id))
+            await conn.execute(
+                "UPDATE ghost SET displayname=$2 WHERE user_id=$1", user_id, displayname
+            )
 
     async def set_avatar(self, user_id: UserID, avatar_url: str) -> None:
-        await self.db.execute(
-            "UPDATE ghost SET avatar_url=$2 WHERE user_id=$1", user_id, avatar_url
-        )
+        async with self.cache.writing(self.db) as conn:
+            self.cache.changed(dmcache.ghost(user_id))
+            await conn.execute(
+                "UPDATE ghost SET avatar_url=$2 WHERE user_id=$1", user_id, avatar_url
+            )

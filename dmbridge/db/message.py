@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 from mautrix.types import EventID, RoomID
 from mautrix.util.async_db import Connection, Database
 
+from . import hot
+
 MESSAGE = "message"
 EDIT = "edit"
 REACTION = "reaction"
 
 _SENT_COLUMNS = "room_id, event_id, kind, target_event_id, redacted_at"
+MAX_BATCH = 100  # rows in one INSERT (8 parameters each: well within either database's limit)
+_KEY = tuple[str, str, str]  # network, remote_id, message_id
+
+
+@functools.lru_cache(maxsize=MAX_BATCH)
+def _insert_rows(n: int) -> str:
+    values = ", ".join(
+        "(" + ", ".join(f"${i * 8 + j}" for j in range(1, 9)) + ")" for i in range(n))
+    return ("INSERT INTO sent_message (network, remote_id, message_id, room_id, event_id,"
+            f" created_at, kind, target_event_id) VALUES {values}"
+            " ON CONFLICT (network, remote_id, message_id) DO NOTHING"
+            " RETURNING network, remote_id, message_id")
 
 
 @dataclass(frozen=True)
@@ -34,6 +51,9 @@ class SentMessageStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        # Mappings waiting for the INSERT after the one being written (group commit).
+        self._waiting: list[tuple[tuple[Any, ...], asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def get(self, network: str, remote_id: str, message_id: str) -> SentMessage | None:
         row = await self.db.fetchrow(
@@ -75,17 +95,54 @@ class SentMessageStore:
     async def put(
         self, network: str, remote_id: str, message_id: str, sent: SentMessage, at_ms: int
     ) -> SentMessage:
-        """Store the mapping; if a concurrent retry stored one first, return that one."""
-        inserted = await self.db.fetchval(
-            "INSERT INTO sent_message (network, remote_id, message_id, room_id, event_id,"
-            " created_at, kind, target_event_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-            " ON CONFLICT (network, remote_id, message_id) DO NOTHING RETURNING event_id",
-            network, remote_id, message_id, sent.room_id, sent.event_id, at_ms, sent.kind,
-            sent.target_event_id,
-        )
-        if inserted is not None:
+        """Store the mapping, committed when this returns; if a concurrent retry stored one
+        first, return that one.
+
+        Mappings put while an INSERT is being written go together in the next one (one
+        statement and one commit for all of them), so many sends in flight share commits.
+        """
+        row = (network, remote_id, message_id, sent.room_id, sent.event_id, at_ms, sent.kind,
+               sent.target_event_id)
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((row, done))
+        if self._writer is None:  # in a context of its own: never in a caller's transaction
+            self._writer = asyncio.create_task(self._write(), context=contextvars.Context())
+        if await asyncio.shield(done):
             return sent
         return await self.get(network, remote_id, message_id) or sent
+
+    async def _write(self) -> None:
+        """Write what waits, a batch per statement, until nothing does."""
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+                try:
+                    inserted = await self._insert([row for row, _ in batch])
+                except BaseException as e:
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(e if isinstance(e, Exception)
+                                               else RuntimeError("the write was cancelled"))
+                    if not isinstance(e, Exception):
+                        raise
+                    continue
+                for row, done in batch:
+                    key = (row[0], row[1], row[2])
+                    mine = key in inserted
+                    inserted.discard(key)  # a second put of the same ID in the batch lost
+                    if not done.done():
+                        done.set_result(mine)
+        finally:
+            self._writer = None
+            waiting, self._waiting = self._waiting, []
+            for _, done in waiting:  # only if this was cancelled
+                done.set_exception(RuntimeError("the bridge is stopping"))
+
+    async def _insert(self, rows: list[tuple[Any, ...]]) -> set[_KEY]:
+        """One INSERT of every row; the keys of the rows it inserted (not already there)."""
+        written = await hot.fetch(self.db, _insert_rows(len(rows)),
+                                  *(value for row in rows for value in row))
+        return {(str(r[0]), str(r[1]), str(r[2])) for r in written}
 
     async def mark_redacted(self, network: str, remote_id: str, message_id: str, at_ms: int
                             ) -> None:

@@ -20,6 +20,7 @@ from mautrix's pool first: the thread runs nothing else meanwhile.)
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import sqlite3
@@ -39,7 +40,9 @@ POINT_READ = "/* point read */ "
 _POSITIONAL = re.compile(r"\$(\d+)")
 
 
-def _sqlite_sql(query: str) -> str:
+@functools.lru_cache(maxsize=512)
+def sqlite_sql(query: str) -> str:
+    """The statement with SQLite's placeholders (the bridge's statements are few: cached)."""
     return _POSITIONAL.sub(r"?\1", query)
 
 
@@ -91,7 +94,7 @@ class OneTripConnection:
     async def _on_thread(self, run: Run, query: str, args: tuple[Any, ...]) -> Any:
         # aiosqlite's own hand-off to its thread (``Connection._execute``), one per statement.
         job = asyncio.ensure_future(self.conn._execute(  # type: ignore[no-untyped-call]
-            run, self.conn._conn, _sqlite_sql(query), args))
+            run, self.conn._conn, sqlite_sql(query), args))
         try:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
@@ -109,13 +112,13 @@ class OneTripConnection:
     async def fetch(self, query: str, *args: Any, timeout: float | None = None
                     ) -> list[sqlite3.Row]:
         if query.startswith(POINT_READ):
-            return _all(self.conn._conn, _sqlite_sql(query), args)
+            return _all(self.conn._conn, sqlite_sql(query), args)
         return await self._on_thread(_all, query, args)
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None
                        ) -> sqlite3.Row | None:
         if query.startswith(POINT_READ):
-            return _one(self.conn._conn, _sqlite_sql(query), args)
+            return _one(self.conn._conn, sqlite_sql(query), args)
         return await self._on_thread(_one, query, args)
 
     async def fetchval(self, query: str, *args: Any, column: int = 0,

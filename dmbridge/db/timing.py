@@ -11,6 +11,7 @@ it hand out a :class:`TimedConnection` instead, which reports each statement's d
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +21,13 @@ from mautrix.util.async_db.connection import LoggingConnection
 
 Observe = Callable[[str, float], None]
 """Told the kind of call (``execute``, ``fetch`` ...) and its duration in seconds."""
+
+_observers: weakref.WeakKeyDictionary[Database, Observe] = weakref.WeakKeyDictionary()
+
+
+def observer(db: Database) -> Observe | None:
+    """What :func:`time_queries` reports ``db``'s statements to (for :mod:`.hot`)."""
+    return _observers.get(db)
 
 
 class TimedConnection(LoggingConnection):
@@ -69,6 +77,7 @@ class TimedConnection(LoggingConnection):
 def time_queries(db: Database, observe: Observe) -> None:
     """Report every statement run on ``db`` (through any of its connections) to ``observe``."""
     direct = db.acquire_direct
+    _observers[db] = observe
 
     @asynccontextmanager
     async def acquire_direct() -> AsyncIterator[LoggingConnection]:

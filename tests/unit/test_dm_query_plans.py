@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -55,6 +56,14 @@ class Planned:
         await self._explain(query, args)
         return await self.db.fetchval(query, *args)
 
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Planned]:
+        yield self
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        yield
+
 
 def every_method(store: DMStore, conn: Any) -> dict[str, Callable[[], Awaitable[object]]]:
     """A call of each public method of the store, with arguments that reach all its statements."""
@@ -62,13 +71,13 @@ def every_method(store: DMStore, conn: Any) -> dict[str, Callable[[], Awaitable[
         "claim": lambda: store.claim(GHOST, USER, "sms", "a", "c1", "i1", 1),
         "abandon": lambda: store.abandon(GHOST, USER, "c1"),
         "unfinished": lambda: store.unfinished(),
-        "activate_in": lambda: DMStore.activate_in(conn, GHOST, USER, "other", ROOM, 2),
+        "activate_in": lambda: store.activate_in(conn, GHOST, USER, "other", ROOM, 2),
         # a claim that moved on: the second statement checks whether the room is the pair's
         "activate": lambda: store.activate(GHOST, USER, "other", ROOM, 2),
         "release": lambda: store.release(GHOST, USER, "c1"),
-        "adopt": lambda: DMStore.adopt(conn, GHOST, USER, "sms", "a", ROOM, "active", "x", 3),
-        "keep_ended": lambda: DMStore.keep_ended(conn, GHOST, USER, "sms", "a", RoomID("!e:x"),
-                                                 "x", 3),
+        "adopt": lambda: store.adopt(conn, GHOST, USER, "sms", "a", ROOM, "active", "x", 3),
+        "keep_ended": lambda: store.keep_ended(conn, GHOST, USER, "sms", "a", RoomID("!e:x"),
+                                               "x", 3),
         "get_current": lambda: store.get_current(GHOST, USER),
         "current_in": lambda: DMStore.current_in(conn, GHOST, USER),
         "get_for_send": lambda: store.get_for_send(GHOST, USER, "sms", "a", "m1"),
@@ -80,7 +89,7 @@ def every_method(store: DMStore, conn: Any) -> dict[str, Callable[[], Awaitable[
         "active_rooms_of_ghost": lambda: store.active_rooms_of_ghost(GHOST),
         "find": find_every_way(store),
         "count_by_state": lambda: store.count_by_state(),
-        "set_state": lambda: DMStore.set_state(conn, ROOM, "declined", "x", 4),
+        "set_state": lambda: store.set_state(conn, ROOM, "declined", "x", 4),
         "end": lambda: store.end(ROOM, 5),
     }
 
@@ -122,7 +131,7 @@ def reads_too_much(query: str, step: str, tables: set[str], scheme: Scheme) -> b
 async def test_every_dm_statement_searches_an_index(stores: Stores) -> None:
     db = stores.db
     planned = Planned(db)
-    store = DMStore(planned)  # type: ignore[arg-type]  # stands in for the database
+    store = DMStore(planned, stores.dms.cache)  # type: ignore[arg-type]  # for the database
     calls = every_method(store, planned)
     public = {name for name, _ in inspect.getmembers(DMStore, inspect.isfunction)
               if not name.startswith("_")}
@@ -158,10 +167,11 @@ async def test_the_dm_list_is_the_oldest_active_dms_matching_the_filters(
             ("sms", GHOST, UserID("@carol:x"))]):
         room = f"!{i}:x"
         async with stores.db.acquire() as conn:
-            await DMStore.adopt(conn, ghost, user, network, "r", room, "active", "x", 100 - i)
+            await stores.dms.adopt(conn, ghost, user, network, "r", room, "active", "x",
+                                   100 - i)
         made.append((network, ghost, user, room))
     async with stores.db.acquire() as conn:
-        await DMStore.adopt(conn, GHOST, USER, "sms", "r", "!old:x", "ended", "x", 1)
+        await stores.dms.adopt(conn, GHOST, USER, "sms", "r", "!old:x", "ended", "x", 1)
     expected = sorted(
         (m for m in made if filters.get("network", m[0]) == m[0]
          and filters.get("ghost_id", m[1]) == m[1] and filters.get("user_id", m[2]) == m[2]),
