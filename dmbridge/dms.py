@@ -152,7 +152,7 @@ class DMService:
         sender_avatar: str | None = None, new: bool = False, replaces: str | None = None,
     ) -> OpenedDM:
         """The pair's usable DM, opened if there is none. ``new=True`` ends the current DM
-        (the ghost leaves it, see :meth:`Opener._retire`) and opens a fresh one; ``replaces``
+        (the ghost leaves it, see :meth:`Opener._replace`) and opens a fresh one; ``replaces``
         (a room ID) makes that conditional on the current DM being that room, so a retry of
         the same request does not replace the room the first try made."""
         if replaces is not None and not new:
@@ -428,6 +428,10 @@ class DMService:
     async def recover_unfinished(self) -> int:
         """Settle the DM creations that a process which died left unfinished."""
         return await self.opener.recover_unfinished()
+
+    async def finish_replacements(self) -> int:
+        """The ghost leaves the rooms its DMs were replaced from that it is still in."""
+        return await self.opener.finish_replacements()
 
     async def settle_if_gone(self, ghost_id: UserID, user_id: UserID) -> bool:
         """Settle the pair's DM creation if the process that began it is gone."""
