@@ -157,6 +157,9 @@ class DMService:
         the same request does not replace the room the first try made."""
         if replaces is not None and not new:
             raise InvalidParam("'replaces' goes with 'new': true")
+        if replaces is not None and not replaces.startswith("!"):
+            raise InvalidParam(f"'replaces' must be a room ID (starting with '!'), not"
+                               f" {replaces!r}")
         network = self.networks.get(network_id)
         ghost_id = network.ghost_user_id(remote_id)
         recipient = self._check_recipient(user_id)
@@ -167,7 +170,8 @@ class DMService:
         profile = Profile(sender_name, sender_avatar)
         return await self.opener.open(network, remote_id, ghost_id, recipient, profile, record,
                                       replace=new,
-                                      replaces=RoomID(replaces) if replaces else None)
+                                      replaces=RoomID(replaces) if replaces is not None
+                                      else None)
 
     async def send(
         self, network_id: str, remote_id: str, user_id: str, *, message_id: str,

@@ -18,6 +18,7 @@ from dmbridge.errors import (
     Busy,
     Declined,
     HomeserverError,
+    InvalidParam,
     QuotaExceeded,
     RecipientUnreachable,
     UnknownRecipient,
@@ -599,6 +600,19 @@ async def test_a_fresh_dm_leaves_an_invite_the_user_accepted_meanwhile(
     await bridge.dms.open_dm("sms", PHONE, alice, new=True)
     assert "POST kick" not in hs.names(start)
     assert hs.rooms[first.room_id].members == {GHOST: "leave", alice: "join"}
+
+
+@pytest.mark.parametrize("replaces", ["", "room", "@alice:localhost"])
+async def test_replaces_must_be_a_room_id(bridge: Bridge, hs: FakeHomeserver, replaces: str
+                                         ) -> None:
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    start = len(hs.requests)
+    with pytest.raises(InvalidParam, match="'replaces' must be a room ID"):
+        await bridge.dms.open_dm("sms", PHONE, alice, new=True, replaces=replaces)
+    assert hs.names(start) == []
+    dm = await bridge.stores.dms.get_current(GHOST, alice)
+    assert dm is not None and dm.room_id == first.room_id
 
 
 async def test_a_replaced_room_the_ghost_could_not_leave_never_becomes_the_dm_again(
