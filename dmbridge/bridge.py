@@ -259,7 +259,8 @@ class Bridge:
 
     @staticmethod
     async def _recover_unfinished(dms: DMService) -> None:
-        """DM creations a process that died left unfinished: adopt their rooms, or free them.
+        """DM creations a process that died left unfinished: adopt their rooms, or free them;
+        DMs whose replacement by a fresh room was left unfinished: finished or restored.
 
         In the background; a request for such a pair meanwhile settles it itself.
         """
@@ -268,9 +269,16 @@ class Bridge:
         except Exception:
             log.exception("recovering unfinished DM creations failed; each is settled when its"
                           " pair is next written to")
+        else:
+            if settled:
+                log.info("settled %d unfinished DM creation(s)", settled)
+        try:
+            left = await dms.finish_replacements()
+        except Exception:
+            log.exception("finishing replaced DMs failed; tried again at next start")
             return
-        if settled:
-            log.info("settled %d unfinished DM creation(s)", settled)
+        if left:
+            log.info("finished %d replaced DM room(s)", left)
 
     async def _log_summaries(self) -> None:
         while True:

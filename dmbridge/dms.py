@@ -152,11 +152,14 @@ class DMService:
         sender_avatar: str | None = None, new: bool = False, replaces: str | None = None,
     ) -> OpenedDM:
         """The pair's usable DM, opened if there is none. ``new=True`` ends the current DM
-        (the ghost leaves it, see :meth:`Opener._retire`) and opens a fresh one; ``replaces``
+        (the ghost leaves it, see :meth:`Opener._replace`) and opens a fresh one; ``replaces``
         (a room ID) makes that conditional on the current DM being that room, so a retry of
         the same request does not replace the room the first try made."""
         if replaces is not None and not new:
             raise InvalidParam("'replaces' goes with 'new': true")
+        if replaces is not None and not replaces.startswith("!"):
+            raise InvalidParam(f"'replaces' must be a room ID (starting with '!'), not"
+                               f" {replaces!r}")
         network = self.networks.get(network_id)
         ghost_id = network.ghost_user_id(remote_id)
         recipient = self._check_recipient(user_id)
@@ -167,7 +170,8 @@ class DMService:
         profile = Profile(sender_name, sender_avatar)
         return await self.opener.open(network, remote_id, ghost_id, recipient, profile, record,
                                       replace=new,
-                                      replaces=RoomID(replaces) if replaces else None)
+                                      replaces=RoomID(replaces) if replaces is not None
+                                      else None)
 
     async def send(
         self, network_id: str, remote_id: str, user_id: str, *, message_id: str,
@@ -428,6 +432,10 @@ class DMService:
     async def recover_unfinished(self) -> int:
         """Settle the DM creations that a process which died left unfinished."""
         return await self.opener.recover_unfinished()
+
+    async def finish_replacements(self) -> int:
+        """The ghost leaves the rooms its DMs were replaced from that it is still in."""
+        return await self.opener.finish_replacements()
 
     async def settle_if_gone(self, ghost_id: UserID, user_id: UserID) -> bool:
         """Settle the pair's DM creation if the process that began it is gone."""

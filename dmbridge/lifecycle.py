@@ -29,6 +29,12 @@ log = logging.getLogger("dmbridge.lifecycle")
 _MEMBERSHIPS = frozenset({"join", "invite", "leave", "ban", "knock"})
 _MESSAGES = frozenset({"m.room.message", "m.sticker"})
 _RELATED = frozenset({"m.reaction", "m.room.redaction"})
+# Why a DM ended that the platform replaced with a new room (``new: true``): what the user
+# writes there never reaches the platform, and never makes that room the DM again.
+REPLACED_BY_PLATFORM = "replaced_by_platform"
+# A DM ended for a new room that is being made (and the platform not told yet): if none comes
+# of it, the DM is that room again.
+BEING_REPLACED = "being_replaced"
 # Rooms whose user is remembered as typing (to tell the platform each start and stop once).
 TYPING_ROOMS_MAX = 10_000
 
@@ -221,7 +227,8 @@ class Lifecycle:
                      room_id, raw.get("type"), event_id)
             return
         if dm.state in (ENDED, DECLINED):
-            if dm.ghost_membership != "join" or raw.get("type") not in _MESSAGES:
+            if (dm.ghost_membership != "join" or raw.get("type") not in _MESSAGES
+                    or dm.reason in (REPLACED_BY_PLATFORM, BEING_REPLACED)):
                 log.info("%s: %s %s not delivered: the room is no longer the DM", room_id,
                          raw.get("type"), event_id)
                 return
@@ -347,8 +354,10 @@ def _event_ref(value: object) -> str | None:
 
 
 async def move(stores: Stores, conn: Connection, dm: DMRecord, state: str, reason: str,
-               event_id: str | None, now: int, notice: str | None) -> None:
-    """Record a DM's transition, and queue the notice the platform gets about it."""
+               event_id: str | None, now: int, notice: str | None, key: str | None = None
+               ) -> None:
+    """Record a DM's transition, and queue the notice the platform gets about it (under
+    ``key``, when given)."""
     assert dm.room_id is not None
     if state != dm.state:
         await stores.dms.set_state(conn, dm.room_id, state, reason, now)
@@ -359,7 +368,8 @@ async def move(stores: Stores, conn: Connection, dm: DMRecord, state: str, reaso
     log.info("DM %s (%s / %s): %s -> %s (%s)", dm.room_id, dm.ghost_id, dm.user_id, dm.state,
              state, reason)
     if notice is not None:
-        payload = payloads.notice(lane_of(dm), notice, dm.room_id, state, reason, event_id, now)
+        payload = payloads.notice(lane_of(dm), notice, dm.room_id, state, reason, event_id, now,
+                                  key)
         await stores.outbox.add(
             conn, network=dm.network, remote_id=dm.remote_id, user_id=dm.user_id, type=notice,
             key=payload["idempotency_key"], payload=payload, now=now,

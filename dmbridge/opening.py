@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -38,7 +39,7 @@ from .errors import (
 from .ghostlock import GhostLocks
 from .ghosts import Ghosts
 from .instances import Instances
-from .lifecycle import move
+from .lifecycle import BEING_REPLACED, REPLACED_BY_PLATFORM, move
 from .locks import KeyedLocks, LockWaitTimeout
 from .marker import Marker
 from .networks import Network
@@ -57,8 +58,6 @@ _DECLINE_WORDING = {
 _HS_ERRORS = (TimeoutError, MatrixRequestError, MatrixConnectionError, aiohttp.ClientError)
 # What the Matrix user reads in a DM room the platform replaced with a new one (``new: true``).
 MOVED_REASON = "This conversation continues in a new room."
-# The reason of the platform's dm.ended notice about it.
-REPLACED_BY_PLATFORM = "replaced_by_platform"
 
 
 @dataclass(frozen=True)
@@ -99,6 +98,10 @@ class Profile:
 
 class NoNewRoom(Exception):
     """Only a new room would do, and the caller asked for none."""
+
+
+class _Changed(Exception):
+    """The DM to be replaced is no longer the pair's active DM."""
 
 
 @asynccontextmanager
@@ -183,7 +186,6 @@ class Opener:
         replaces: RoomID | None = None,
     ) -> OpenedDM:
         deadline = time.monotonic() + self.settings.creation_timeout
-        replaced: RoomID | None = None
         while True:
             record = await self.stores.dms.get_current(ghost_id, user_id)
             if record is None:
@@ -198,7 +200,7 @@ class Opener:
                 ):
                     opened = await self._create(network, remote_id, ghost_id, user_id, profile,
                                                 claim)
-                    return OpenedDM(opened.dm, opened.created, replaced)
+                    return opened
                 continue  # another worker claimed the pair first; wait for its room
             if record.state == DECLINED:
                 raise declined(record)
@@ -217,53 +219,130 @@ class Opener:
                 await asyncio.sleep(0.05)
                 continue
             if replace:
-                replace = False
                 assert record.room_id is not None
                 if replaces is None or record.room_id == replaces:
-                    await self._retire(network, record)
-                    replaced = record.room_id
-                    continue
+                    fresh = await self._replace(network, remote_id, profile, record)
+                    if fresh is not None:
+                        return fresh
+                    continue  # the DM changed meanwhile: look again
                 # An earlier try of this request replaced that room already: keep this one.
+                replace = False
             reason = _unusable_reason(record)
             if reason is None:
                 await self.sync_profile(network, remote_id, profile, record.ghost_displayname,
                                         record.ghost_avatar_url)
-                return OpenedDM(DM.of(record), created=False, replaced=replaced)
+                return OpenedDM(DM.of(record), created=False)
             assert record.room_id is not None
             if (reason == "user-left" and self.settings.on_leave == "reinvite"
                     and await self._reinvite(record)):
-                return OpenedDM(DM.of(record), created=False, replaced=replaced)
+                return OpenedDM(DM.of(record), created=False)
             if not new_room:
                 raise NoNewRoom
             log.info("DM room %s (%s / %s) is no longer usable: %s; opening a new one",
                      record.room_id, ghost_id, user_id, reason)
             await self.stores.dms.end(record.room_id, now_ms())
 
-    async def _retire(self, network: Network, record: DMRecord) -> None:
-        """The platform asked for a fresh DM: end the current one and tell the platform
-        (``dm.ended``, ``replaced_by_platform``), then withdraw the user's invite if they never
-        joined, and the ghost leaves with a reason the user's client shows. The room stays
-        with the user, history and all; nothing written there reaches the platform any more."""
+    async def _replace(self, network: Network, remote_id: str, profile: Profile,
+                       old: DMRecord) -> OpenedDM | None:
+        """The platform asked for a fresh DM: make one and end ``old``, the pair's active DM.
+
+        Whatever can refuse the new room (the recipient check, the quota and the pace) is
+        asked before ``old`` changes. ``old`` is ended and the pair claimed in one transaction,
+        only if ``old`` is still the pair's active DM (None otherwise: the caller looks again);
+        if no room comes of the claim, ``old`` is the DM again. Only once the new room exists
+        is the platform told (``dm.ended``, ``replaced_by_platform``) and does the ghost leave.
+        """
+        assert old.room_id is not None
+        await self._check_recipient_exists(old.user_id)
+        await self.instances.ensure_present()
+        claim = secrets.token_hex(8)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                stack.enter_context(default_budget(self.settings.rate_limits.request_wait))
+                await stack.enter_async_context(self.pacing.new_room(network))
+                async with self.stores.transaction() as conn:
+                    if not await self.stores.dms.replace_with_claim(
+                            conn, old.room_id, BEING_REPLACED, claim, self.instances.id,
+                            now_ms()):
+                        raise _Changed
+                try:
+                    opened = await self._create_paced(network, remote_id, old.ghost_id,
+                                                      old.user_id, profile, claim)
+                except BaseException:
+                    if await self.stores.dms.restore_replaced(old.room_id, BEING_REPLACED,
+                                                              old.reason, now_ms()):
+                        log.info("DM room %s stays the DM of %s / %s: no new room was made",
+                                 old.room_id, old.ghost_id, old.user_id)
+                    raise
+        except _Changed:
+            return None  # the quota and the pace were given back on the way out
+        log.info("DM room %s (%s / %s) replaced by %s at %s's request", old.room_id,
+                 old.ghost_id, old.user_id, opened.dm.room_id, network.id)
+        await self._finish_replacement(old)
+        return OpenedDM(opened.dm, opened.created, old.room_id)
+
+    async def _finish_replacement(self, old: DMRecord) -> None:
+        """A new room replaced ``old``: the platform is told (once, whoever gets here first)
+        and the ghost leaves."""
+        assert old.room_id is not None
+        async with self.stores.transaction() as conn:
+            if await self.stores.dms.change_ended_reason(conn, old.room_id, BEING_REPLACED,
+                                                         REPLACED_BY_PLATFORM, now_ms()):
+                await move(self.stores, conn, dataclasses.replace(old, state=ENDED), ENDED,
+                           REPLACED_BY_PLATFORM, None, now_ms(), payloads.DM_ENDED,
+                           key=f"{payloads.DM_ENDED}:replaced:{old.room_id}")
+        await self.leave_replaced(old)
+
+    async def leave_replaced(self, record: DMRecord) -> bool:
+        """The ghost leaves a room its DM was replaced from, with a reason the user's client
+        shows, withdrawing the user's invite first if the homeserver says they never joined.
+        The room stays with the user, history and all. False if the homeserver refused."""
         assert record.room_id is not None
-        conn: Any
-        async with self.stores.db.acquire() as conn, conn.transaction():
-            await move(self.stores, conn, record, ENDED, REPLACED_BY_PLATFORM, None, now_ms(),
-                       payloads.DM_ENDED)
         api = self.ghosts.intent(record.ghost_id).api
-        steps: list[tuple[str, Any, dict[str, Any]]] = [
-            ("leave", Path.v3.rooms[record.room_id].leave, {"reason": MOVED_REASON})]
-        if record.user_membership == "invite":
-            steps.insert(0, ("kick", Path.v3.rooms[record.room_id].kick,
-                             {"user_id": record.user_id, "reason": MOVED_REASON}))
-        for name, path, content in steps:
-            try:
-                await api.request(Method.POST, path, content=content)
-            except _HS_ERRORS as e:
-                # Ended already: the user's messages there are not delivered while the ghost
-                # is gone, and if it is not, what they write there makes that room the DM again.
-                log.warning("replacing DM room %s: %s failed: %r", record.room_id, name, e)
-        log.info("DM room %s (%s / %s) replaced at %s's request; opening a new one",
-                 record.room_id, record.ghost_id, record.user_id, network.id)
+        room = Path.v3.rooms[record.room_id]
+        try:
+            member = await api.request(Method.GET, room.state["m.room.member"][record.user_id])
+            if member.get("membership") == "invite":
+                await api.request(Method.POST, room.kick, content={
+                    "user_id": record.user_id, "reason": MOVED_REASON})
+        except MNotFound:
+            pass  # never a member
+        except _HS_ERRORS as e:
+            log.warning("replacing DM room %s: withdrawing the invite failed: %r",
+                        record.room_id, e)
+        try:
+            await api.request(Method.POST, room.leave, content={"reason": MOVED_REASON})
+        except _HS_ERRORS as e:
+            # Nothing written there reaches the platform; the leave is tried again at start.
+            log.warning("replacing DM room %s: leave failed: %r", record.room_id, e)
+            return False
+        return True
+
+    async def finish_replacements(self) -> int:
+        """Replacements a process left unfinished (run at start, after unfinished creations
+        are settled): a DM whose new room was made is ended for the platform and left, one
+        whose new room never came is the DM again. Then the ghost leaves each replaced room it
+        is still in (the leave failed). How many rooms were finished or left."""
+        done = 0
+        for record in await self.stores.dms.ended_for(BEING_REPLACED):
+            async with self._pair_locks.hold((record.ghost_id, record.user_id)):
+                current = await self.stores.dms.get_current(record.ghost_id, record.user_id)
+                if current is not None and current.state == CREATING:
+                    continue  # still being made; its request finishes it
+                assert record.room_id is not None
+                if current is None:
+                    if await self.stores.dms.restore_replaced(record.room_id, BEING_REPLACED,
+                                                              None, now_ms()):
+                        log.warning("DM room %s (%s / %s): its replacement never made a room;"
+                                    " it is the DM again", record.room_id, record.ghost_id,
+                                    record.user_id)
+                        done += 1
+                    continue
+                await self._finish_replacement(record)
+                done += 1
+        for record in await self.stores.dms.ended_with_ghost_joined(REPLACED_BY_PLATFORM):
+            done += await self.leave_replaced(record)
+        return done
 
     # --- recovery ---------------------------------------------------------------------------
 

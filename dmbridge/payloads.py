@@ -179,10 +179,12 @@ def redaction(lane: Lane, room_id: str, raw: dict[str, Any], of: dict[str, Any],
 
 
 def notice(lane: Lane, type_: str, room_id: str | None, state: str, reason: str,
-           event_id: str | None, now: int) -> dict[str, Any]:
-    """A change in the DM's life. Its key is stable, so a re-processed event queues nothing."""
-    key = f"{type_}:{event_id}" if event_id else f"{type_}:{lane.network}:{lane.remote_id}:" \
-        f"{lane.user_id}:{now}"
+           event_id: str | None, now: int, key: str | None = None) -> dict[str, Any]:
+    """A change in the DM's life. Its key is stable, so a re-processed event queues nothing;
+    a change no event caused may name its own ``key`` for that."""
+    if key is None:
+        key = f"{type_}:{event_id}" if event_id else f"{type_}:{lane.network}:" \
+            f"{lane.remote_id}:{lane.user_id}:{now}"
     return {
         **lane.envelope(type_, key, room_id, now),
         "dm": {"state": state, "reason": reason, "event_id": event_id},

@@ -10,9 +10,10 @@ from typing import Any
 
 from dmbridge.bridge import Bridge
 from dmbridge.opening import MOVED_REASON
-from tests.integration.conftest import Platform, accept_dm
+from tests.integration.conftest import BridgeFactory, Platform, accept_dm
 from tests.integration.test_relations import _post, _processed, _wait_event
 from tests.support.feed import Feed
+from tests.support.ghost_ids import escaped_as_documented
 from tests.support.matrix import Human
 from tests.support.settings import CHAT_TOKEN, SMS_TOKEN
 
@@ -87,6 +88,33 @@ async def test_a_fresh_dm_ends_the_old_room_and_later_messages_go_to_the_new_one
                                        "error": "'replaces' goes with 'new': true"})
     status, refused = await _open(platform, contact, human, new="yes")
     assert (status, refused["errcode"]) == (400, "M_BAD_JSON")
+    for not_a_room in ("", "room"):
+        status, refused = await _open(platform, contact, human, new=True, replaces=not_a_room)
+        assert (status, refused["errcode"]) == (400, "M_INVALID_PARAM"), refused
+        assert refused["error"].startswith("'replaces' must be a room ID")
+    current = await platform.call("GET", f"/networks/{NET}/dms", CHAT_TOKEN,
+                                  params={"user_id": human.user_id})
+    assert [dm["room_id"] for dm in current[1]["dms"]] == [third["room_id"]]
+
+
+async def test_a_fresh_dm_past_the_quota_leaves_the_current_dm_as_the_human_had_it(
+    start_bridge: BridgeFactory, platform: Platform, new_human
+) -> None:
+    bridge = await start_bridge(networks={"chat": {"quotas": {"new_dms_per_hour": 1}}})
+    human = await new_human()
+    contact = _contact()
+    ghost = str(bridge.settings.networks.get(NET).ghost_user_id(contact))
+    old = (await _send(platform, contact, human, "m1", text="first"))["room_id"]
+    await accept_dm(human, old, bridge)
+
+    status, refused = await _open(platform, contact, human, new=True, replaces=old)
+    assert (status, refused["errcode"]) == (429, "DMBRIDGE_QUOTA_EXCEEDED"), refused
+    # The contact is still in the room, and the next message lands there.
+    sent = await _send(platform, contact, human, "m2", text="second")
+    assert (sent["room_id"], sent["room_created"]) == (old, False)
+    assert [m["content"]["body"] for m in await human.wait_messages(old, 2)] == [
+        "first", "second"]
+    assert await human.membership(old, ghost) == "join"
 
 
 async def test_a_declined_dm_stays_declined_when_a_fresh_one_is_asked_for(
@@ -114,10 +142,15 @@ async def test_the_network_describes_itself_to_its_own_token_only(
     assert info["delivery"] == {"mode": "pull"}
     template = info["ghost_user_id_template"]
     assert template == f"@dm_chat_{{remote_id}}:{bridge.settings.domain}"
-    # The pattern and the template are enough to check an ID and name its ghost locally.
-    assert re.fullmatch(info["remote_id_pattern"], "bob.smith")
+    # The pattern and the template, filled with the ID escaped as documented, are enough to
+    # check an ID and name its ghost locally.
     assert not re.fullmatch(info["remote_id_pattern"], "+15551234567")
-    assert template.replace("{remote_id}", "bob.smith") == network.ghost_user_id("bob.smith")
+    for remote_id in ("bob.smith", "Bob_Smith"):
+        assert re.fullmatch(info["remote_id_pattern"], remote_id)
+        assert template.replace("{remote_id}", escaped_as_documented(remote_id)) == \
+            network.ghost_user_id(remote_id)
+    assert template.replace("{remote_id}", escaped_as_documented("Bob_Smith")) == \
+        f"@dm_chat__bob___smith:{bridge.settings.domain}"
     assert info["limits"]["max_body_bytes"] == bridge.settings.max_body_bytes
     assert info["limits"]["ts_max_ahead_ms"] == 300_000
     assert info["quotas"]["new_dms_per_hour"] == network.quotas.new_dms_per_hour

@@ -16,6 +16,7 @@ from dmbridge.api.discovery import describe
 from dmbridge.errors import BadRequest, HomeserverError, InvalidParam
 from dmbridge.relations import thread_content, thread_refused
 from dmbridge.timestamps import EARLIEST_MS, MAX_AHEAD_MS, check_origin_ts
+from tests.support.ghost_ids import escaped_as_documented
 from tests.support.settings import make_settings
 
 NOW = 1_767_225_600_000
@@ -123,6 +124,11 @@ def test_the_description_names_ghosts_as_the_network_makes_them(tmp_path: Path) 
                 network.id]:
             assert re.fullmatch(info["remote_id_pattern"], remote_id)
             ghost = network.ghost_user_id(remote_id)
-            prefix, suffix = info["ghost_user_id_template"].split("{remote_id}")
-            assert ghost.startswith(prefix) and ghost.endswith(suffix)
+            filled = info["ghost_user_id_template"].replace("{remote_id}",
+                                                            escaped_as_documented(remote_id))
+            assert filled == ghost
             assert network.parse_ghost(ghost) == remote_id
+    chat = describe(settings.networks.get("chat"), settings)
+    assert chat["ghost_user_id_template"].replace(
+        "{remote_id}", escaped_as_documented("Bob_Smith")) == "@dm_chat__bob___smith:hs.test"
+
