@@ -30,6 +30,7 @@ from .db.history import Transition
 from .db.invite import GhostInvite
 from .dms import DMService
 from .errors import RateLimited
+from .ghostlock import LOCK_FAILURES
 from .ghosts import Ghosts
 from .jsontext import storable_text
 from .lifecycle import move
@@ -231,7 +232,9 @@ class InviteHandler:
         await self._finish(room_id, ACTIVE, "user_invited", invite, payloads.DM_STARTED)
         try:
             await self.dms.add_to_m_direct(ghost_id, user_id, room_id)
-        except (TimeoutError, MatrixRequestError, MatrixConnectionError, aiohttp.ClientError) as e:
+        except (TimeoutError, MatrixRequestError, MatrixConnectionError, aiohttp.ClientError,
+                *LOCK_FAILURES) as e:
+            # The DM is active; its m.direct entry is repaired by the ghost's next DM.
             log.error("could not list %s in the m.direct of %s: %r", room_id, ghost_id, e)
         log.info("%s joined %s at the invite of %s; it is their DM now", ghost_id, room_id,
                  user_id)

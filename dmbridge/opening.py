@@ -34,7 +34,7 @@ from .errors import (
     RecipientUnreachable,
     UnknownRecipient,
 )
-from .ghostlock import GhostLocks
+from .ghostlock import LOCK_FAILURES, GhostLocks, shared_holders
 from .ghosts import Ghosts
 from .instances import Instances
 from .locks import KeyedLocks, LockWaitTimeout
@@ -53,6 +53,8 @@ _DECLINE_WORDING = {
     "ghost_banned": "banned this contact from the DM",
 }
 _HS_ERRORS = (TimeoutError, MatrixRequestError, MatrixConnectionError, aiohttp.ClientError)
+# m.direct could not be updated now; the ghost's next DM repairs it.
+_M_DIRECT_LATER: tuple[type[BaseException], ...] = (*_HS_ERRORS, *LOCK_FAILURES)
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class Opener:
         self.instances = instances
         self.recovery = Recovery(stores=stores, ghosts=ghosts)
         self._pair_locks: KeyedLocks[tuple[UserID, UserID]] = KeyedLocks()
-        self._direct_locks = GhostLocks(stores.db)
+        self._direct_locks = GhostLocks(stores.db, holders=shared_holders(settings.db_max_size))
         self._room_version: str | None = None
 
     async def open(
@@ -408,7 +410,7 @@ class Opener:
                                 ) -> None:
         try:
             await self.add_to_m_direct(ghost_id, user_id, room_id)
-        except _HS_ERRORS as e:
+        except _M_DIRECT_LATER as e:
             # The room works; m.direct is repaired by the ghost's next DM (it merges every room).
             log.error("could not list %s in the m.direct of %s: %r", room_id, ghost_id, e)
 
