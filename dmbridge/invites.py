@@ -106,12 +106,21 @@ class InviteHandler:
     async def _answer_leased(self, invite: GhostInvite) -> None:
         if not await self.stores.invites.lease(invite, self._owner, self._lease_ms):
             return  # another worker is answering it
+        answering = asyncio.create_task(self.answer(invite))
         renewing = asyncio.create_task(self._renew(invite))
         try:
-            await self.answer(invite)
+            await asyncio.wait((answering, renewing), return_when=asyncio.FIRST_COMPLETED)
+            if answering.done():
+                answering.result()  # its failure is this call's
+                return
+            # The lease is lost: another worker answers the invite now, so this answer stops
+            # before it settles the room or tells the platform a second time.
+            log.warning("stopped answering the invite of %s to %s: another worker holds it",
+                        invite.ghost_id, invite.room_id)
         finally:
+            answering.cancel()
             renewing.cancel()
-            await asyncio.gather(renewing, return_exceptions=True)
+            await asyncio.gather(answering, renewing, return_exceptions=True)
             await asyncio.shield(self.stores.invites.release(invite, self._owner))
 
     async def _renew(self, invite: GhostInvite) -> None:
