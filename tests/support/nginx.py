@@ -21,14 +21,21 @@ CONFIG = Path(__file__).resolve().parents[2] / "contrib" / "nginx" / "dmbridge.c
 
 _SERVER = re.compile(r"^(\s*server )127\.0\.0\.1:\d+( .*)$", re.MULTILINE)
 _LISTEN = re.compile(r"^(\s*listen )127\.0\.0\.1:\d+;$", re.MULTILINE)
+_ACCESS_LOG = re.compile(r"^(\s*access_log )\S+( dmbridge;)$", re.MULTILINE)
+_UPSTREAM = re.compile(r' upstream="([^"]*)" ')
 _TEMP = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
-def render(template: str, listen_port: int, worker_ports: list[int]) -> str:
-    """The shipped configuration with the balancer's and the workers' ports of this run."""
+def render(template: str, listen_port: int, worker_ports: list[int], access_log: Path) -> str:
+    """The shipped configuration with the balancer's and the workers' ports of this run, and
+    its access log in the run's folder."""
     servers = list(_SERVER.finditer(template))
-    if not servers or len(_LISTEN.findall(template)) != 1:
-        raise AssertionError("contrib/nginx/dmbridge.conf: no upstream servers or listen line")
+    if (not servers or len(_LISTEN.findall(template)) != 1
+            or len(_ACCESS_LOG.findall(template)) != 1):
+        raise AssertionError("contrib/nginx/dmbridge.conf: no upstream servers, listen line or"
+                             " access_log line")
+    template = _ACCESS_LOG.sub(lambda m: f"{m[1]}{access_log}{m[2]}", template)
+    servers = list(_SERVER.finditer(template))
     first = servers[0]
     lines = "\n".join(f"{first[1]}127.0.0.1:{port}{first[2]}" for port in worker_ports)
     text = template[:first.start()] + lines + template[servers[-1].end():]
@@ -59,7 +66,8 @@ class Nginx:
     def _write_config(self) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         site = self.folder / "dmbridge.conf"
-        site.write_text(render(CONFIG.read_text(), self.listen_port, self.worker_ports))
+        site.write_text(render(CONFIG.read_text(), self.listen_port, self.worker_ports,
+                               self.access_log))
         temp = []
         for name in _TEMP:
             (self.folder / "temp" / name).mkdir(parents=True, exist_ok=True)
@@ -72,8 +80,6 @@ class Nginx:
             f"error_log {self.error_log} info;\n"
             "events { worker_connections 1024; }\n"
             "http {\n"
-            "    log_format upstream '$status|$upstream_addr|$request_method $uri';\n"
-            f"    access_log {self.access_log} upstream;\n"
             + "\n".join(temp) + "\n"
             f"    include {site};\n"
             "}\n")
@@ -117,7 +123,10 @@ class Nginx:
         """The workers (host:port) named in the access log, one per attempt at a request."""
         addresses: list[str] = []
         for line in self.access_log.read_text().splitlines():
-            addresses.extend(a.strip() for a in line.split("|")[1].split(","))
+            found = _UPSTREAM.search(line)
+            if found is None:
+                raise AssertionError(f"nginx's access log: no upstream in {line!r}")
+            addresses.extend(a.strip() for a in found[1].split(","))
         return addresses
 
     def log_tail(self, n: int = 40) -> str:
