@@ -76,7 +76,8 @@ class Nginx:
         user = "user root;\n" if os.geteuid() == 0 else ""
         main = self.folder / "nginx.conf"
         main.write_text(
-            f"{user}daemon off;\nworker_processes 1;\npid {self.pid_file};\n"
+            f"{user}daemon off;\nworker_processes 1;\nworker_shutdown_timeout 5s;\n"
+            f"pid {self.pid_file};\n"
             f"error_log {self.error_log} info;\n"
             "events { worker_connections 1024; }\n"
             "http {\n"
@@ -109,14 +110,19 @@ class Nginx:
             await asyncio.sleep(0.1)
 
     def stop(self) -> None:
-        """SIGQUIT (finish the requests in flight), SIGKILL if it has not ended in 10 s."""
+        """SIGQUIT (finish the requests in flight), SIGKILL to the master and its workers if it
+        has not ended in 10 s (killed alone, the master would leave its workers on the port)."""
         if self._proc is None or self._proc.poll() is not None:
             return
         os.kill(self._proc.pid, signal.SIGQUIT)
         try:
             self._proc.wait(10.0)
         except subprocess.TimeoutExpired:
+            workers = children(self._proc.pid)
             os.kill(self._proc.pid, signal.SIGKILL)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self._proc.wait(10.0)
 
     def upstreams(self) -> list[str]:
@@ -141,3 +147,12 @@ class Nginx:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         self.stop()
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (nginx's workers), as Linux lists them."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]

@@ -4,8 +4,11 @@ answers by itself (a body too large, no worker reachable) reads like the bridge'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from aiohttp import web
 
 from dmbridge.localhs import free_port
 from tests.conftest import REQUIRE_ALL
-from tests.support.nginx import CONFIG, NGINX, Nginx, render
+from tests.support.nginx import CONFIG, NGINX, Nginx, children, render
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 EXAMPLE = Path(__file__).resolve().parents[2] / "dmbridge" / "example-config.yaml"
@@ -125,3 +128,36 @@ async def test_nginx_passes_request_ids_and_answers_its_own_errors_in_json(
     assert "request_id=plat-42" in logged[0]
     assert f"request_id={seen[1]}" in logged[1]
     assert 'upstream="-"' in logged[2] and " 413 " in logged[2]
+
+
+async def test_a_stuck_nginx_is_stopped_with_its_workers(tmp_path: Path) -> None:
+    """The master does not answer SIGQUIT: stop() kills it and its workers, and the port is
+    free again (killed alone, the master leaves its workers listening)."""
+    if not NGINX.is_file():
+        pytest.skip("nginx is not installed")
+    balancer = Nginx(tmp_path / "nginx", free_port(), [free_port()])
+    await balancer.start()
+    assert balancer.pid is not None
+    workers = children(balancer.pid)
+    assert workers
+    os.kill(balancer.pid, signal.SIGSTOP)  # SIGQUIT now waits, as with a hung master
+    try:
+        await asyncio.to_thread(balancer.stop)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(balancer.pid, signal.SIGCONT)
+    for _ in range(100):  # bounded: the kernel takes the killed workers away
+        if not any(_alive(pid) for pid in workers):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers)
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", balancer.listen_port)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
