@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -161,14 +162,18 @@ async def main() -> None:
     if not NGINX.is_file():
         raise SystemExit(f"nginx is not installed ({NGINX}; apt-get install nginx)")
     folder = Path(tempfile.mkdtemp(prefix="dmbridge-bench-workers-"))
-    stub, hs_url = spawn("bench.stub_homeserver", AS_TOKEN)
-    cluster = PostgresCluster(folder / "pg")
-    cluster.start()
     try:
-        results = [(n, *await measure(cluster, hs_url, folder, n, args)) for n in args.workers]
+        stub, hs_url = spawn("bench.stub_homeserver", AS_TOKEN)
+        cluster = PostgresCluster(folder / "pg")
+        try:
+            cluster.start()
+            results = [(n, *await measure(cluster, hs_url, folder, n, args))
+                       for n in args.workers]
+        finally:
+            cluster.stop()
+            stop(stub)
     finally:
-        cluster.stop()
-        stop(stub)
+        shutil.rmtree(folder, ignore_errors=True)
     print(f"workers on PostgreSQL behind nginx, stub homeserver; {args.messages} warm messages "
           f"per round over {args.pairs} DMs, {args.concurrency} in flight, median of "
           f"{args.rounds} rounds; {os.cpu_count()} CPUs")

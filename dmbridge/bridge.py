@@ -139,9 +139,9 @@ class Bridge:
         log.info("starting: database %s", safe_url(self.settings.database_url))
         # Refused before the schema is touched; a folder problem is the database's to explain.
         self.sole_worker.hold(strict=False)
-        await start_database(self.db, self.settings.database_url)
+        await start_database(self.db, self.settings.database_url,
+                             extra=[self.state_store.upgrade_table])
         self.sole_worker.hold(strict=True)
-        await self.state_store.upgrade_table.upgrade(self.db)
         await self.instances.start()
         self.peers.start()
         self.appservice.new_session([self.notices.watch_homeserver, self.limits.middleware])

@@ -30,6 +30,7 @@ from .db.history import Transition
 from .db.invite import GhostInvite
 from .dms import DMService
 from .errors import RateLimited
+from .ghostlock import LOCK_FAILURES
 from .ghosts import Ghosts
 from .jsontext import storable_text
 from .lifecycle import move
@@ -105,12 +106,21 @@ class InviteHandler:
     async def _answer_leased(self, invite: GhostInvite) -> None:
         if not await self.stores.invites.lease(invite, self._owner, self._lease_ms):
             return  # another worker is answering it
+        answering = asyncio.create_task(self.answer(invite))
         renewing = asyncio.create_task(self._renew(invite))
         try:
-            await self.answer(invite)
+            await asyncio.wait((answering, renewing), return_when=asyncio.FIRST_COMPLETED)
+            if answering.done():
+                answering.result()  # its failure is this call's
+                return
+            # The lease is lost: another worker answers the invite now, so this answer stops
+            # before it settles the room or tells the platform a second time.
+            log.warning("stopped answering the invite of %s to %s: another worker holds it",
+                        invite.ghost_id, invite.room_id)
         finally:
+            answering.cancel()
             renewing.cancel()
-            await asyncio.gather(renewing, return_exceptions=True)
+            await asyncio.gather(answering, renewing, return_exceptions=True)
             await asyncio.shield(self.stores.invites.release(invite, self._owner))
 
     async def _renew(self, invite: GhostInvite) -> None:
@@ -231,7 +241,9 @@ class InviteHandler:
         await self._finish(room_id, ACTIVE, "user_invited", invite, payloads.DM_STARTED)
         try:
             await self.dms.add_to_m_direct(ghost_id, user_id, room_id)
-        except (TimeoutError, MatrixRequestError, MatrixConnectionError, aiohttp.ClientError) as e:
+        except (TimeoutError, MatrixRequestError, MatrixConnectionError, aiohttp.ClientError,
+                *LOCK_FAILURES) as e:
+            # The DM is active; its m.direct entry is repaired by the ghost's next DM.
             log.error("could not list %s in the m.direct of %s: %r", room_id, ghost_id, e)
         log.info("%s joined %s at the invite of %s; it is their DM now", ghost_id, room_id,
                  user_id)

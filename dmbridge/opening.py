@@ -36,7 +36,7 @@ from .errors import (
     RecipientUnreachable,
     UnknownRecipient,
 )
-from .ghostlock import GhostLocks
+from .ghostlock import LOCK_FAILURES, GhostLocks, shared_holders
 from .ghosts import Ghosts
 from .instances import Instances
 from .lifecycle import BEING_REPLACED, REPLACED_BY_PLATFORM, move
@@ -58,6 +58,8 @@ _DECLINE_WORDING = {
 _HS_ERRORS = (TimeoutError, MatrixRequestError, MatrixConnectionError, aiohttp.ClientError)
 # What the Matrix user reads in a DM room the platform replaced with a new one (``new: true``).
 MOVED_REASON = "This conversation continues in a new room."
+# m.direct could not be updated now; the ghost's next DM repairs it.
+_M_DIRECT_LATER: tuple[type[BaseException], ...] = (*_HS_ERRORS, *LOCK_FAILURES)
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ class Opener:
         self.instances = instances
         self.recovery = Recovery(stores=stores, ghosts=ghosts)
         self._pair_locks: KeyedLocks[tuple[UserID, UserID]] = KeyedLocks()
-        self._direct_locks = GhostLocks(stores.db)
+        self._direct_locks = GhostLocks(stores.db, holders=shared_holders(settings.db_max_size))
         self._room_version: str | None = None
 
     async def open(
@@ -535,7 +537,7 @@ class Opener:
                                 ) -> None:
         try:
             await self.add_to_m_direct(ghost_id, user_id, room_id)
-        except _HS_ERRORS as e:
+        except _M_DIRECT_LATER as e:
             # The room works; m.direct is repaired by the ghost's next DM (it merges every room).
             log.error("could not list %s in the m.direct of %s: %r", room_id, ghost_id, e)
 

@@ -15,10 +15,11 @@ import os
 import sqlite3
 import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import asyncpg
-from mautrix.util.async_db import Database, DatabaseException
+from mautrix.util.async_db import Database, DatabaseException, UpgradeTable
 from yarl import URL
 
 from ..files import PRIVATE, restrict
@@ -62,8 +63,9 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-async def start_database(db: Database, url: str) -> None:
-    """Open (creating or upgrading the schema) or raise :class:`DatabaseUnavailable`."""
+async def start_database(db: Database, url: str, *, extra: Sequence[UpgradeTable] = ()) -> None:
+    """Open (creating or upgrading the schema, then the ``extra`` tables such as mautrix's state
+    store, all in the same turn) or raise :class:`DatabaseUnavailable`."""
     path = Path(URL(url).path) if is_sqlite(url) else None
     turn: asyncpg.Connection | None = None
     if path is not None:
@@ -76,6 +78,8 @@ async def start_database(db: Database, url: str) -> None:
             # goes with this connection's session, closed below whatever happens.
             await turn.execute("SELECT pg_advisory_lock($1)", SCHEMA_LOCK_KEY)
         await db.start()
+        for table in extra:  # their CREATE TABLEs have no IF NOT EXISTS: inside the turn too
+            await table.upgrade(db)
     except DatabaseException as e:  # e.g. a schema newer than this version knows
         raise DatabaseUnavailable(f"database {safe_url(url)}: {e}; run the dmbridge version "
                                   "that wrote it, or restore a backup") from e

@@ -21,14 +21,21 @@ CONFIG = Path(__file__).resolve().parents[2] / "contrib" / "nginx" / "dmbridge.c
 
 _SERVER = re.compile(r"^(\s*server )127\.0\.0\.1:\d+( .*)$", re.MULTILINE)
 _LISTEN = re.compile(r"^(\s*listen )127\.0\.0\.1:\d+;$", re.MULTILINE)
+_ACCESS_LOG = re.compile(r"^(\s*access_log )\S+( dmbridge;)$", re.MULTILINE)
+_UPSTREAM = re.compile(r' upstream="([^"]*)" ')
 _TEMP = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
-def render(template: str, listen_port: int, worker_ports: list[int]) -> str:
-    """The shipped configuration with the balancer's and the workers' ports of this run."""
+def render(template: str, listen_port: int, worker_ports: list[int], access_log: Path) -> str:
+    """The shipped configuration with the balancer's and the workers' ports of this run, and
+    its access log in the run's folder."""
     servers = list(_SERVER.finditer(template))
-    if not servers or len(_LISTEN.findall(template)) != 1:
-        raise AssertionError("contrib/nginx/dmbridge.conf: no upstream servers or listen line")
+    if (not servers or len(_LISTEN.findall(template)) != 1
+            or len(_ACCESS_LOG.findall(template)) != 1):
+        raise AssertionError("contrib/nginx/dmbridge.conf: no upstream servers, listen line or"
+                             " access_log line")
+    template = _ACCESS_LOG.sub(lambda m: f"{m[1]}{access_log}{m[2]}", template)
+    servers = list(_SERVER.finditer(template))
     first = servers[0]
     lines = "\n".join(f"{first[1]}127.0.0.1:{port}{first[2]}" for port in worker_ports)
     text = template[:first.start()] + lines + template[servers[-1].end():]
@@ -59,7 +66,8 @@ class Nginx:
     def _write_config(self) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         site = self.folder / "dmbridge.conf"
-        site.write_text(render(CONFIG.read_text(), self.listen_port, self.worker_ports))
+        site.write_text(render(CONFIG.read_text(), self.listen_port, self.worker_ports,
+                               self.access_log))
         temp = []
         for name in _TEMP:
             (self.folder / "temp" / name).mkdir(parents=True, exist_ok=True)
@@ -68,12 +76,11 @@ class Nginx:
         user = "user root;\n" if os.geteuid() == 0 else ""
         main = self.folder / "nginx.conf"
         main.write_text(
-            f"{user}daemon off;\nworker_processes 1;\npid {self.pid_file};\n"
+            f"{user}daemon off;\nworker_processes 1;\nworker_shutdown_timeout 5s;\n"
+            f"pid {self.pid_file};\n"
             f"error_log {self.error_log} info;\n"
             "events { worker_connections 1024; }\n"
             "http {\n"
-            "    log_format upstream '$status|$upstream_addr|$request_method $uri';\n"
-            f"    access_log {self.access_log} upstream;\n"
             + "\n".join(temp) + "\n"
             f"    include {site};\n"
             "}\n")
@@ -103,21 +110,29 @@ class Nginx:
             await asyncio.sleep(0.1)
 
     def stop(self) -> None:
-        """SIGQUIT (finish the requests in flight), SIGKILL if it has not ended in 10 s."""
+        """SIGQUIT (finish the requests in flight), SIGKILL to the master and its workers if it
+        has not ended in 10 s (killed alone, the master would leave its workers on the port)."""
         if self._proc is None or self._proc.poll() is not None:
             return
         os.kill(self._proc.pid, signal.SIGQUIT)
         try:
             self._proc.wait(10.0)
         except subprocess.TimeoutExpired:
+            workers = children(self._proc.pid)
             os.kill(self._proc.pid, signal.SIGKILL)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self._proc.wait(10.0)
 
     def upstreams(self) -> list[str]:
         """The workers (host:port) named in the access log, one per attempt at a request."""
         addresses: list[str] = []
         for line in self.access_log.read_text().splitlines():
-            addresses.extend(a.strip() for a in line.split("|")[1].split(","))
+            found = _UPSTREAM.search(line)
+            if found is None:
+                raise AssertionError(f"nginx's access log: no upstream in {line!r}")
+            addresses.extend(a.strip() for a in found[1].split(","))
         return addresses
 
     def log_tail(self, n: int = 40) -> str:
@@ -132,3 +147,12 @@ class Nginx:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         self.stop()
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (nginx's workers), as Linux lists them."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
