@@ -37,6 +37,9 @@ from .lifecycle import move
 from .networks import Network, Networks
 
 log = logging.getLogger("dmbridge.invites")
+# m.direct could not be updated now; the ghost's next DM repairs it.
+_M_DIRECT_LATER: tuple[type[BaseException], ...] = (
+    TimeoutError, MatrixRequestError, MatrixConnectionError, aiohttp.ClientError, *LOCK_FAILURES)
 
 RETRY_S = 10.0  # how often invites are looked for without a wake-up
 # How long a worker may take to answer an invite before another takes it over: at least this,
@@ -241,8 +244,7 @@ class InviteHandler:
         await self._finish(room_id, ACTIVE, "user_invited", invite, payloads.DM_STARTED)
         try:
             await self.dms.add_to_m_direct(ghost_id, user_id, room_id)
-        except (TimeoutError, MatrixRequestError, MatrixConnectionError, aiohttp.ClientError,
-                *LOCK_FAILURES) as e:
+        except _M_DIRECT_LATER as e:
             # The DM is active; its m.direct entry is repaired by the ghost's next DM.
             log.error("could not list %s in the m.direct of %s: %r", room_id, ghost_id, e)
         log.info("%s joined %s at the invite of %s; it is their DM now", ghost_id, room_id,
