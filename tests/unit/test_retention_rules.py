@@ -189,7 +189,10 @@ async def test_a_round_stopped_midway_leaves_the_lock_to_the_other_workers(
         await retention.stop()
         if where == "in a statement":
             await txn.rollback()
-        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY)
+        # A connection cut off mid-statement is ended: its session, and the lock, go as soon
+        # as the server notices.
+        await _until(lambda: other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY),
+                     "the other worker taking the lock")
     finally:
         await other.close()
     assert await stores.db.fetchval("SELECT 1") == 1  # the pool goes on working
