@@ -1,5 +1,5 @@
 """The bridge with a large ``dm`` table: the warm ratio, a new DM and ``GET /dms?user_id=`` at
-each size, side by side in one run.
+each size, side by side in one run, with the smallest size as the baseline of the larger ones.
 
 For each database and each size, a fresh database is seeded with that many DMs in a few bulk
 ``INSERT ... SELECT`` statements (one per table, in one transaction): blocks of 10 ghosts and 10
@@ -9,9 +9,12 @@ ended, both members joined, against the stub homeserver. Then, on that database:
 - warm ratio: ``bench.warm_path``'s figure (bridge send / bare aiohttp PUT) at 1 concurrent;
 - new DM: a message to a pair that has no DM yet (a fresh remote ID), so a room is created and
   the ghost's ``m.direct`` written; median milliseconds;
-- GET /dms?user_id=: the HTTP API's list of a seeded user's DMs; median milliseconds.
+- GET /dms?user_id=: the HTTP API's list of a seeded user's DMs; median milliseconds;
+- "vs smallest": the warm ratio and the new DM's time divided by the same figure at the smallest
+  size of the same database in the same run (1.00: flat).
 
-    python -m bench.large_db [--dms 10000 1000000] [--db sqlite postgres] [--messages 2000]
+    python -m bench.large_db [--dms 10000 100000 1000000] [--db sqlite postgres]
+                             [--messages 2000]
 """
 
 from __future__ import annotations
@@ -112,8 +115,9 @@ async def measure(db: str, dms: int, messages: int, rounds: int, opens: int
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dms", type=int, nargs="+", default=[10_000, 1_000_000],
-                        help="sizes of the dm table to compare (default 10000 1000000)")
+    parser.add_argument("--dms", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
+                        help="sizes of the dm table to compare, the smallest first"
+                             " (default 10000 100000 1000000)")
     parser.add_argument("--db", nargs="+", default=["sqlite", "postgres"], help=DB_HELP)
     parser.add_argument("--messages", type=int, default=2000,
                         help="warm messages per round (default 2000)")
@@ -124,13 +128,18 @@ async def main() -> None:
     print(f"large dm table: warm ratio at 1 concurrent ({args.messages} messages, median of "
           f"{args.rounds} rounds), median of {args.opens} new DMs and listings")
     print(f"{'database':>10}  {'DMs':>9}  {'seed s':>6}  {'bare µs/msg':>11}  {'bridge µs/msg':>13}"
-          f"  {'warm ratio':>10}  {'new DM ms':>9}  {'GET /dms?user_id= ms':>20}")
+          f"  {'warm ratio':>10}  {'vs smallest':>11}  {'new DM ms':>9}  {'vs smallest':>11}"
+          f"  {'GET /dms?user_id= ms':>20}")
     for db in args.db:
-        for dms in args.dms:
+        smallest: tuple[float, float] | None = None
+        for dms in sorted(args.dms):
             seeded, bare_us, bridge_us, new_ms, list_ms = await measure(
                 db, dms, args.messages, args.rounds, args.opens)
+            ratio = bridge_us / bare_us
+            smallest = smallest or (ratio, new_ms)
             print(f"{db:>10}  {dms:>9}  {seeded:>6.1f}  {bare_us:>11.0f}  {bridge_us:>13.0f}"
-                  f"  {bridge_us / bare_us:>10.2f}  {new_ms:>9.1f}  {list_ms:>20.1f}", flush=True)
+                  f"  {ratio:>10.2f}  {ratio / smallest[0]:>11.2f}  {new_ms:>9.1f}"
+                  f"  {new_ms / smallest[1]:>11.2f}  {list_ms:>20.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ The user never stops typing: the worst case for the typing flags.
 
 After a warm-up of ``--warmup`` touches (every code path has run, so imports and caches of
 fixed size are filled), each line gives, per window of touches, the process's resident memory
-(RSS) above what it was after the warm-up, with the sizes of the per-ghost and per-room caches;
+(RSS) above what it was after the warm-up, and of it the anonymous part (``RssAnon``: the
+process's own memory, without the pages of files it maps, such as SQLite's memory-mapped
+database, which the kernel can take back), with the sizes of the per-ghost and per-room caches;
 with ``--tracemalloc``, also the Python memory allocated since the warm-up and still held
 (precise, but several times slower). The same run with the caps raised out of reach (cap 0:
 nothing is ever evicted, as before the caps) is the baseline; ``--baseline-touches`` makes it
@@ -70,9 +72,14 @@ async def _touch(bridge: Bridge, network: Network, start: int, count: int, txn: 
     assert len(bridge.matrix.lifecycle._typing) > 0
 
 
-def _rss() -> int:
+def _rss() -> tuple[int, int]:
+    """Resident bytes: all of them, and the anonymous ones."""
     with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
+        total = int(statm.read().split()[1]) * resource.getpagesize()
+    with open("/proc/self/status") as status:
+        anon = next(int(line.split()[1]) * 1024 for line in status
+                    if line.startswith("RssAnon:"))
+    return total, anon
 
 
 def _held() -> int:
@@ -80,7 +87,8 @@ def _held() -> int:
     return tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else 0
 
 
-Row = tuple[int, int, int, dict[str, int]]  # touches, RSS above warm-up, traced, cache sizes
+# touches, RSS and anonymous RSS above the warm-up, traced, cache sizes
+Row = tuple[int, int, int, int, dict[str, int]]
 
 
 async def run(db: str, touches: int, cap: int, warmup: int, every: int, traced: bool
@@ -105,11 +113,13 @@ async def run(db: str, touches: int, cap: int, warmup: int, every: int, traced: 
             done += BATCH
             if done % every == 0:
                 held = _held() - base_held
-                rows.append((done, _rss() - base_rss, held,
+                rss, anon = _rss()
+                rows.append((done, rss - base_rss[0], anon - base_rss[1], held,
                              {k: len(c) for k, c in caches.items()}))
                 rate = (done - warmup) / (time.monotonic() - started)
-                print(f"  cap {cap or 'none'}: {done} touches, RSS +{rows[-1][1] >> 10} KiB,"
-                      f" traced {held >> 10} KiB, {rate:.0f} touches/s", flush=True)
+                print(f"  cap {cap or 'none'}: {done} touches, RSS +{rows[-1][1] >> 10} KiB"
+                      f" (anonymous +{rows[-1][2] >> 10} KiB), traced {held >> 10} KiB,"
+                      f" {rate:.0f} touches/s", flush=True)
         tracemalloc.stop()
     return rows
 
@@ -134,23 +144,23 @@ async def main() -> None:
                for cap in args.caps}
     print(f"\nmemory above the warm-up of {args.warmup} touches, KiB; a touch: a new ghost"
           f" registered, its DM, its user typing; database {args.db}")
+    width = 45 if args.tracemalloc else 35
     print(f"{'touches':>8}  " + "  ".join(
-        f"{'cap ' + str(c) if c else 'no cap':>{36 if args.tracemalloc else 26}}"
-        for c in args.caps))
+        f"{'cap ' + str(c) if c else 'no cap':>{width}}" for c in args.caps))
     print(f"{'':>8}  " + "  ".join(
-        f"{'RSS':>8} {'traced ' if args.tracemalloc else ''}{'clients/reg./typing':>17}"
-        for _ in args.caps))
+        f"{'RSS':>8} {'anon':>8} {'traced ' if args.tracemalloc else ''}"
+        f"{'clients/reg./typing':>17}" for _ in args.caps))
     longest = max(results.values(), key=len)
     for i, (done, *_) in enumerate(longest):
         cells = []
         for cap in args.caps:
             if i >= len(results[cap]):
-                cells.append(" " * (36 if args.tracemalloc else 26))
+                cells.append(" " * width)
                 continue
-            _, rss, held, sizes = results[cap][i]
+            _, rss, anon, held, sizes = results[cap][i]
             traced = f"{held >> 10:>9} " if args.tracemalloc else ""
             sizes_text = f"{sizes['clients']}/{sizes['registered']}/{sizes['typing']}"
-            cells.append(f"{rss >> 10:>8} {traced}{sizes_text:>17}")
+            cells.append(f"{rss >> 10:>8} {anon >> 10:>8} {traced}{sizes_text:>17}")
         print(f"{done:>8}  " + "  ".join(cells))
 
 if __name__ == "__main__":

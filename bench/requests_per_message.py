@@ -1,9 +1,10 @@
 """Homeserver requests per inbound message, against a real Synapse on 127.0.0.1.
 
 Lists every request of the cold path (first contact), then counts the warm path (a DM the
-user has joined) over many messages. Baseline in the same run: a stateless sender that asks
-the homeserver each time, as client-side DM helpers do (read the ghost's m.direct, check the
-room's joined members, send).
+user has joined) over many messages. Baselines in the same run, interleaved message by message
+with the bridge's: a NioBot-style client (it reads the sender's ``m.direct`` account data to
+find the room, then sends: two requests), and a stateless sender that also checks the room's
+joined members first, as careful client-side DM helpers do (three requests).
 
     python -m bench.requests_per_message [--messages 50]
 """
@@ -42,6 +43,21 @@ async def _join(hs_url: str, user: str, room_id: str) -> None:
         async with s.post(f"{hs_url}/_matrix/client/v3/join/{quote(room_id)}",
                           headers={"Authorization": f"Bearer {token}"}) as r:
             assert r.status == 200, await r.text()
+
+
+async def _niobot_send(session: aiohttp.ClientSession, hs_url: str, user: str, i: int) -> int:
+    """A NioBot-style client: the room from the sender's m.direct, then the send."""
+    headers = {"Authorization": f"Bearer {AS_TOKEN}"}
+    params = {"user_id": GHOST}
+    base = f"{hs_url}/_matrix/client/v3"
+    async with session.get(f"{base}/user/{quote(GHOST)}/account_data/m.direct",
+                           params=params, headers=headers) as r:
+        room = (await r.json())[user][0]
+    async with session.put(f"{base}/rooms/{quote(room)}/send/m.room.message/niobot-{i}",
+                           params=params, headers=headers,
+                           json={"msgtype": "m.text", "body": f"niobot {i}"}) as r:
+        assert r.status == 200
+    return 2
 
 
 async def _stateless_send(session: aiohttp.ClientSession, hs_url: str, room_id: str, user: str,
@@ -98,7 +114,7 @@ async def main() -> None:
             await asyncio.sleep(0.05)
 
         n = args.messages
-        bridge_times, base_times = [], []
+        bridge_times, nio_times, base_times = [], [], []
         start_total = bridge.requests.total
         async with aiohttp.ClientSession() as session:
             for i in range(n):
@@ -107,16 +123,23 @@ async def main() -> None:
                                       text=f"warm {i}")
                 bridge_times.append(time.perf_counter() - t)
                 t = time.perf_counter()
+                nio_requests = await _niobot_send(session, synapse.base_url, alice, i)
+                nio_times.append(time.perf_counter() - t)
+                t = time.perf_counter()
                 base_requests = await _stateless_send(session, synapse.base_url,
                                                       first.room_id, alice, i)
                 base_times.append(time.perf_counter() - t)
         per_message = (bridge.requests.total - start_total) / n
-        print(f"\nwarm path, {n} messages to a joined DM (interleaved with the baseline):")
-        print(f"  {'':<28} {'requests/msg':>12} {'median ms/msg':>14}")
-        print(f"  {'dmbridge':<28} {per_message:>12.2f} "
-              f"{statistics.median(bridge_times) * 1000:>14.1f}")
-        print(f"  {'stateless baseline':<28} {base_requests:>12.2f} "
-              f"{statistics.median(base_times) * 1000:>14.1f}")
+        ours = statistics.median(bridge_times)
+        print(f"\nwarm path, {n} messages to a joined DM (interleaved with the baselines):")
+        print(f"  {'':<34} {'requests/msg':>12} {'median ms/msg':>14} {'vs dmbridge':>11}")
+        for name, requests, times in (
+                ("dmbridge", per_message, bridge_times),
+                ("NioBot-style (m.direct + send)", nio_requests, nio_times),
+                ("stateless (+ joined_members)", base_requests, base_times)):
+            median = statistics.median(times)
+            print(f"  {name:<34} {requests:>12.2f} {median * 1000:>14.1f}"
+                  f" {median / ours:>11.2f}")
     finally:
         await bridge.stop()
         synapse.stop()

@@ -7,7 +7,7 @@ ghost leaves the DM rooms through the homeserver. In order:
    its side too), deletes what was kept of the DMs (message maps, history, outbox items, ghost
    invites) and marks each room ended with the ghost gone, so that nothing the user does there
    meanwhile reaches the platform or revives the DM.
-2. The ghost leaves and forgets each room.
+2. The ghost leaves and forgets each room, and takes it off its ``m.direct``.
 3. Once a running bridge has recorded those leaves (waited for a few seconds), the rooms it
    left are deleted (DM rows, memberships), with whatever was queued meanwhile.
    A room the homeserver could not be asked about keeps its DM row (ended), so running the
@@ -348,8 +348,11 @@ async def command(settings: Settings, matrix_user: str | None, network_id: str |
                                       " [y/N] "):
             print("nothing was changed")
             return 1
-        done = await forget(stores, subject, homeserver.leave_and_forget,
-                            reset=homeserver.reset_profile)
+        async def leave(ghost_id: UserID, room_id: RoomID) -> None:
+            await homeserver.leave_and_forget(ghost_id, room_id)
+            await homeserver.remove_from_m_direct(ghost_id, room_id)
+
+        done = await forget(stores, subject, leave, reset=homeserver.reset_profile)
     except BridgeError as e:
         print(f"dmbridge: {e.message}", file=sys.stderr)
         return 1

@@ -152,6 +152,34 @@ class Homeserver:
                 if resp.status != 200 and (not gone or _refused_as_ghost(text)):
                     raise _request_error(resp.status, text)
 
+    async def remove_from_m_direct(self, ghost_id: UserID, room_id: RoomID) -> None:
+        """Take the room off the ghost's ``m.direct``: read it, drop the room from every user's
+        list (and a list it empties), and write it back only if that changed anything; other
+        entries stay as they are."""
+        url = (f"{self.base_url}/_matrix/client/v3/user/{quote(ghost_id, safe='')}"
+               "/account_data/m.direct")
+        params = {"user_id": ghost_id}
+        async with self.session.get(url, params=params, headers=self._headers) as resp:
+            text = await resp.text(errors="replace")
+            if resp.status == 404:  # the ghost never had an m.direct
+                return
+            if resp.status != 200:
+                raise _request_error(resp.status, text)
+        current = json.loads(text)
+        if not isinstance(current, dict):
+            return
+        kept: dict[str, Any] = {}
+        for user_id, rooms in current.items():
+            if not isinstance(rooms, list) or room_id not in rooms:
+                kept[user_id] = rooms
+            elif others := [r for r in rooms if r != room_id]:
+                kept[user_id] = others
+        if kept != current:
+            async with self.session.put(url, data=json.dumps(kept), params=params,
+                                        headers=self._headers) as resp:
+                if resp.status != 200:
+                    raise _request_error(resp.status, await resp.text(errors="replace"))
+
     async def reset_profile(self, ghost_id: UserID, displayname: str) -> None:
         """Give the ghost a plain display name and no avatar."""
         user = quote(ghost_id, safe="")

@@ -117,7 +117,14 @@ class Retention:
             return self._logged(await self._round(self._on_db, now))
         conn: Connection
         async with self.db.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
+            try:
+                locked = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY)
+            except BaseException:
+                # The server may have taken the lock and the answer been lost (cancelled, or a
+                # timeout): only ending the session is sure to let it go.
+                _end_session(conn)
+                raise
+            if not locked:
                 log.info("pruning skipped: another worker is pruning")
                 return None
             try:
@@ -159,8 +166,13 @@ async def _unlock(conn: Connection) -> None:
     try:
         await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
     except BaseException:  # cancelled, or the connection is unusable after a cancelled query
-        cast(asyncpg.Connection, conn.wrapped).terminate()
+        _end_session(conn)
         raise
+
+
+def _end_session(conn: Connection) -> None:
+    """Close the connection at once; the server ends its session, and the session's locks."""
+    cast(asyncpg.Connection, conn.wrapped).terminate()
 
 
 def oldest(kind: str) -> str:

@@ -6,12 +6,16 @@ import asyncio
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
 
 from dmbridge.bridge import Bridge
-from tests.integration.conftest import Platform, accept_dm
+from tests.integration.conftest import Homeserver, NewHuman, Platform, accept_dm
 from tests.support.feed import Feed
 from tests.support.matrix import Human
-from tests.support.settings import CHAT_TOKEN
+from tests.support.settings import AS_TOKEN, CHAT_TOKEN
 
 NET = "chat"
 
@@ -104,3 +108,40 @@ async def test_forgetting_a_matrix_user_and_a_remote_user(
                                      ben, "--yes")
     assert code == 1 and err == f"dmbridge: the bridge knows nothing of {NET} user {ben}:" \
         " no DM, no ghost\n", err
+
+
+async def _m_direct(homeserver: Homeserver, ghost_id: str, put: Any = None) -> Any:
+    """The ghost's m.direct account data as the homeserver has it (or written, with ``put``)."""
+    url = (f"{homeserver.url}/_matrix/client/v3/user/{quote(ghost_id, safe='')}"
+           "/account_data/m.direct")
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {AS_TOKEN}"}) as s, \
+            s.request("GET" if put is None else "PUT", url, params={"user_id": ghost_id},
+                      json=put) as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+        return body
+
+
+async def test_forgetting_a_matrix_user_takes_their_room_off_the_ghosts_m_direct(
+        bridge: Bridge, platform: Platform, homeserver: Homeserver, new_human: NewHuman,
+        tmp_path: Path) -> None:
+    """The ghost's other DMs, and entries the bridge did not write, stay listed."""
+    config = str(tmp_path / "bridge" / "config.yaml")
+    alice, bob = await new_human(), await new_human()
+    contact = f"a{uuid.uuid4().hex[:10]}"
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(contact)
+    rooms = {}
+    for human in (alice, bob):
+        status, body = await platform.send(NET, CHAT_TOKEN, uuid.uuid4().hex, sender=contact,
+                                           recipient=human.user_id, text="hello")
+        assert status == 200, body
+        rooms[human.user_id] = body["room_id"]
+    listed = await _m_direct(homeserver, ghost_id)
+    assert listed == {alice.user_id: [rooms[alice.user_id]], bob.user_id: [rooms[bob.user_id]]}
+    await _m_direct(homeserver, ghost_id, {**listed, "@carol:elsewhere": ["!kept"]})
+
+    code, out, err = await _dmbridge("forget", "-c", config, "--matrix-user", alice.user_id,
+                                     "--yes")
+    assert code == 0, (out, err)
+    assert await _m_direct(homeserver, ghost_id) == {
+        bob.user_id: [rooms[bob.user_id]], "@carol:elsewhere": ["!kept"]}

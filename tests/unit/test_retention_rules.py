@@ -10,14 +10,16 @@ import asyncpg
 import pytest
 from mautrix.types import ContentURI, EventID, RoomID, UserID
 from mautrix.util.async_db import Connection, Scheme
+from yarl import URL
 
 from dmbridge.config import RetentionSettings
-from dmbridge.db import Stores
+from dmbridge.db import Stores, create_database
 from dmbridge.db.history import Transition
 from dmbridge.db.media import Media
 from dmbridge.db.message import MatrixMessage, SentMessage
 from dmbridge.db.outbox import DEAD, DELIVERED, PENDING
 from dmbridge.retention import DAY_MS, KINDS, LOCK_KEY, Retention, oldest
+from tests.support.tcp_hold import AnswerHoldingProxy
 
 NOW = 20_000 * DAY_MS
 GHOST = UserID("@dm_sms_a:example.org")
@@ -187,7 +189,10 @@ async def test_a_round_stopped_midway_leaves_the_lock_to_the_other_workers(
         await retention.stop()
         if where == "in a statement":
             await txn.rollback()
-        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY)
+        # A connection cut off mid-statement is ended: its session, and the lock, go as soon
+        # as the server notices.
+        await _until(lambda: other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY),
+                     "the other worker taking the lock")
     finally:
         await other.close()
     assert await stores.db.fetchval("SELECT 1") == 1  # the pool goes on working
@@ -201,3 +206,33 @@ async def test_each_prune_query_searches_an_index_never_the_whole_table(
     plan = [r["detail"] for r in await stores.db.fetch(
         "EXPLAIN QUERY PLAN " + oldest(kind), NOW, 1000)]
     assert plan and all(step.startswith(("SEARCH", "CORRELATED")) for step in plan), plan
+
+
+async def test_a_round_that_loses_the_answer_to_its_lock_leaves_the_lock_to_the_other_workers(
+        stores: Stores) -> None:
+    """The server took the lock, the worker never heard so and was stopped: the lock goes with
+    the session, not back to the pool with the connection."""
+    if stores.db.scheme not in (Scheme.POSTGRES, Scheme.COCKROACH):
+        pytest.skip("SQLite has one process: nothing to take turns with")
+    url = URL(str(stores.db.url))
+    assert url.host is not None and url.port is not None
+    other = await asyncpg.connect(str(stores.db.url))  # another worker's session
+    async with AnswerHoldingProxy(url.host, url.port, b"pg_try_advisory_lock") as proxy:
+        db = create_database(str(url.with_port(proxy.port)), db_args={"min_size": 1},
+                             log=logging.getLogger("dmbridge.db"))
+        await db.start()
+        try:
+            retention = Retention(db, RetentionSettings())
+            retention.start(first=0)
+            await asyncio.wait_for(proxy.held.wait(), 30)
+            assert not await other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY)
+            stopping = asyncio.create_task(retention.stop())
+            await asyncio.sleep(0)  # the round is cancelled while its answer is held ...
+            proxy.release()  # ... and the connection works again afterwards
+            await stopping
+            await _until(lambda: other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY),
+                         "the other worker taking the lock")
+            assert await db.fetchval("SELECT 1") == 1  # the pool goes on working
+        finally:
+            await other.close()
+            await db.stop()
