@@ -32,6 +32,7 @@ from .config import Settings
 from .db import Stores, create_database, dmcache, now_ms, start_database
 from .db.dm import DMRecord
 from .errors import BridgeError, InvalidParam, NotFound
+from .ghostlock import GhostLocks
 from .homeserver import Homeserver
 from .lifecycle import lane_of
 from .networks import Network
@@ -348,9 +349,13 @@ async def command(settings: Settings, matrix_user: str | None, network_id: str |
                                       " [y/N] "):
             print("nothing was changed")
             return 1
+        # m.direct is read, changed and written back: in turn with the workers' own updates.
+        direct_locks = GhostLocks(db, holders=1)
+
         async def leave(ghost_id: UserID, room_id: RoomID) -> None:
             await homeserver.leave_and_forget(ghost_id, room_id)
-            await homeserver.remove_from_m_direct(ghost_id, room_id)
+            async with direct_locks.hold(ghost_id):
+                await homeserver.remove_from_m_direct(ghost_id, room_id)
 
         done = await forget(stores, subject, leave, reset=homeserver.reset_profile)
     except BridgeError as e:
