@@ -65,6 +65,8 @@ _FOR_SEND = POINT_READ + f"""
       LEFT JOIN sent_message sm
              ON sm.network = $3 AND sm.remote_id = $4 AND sm.message_id = $5
 """
+# Moves when another process (``dmbridge forget``) commits to the SQLite file.
+_DATA_VERSION = POINT_READ + "PRAGMA data_version"
 # The same question when the pair's DM is known from the cache.
 _SENT = POINT_READ + """
     SELECT room_id AS sent_room_id, event_id AS sent_event_id, kind AS sent_kind
@@ -111,9 +113,13 @@ class DMStore:
     async def get_for_send(
         self, ghost_id: UserID, user_id: UserID, network: str, remote_id: str, message_id: str
     ) -> tuple[DMRecord | None, SentMessage | None]:
-        """One round trip for the hot path: the pair's DM (from the cache if it is there), and
-        this message if already sent."""
-        record = self.cache.get(ghost_id, user_id)
+        """One round trip for the hot path: the pair's DM (on SQLite from the cache if it is
+        there), and this message if already sent."""
+        record = None
+        if self.cache.enabled:
+            version = await hot.fetchrow(self.db, _DATA_VERSION)
+            self.cache.saw_data_version(int(version[0]))
+            record = self.cache.get(ghost_id, user_id)
         if record is not None:
             return record, _sent_of(await hot.fetchrow(self.db, _SENT, network, remote_id,
                                                        message_id))
