@@ -308,6 +308,7 @@ class Bridge:
         self.limits.close()
         await self.peers.stop()
         await self.instances.stop()
+        await self.stores.messages.drain()  # mappings of sends answered meanwhile
         await self.db.stop()
         self.sole_worker.release()
         self.log_limits.remove()
