@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sqlite3
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from mautrix.util.async_db import Scheme
 
 from dmbridge.bridge import Bridge
 from dmbridge.db import Stores, create_database, dmcache, now_ms
+from dmbridge.db import dm as dm_module
 from dmbridge.db.dm import ACTIVE, DMRecord
 from dmbridge.db.dmcache import DMCache
 from dmbridge.errors import Declined
@@ -295,3 +297,34 @@ async def test_an_activated_dm_is_sent_to_once_cached(stores: Stores) -> None:
     assert await stores.dms.activate(ghost, user, "c2", RoomID("!two"), now_ms())
     got, _ = await stores.dms.get_for_send(ghost, user, "sms", "1", "m2")
     assert got is not None and got.room_id == "!two"
+
+
+async def test_a_commit_by_another_process_during_a_read_is_seen_by_the_next_send(
+        stores: Stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process ends the DM right after a send read it (before the record is kept):
+    the next send finds no DM."""
+    if not stores.dms.cache.enabled:
+        pytest.skip("the cache serves SQLite only")
+    ghost, user = UserID("@g:x"), UserID("@u:x")
+    assert await stores.dms.claim(ghost, user, "sms", "1", "c1", "test", now_ms())
+    assert await stores.dms.activate(ghost, user, "c1", RoomID("!one"), now_ms())
+    path = str(stores.db.url).removeprefix("sqlite:///")
+    read = dm_module.hot.fetchrow
+
+    async def read_then_another_commits(db: Any, query: str, *args: Any) -> Any:
+        row = await read(db, query, *args)
+        if "sent_room_id" in query and "LEFT JOIN dm" in query:
+            other = sqlite3.connect(path)
+            try:
+                other.execute("UPDATE dm SET state='ended' WHERE room_id='!one'")
+                other.commit()
+            finally:
+                other.close()
+            monkeypatch.setattr(dm_module.hot, "fetchrow", read)
+        return row
+
+    monkeypatch.setattr(dm_module.hot, "fetchrow", read_then_another_commits)
+    got, _ = await stores.dms.get_for_send(ghost, user, "sms", "1", "m1")
+    assert got is not None and got.room_id == "!one"  # read before the other's commit
+    got, _ = await stores.dms.get_for_send(ghost, user, "sms", "1", "m2")
+    assert got is None
