@@ -126,9 +126,13 @@ class SentMessageStore:
             await asyncio.wait([self._writer])
 
     def _written(self, task: asyncio.Task[None]) -> None:
-        """The writer ended (also if cancelled before it ran): what still waits fails."""
+        """The writer ended: if it was cancelled before it ran, what waits fails (once it ran,
+        it has done this itself)."""
         if self._writer is task:
             self._writer = None
+            self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
         waiting, self._waiting = self._waiting, []
         for _, done in waiting:
             if not done.done():
@@ -136,6 +140,13 @@ class SentMessageStore:
 
     async def _write(self) -> None:
         """Write what waits, a batch per statement, until nothing does."""
+        try:
+            await self._write_batches()
+        finally:
+            self._writer = None
+            self._fail_waiting()  # only if this was cancelled
+
+    async def _write_batches(self) -> None:
         while self._waiting:
             batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
             # In key order, so that two workers' batches take the same keys' locks in the same
