@@ -9,8 +9,9 @@ no change happened while it read the database, so a record read before a commit 
 after it.
 
 The cache serves SQLite, where one bridge process writes. Another process may still commit
-(``dmbridge forget``, ``dmbridge clear-declined``): SQLite's ``PRAGMA data_version`` moves when
-it does, and :meth:`DMCache.saw_data_version` then forgets everything. On PostgreSQL several
+(``dmbridge forget``, ``dmbridge clear-declined``): SQLite's ``data_version`` moves when it
+does; a send reads it with its idempotency check, and :meth:`DMCache.saw_data_version` then
+forgets everything. On PostgreSQL several
 workers write and no worker could know at once what the others committed: the cache is not
 used there (the send reads its DM with the check that the message was not sent already, in
 the one round trip it needs anyway).
@@ -109,11 +110,11 @@ class DMCache:
         self._by_ghost.setdefault(record.ghost_id, set()).add(key)
 
     def saw_data_version(self, data_version: int) -> None:
-        """SQLite's ``PRAGMA data_version`` now: if it moved, another process committed, and
-        what it changed is not known: everything is forgotten."""
+        """SQLite's ``PRAGMA data_version`` now: if it moved (or was not known yet), another
+        process may have committed, and what it changed is not known: everything is
+        forgotten."""
         if data_version != self._data_version:
-            if self._data_version is not None:
-                self.clear()
+            self.clear()
             self._data_version = data_version
 
     def _is_held(self, record: DMRecord) -> bool:

@@ -262,7 +262,9 @@ def test_the_cache_keeps_at_most_its_size() -> None:
 
 def test_a_moved_data_version_forgets_everything() -> None:
     cache = DMCache(enabled=True)
-    cache.saw_data_version(1)
+    cache.fill(record("@g:x", "@u:x", "!r"), cache.version)
+    cache.saw_data_version(1)  # not known before: forgotten
+    assert len(cache) == 0
     cache.fill(record("@g:x", "@u:x", "!r"), cache.version)
     cache.saw_data_version(1)  # nobody else committed
     assert cache.get(UserID("@g:x"), UserID("@u:x")) is not None
