@@ -77,10 +77,8 @@ class Bridge:
                                        settings.bot_user_id, notices) if notices.enabled else None
         self.notices = AdminNotices(notices, self._notice_room)
         # Other workers on the same PostgreSQL hear of new outbox items and invites at once.
-        # ... and of DM changes, without which a worker's DM cache is not trusted.
         self.peers = Peers(settings.database_url, on_outbox=self._heard_outbox,
-                           on_invites=self._heard_invites, on_dms=self.stores.dms.cache.heard,
-                           on_listening=self.stores.dms.cache.set_trusted)
+                           on_invites=self._heard_invites)
         self.outbox = Outbox(stores=self.stores, networks=settings.networks,
                              settings=settings.delivery, present=self.links.attach,
                              notices=self.notices, metrics=self.metrics,
@@ -310,6 +308,7 @@ class Bridge:
         self.limits.close()
         await self.peers.stop()
         await self.instances.stop()
+        await self.stores.messages.drain()  # mappings of sends answered meanwhile
         await self.db.stop()
         self.sole_worker.release()
         self.log_limits.remove()

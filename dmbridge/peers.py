@@ -6,10 +6,6 @@ one more connection that LISTENs on two channels and NOTIFYs them after its own 
 others are woken at once. While that connection is down, workers find new work the way they
 always also do: outbox items within a second, invites within ten. SQLite has one worker, so no
 peers.
-
-The same connection hears the DM changes other workers commit (:mod:`dmbridge.db.dmcache`,
-announced inside their transactions); ``on_listening`` is told whenever hearing them starts or
-stops, since a worker that may have missed some must not trust its DM cache.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ from collections.abc import Callable
 import asyncpg
 
 from . import wake
-from .db.dmcache import CHANNEL as DMS
 
 log = logging.getLogger("dmbridge.peers")
 
@@ -35,15 +30,11 @@ KEEPALIVE_S = 30.0  # an idle connection is checked this often (a silent drop sh
 
 class Peers:
     def __init__(self, database_url: str, *, on_outbox: Callable[[set[str]], None],
-                 on_invites: Callable[[], None],
-                 on_dms: Callable[[str], None] = lambda changes: None,
-                 on_listening: Callable[[bool], None] = lambda listening: None) -> None:
+                 on_invites: Callable[[], None]) -> None:
         self.database_url = database_url
         self.enabled = not database_url.startswith("sqlite")
         self._on_outbox = on_outbox
         self._on_invites = on_invites
-        self._on_dms = on_dms
-        self._on_listening = on_listening
         self.heard: Counter[str] = Counter()  # wake-ups from other workers, by channel
         self.listening = asyncio.Event()  # set while the others' announcements are heard
         self._networks: set[str] = set()  # to announce
@@ -97,7 +88,6 @@ class Peers:
                 log.info("listening for other workers' new work again")
             delay, lost_before = RECONNECT_S[0], False
             self.listening.set()
-            self._on_listening(True)
             try:
                 await self._serve(self._conn)
             except Exception as e:  # a dropped connection surfaces as many kinds of error
@@ -106,7 +96,6 @@ class Peers:
                 lost_before = True
             finally:
                 self.listening.clear()
-                self._on_listening(False)
                 self._conn.terminate()
                 self._conn = None
 
@@ -118,11 +107,10 @@ class Peers:
             conn.add_termination_listener(lambda _: self._outgoing.set())
             await conn.add_listener(OUTBOX, self._heard)
             await conn.add_listener(INVITES, self._heard)
-            await conn.add_listener(DMS, self._heard)
         except BaseException:
             conn.terminate()  # not left open behind a failed (or cancelled) set-up
             raise
-        log.debug("listening on %s, %s and %s", OUTBOX, INVITES, DMS)
+        log.debug("listening on %s and %s", OUTBOX, INVITES)
         return conn
 
     async def _serve(self, conn: asyncpg.Connection) -> None:
@@ -155,5 +143,3 @@ class Peers:
             self._on_outbox({n for n in str(payload).split(",") if n})
         elif channel == INVITES:
             self._on_invites()
-        elif channel == DMS:
-            self._on_dms(str(payload))

@@ -43,9 +43,8 @@ class Stores:
 
     @classmethod
     def over(cls, db: Database) -> Stores:
-        """The stores over ``db``; on PostgreSQL, other workers may share it (see
-        :class:`DMCache`)."""
-        cache = DMCache(shared=db.scheme != Scheme.SQLITE)
+        """The stores over ``db``; the DM cache serves SQLite only (see :class:`DMCache`)."""
+        cache = DMCache(enabled=db.scheme == Scheme.SQLITE)
         return cls(
             db=db,
             ghosts=GhostStore(db, cache),
@@ -63,7 +62,7 @@ class Stores:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
         """A transaction that may change DMs, their rooms' members or their ghosts: the DM
-        cache learns of its changes (and other workers, when it commits)."""
+        cache learns of its changes."""
         async with self.dms.cache.writing(self.db, atomic=True) as conn:
             yield conn
 

@@ -65,10 +65,14 @@ _FOR_SEND = POINT_READ + f"""
       LEFT JOIN sent_message sm
              ON sm.network = $3 AND sm.remote_id = $4 AND sm.message_id = $5
 """
-# The same question when the pair's DM is known from the cache.
+# The same question when the pair's DM is known from the cache (SQLite only), with SQLite's
+# data_version, which moves when another process (``dmbridge forget``) commits to the file.
 _SENT = POINT_READ + """
-    SELECT room_id AS sent_room_id, event_id AS sent_event_id, kind AS sent_kind
-      FROM sent_message WHERE network = $1 AND remote_id = $2 AND message_id = $3
+    SELECT (SELECT data_version FROM pragma_data_version) AS data_version,
+           sm.room_id AS sent_room_id, sm.event_id AS sent_event_id, sm.kind AS sent_kind
+      FROM (SELECT 1) AS one
+      LEFT JOIN sent_message sm
+             ON sm.network = $1 AND sm.remote_id = $2 AND sm.message_id = $3
 """
 
 
@@ -111,12 +115,15 @@ class DMStore:
     async def get_for_send(
         self, ghost_id: UserID, user_id: UserID, network: str, remote_id: str, message_id: str
     ) -> tuple[DMRecord | None, SentMessage | None]:
-        """One round trip for the hot path: the pair's DM (from the cache if it is there), and
-        this message if already sent."""
+        """One round trip for the hot path: the pair's DM (on SQLite from the cache if it is
+        there), and this message if already sent."""
         record = self.cache.get(ghost_id, user_id)
         if record is not None:
-            return record, _sent_of(await hot.fetchrow(self.db, _SENT, network, remote_id,
-                                                       message_id))
+            row = await hot.fetchrow(self.db, _SENT, network, remote_id, message_id)
+            # Kept only if no other process has committed since (then it is read again).
+            self.cache.saw_data_version(int(row["data_version"]))
+            if self.cache.get(ghost_id, user_id) is record:
+                return record, _sent_of(row)
         read_at = self.cache.version
         row = await hot.fetchrow(self.db, _FOR_SEND, ghost_id, user_id, network, remote_id,
                                  message_id)

@@ -8,10 +8,13 @@ statement's transaction has ended (committed or rolled back). A lookup fills the
 no change happened while it read the database, so a record read before a commit is never kept
 after it.
 
-With several workers on one PostgreSQL, the changes are announced on :data:`CHANNEL` by
-``pg_notify`` inside the same transaction, so the other workers hear them when (and only if)
-it commits; while a worker cannot hear its peers (:mod:`dmbridge.peers`), its cache is not
-trusted and every lookup goes to the database.
+The cache serves SQLite, where one bridge process writes. Another process may still commit
+(``dmbridge forget``, ``dmbridge clear-declined``): SQLite's ``data_version`` moves when it
+does; a send reads it with its idempotency check, and :meth:`DMCache.saw_data_version` then
+forgets everything. On PostgreSQL several
+workers write and no worker could know at once what the others committed: the cache is not
+used there (the send reads its DM with the check that the message was not sent already, in
+the one round trip it needs anyway).
 """
 
 from __future__ import annotations
@@ -30,10 +33,7 @@ from ..lru import LRU
 if TYPE_CHECKING:
     from .dm import DMRecord
 
-CHANNEL = "dmbridge_dm"  # payload: the changes, one a line (see :func:`encode`)
 MAX_ENTRIES = 10_000  # pairs remembered; about 1 KiB each
-_PAYLOAD_LIMIT = 7000  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
-_EVERYTHING = "*"
 
 Pair = tuple[UserID, UserID]
 Change = tuple[str, str]
@@ -53,12 +53,6 @@ def ghost(ghost_id: str) -> Change:
     return ("ghost", ghost_id)
 
 
-def encode(changes: Iterable[Change]) -> str:
-    """One change a line (``kind SPACE key``); "*" (everything) if too long for a NOTIFY."""
-    text = "\n".join(f"{kind} {key}" for kind, key in sorted(changes))
-    return text if len(text.encode()) <= _PAYLOAD_LIMIT else _EVERYTHING
-
-
 class _Scope:
     """The changes of one transaction, held until it ends."""
 
@@ -75,10 +69,10 @@ class DMCache:
     """The current DM of recently used pairs, by (ghost, user); bounded, least recently used
     dropped first."""
 
-    def __init__(self, *, shared: bool, maxsize: int = MAX_ENTRIES) -> None:
-        self.shared = shared  # other workers may write: announce, and trust only while heard
-        self.trusted = not shared
+    def __init__(self, *, enabled: bool, maxsize: int = MAX_ENTRIES) -> None:
+        self.enabled = enabled  # only one process writes (SQLite)
         self.version = 0  # moves on with every change
+        self._data_version: int | None = None  # SQLite's, when last seen
         self._entries: LRU[Pair, DMRecord] = LRU(maxsize)
         self._by_room: dict[str, Pair] = {}
         self._by_ghost: dict[str, set[Pair]] = {}
@@ -90,8 +84,9 @@ class DMCache:
     # --- reading ----------------------------------------------------------------------------
 
     def get(self, ghost_id: UserID, user_id: UserID) -> DMRecord | None:
-        """The pair's DM as last read, if it can be trusted now."""
-        if not self.trusted:
+        """The pair's DM as last read, if it can be trusted now (after
+        :meth:`saw_data_version`)."""
+        if not self.enabled:
             return None
         record = self._entries.get((ghost_id, user_id))
         if record is None or (self._held and self._is_held(record)):
@@ -101,7 +96,7 @@ class DMCache:
     def fill(self, record: DMRecord, read_at: int) -> None:
         """Remember ``record``, read from the database when :attr:`version` was ``read_at``,
         unless something changed since (then it may be stale)."""
-        if read_at != self.version or not self.trusted or (self._held and self._is_held(record)):
+        if read_at != self.version or not self.enabled or (self._held and self._is_held(record)):
             return
         key = (record.ghost_id, record.user_id)
         if key not in self._entries and len(self._entries) >= self._entries.maxsize:
@@ -113,6 +108,14 @@ class DMCache:
         if record.room_id is not None:
             self._by_room[record.room_id] = key
         self._by_ghost.setdefault(record.ghost_id, set()).add(key)
+
+    def saw_data_version(self, data_version: int) -> None:
+        """SQLite's ``PRAGMA data_version`` now: if it moved (or was not known yet), another
+        process may have committed, and what it changed is not known: everything is
+        forgotten."""
+        if data_version != self._data_version:
+            self.clear()
+            self._data_version = data_version
 
     def _is_held(self, record: DMRecord) -> bool:
         held = self._held
@@ -128,8 +131,7 @@ class DMCache:
         """A connection for statements that change DM records; ``atomic``: in a transaction.
 
         Inside another :meth:`writing`, its connection and transaction. Otherwise the changes
-        named meanwhile are announced to the other workers in the same transaction (so with
-        several workers the statements are always in one), and held until it ends.
+        named meanwhile are held until it ends.
         """
         conn: Connection
         outer = _scope.get()
@@ -141,12 +143,9 @@ class DMCache:
         token = _scope.set(scope)
         try:
             async with db.acquire() as conn:
-                if atomic or self.shared:
+                if atomic:
                     async with conn.transaction():
                         yield conn
-                        if self.shared and scope.changes:
-                            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL,
-                                               encode(scope.changes))
                 else:
                     yield conn
         finally:
@@ -156,8 +155,8 @@ class DMCache:
     def changed(self, *changes: Change) -> None:
         """These are being changed by the current :meth:`writing`'s statements.
 
-        Outside one (a statement on a connection of the caller's own), they are only forgotten
-        here: other workers are not told.
+        Outside one (a statement on a connection of the caller's own), they are forgotten at
+        once and not held.
         """
         scope = _scope.get()
         self.version += 1
@@ -174,25 +173,6 @@ class DMCache:
             self._held[change] -= 1
             if self._held[change] <= 0:
                 del self._held[change]
-
-    # --- what other workers changed ---------------------------------------------------------
-
-    def heard(self, payload: str) -> None:
-        """Another worker committed these changes (a NOTIFY on :data:`CHANNEL`)."""
-        self.version += 1
-        if payload == _EVERYTHING:
-            self.clear()
-            return
-        for line in payload.split("\n"):
-            kind, _, key = line.partition(" ")
-            if kind in ("pair", "room", "ghost") and key:
-                self._forget((kind, key))
-
-    def set_trusted(self, trusted: bool) -> None:
-        """Whether every change by another worker is heard: what was missed is forgotten."""
-        self.version += 1
-        self.clear()
-        self.trusted = trusted or not self.shared
 
     def clear(self) -> None:
         self.version += 1
@@ -227,4 +207,4 @@ class DMCache:
                 del self._by_ghost[record.ghost_id]
 
 
-__all__ = ["CHANNEL", "DMCache", "encode", "ghost", "pair", "room"]
+__all__ = ["DMCache", "ghost", "pair", "room"]

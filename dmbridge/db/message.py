@@ -10,6 +10,7 @@ from typing import Any
 
 from mautrix.types import EventID, RoomID
 from mautrix.util.async_db import Connection, Database
+from mautrix.util.async_db.database import conn_var
 
 from . import hot
 
@@ -39,6 +40,10 @@ class SentMessage:
     kind: str = MESSAGE
     target_event_id: EventID | None = None
     redacted_at: int | None = None
+
+
+class MappingNotWritten(Exception):
+    """A sent message's mapping could not be stored; the database's error is its cause."""
 
 
 def _sent(row: Any) -> SentMessage:
@@ -100,43 +105,104 @@ class SentMessageStore:
 
         Mappings put while an INSERT is being written go together in the next one (one
         statement and one commit for all of them), so many sends in flight share commits.
+        Never inside a caller's ``acquire()``: the mapping is committed on a connection of its
+        own (on SQLite, the one connection the caller holds).
         """
+        assert conn_var.get(None) is None, "put() inside a caller's acquire() would wait forever"
         row = (network, remote_id, message_id, sent.room_id, sent.event_id, at_ms, sent.kind,
                sent.target_event_id)
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting.append((row, done))
         if self._writer is None:  # in a context of its own: never in a caller's transaction
             self._writer = asyncio.create_task(self._write(), context=contextvars.Context())
+            self._writer.add_done_callback(self._written)
         if await asyncio.shield(done):
             return sent
         return await self.get(network, remote_id, message_id) or sent
 
+    async def drain(self) -> None:
+        """Wait until every mapping put so far is written (or has failed)."""
+        while self._writer is not None:
+            await asyncio.wait([self._writer])
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        """The writer ended: if it was cancelled before it ran, what waits fails (once it ran,
+        it has done this itself)."""
+        if self._writer is task:
+            self._writer = None
+            self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for _, done in waiting:
+            if not done.done():
+                done.set_exception(RuntimeError("the bridge is stopping"))
+
     async def _write(self) -> None:
         """Write what waits, a batch per statement, until nothing does."""
         try:
-            while self._waiting:
-                batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
-                try:
-                    inserted = await self._insert([row for row, _ in batch])
-                except BaseException as e:
-                    for _, done in batch:
-                        if not done.done():
-                            done.set_exception(e if isinstance(e, Exception)
-                                               else RuntimeError("the write was cancelled"))
-                    if not isinstance(e, Exception):
-                        raise
-                    continue
-                for row, done in batch:
-                    key = (row[0], row[1], row[2])
-                    mine = key in inserted
-                    inserted.discard(key)  # a second put of the same ID in the batch lost
-                    if not done.done():
-                        done.set_result(mine)
+            await self._write_batches()
         finally:
             self._writer = None
-            waiting, self._waiting = self._waiting, []
-            for _, done in waiting:  # only if this was cancelled
-                done.set_exception(RuntimeError("the bridge is stopping"))
+            self._fail_waiting()  # only if this was cancelled
+
+    async def _write_batches(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            # In key order, so that two workers' batches take the same keys' locks in the same
+            # order (PostgreSQL would otherwise deadlock them); stable: the first put of a key
+            # is still the one written.
+            batch.sort(key=lambda waiting: waiting[0][:3])
+            try:
+                inserted = await self._insert([row for row, _ in batch])
+            except Exception as e:
+                await self._write_one_by_one(batch, e)
+                continue
+            except BaseException:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(RuntimeError("the write was cancelled"))
+                raise
+            self._answer(batch, inserted)
+
+    async def _write_one_by_one(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[bool]]],
+                                e: Exception) -> None:
+        """The batch failed: each row alone, so one bad row fails only its own put. After two
+        rows in a row fail, the database is failing, not the rows: the rest are not tried."""
+        failures = 0
+        for row, done in batch:
+            if done.done():
+                continue
+            if len(batch) == 1 or failures >= 2:
+                error = MappingNotWritten(f"the message map could not be written: {e}")
+                error.__cause__ = e
+                done.set_exception(error)
+                continue
+            try:
+                inserted = await self._insert([row])
+            except Exception as own:
+                failures += 1
+                error = MappingNotWritten(f"the message map could not be written: {own}")
+                error.__cause__ = own
+                done.set_exception(error)
+                continue
+            except BaseException:
+                for _, rest in batch:
+                    if not rest.done():
+                        rest.set_exception(RuntimeError("the write was cancelled"))
+                raise
+            failures = 0
+            self._answer([(row, done)], inserted)
+
+    @staticmethod
+    def _answer(batch: list[tuple[tuple[Any, ...], asyncio.Future[bool]]], inserted: set[_KEY]
+                ) -> None:
+        for row, done in batch:
+            key = (row[0], row[1], row[2])
+            mine = key in inserted
+            inserted.discard(key)  # a second put of the same ID in the batch lost
+            if not done.done():
+                done.set_result(mine)
 
     async def _insert(self, rows: list[tuple[Any, ...]]) -> set[_KEY]:
         """One INSERT of every row; the keys of the rows it inserted (not already there)."""

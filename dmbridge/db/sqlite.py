@@ -57,6 +57,10 @@ def _all(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> list[sqli
         cursor.close()
 
 
+def _many(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> None:
+    conn.executemany(sql, *args).close()
+
+
 def _one(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> sqlite3.Row | None:
     cursor = conn.execute(sql, args)
     try:
@@ -106,8 +110,8 @@ class OneTripConnection:
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> None:
         await self._on_thread(_all, query, args)
 
-    async def executemany(self, query: str, *args: Any, timeout: float | None = None) -> Any:
-        return await self.conn.executemany(query, *args)
+    async def executemany(self, query: str, *args: Any, timeout: float | None = None) -> None:
+        await self._on_thread(_many, query, args)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None
                     ) -> list[sqlite3.Row]:

@@ -112,3 +112,38 @@ async def test_a_pooled_postgres_connection_is_released_without_a_reset_query(
         assert not await db.table_exists("t")
     finally:
         await db.stop()
+
+
+async def test_a_cancelled_executemany_gives_the_connection_back_only_once_it_has_run(
+        sqlite_db: Database) -> None:
+    """mautrix's state store writes rows with executemany: cancelled, the connection must not
+    go back to the pool (where a point read uses it from the event loop) while SQLite's thread
+    still runs the statement."""
+    await sqlite_db.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+    entered, go = threading.Event(), threading.Event()
+    runs: list[str] = []
+
+    def block(k: str) -> str:
+        entered.set()
+        go.wait(30)
+        runs.append(k)
+        return k
+
+    loop = asyncio.get_running_loop()
+    ended_with: list[list[str]] = []
+
+    async def many() -> None:
+        conn: Connection
+        async with sqlite_db.acquire() as conn:
+            conn.wrapped.conn._conn.create_function("block", 1, block)
+            await conn.executemany("INSERT INTO t (k) VALUES (block($1))", [("a",), ("b",)])
+
+    task = asyncio.create_task(many())
+    task.add_done_callback(lambda _: ended_with.append(list(runs)))
+    await loop.run_in_executor(None, entered.wait, 30)
+    task.cancel()
+    loop.call_later(0.1, go.set)  # the statement finishes a little after the cancellation
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ended_with == [["a", "b"]]  # not before the thread had run every row
+    assert await sqlite_db.fetchval(POINT_READ + "SELECT COUNT(*) FROM t") == 2

@@ -91,6 +91,13 @@ def every_method(store: DMStore, conn: Any) -> dict[str, Callable[[], Awaitable[
         "count_by_state": lambda: store.count_by_state(),
         "set_state": lambda: store.set_state(conn, ROOM, "declined", "x", 4),
         "end": lambda: store.end(ROOM, 5),
+        "replace_with_claim": lambda: store.replace_with_claim(conn, ROOM, "replacing", "c2",
+                                                               "i1", 6),
+        "restore_replaced": lambda: store.restore_replaced(ROOM, "replacing", None, 7),
+        "change_ended_reason": lambda: DMStore.change_ended_reason(conn, ROOM, "replacing",
+                                                                   "replaced", 8),
+        "ended_for": lambda: store.ended_for("replaced"),
+        "ended_with_ghost_joined": lambda: store.ended_with_ghost_joined("replaced"),
     }
 
 
@@ -136,6 +143,8 @@ async def test_every_dm_statement_searches_an_index(stores: Stores) -> None:
     public = {name for name, _ in inspect.getmembers(DMStore, inspect.isfunction)
               if not name.startswith("_")}
     assert set(calls) == public  # a new method of the store is checked here too
+    async with db.acquire() as conn:  # an active DM, so that every statement runs
+        await stores.dms.adopt(conn, GHOST, USER, "sms", "a", ROOM, "active", "x", 1)
     for call in calls.values():
         await call()
     if db.scheme == Scheme.SQLITE:

@@ -14,4 +14,5 @@ from . import (  # noqa: E402,F401
     v06_retention_indexes,
     v07_dm_indexes,
     v08_invite_lease,
+    v09_ended_dm_reason,
 )
