@@ -133,6 +133,7 @@ async def test_reply_reaches_the_webhook_signed_with_sender_recipient_and_text(
         "html": "See you at <em>8</em>",
         "media": None,
         "reply_to": None,
+        "thread_root": None,
         "sent_at": sent["origin_server_ts"],
     }
     assert second.json["message"]["text"] == "bring snacks"
