@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -13,6 +14,8 @@ from dmbridge.db import Stores, create_database
 from tests.support.fake_homeserver import FakeHomeserver
 from tests.support.postgres import PostgresCluster
 from tests.support.settings import AS_TOKEN
+
+POOL_CLOSE_S = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,9 @@ async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
             "SELECT tablename FROM pg_tables WHERE schemaname='public' AND tablename<>'version'")]
         await db.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
     yield Stores.over(db)
-    await db.stop()
+    # Bounded: closing the pool waits for every connection to come back, so a test that left
+    # one out fails here (the pool is then terminated) instead of hanging the run.
+    await asyncio.wait_for(db.stop(), POOL_CLOSE_S)
 
 
 @pytest.fixture

@@ -26,6 +26,10 @@ GHOST = UserID("@dm_sms_a:example.org")
 USER = UserID("@alice:example.org")
 
 
+# Bound on stopping a round or closing a connection: a stop that never returns fails the test.
+STOP_S = 30.0
+
+
 def days_ago(days: float) -> int:
     return NOW - int(days * DAY_MS)
 
@@ -179,14 +183,16 @@ async def test_a_round_stopped_midway_leaves_the_lock_to_the_other_workers(
             await other.execute("SELECT 1 FROM sent_message FOR UPDATE")
         retention.start(first=0)
         if where == "in a statement":
-            await _until(lambda: other.fetchval(
+            # Asked on the pool, outside the other session's transaction: a transaction sees
+            # pg_stat_activity as it was when it first looked, before the DELETE began.
+            await _until(lambda: stores.db.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                 " AND query LIKE 'DELETE FROM sent_message%')"), "the DELETE waiting")
         else:
             async def deleted_one() -> bool:
                 return retention.statements.get("sent_messages", 0) >= 1
             await _until(deleted_one, "the first DELETE")
-        await retention.stop()
+        await asyncio.wait_for(retention.stop(), STOP_S)
         if where == "in a statement":
             await txn.rollback()
         # A connection cut off mid-statement is ended: its session, and the lock, go as soon
@@ -194,7 +200,12 @@ async def test_a_round_stopped_midway_leaves_the_lock_to_the_other_workers(
         await _until(lambda: other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY),
                      "the other worker taking the lock")
     finally:
-        await other.close()
+        # Whatever failed, the round (asleep for an hour between statements) gives its pooled
+        # connection back, and the other session's row locks go with it.
+        try:
+            await asyncio.wait_for(retention.stop(), STOP_S)
+        finally:
+            await other.close(timeout=STOP_S)
     assert await stores.db.fetchval("SELECT 1") == 1  # the pool goes on working
 
 
@@ -221,18 +232,23 @@ async def test_a_round_that_loses_the_answer_to_its_lock_leaves_the_lock_to_the_
         db = create_database(str(url.with_port(proxy.port)), db_args={"min_size": 1},
                              log=logging.getLogger("dmbridge.db"))
         await db.start()
+        retention = Retention(db, RetentionSettings())
         try:
-            retention = Retention(db, RetentionSettings())
             retention.start(first=0)
-            await asyncio.wait_for(proxy.held.wait(), 30)
+            await asyncio.wait_for(proxy.held.wait(), STOP_S)
             assert not await other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY)
             stopping = asyncio.create_task(retention.stop())
             await asyncio.sleep(0)  # the round is cancelled while its answer is held ...
             proxy.release()  # ... and the connection works again afterwards
-            await stopping
+            await asyncio.wait_for(stopping, STOP_S)
             await _until(lambda: other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY),
                          "the other worker taking the lock")
             assert await db.fetchval("SELECT 1") == 1  # the pool goes on working
         finally:
-            await other.close()
-            await db.stop()
+            # Held answers would keep the pool's connections from closing: let them through.
+            proxy.release()
+            try:
+                await asyncio.wait_for(retention.stop(), STOP_S)
+            finally:
+                await other.close(timeout=STOP_S)
+                await asyncio.wait_for(db.stop(), STOP_S)
