@@ -1,0 +1,62 @@
+"""Several networks in one program: the network is picked by the remote ID's format."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from .client import Client
+from .dm import DM
+from .errors import AmbiguousRemoteID, NoNetwork
+from .models import Sent
+
+
+class Router:
+    """Picks, for a remote ID, the one client whose network's ``remote_id_pattern`` matches it.
+
+    A client's pattern is the one given to ``Client(..., remote_id_pattern=...)``, else the one
+    the bridge describes for the network (asked once, on first use). Two matching networks
+    raise :class:`AmbiguousRemoteID` (pass ``network=``); none raises :class:`NoNetwork`.
+    """
+
+    def __init__(self, clients: Iterable[Client]) -> None:
+        self.clients = {client.network: client for client in clients}
+
+    async def discover(self) -> None:
+        """Ask the bridge for the pattern of every network that was given none."""
+        for client in self.clients.values():
+            if client.remote_id_pattern is None:
+                await client.network_info()
+
+    async def client_for(self, remote_id: str, *, network: str | None = None) -> Client:
+        if network is not None:
+            if network not in self.clients:
+                raise NoNetwork(f"no client for network {network!r}; the router has "
+                                f"{', '.join(self.clients) or 'none'}")
+            return self.clients[network]
+        await self.discover()
+        matching = [c for c in self.clients.values()
+                    if re.fullmatch(c.remote_id_pattern or "", remote_id) is not None]
+        if not matching:
+            raise NoNetwork(f"{remote_id!r} matches the remote ID pattern of none of the "
+                            f"networks {', '.join(self.clients) or '(none)'}")
+        if len(matching) > 1:
+            raise AmbiguousRemoteID(remote_id, [c.network for c in matching])
+        return matching[0]
+
+    async def open_dm(self, sender: str, user_id: str, *, network: str | None = None,
+                      **options: Any) -> DM:
+        """``Client.open_dm`` on the network ``sender`` belongs to."""
+        client = await self.client_for(sender, network=network)
+        return await client.open_dm(sender, user_id, **options)
+
+    async def send_message(self, sender: str, user_id: str, text: str | None = None, *,
+                           network: str | None = None, **options: Any) -> Sent:
+        """``Client.send_message`` on the network ``sender`` belongs to."""
+        client = await self.client_for(sender, network=network)
+        return await client.send_message(sender, user_id, text, **options)
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.close()

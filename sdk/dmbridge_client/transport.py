@@ -1,0 +1,131 @@
+"""HTTP to the bridge: the token, JSON, errors as exceptions, and bounded retries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import aiohttp
+
+from .errors import APIError, ConnectionFailed, RateLimited, api_error
+
+PREFIX = "/_dmbridge/v1"
+log = logging.getLogger("dmbridge_client")
+
+# Statuses worth sending the same request again for; every call of the client is safe to
+# repeat (sends carry their message ID, the rest are idempotent by nature).
+WAIT_STATUSES = frozenset({429, 503})
+TRANSIENT_STATUSES = frozenset({502, 504})
+
+
+def api_base(base_url: str) -> str:
+    """``http://host:port`` or ``http://host:port/_dmbridge/v1``, as the API's root."""
+    base = base_url.rstrip("/")
+    return base if base.endswith(PREFIX) else base + PREFIX
+
+
+def retry_after(resp: aiohttp.ClientResponse, body: Any) -> float | None:
+    header = resp.headers.get("Retry-After", "")
+    if header.isdigit():
+        return float(header)
+    if isinstance(body, dict) and isinstance(body.get("retry_after_ms"), int):
+        return float(body["retry_after_ms"]) / 1000
+    return None
+
+
+class Transport:
+    """One aiohttp session for the client, opened on first use."""
+
+    def __init__(self, base_url: str, token: str, *, max_retries: int = 5,
+                 max_wait: float = 60.0, timeout: float = 90.0,
+                 session: aiohttp.ClientSession | None = None) -> None:
+        self.base = api_base(base_url)
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.max_retries = max_retries
+        self.max_wait = max_wait
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session = session
+        self._own_session = session is None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
+            self._own_session = True
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and self._own_session:
+            await self._session.close()
+        self._session = None
+
+    async def request(self, method: str, path: str, *, json: Any = None,
+                      params: dict[str, str] | None = None, data: Any = None,
+                      headers: dict[str, str] | None = None, replayable: bool = True,
+                      time_limit: float | None = None, raw: bool = False) -> Any:
+        """The answer's JSON; an :class:`APIError` for an error answer.
+
+        429 and 503 are sent again after ``Retry-After``, connection errors and 502/504 after a
+        growing pause, at most ``max_retries`` times and ``max_wait`` seconds in all; a
+        ``replayable=False`` body (a stream) is sent once. ``data`` may be a function that
+        gives the body afresh for each attempt. ``path`` may be a whole URL; with ``raw`` the
+        answer's bytes are returned.
+        """
+        url = path if path.startswith(("http://", "https://")) else self.base + path
+        all_headers = self.headers if headers is None else {**self.headers, **headers}
+        waited = 0.0
+        attempt = 0
+        client_timeout = None if time_limit is None else aiohttp.ClientTimeout(total=time_limit)
+        while True:
+            attempt += 1
+            try:
+                async with self.session().request(
+                        method, url, json=json, params=params,
+                        data=data() if callable(data) else data, headers=all_headers,
+                        timeout=client_timeout or self.timeout) as resp:
+                    if resp.status < 300:
+                        if raw:
+                            return await resp.read()
+                        return await resp.json(content_type=None)
+                    body = await _json_or_none(resp)
+                    error = api_error(resp.status, body, resp.headers.get("X-Request-ID"),
+                                      retry_after(resp, body))
+                    pause = self._pause(resp.status, error, attempt)
+            except (aiohttp.ClientConnectionError, TimeoutError) as e:
+                pause = _backoff(attempt)
+                if not replayable or attempt > self.max_retries or waited + pause > self.max_wait:
+                    raise ConnectionFailed(
+                        f"{method} {url} failed after {attempt} attempt(s): "
+                        f"{type(e).__name__}: {e}") from e
+                log.info("%s %s: %s; sending it again in %.1f s", method, path,
+                         type(e).__name__, pause)
+            else:
+                if pause is None or not replayable or attempt > self.max_retries \
+                        or waited + pause > self.max_wait:
+                    raise error
+                log.info("%s %s: %s; sending it again in %.1f s", method, path, error.code,
+                         pause)
+            waited += pause
+            await asyncio.sleep(pause)
+
+    @staticmethod
+    def _pause(status: int, error: APIError, attempt: int) -> float | None:
+        if status in WAIT_STATUSES:
+            if isinstance(error, RateLimited):
+                return error.retry_after
+            return _backoff(attempt)
+        if status in TRANSIENT_STATUSES:
+            return _backoff(attempt)
+        return None
+
+
+def _backoff(attempt: int) -> float:
+    return min(8.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+
+async def _json_or_none(resp: aiohttp.ClientResponse) -> Any:
+    try:
+        return await resp.json(content_type=None)
+    except ValueError:
+        return None
