@@ -18,6 +18,7 @@ from .errors import NotFound, NotSupported, Unrecognized
 from .events import DirectMessage, Event, parse_event
 from .handlers import Handlers, Once
 from .models import Deleted, DMInfo, NetworkInfo, Sent, Upload
+from .pull import Puller
 from .transport import Transport
 
 if TYPE_CHECKING:
@@ -68,7 +69,8 @@ class Client(Handlers):
         self.http = Transport(base_url, token, max_retries=max_retries, max_wait=max_wait,
                               timeout=timeout, session=session)
         self.once = Once()
-        self._path = f"/networks/{quote(network, safe='')}"
+        self.path = f"/networks/{quote(network, safe='')}"
+        self._puller: Puller | None = None
 
     async def __aenter__(self) -> Client:
         return self
@@ -94,7 +96,7 @@ class Client(Handlers):
         _profile(body, name, avatar)
         if new:
             body["new"] = True
-        answer = await self.http.request("POST", self._path + "/dms", json=body)
+        answer = await self.http.request("POST", self.path + "/dms", json=body)
         info = DMInfo.from_json(answer)
         if new and not info.created:
             raise NotSupported(
@@ -115,7 +117,7 @@ class Client(Handlers):
             params["user_id"] = user_id
         if sender is not None:
             params["remote_id"] = sender
-        answer = await self.http.request("GET", self._path + "/dms", params=params)
+        answer = await self.http.request("GET", self.path + "/dms", params=params)
         return [DM(self, DMInfo.from_json(dm)) for dm in answer["dms"]]
 
     # --- messages --------------------------------------------------------------------------
@@ -148,7 +150,7 @@ class Client(Handlers):
 
     async def _put_message(self, message_id: str, body: dict[str, Any]) -> Sent:
         answer = await self.http.request(
-            "PUT", f"{self._path}/messages/{quote(message_id, safe='')}", json=body)
+            "PUT", f"{self.path}/messages/{quote(message_id, safe='')}", json=body)
         return Sent.from_json(message_id, answer)
 
     async def edit(self, sender: str, user_id: str, target: Sent | str,
@@ -168,7 +170,7 @@ class Client(Handlers):
         body = {"sender": sender, "recipient": user_id, "target": target_json(target),
                 "key": key}
         answer = await self.http.request(
-            "PUT", f"{self._path}/reactions/{quote(reaction_id, safe='')}", json=body)
+            "PUT", f"{self.path}/reactions/{quote(reaction_id, safe='')}", json=body)
         return Sent.from_json(reaction_id, answer)
 
     async def delete(self, sender: str, target: Sent | str, *,
@@ -177,7 +179,7 @@ class Client(Handlers):
         message_id = target.message_id if isinstance(target, Sent) else target
         params = {"sender": sender} | ({"reason": reason} if reason is not None else {})
         answer = await self.http.request(
-            "DELETE", f"{self._path}/messages/{quote(message_id, safe='')}", params=params)
+            "DELETE", f"{self.path}/messages/{quote(message_id, safe='')}", params=params)
         return Deleted(answer["room_id"], answer["event_id"], bool(answer["duplicate"]))
 
     async def set_typing(self, sender: str, user_id: str, typing: bool, *,
@@ -185,12 +187,12 @@ class Client(Handlers):
         """Show (or stop showing) ``sender`` typing in the DM, for ``show_for`` seconds."""
         body = {"sender": sender, "recipient": user_id, "typing": typing,
                 "timeout_ms": max(1, min(600_000, int(show_for * 1000)))}
-        await self.http.request("PUT", self._path + "/typing", json=body)
+        await self.http.request("PUT", self.path + "/typing", json=body)
 
     async def mark_read(self, sender: str, user_id: str, event_id: str) -> None:
         """Mark the Matrix user's message ``event_id`` (and what came before) read."""
         body = {"sender": sender, "recipient": user_id, "event_id": event_id}
-        await self.http.request("POST", self._path + "/read", json=body)
+        await self.http.request("POST", self.path + "/read", json=body)
 
     async def set_profile(self, sender: str, *, name: str | None = None,
                           avatar: Upload | str | None = None) -> dict[str, Any]:
@@ -201,7 +203,7 @@ class Client(Handlers):
         if avatar is not None:
             body["avatar"] = avatar.content_uri if isinstance(avatar, Upload) else avatar
         answer: dict[str, Any] = await self.http.request(
-            "PUT", f"{self._path}/ghosts/{quote(sender, safe='')}/profile", json=body)
+            "PUT", f"{self.path}/ghosts/{quote(sender, safe='')}/profile", json=body)
         return answer
 
     # --- files -----------------------------------------------------------------------------
@@ -233,7 +235,7 @@ class Client(Handlers):
             body, replayable = data, False
         params = {"filename": filename} if filename else None
         answer = await self.http.request(
-            "POST", self._path + "/media", data=body, params=params, replayable=replayable,
+            "POST", self.path + "/media", data=body, params=params, replayable=replayable,
             headers={"Content-Type": content_type})
         return Upload.from_json(answer)
 
@@ -250,7 +252,7 @@ class Client(Handlers):
     async def network_info(self) -> NetworkInfo:
         """What the bridge says about this network (its remote ID pattern, delivery, limits)."""
         try:
-            answer = await self.http.request("GET", self._path)
+            answer = await self.http.request("GET", self.path)
         except (Unrecognized, NotFound) as e:
             raise NotSupported(
                 f"the bridge does not describe its networks ({e.code}); give "
@@ -283,10 +285,24 @@ class Client(Handlers):
     async def run(self, *, cursor_file: str | os.PathLike[str] | None = None,
                   wait: float = 30.0, limit: int = 100, handler_attempts: int = 5,
                   handle_signals: bool = True) -> None:
-        """Pull the network's events and run the handlers until stopped; see :mod:`.pull`."""
-        from .pull import Puller
-        await Puller(self, cursor_file=cursor_file, wait=wait, limit=limit,
-                     handler_attempts=handler_attempts).run(handle_signals=handle_signals)
+        """Pull the network's events and run the handlers until stopped.
+
+        ``cursor_file`` keeps the place in the event stream across restarts. Each event is
+        acknowledged once its handlers succeeded; a failing handler is run again with backoff,
+        ``handler_attempts`` times at most. SIGINT, SIGTERM or :meth:`stop` end the loop after
+        the event being handled. See :mod:`dmbridge_client.pull`.
+        """
+        self._puller = Puller(self, cursor_file=cursor_file, wait=wait, limit=limit,
+                              handler_attempts=handler_attempts)
+        try:
+            await self._puller.run(handle_signals=handle_signals)
+        finally:
+            self._puller = None
+
+    def stop(self) -> None:
+        """End :meth:`run` after the event being handled."""
+        if self._puller is not None:
+            self._puller.stop()
 
     def webhook_app(self, secret: str, *, path: str = "/", window: int = 300
                     ) -> web.Application:

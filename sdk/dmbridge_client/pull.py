@@ -88,7 +88,7 @@ class Puller:
         pause = 0.5
         while True:
             poll = asyncio.ensure_future(self.client.http.request(
-                "GET", f"/networks/{self.client.network}/events", params=params,
+                "GET", self.client.path + "/events", params=params,
                 time_limit=self.wait + 30))
             stopped = asyncio.ensure_future(self.stopping.wait())
             await asyncio.wait({poll, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -129,4 +129,4 @@ class Puller:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 30.0)
         await self.client.http.request(
-            "POST", f"/networks/{self.client.network}/events/ack", json={"ids": [raw["id"]]})
+            "POST", self.client.path + "/events/ack", json={"ids": [raw["id"]]})
