@@ -1,11 +1,11 @@
 """The SDK's cost over a bare aiohttp call: ``DM.send`` beside the same PUT written by hand.
 
-The bridge runs as its own process (``dmbridge run``) on a stub homeserver that answers at
-once, so the bridge's answer is as quick as it can be and the client's own work shows. Both
-sides send warm messages into the same DM over one keep-alive session; rounds alternate
-between them so drift on a shared machine hits both alike. Besides the rates, the client
-process's CPU time per message is printed: that is the SDK's own work, the bridge's is not in
-it.
+Two servers, each a process of its own: a stub of the platform API that answers at once (what
+is left is the client's own cost), and the bridge (``dmbridge run``) on a stub homeserver that
+answers at once (what a platform sees). Both sides send warm messages into the same DM over one
+keep-alive session; rounds alternate between them so drift on a shared machine hits both
+alike. Besides the rates, the client process's CPU time per message is printed: that is the
+client's own work, the server's is not in it.
 
     python -m bench.sdk_overhead [--messages 1000] [--concurrency 1 8] [--rounds 3]
 """
@@ -91,6 +91,23 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
+    print(f"SDK send vs bare aiohttp PUT, {args.messages} messages per round, median of "
+          f"{args.rounds} rounds")
+    print(f"{'server':<28}  {'concurrency':>11}  {'bare msg/s':>10}  {'SDK msg/s':>9}  "
+          f"{'SDK/bare time':>13}  {'bare client CPU µs/msg':>22}  {'SDK client CPU µs/msg':>21}")
+
+    def show(server: str, rows: list[tuple[int, float, float, float, float]]) -> None:
+        for conc, b, s, bc, sc in rows:
+            print(f"{server:<28}  {conc:>11}  {b:>10.0f}  {s:>9.0f}  {b / s:>13.2f}  {bc:>22.0f}"
+                  f"  {sc:>21.0f}")
+
+    api, api_url = spawn("bench.stub_platform_api")
+    try:
+        show("stub API (client cost)", await compare(
+            api_url, messages=args.messages, concurrency=args.concurrency, rounds=args.rounds))
+    finally:
+        stop(api)
+
     stub, hs_url = spawn("bench.stub_homeserver", AS_TOKEN)
     folder = Path(tempfile.mkdtemp(prefix="dmbridge-bench-"))
     port = free_port()
@@ -103,14 +120,9 @@ async def main() -> None:
     try:
         bridge.start()
         await bridge.wait_ready(port)
-        print(f"SDK send vs bare aiohttp PUT, {args.messages} messages per round, median of "
-              f"{args.rounds} rounds; bridge process on SQLite, stub homeserver")
-        print(f"{'concurrency':>11}  {'bare msg/s':>10}  {'SDK msg/s':>9}  {'ratio':>5}  "
-              f"{'bare client CPU µs/msg':>22}  {'SDK client CPU µs/msg':>21}")
-        for conc, b, s, bc, sc in await compare(
-                f"http://127.0.0.1:{port}", messages=args.messages,
-                concurrency=args.concurrency, rounds=args.rounds):
-            print(f"{conc:>11}  {b:>10.0f}  {s:>9.0f}  {b / s:>5.2f}  {bc:>22.0f}  {sc:>21.0f}")
+        show("bridge (SQLite, stub HS)", await compare(
+            f"http://127.0.0.1:{port}", messages=args.messages, concurrency=args.concurrency,
+            rounds=args.rounds))
     finally:
         await bridge.terminate()
         stop(stub)
