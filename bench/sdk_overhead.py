@@ -3,9 +3,9 @@
 Two servers, each a process of its own: a stub of the platform API that answers at once (what
 is left is the client's own cost), and the bridge (``dmbridge run``) on a stub homeserver that
 answers at once (what a platform sees). Both sides send warm messages into the same DM over one
-keep-alive session; rounds alternate between them so drift on a shared machine hits both
-alike. Besides the rates, the client process's CPU time per message is printed: that is the
-client's own work, the server's is not in it.
+keep-alive session; rounds alternate between them, each going first in turn, so drift on a
+shared machine hits both alike. Besides the rates, the client process's CPU time per message
+is printed: that is the client's own work, the server's is not in it.
 
     python -m bench.sdk_overhead [--messages 1000] [--concurrency 1 8] [--rounds 3]
 """
@@ -69,15 +69,19 @@ async def compare(base: str, *, messages: int, concurrency: list[int], rounds: i
         async def sdk(i: int) -> object:
             return (await dm.send("benchmark message")).event_id
 
+        await bare(0)  # its connection made, as the SDK's is
+
         for conc in concurrency:
-            bare_rates, sdk_rates, bare_cpu, sdk_cpu = [], [], [], []
-            for _ in range(rounds):
-                rate, cpu = await _run(messages, conc, bare)
-                bare_rates.append(rate)
-                bare_cpu.append(cpu)
-                rate, cpu = await _run(messages, conc, sdk)
-                sdk_rates.append(rate)
-                sdk_cpu.append(cpu)
+            bare_rates: list[float] = []
+            sdk_rates: list[float] = []
+            bare_cpu: list[float] = []
+            sdk_cpu: list[float] = []
+            for r in range(rounds):
+                sides = [(bare, bare_rates, bare_cpu), (sdk, sdk_rates, sdk_cpu)]
+                for one, rates, cpus in sides[::-1] if r % 2 else sides:  # each goes first
+                    rate, cpu = await _run(messages, conc, one)
+                    rates.append(rate)
+                    cpus.append(cpu)
             results.append((conc, statistics.median(bare_rates), statistics.median(sdk_rates),
                             statistics.median(bare_cpu), statistics.median(sdk_cpu)))
     return results
