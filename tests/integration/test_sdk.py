@@ -25,10 +25,11 @@ from dmbridge_client import (
 from nio import MessageDirection, RoomMessagesResponse
 
 from dmbridge.bridge import Bridge
+from dmbridge.embedded import client_for
 from tests.integration.conftest import Homeserver, accept_dm, bridge_sees, wait_for
 from tests.integration.test_media import png
 from tests.support.matrix import Human
-from tests.support.settings import CHAT_TOKEN, SMS_TOKEN
+from tests.support.settings import CHAT_TOKEN
 
 
 def _contact() -> str:
@@ -286,16 +287,14 @@ async def test_a_late_message_keeps_its_original_time(
 
 
 async def test_router_sends_each_remote_user_through_its_own_network(
-    bridge: Bridge, homeserver: Homeserver, new_human: Any
+    bridge: Bridge, new_human: Any
 ) -> None:
     """A phone number goes out through the SMS network, a chat handle through the chat
-    network: the human gets two DMs, from the two networks' ghosts."""
+    network (clients of the embedded bridge, patterns from its config): the human gets two
+    DMs, from the two networks' ghosts."""
     human: Human = await new_human()
     networks = bridge.settings.networks
-    sms, chat = (Client(f"http://127.0.0.1:{homeserver.bridge_port}", token, name,
-                        remote_id_pattern=networks.get(name).remote_id_pattern.pattern)
-                 for name, token in (("sms", SMS_TOKEN), ("chat", CHAT_TOKEN)))
-    router = Router([sms, chat])
+    router = Router([client_for(bridge, "sms"), client_for(bridge, "chat")])
     phone, handle = "+1555" + str(uuid.uuid4().int)[:7], _contact()
     try:
         by_sms = await router.send_message(phone, human.user_id, "From a phone")
