@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,11 +56,13 @@ def test_the_sdk_installs_with_only_aiohttp_and_imports(tmp_path: Path) -> None:
     _run(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
     pip = (sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet")
+    source = tmp_path / "sdk"  # a copy: building writes beside the sources
+    shutil.copytree(ROOT / "sdk", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     requirements = tmp_path / "aiohttp.txt"
     requirements.write_text(_locked(AIOHTTP))
     _both([*pip, "--python", python, "install", "--no-deps", "--require-hashes", "-r",
            requirements],
-          [*pip, "wheel", "--no-deps", "--wheel-dir", tmp_path / "wheels", ROOT / "sdk"])
+          [*pip, "wheel", "--no-deps", "--wheel-dir", tmp_path / "wheels", source])
     wheel = next((tmp_path / "wheels").glob("dmbridge_client-*.whl"))
     _run(*pip, "--python", python, "install", "--no-deps", wheel)
 
