@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -227,8 +227,7 @@ class Client(Handlers):
         elif hasattr(data, "read"):
             stream: IO[bytes] = data  # type: ignore[assignment]
             if stream.seekable():
-                start = stream.tell()
-                body = lambda: (stream.seek(start), stream)[1]  # noqa: E731
+                body = _rewound(stream)
             else:
                 body, replayable = stream, False
         else:
@@ -309,6 +308,16 @@ class Client(Handlers):
         """An aiohttp application that receives the network's webhook; see :mod:`.webhook`."""
         from .webhook import webhook_app
         return webhook_app(self, secret, path=path, window=window)
+
+
+def _rewound(stream: IO[bytes]) -> Callable[[], IO[bytes]]:
+    """The stream from where it is now, each time it is sent."""
+    start = stream.tell()
+
+    def again() -> IO[bytes]:
+        stream.seek(start)
+        return stream
+    return again
 
 
 def _content(body: dict[str, Any], text: str | None, html: str | None, markdown: str | None,

@@ -115,9 +115,7 @@ class Puller:
             try:
                 await self.client.dispatch(raw)
                 break
-            except DmbridgeError as e:
-                error: Exception = e
-            except Exception as e:
+            except Exception as e:  # the handler's own errors, whatever they are
                 error = e
             if attempt == self.handler_attempts:
                 log.error("event %s (%s) failed %d time(s), left unacknowledged for the bridge "
@@ -128,5 +126,8 @@ class Puller:
                         raw.get("id"), raw.get("type"), attempt, error, pause, exc_info=error)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 30.0)
-        await self.client.http.request(
-            "POST", self.client.path + "/events/ack", json={"ids": [raw["id"]]})
+        try:
+            await self.client.http.request(
+                "POST", self.client.path + "/events/ack", json={"ids": [raw["id"]]})
+        except DmbridgeError as e:  # handed out again later; its handlers will not post twice
+            log.warning("acknowledging event %s failed: %s", raw.get("id"), e)

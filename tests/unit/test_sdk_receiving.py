@@ -34,6 +34,7 @@ class FakeEvents:
         self.events = events
         self.acks: list[list[int]] = []
         self.afters: list[int] = []
+        self.refuse_acks = 0  # how many acknowledgements to answer 500
 
     async def pull(self, request: web.Request) -> web.Response:
         after = int(request.query["after"])
@@ -47,6 +48,9 @@ class FakeEvents:
 
     async def ack(self, request: web.Request) -> web.Response:
         ids = (await request.json())["ids"]
+        if self.refuse_acks:
+            self.refuse_acks -= 1
+            return web.json_response({"errcode": "M_UNKNOWN", "error": "db down"}, status=500)
         self.acks.append(ids)
         return web.json_response({"acknowledged": len(ids)})
 
@@ -114,6 +118,26 @@ async def test_an_event_whose_handler_keeps_failing_is_left_unacknowledged(
     async with client:
         await client.run(wait=0, handler_attempts=2, handle_signals=False)
     assert events.acks == [[2]]
+
+
+async def test_a_failed_acknowledgement_is_logged_and_the_loop_goes_on(
+    fake: tuple[FakeEvents, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    events, url = fake
+    events.refuse_acks = 1
+    handled: list[str] = []
+    client = sdk.Client(url, "t", "chat")
+
+    @client.on_direct_message
+    async def handle(message: sdk.DirectMessage) -> None:
+        handled.append(message.text)
+        if message.text == "two":
+            client.stop()
+
+    async with client:
+        await client.run(wait=0, handle_signals=False)
+    assert handled == ["one", "two"] and events.acks == [[2]]
+    assert "acknowledging event 1 failed: 500 M_UNKNOWN: db down" in caplog.text
 
 
 async def test_sigterm_ends_run_after_the_event_in_hand(fake: tuple[FakeEvents, str],
