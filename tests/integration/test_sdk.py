@@ -16,6 +16,7 @@ from dmbridge_client import (
     Declined,
     DirectMessage,
     Edit,
+    Notice,
     NotSupported,
     Reaction,
     ReadReceipt,
@@ -241,12 +242,24 @@ async def _has(seen: list[Any], kind: type) -> bool:
 async def test_a_declined_user_raises_declined_with_what_to_do(
     bridge: Bridge, client: Client, new_human: Any
 ) -> None:
-    """The human rejects the ghost's invite: the next send raises Declined, saying to stop."""
+    """The human rejects the ghost's invite: the dm.declined handler hears it, and the next
+    send raises Declined, saying to stop."""
     human: Human = await new_human()
     contact = _contact()
     dm = await client.open_dm(contact, human.user_id)
+    notices: list[Notice] = []
+
+    @client.on_dm_declined
+    async def declined(notice: Notice) -> None:
+        notices.append(notice)
+        client.stop()
+
+    running = asyncio.create_task(client.run(wait=1, handle_signals=False))
     await human.wait_invite(dm.room_id)
     await human.reject(dm.room_id)
+    await asyncio.wait_for(running, 60)
+    assert [(n.type, n.state, n.reason, n.remote_id, n.dm.room_id) for n in notices] == [
+        ("dm.declined", "declined", "invite_rejected", contact, dm.room_id)]
     await bridge_sees(bridge, dm.room_id, human.user_id, "leave")
     with pytest.raises(Declined) as refused:
         await client.send_message(contact, human.user_id, "Still there?")
