@@ -257,7 +257,8 @@ class Bridge:
 
     @staticmethod
     async def _recover_unfinished(dms: DMService) -> None:
-        """DM creations a process that died left unfinished: adopt their rooms, or free them.
+        """DM creations a process that died left unfinished: adopt their rooms, or free them;
+        rooms of replaced DMs the ghost is still in: it leaves them.
 
         In the background; a request for such a pair meanwhile settles it itself.
         """
@@ -266,9 +267,16 @@ class Bridge:
         except Exception:
             log.exception("recovering unfinished DM creations failed; each is settled when its"
                           " pair is next written to")
+        else:
+            if settled:
+                log.info("settled %d unfinished DM creation(s)", settled)
+        try:
+            left = await dms.finish_replacements()
+        except Exception:
+            log.exception("leaving the rooms of replaced DMs failed; tried again at next start")
             return
-        if settled:
-            log.info("settled %d unfinished DM creation(s)", settled)
+        if left:
+            log.info("left %d room(s) of DMs replaced by a fresh one", left)
 
     async def _log_summaries(self) -> None:
         while True:

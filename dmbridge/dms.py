@@ -40,6 +40,7 @@ from .networks import Network
 from .opening import DM, NoNewRoom, OpenedDM, Opener, Profile, declined, homeserver_errors
 from .ratelimit import Pacing
 from .relations import (
+    IN_THREAD,
     DuplicateReaction,
     GhostNotInRoom,
     NotYours,
@@ -50,8 +51,11 @@ from .relations import (
     reaction_content,
     reply_content,
     resolve,
+    thread_content,
+    thread_refused,
     with_article,
 )
+from .timestamps import check_origin_ts
 
 log = logging.getLogger("dmbridge.dms")
 
@@ -145,8 +149,17 @@ class DMService:
 
     async def open_dm(
         self, network_id: str, remote_id: str, user_id: str, *, sender_name: str | None = None,
-        sender_avatar: str | None = None,
+        sender_avatar: str | None = None, new: bool = False, replaces: str | None = None,
     ) -> OpenedDM:
+        """The pair's usable DM, opened if there is none. ``new=True`` ends the current DM
+        (the ghost leaves it, see :meth:`Opener._replace`) and opens a fresh one; ``replaces``
+        (a room ID) makes that conditional on the current DM being that room, so a retry of
+        the same request does not replace the room the first try made."""
+        if replaces is not None and not new:
+            raise InvalidParam("'replaces' goes with 'new': true")
+        if replaces is not None and not replaces.startswith("!"):
+            raise InvalidParam(f"'replaces' must be a room ID (starting with '!'), not"
+                               f" {replaces!r}")
         network = self.networks.get(network_id)
         ghost_id = network.ghost_user_id(remote_id)
         recipient = self._check_recipient(user_id)
@@ -155,25 +168,35 @@ class DMService:
         if record is None or sender_avatar != record.ghost_avatar_url:
             await self._check_avatar(network, sender_avatar)  # before a room or a ghost exists
         profile = Profile(sender_name, sender_avatar)
-        return await self.opener.open(network, remote_id, ghost_id, recipient, profile, record)
+        return await self.opener.open(network, remote_id, ghost_id, recipient, profile, record,
+                                      replace=new,
+                                      replaces=RoomID(replaces) if replaces is not None
+                                      else None)
 
     async def send(
         self, network_id: str, remote_id: str, user_id: str, *, message_id: str,
         text: str | None = None, html: str | None = None, markdown: str | None = None,
         msgtype: str = "text", sender_name: str | None = None, sender_avatar: str | None = None,
         media: str | None = None, reply_to: Target | None = None, edits: str | None = None,
+        thread_root: Target | None = None, ts: int | None = None,
     ) -> SendResult:
         """Send a message from a remote user; ``html`` is sanitised, ``markdown`` rendered.
 
         ``media`` is a content URI the network uploaded (the text becomes its caption);
-        ``reply_to`` makes it a reply, ``edits`` (one of the sender's message IDs) an edit.
+        ``reply_to`` makes it a reply, ``edits`` (one of the sender's message IDs) an edit,
+        ``thread_root`` a message in that message's thread; ``ts`` is the time it was written
+        (milliseconds since the epoch), which the Matrix event shows.
         """
         network = self.networks.get(network_id)
         ghost_id = network.ghost_user_id(remote_id)
         recipient = self._check_recipient(user_id)
         _check_message_id(message_id)
-        if edits is not None and (reply_to is not None or media is not None):
-            raise InvalidParam("an edit replaces a message's text; it takes no reply_to or media")
+        if edits is not None and (reply_to is not None or media is not None
+                                  or thread_root is not None):
+            raise InvalidParam("an edit replaces a message's text; it takes no reply_to,"
+                               " thread_root or media")
+        if ts is not None:
+            check_origin_ts(ts, now_ms())
         if media is not None:
             if msgtype != "text":
                 raise InvalidParam("a media message's msgtype follows the media's type")
@@ -198,25 +221,44 @@ class DMService:
                                      purpose=purpose)
             # Refused before any room is opened: a target elsewhere changes nothing.
             check_room(resolved, record.room_id if record else None, target, purpose)
+        thread = None
+        if thread_root is not None:
+            thread = await resolve(self.stores, network.id, remote_id, recipient, thread_root,
+                                   purpose=IN_THREAD)
+            check_room(thread, record.room_id if record else None, thread_root, IN_THREAD)
         if record is None or sender_avatar != record.ghost_avatar_url:
             await self._check_avatar(network, sender_avatar)  # before a room or a ghost exists
         profile = Profile(sender_name, sender_avatar)
         try:  # a reply, edit or reaction belongs in the room of its target: never a new one
             opened = await self.opener.open(network, remote_id, ghost_id, recipient, profile,
-                                            record, new_room=resolved is None)
+                                            record, new_room=resolved is None and thread is None)
         except NoNewRoom:
-            assert resolved is not None and target is not None
-            check_room(resolved, None, target, purpose)
+            if resolved is not None and target is not None:
+                check_room(resolved, None, target, purpose)
+            if thread is not None and thread_root is not None:
+                check_room(thread, None, thread_root, IN_THREAD)
             raise
         if resolved is not None and target is not None:
             check_room(resolved, opened.dm.room_id, target, purpose)
-            content = (edit_content(content, resolved.event_id) if edits is not None
-                       else reply_content(content, resolved.event_id))
+        if thread is not None and thread_root is not None:
+            check_room(thread, opened.dm.room_id, thread_root, IN_THREAD)
+        if edits is not None and resolved is not None:
+            content = edit_content(content, resolved.event_id)
+        elif thread is not None:
+            content = thread_content(content, thread.event_id,
+                                     resolved.event_id if resolved is not None else None)
+        elif resolved is not None:
+            content = reply_content(content, resolved.event_id)
         txn_id = txn_id_for(network.id, remote_id, message_id)
         try:
-            event_id = await self._send_into(opened.dm, txn_id, content)
+            event_id = await self._send_into(opened.dm, txn_id, content, ts)
+        except HomeserverError as e:
+            if thread_root is not None and thread_refused(e):
+                raise InvalidParam(f"{thread_root} is itself in a thread; give the thread's"
+                                   " root as thread_root") from e
+            raise
         except MForbidden as e:
-            if resolved is not None:  # a new room would not hold the target either
+            if resolved is not None or thread is not None:  # a new room would not hold it
                 raise HomeserverError(f"the homeserver refused the message: {e}") from e
             # Our view of the room was behind the homeserver's: retire the room, open afresh.
             log.warning("send into %s refused (%s); opening a new DM", opened.dm.room_id, e)
@@ -224,7 +266,7 @@ class DMService:
             opened = await self.open_dm(network.id, remote_id, user_id, sender_name=sender_name,
                                         sender_avatar=sender_avatar)
             try:
-                event_id = await self._send_into(opened.dm, txn_id, content)
+                event_id = await self._send_into(opened.dm, txn_id, content, ts)
             except MForbidden as again:
                 raise HomeserverError(f"the homeserver refused the message: {again}") from again
         sent = await self.stores.messages.put(
@@ -391,6 +433,10 @@ class DMService:
         """Settle the DM creations that a process which died left unfinished."""
         return await self.opener.recover_unfinished()
 
+    async def finish_replacements(self) -> int:
+        """The ghost leaves the rooms its DMs were replaced from that it is still in."""
+        return await self.opener.finish_replacements()
+
     async def settle_if_gone(self, ghost_id: UserID, user_id: UserID) -> bool:
         """Settle the pair's DM creation if the process that began it is gone."""
         return await self.opener.settle_if_gone(ghost_id, user_id)
@@ -412,10 +458,11 @@ class DMService:
             if not uploaded.mimetype.startswith("image/"):
                 raise InvalidParam(f"'{what}' must be an image, not {uploaded.mimetype}")
 
-    async def _send_into(self, dm: DM, txn_id: str, content: dict[str, Any]) -> EventID:
+    async def _send_into(self, dm: DM, txn_id: str, content: dict[str, Any],
+                         ts: int | None = None) -> EventID:
         try:
             return await self.homeserver.send_event(
-                dm.ghost_id, dm.room_id, "m.room.message", txn_id, content
+                dm.ghost_id, dm.room_id, "m.room.message", txn_id, content, ts=ts
             )
         except MForbidden:
             raise

@@ -87,14 +87,15 @@ class Homeserver:
 
     async def send_event(
         self, ghost_id: UserID, room_id: RoomID, event_type: str, txn_id: str,
-        content: dict[str, Any], attempts: int = 3,
+        content: dict[str, Any], attempts: int = 3, *, ts: int | None = None,
     ) -> EventID:
-        """Send as a ghost. The txn_id makes retries (ours or the platform's) land once."""
+        """Send as a ghost. The txn_id makes retries (ours or the platform's) land once;
+        ``ts`` (milliseconds since the epoch) is the event's ``origin_server_ts``."""
         path = (
             f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/"
             f"{quote(event_type, safe='')}/{quote(txn_id, safe='')}"
         )
-        return await self._put_event(ghost_id, room_id, path, content, attempts)
+        return await self._put_event(ghost_id, room_id, path, content, attempts, ts)
 
     async def redact(
         self, ghost_id: UserID, room_id: RoomID, event_id: EventID, txn_id: str,
@@ -110,15 +111,16 @@ class Homeserver:
 
     async def _put_event(
         self, ghost_id: UserID, room_id: RoomID, path: str, content: dict[str, Any],
-        attempts: int,
+        attempts: int, ts: int | None = None,
     ) -> EventID:
         url = self.base_url + path
         body = json.dumps(content)
+        params = {"user_id": ghost_id} if ts is None else {"user_id": ghost_id, "ts": str(ts)}
         delay = 0.5
         for attempt in range(1, attempts + 1):
             try:
                 async with self.session.put(
-                    url, data=body, params={"user_id": ghost_id}, headers=self._headers
+                    url, data=body, params=params, headers=self._headers
                 ) as resp:
                     text = await resp.text()
                     if resp.status == 200:

@@ -29,6 +29,9 @@ log = logging.getLogger("dmbridge.lifecycle")
 _MEMBERSHIPS = frozenset({"join", "invite", "leave", "ban", "knock"})
 _MESSAGES = frozenset({"m.room.message", "m.sticker"})
 _RELATED = frozenset({"m.reaction", "m.room.redaction"})
+# Why a DM ended that the platform replaced with a new room (``new: true``): what the user
+# writes there never reaches the platform, and never makes that room the DM again.
+REPLACED_BY_PLATFORM = "replaced_by_platform"
 # Rooms whose user is remembered as typing (to tell the platform each start and stop once).
 TYPING_ROOMS_MAX = 10_000
 
@@ -221,7 +224,8 @@ class Lifecycle:
                      room_id, raw.get("type"), event_id)
             return
         if dm.state in (ENDED, DECLINED):
-            if dm.ghost_membership != "join" or raw.get("type") not in _MESSAGES:
+            if (dm.ghost_membership != "join" or raw.get("type") not in _MESSAGES
+                    or dm.reason == REPLACED_BY_PLATFORM):
                 log.info("%s: %s %s not delivered: the room is no longer the DM", room_id,
                          raw.get("type"), event_id)
                 return
@@ -296,14 +300,21 @@ class Lifecycle:
             return (payloads.message(lane, room_id, raw, dm.user_displayname, now,
                                      content=new_content), mapped(MESSAGE))
         in_reply_to = relates.get("m.in_reply_to")
-        reply_to = None
+        reply_to = thread_root = None
         answered = _event_ref(in_reply_to.get("event_id")) if isinstance(
             in_reply_to, dict) else None
+        root = _event_ref(relates.get("event_id")) if relates.get(
+            "rel_type") == "m.thread" else None
+        if root is not None:
+            thread_root = await self._target(conn, dm, root) or payloads.target(
+                root, None, "unknown")
+            if relates.get("is_falling_back") is True:
+                answered = None  # a reply only for clients without threads
         if answered is not None:
             reply_to = await self._target(conn, dm, answered) or payloads.target(
                 answered, None, "unknown")
         return (payloads.message(lane, room_id, raw, dm.user_displayname, now,
-                                 reply_to=reply_to), mapped(MESSAGE))
+                                 reply_to=reply_to, thread_root=thread_root), mapped(MESSAGE))
 
     async def _target(self, conn: Connection, dm: DMRecord, event_id: str
                       ) -> dict[str, Any] | None:
@@ -340,8 +351,10 @@ def _event_ref(value: object) -> str | None:
 
 
 async def move(stores: Stores, conn: Connection, dm: DMRecord, state: str, reason: str,
-               event_id: str | None, now: int, notice: str | None) -> None:
-    """Record a DM's transition, and queue the notice the platform gets about it."""
+               event_id: str | None, now: int, notice: str | None, key: str | None = None
+               ) -> None:
+    """Record a DM's transition, and queue the notice the platform gets about it (under
+    ``key``, when given)."""
     assert dm.room_id is not None
     if state != dm.state:
         await stores.dms.set_state(conn, dm.room_id, state, reason, now)
@@ -352,7 +365,8 @@ async def move(stores: Stores, conn: Connection, dm: DMRecord, state: str, reaso
     log.info("DM %s (%s / %s): %s -> %s (%s)", dm.room_id, dm.ghost_id, dm.user_id, dm.state,
              state, reason)
     if notice is not None:
-        payload = payloads.notice(lane_of(dm), notice, dm.room_id, state, reason, event_id, now)
+        payload = payloads.notice(lane_of(dm), notice, dm.room_id, state, reason, event_id, now,
+                                  key)
         await stores.outbox.add(
             conn, network=dm.network, remote_id=dm.remote_id, user_id=dm.user_id, type=notice,
             key=payload["idempotency_key"], payload=payload, now=now,

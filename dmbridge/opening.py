@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -24,9 +25,10 @@ from mautrix.appservice import AppService
 from mautrix.errors import MatrixConnectionError, MatrixRequestError, MForbidden, MNotFound
 from mautrix.types import EventType, RoomCreatePreset, RoomID, UserID
 
+from . import payloads
 from .config import Settings
 from .db import Stores, now_ms
-from .db.dm import ACTIVE, CREATING, DECLINED, JOINING, DMRecord
+from .db.dm import ACTIVE, CREATING, DECLINED, ENDED, JOINING, DMRecord
 from .errors import (
     Busy,
     Declined,
@@ -36,6 +38,7 @@ from .errors import (
 )
 from .ghosts import Ghosts
 from .instances import Instances
+from .lifecycle import REPLACED_BY_PLATFORM, move
 from .locks import KeyedLocks, LockWaitTimeout
 from .marker import Marker
 from .networks import Network
@@ -52,6 +55,8 @@ _DECLINE_WORDING = {
     "ghost_banned": "banned this contact from the DM",
 }
 _HS_ERRORS = (TimeoutError, MatrixRequestError, MatrixConnectionError, aiohttp.ClientError)
+# What the Matrix user reads in a DM room the platform replaced with a new one (``new: true``).
+MOVED_REASON = "This conversation continues in a new room."
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class DM:
 class OpenedDM:
     dm: DM
     created: bool
+    replaced: RoomID | None = None  # the DM room this request ended (``new: true``)
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,10 @@ class Profile:
 
 class NoNewRoom(Exception):
     """Only a new room would do, and the caller asked for none."""
+
+
+class _Changed(Exception):
+    """The DM to be replaced is no longer the pair's active DM."""
 
 
 @asynccontextmanager
@@ -147,12 +157,16 @@ class Opener:
     async def open(
         self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
         profile: Profile, record: DMRecord | None, *, new_room: bool = True,
+        replace: bool = False, replaces: RoomID | None = None,
     ) -> OpenedDM:
         """Reuse the DM looked up as ``record`` if it is usable; otherwise fix or make one.
 
         ``new_room=False``: reuse (or re-invite into) the current room, never make another.
+        ``replace=True``: end the pair's current DM and make a new one; with ``replaces``, only
+        if the current DM is still that room (a retry finds it replaced, and reuses the new one).
         """
-        if record and record.state == ACTIVE and _unusable_reason(record) is None:
+        if (not replace and record and record.state == ACTIVE
+                and _unusable_reason(record) is None):
             await self.sync_profile(network, remote_id, profile, record.ghost_displayname,
                                     record.ghost_avatar_url)
             return OpenedDM(DM.of(record), created=False)
@@ -160,14 +174,15 @@ class Opener:
             async with self._pair_locks.hold((ghost_id, user_id),
                                              wait=self.settings.creation_timeout):
                 return await self._open_locked(network, remote_id, ghost_id, user_id, profile,
-                                               new_room)
+                                               new_room, replace, replaces)
         except LockWaitTimeout:
             raise Busy(f"the DM between {ghost_id} and {user_id} is still being opened by an"
                        " earlier request") from None
 
     async def _open_locked(
         self, network: Network, remote_id: str, ghost_id: UserID, user_id: UserID,
-        profile: Profile, new_room: bool,
+        profile: Profile, new_room: bool, replace: bool = False,
+        replaces: RoomID | None = None,
     ) -> OpenedDM:
         deadline = time.monotonic() + self.settings.creation_timeout
         while True:
@@ -182,8 +197,9 @@ class Opener:
                     ghost_id, user_id, network.id, remote_id, claim, self.instances.id,
                     now_ms(),
                 ):
-                    return await self._create(network, remote_id, ghost_id, user_id, profile,
-                                              claim)
+                    opened = await self._create(network, remote_id, ghost_id, user_id, profile,
+                                                claim)
+                    return opened
                 continue  # another worker claimed the pair first; wait for its room
             if record.state == DECLINED:
                 raise declined(record)
@@ -201,6 +217,15 @@ class Opener:
                     raise Busy(f"the DM between {ghost_id} and {user_id} is still being created")
                 await asyncio.sleep(0.05)
                 continue
+            if replace:
+                assert record.room_id is not None
+                if replaces is None or record.room_id == replaces:
+                    fresh = await self._replace(network, remote_id, profile, record)
+                    if fresh is not None:
+                        return fresh
+                    continue  # the DM changed meanwhile: look again
+                # An earlier try of this request replaced that room already: keep this one.
+                replace = False
             reason = _unusable_reason(record)
             if reason is None:
                 await self.sync_profile(network, remote_id, profile, record.ghost_displayname,
@@ -215,6 +240,83 @@ class Opener:
             log.info("DM room %s (%s / %s) is no longer usable: %s; opening a new one",
                      record.room_id, ghost_id, user_id, reason)
             await self.stores.dms.end(record.room_id, now_ms())
+
+    async def _replace(self, network: Network, remote_id: str, profile: Profile,
+                       old: DMRecord) -> OpenedDM | None:
+        """The platform asked for a fresh DM: make one and end ``old``, the pair's active DM.
+
+        Whatever can refuse the new room (the recipient check, the quota and the pace) is
+        asked before ``old`` changes. ``old`` is ended and the pair claimed in one transaction,
+        only if ``old`` is still the pair's active DM (None otherwise: the caller looks again);
+        if no room comes of the claim, ``old`` is the DM again. Only once the new room exists
+        is the platform told (``dm.ended``, ``replaced_by_platform``) and does the ghost leave.
+        """
+        assert old.room_id is not None
+        await self._check_recipient_exists(old.user_id)
+        await self.instances.ensure_present()
+        claim = secrets.token_hex(8)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                stack.enter_context(default_budget(self.settings.rate_limits.request_wait))
+                await stack.enter_async_context(self.pacing.new_room(network))
+                conn: Any
+                async with self.stores.db.acquire() as conn, conn.transaction():
+                    if not await self.stores.dms.replace_with_claim(
+                            conn, old.room_id, REPLACED_BY_PLATFORM, claim, self.instances.id,
+                            now_ms()):
+                        raise _Changed
+                try:
+                    opened = await self._create_paced(network, remote_id, old.ghost_id,
+                                                      old.user_id, profile, claim)
+                except BaseException:
+                    if await self.stores.dms.restore_replaced(old.room_id, REPLACED_BY_PLATFORM,
+                                                              old.reason, now_ms()):
+                        log.info("DM room %s stays the DM of %s / %s: no new room was made",
+                                 old.room_id, old.ghost_id, old.user_id)
+                    raise
+        except _Changed:
+            return None  # the quota and the pace were given back on the way out
+        ended = dataclasses.replace(old, state=ENDED)
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            await move(self.stores, conn, ended, ENDED, REPLACED_BY_PLATFORM, None, now_ms(),
+                       payloads.DM_ENDED, key=f"{payloads.DM_ENDED}:replaced:{old.room_id}")
+        log.info("DM room %s (%s / %s) replaced by %s at %s's request", old.room_id,
+                 old.ghost_id, old.user_id, opened.dm.room_id, network.id)
+        await self.leave_replaced(old)
+        return OpenedDM(opened.dm, opened.created, old.room_id)
+
+    async def leave_replaced(self, record: DMRecord) -> bool:
+        """The ghost leaves a room its DM was replaced from, with a reason the user's client
+        shows, withdrawing the user's invite first if the homeserver says they never joined.
+        The room stays with the user, history and all. False if the homeserver refused."""
+        assert record.room_id is not None
+        api = self.ghosts.intent(record.ghost_id).api
+        room = Path.v3.rooms[record.room_id]
+        try:
+            member = await api.request(Method.GET, room.state["m.room.member"][record.user_id])
+            if member.get("membership") == "invite":
+                await api.request(Method.POST, room.kick, content={
+                    "user_id": record.user_id, "reason": MOVED_REASON})
+        except MNotFound:
+            pass  # never a member
+        except _HS_ERRORS as e:
+            log.warning("replacing DM room %s: withdrawing the invite failed: %r",
+                        record.room_id, e)
+        try:
+            await api.request(Method.POST, room.leave, content={"reason": MOVED_REASON})
+        except _HS_ERRORS as e:
+            # Nothing written there reaches the platform; the leave is tried again at start.
+            log.warning("replacing DM room %s: leave failed: %r", record.room_id, e)
+            return False
+        return True
+
+    async def finish_replacements(self) -> int:
+        """The ghost leaves each room its DM was replaced from that it is still in (the leave
+        failed, or the process stopped before it); how many it left."""
+        left = 0
+        for record in await self.stores.dms.ended_with_ghost_joined(REPLACED_BY_PLATFORM):
+            left += await self.leave_replaced(record)
+        return left
 
     # --- recovery ---------------------------------------------------------------------------
 

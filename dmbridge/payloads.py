@@ -52,11 +52,13 @@ class Lane:
 
 def message(lane: Lane, room_id: str, raw: dict[str, Any], displayname: str | None,
             now: int, *, reply_to: dict[str, Any] | None = None,
-            content: dict[str, Any] | None = None) -> dict[str, Any]:
+            content: dict[str, Any] | None = None,
+            thread_root: dict[str, Any] | None = None) -> dict[str, Any]:
     """A Matrix user's message, as the platform receives it.
 
     ``content`` replaces the event's own (an edit of a message the platform never got arrives
-    as a message with the edited content); ``reply_to`` names the message it answers.
+    as a message with the edited content); ``reply_to`` names the message it answers,
+    ``thread_root`` the root of the thread it is in.
     """
     if content is None:
         content = raw.get("content") if isinstance(raw.get("content"), dict) else {}
@@ -71,6 +73,7 @@ def message(lane: Lane, room_id: str, raw: dict[str, Any], displayname: str | No
             **_text_of(content, raw.get("type") == "m.sticker", reply_to is not None),
             "media": _media_of(content),
             "reply_to": reply_to,
+            "thread_root": thread_root,
             "sent_at": timestamp(raw.get("origin_server_ts")),
         },
     }
@@ -176,10 +179,12 @@ def redaction(lane: Lane, room_id: str, raw: dict[str, Any], of: dict[str, Any],
 
 
 def notice(lane: Lane, type_: str, room_id: str | None, state: str, reason: str,
-           event_id: str | None, now: int) -> dict[str, Any]:
-    """A change in the DM's life. Its key is stable, so a re-processed event queues nothing."""
-    key = f"{type_}:{event_id}" if event_id else f"{type_}:{lane.network}:{lane.remote_id}:" \
-        f"{lane.user_id}:{now}"
+           event_id: str | None, now: int, key: str | None = None) -> dict[str, Any]:
+    """A change in the DM's life. Its key is stable, so a re-processed event queues nothing;
+    a change no event caused may name its own ``key`` for that."""
+    if key is None:
+        key = f"{type_}:{event_id}" if event_id else f"{type_}:{lane.network}:" \
+            f"{lane.remote_id}:{lane.user_id}:{now}"
     return {
         **lane.envelope(type_, key, room_id, now),
         "dm": {"state": state, "reason": reason, "event_id": event_id},

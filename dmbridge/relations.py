@@ -11,6 +11,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
+from mautrix.errors import MatrixRequestError
 from mautrix.types import EventID, RoomID
 
 from .db import Stores
@@ -92,6 +93,11 @@ async def resolve(stores: Stores, network: str, remote_id: str, user_id: str, ta
             if purpose == "edit" and await stores.messages.sender_of(network, target.message_id):
                 raise NotYours(f"message {target.message_id} was sent by another {network} user;"
                                " only its sender can edit it")
+            if purpose == "edit" and await _received_in_dm(stores, network, remote_id, user_id,
+                                                           target.message_id):
+                # The event ID of a Matrix user's message, given where a message ID belongs.
+                raise NotYours(f"{target.message_id} was sent by {user_id}; only its sender can"
+                               " edit it")
             raise NotFound(f"{remote_id} sent no message {target.message_id} through the bridge;"
                            f" there is nothing to {purpose}")
         if sent.kind != MESSAGE:
@@ -119,11 +125,22 @@ async def resolve(stores: Stores, network: str, remote_id: str, user_id: str, ta
     return Resolved(received.event_id, received.room_id, by_sender=False)
 
 
+async def _received_in_dm(stores: Stores, network: str, remote_id: str, user_id: str,
+                          event_id: str) -> bool:
+    """Was ``event_id`` a Matrix user's event given to this DM's platform?"""
+    if not event_id.startswith("$"):
+        return False
+    received = await stores.matrix_messages.get(event_id)
+    return received is not None and received.of_dm(network, remote_id, user_id)
+
+
 def with_article(kind: str) -> str:
     return f"an {kind}" if kind[:1] in "aeiou" else f"a {kind}"
 
 
-_PASSIVE = {"reply to": "replied to", "edit": "edited", "react to": "reacted to"}
+IN_THREAD = "reply in the thread of"  # the purpose of a thread root
+_PASSIVE = {"reply to": "replied to", "edit": "edited", "react to": "reacted to",
+            IN_THREAD: "replied to in a thread"}
 
 
 def check_room(resolved: Resolved, room_id: RoomID | None, target: Target, purpose: str
@@ -139,6 +156,25 @@ def check_room(resolved: Resolved, room_id: RoomID | None, target: Target, purpo
 
 def reply_content(content: dict[str, Any], target: EventID) -> dict[str, Any]:
     return {**content, "m.relates_to": {"m.in_reply_to": {"event_id": target}}}
+
+
+def thread_content(content: dict[str, Any], root: EventID, reply_to: EventID | None
+                   ) -> dict[str, Any]:
+    """A message in the thread of ``root`` (``m.thread``). Clients without threads see a reply:
+    to ``reply_to`` when the message answers one, else (marked ``is_falling_back``) to the
+    root, the latest thread message the bridge can name."""
+    return {**content, "m.relates_to": {
+        "rel_type": "m.thread", "event_id": root, "is_falling_back": reply_to is None,
+        "m.in_reply_to": {"event_id": reply_to or root},
+    }}
+
+
+def thread_refused(e: BaseException) -> bool:
+    """The homeserver's answer when a thread's root relates to another event itself (it is
+    in a thread): Synapse's 400 "Cannot start threads from an event with a relation"."""
+    cause = e.__cause__
+    return (isinstance(cause, MatrixRequestError) and getattr(cause, "http_status", None) == 400
+            and "Cannot start threads" in (cause.message or ""))
 
 
 def edit_content(new: dict[str, Any], target: EventID) -> dict[str, Any]:

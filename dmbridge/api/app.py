@@ -111,6 +111,7 @@ def make_api_app(service: DMService, outbox: Outbox, media: MediaService, settin
     app.router.add_get("/health", handlers.health, allow_head=False)
     app.router.add_get("/health/live", handlers.live, allow_head=False)
     app.router.add_get("/health/ready", handlers.ready, allow_head=False)
+    app.router.add_get("/networks/{network}", handlers.network_info, allow_head=False)
     app.router.add_put("/networks/{network}/messages/{message_id}",
                        _counted(handlers.send_message))
     app.router.add_delete("/networks/{network}/messages/{message_id}",

@@ -1,8 +1,9 @@
 """Reading and checking request bodies: size-limited, JSON objects, typed fields.
 
 The fields each operation reads are declared here, once (``BODY_FIELDS``, ``QUERY_FIELDS``,
-``NUMBERS``); the handlers read them through these declarations, and a unit test
-(tests/unit/test_api_contract.py) checks that openapi.yaml states the same names and limits.
+``FLAGS``, ``INTEGERS``, ``NUMBERS``); the handlers read them through these declarations, and a
+unit test (tests/unit/test_api_contract.py) checks that openapi.yaml states the same names,
+types and limits.
 """
 
 from __future__ import annotations
@@ -119,6 +120,38 @@ class Number:
         return query_number(query, self.key, self.default, self.low, self.high, self.integer)
 
 
+@dataclass(frozen=True)
+class Flag:
+    """A true/false field of a body; absent or null is ``default``."""
+
+    key: str
+    default: bool = False
+
+    def get(self, source: Mapping[str, Any]) -> bool:
+        value = source.get(self.key)
+        if value is None:
+            return self.default
+        if not isinstance(value, bool):
+            raise BadRequest(f"'{self.key}' must be true or false")
+        return value
+
+
+@dataclass(frozen=True)
+class Integer:
+    """An integer field of a body (not a boolean or a fraction), or None when absent; the
+    service checks its range."""
+
+    key: str
+
+    def get(self, source: Mapping[str, Any]) -> int | None:
+        value = source.get(self.key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadRequest(f"'{self.key}' must be an integer")
+        return value
+
+
 SENDER = Text("sender", required=True)
 RECIPIENT = Text("recipient", required=True)
 SENDER_NAME = Text("sender_name")
@@ -129,6 +162,9 @@ MARKDOWN = Text("markdown", TEXT_MAX)
 MSGTYPE = Text("msgtype", 16)
 MEDIA = Text("media")
 EDITS = Text("edits")
+REPLACES = Text("replaces")
+NEW = Flag("new")
+TS = Integer("ts")
 NAME = Text("name")
 AVATAR = Text("avatar")
 EVENT_ID = Text("event_id", required=True)
@@ -146,7 +182,7 @@ BODY_FIELDS: dict[str, tuple[Text, ...]] = {
                     MEDIA, EDITS),
     "react": (SENDER, RECIPIENT),
     "setGhostProfile": (NAME, AVATAR),
-    "openDM": (SENDER, RECIPIENT, SENDER_NAME, SENDER_AVATAR),
+    "openDM": (SENDER, RECIPIENT, SENDER_NAME, SENDER_AVATAR, REPLACES),
     "setTyping": (SENDER, RECIPIENT),
     "markRead": (SENDER, RECIPIENT, EVENT_ID),
 }
@@ -154,6 +190,8 @@ QUERY_FIELDS: dict[str, tuple[Text, ...]] = {
     "deleteMessage": (SENDER, REASON),
     "listDMs": (USER_ID, REMOTE_ID),
 }
+FLAGS: dict[str, tuple[Flag, ...]] = {"openDM": (NEW,)}  # booleans of a body
+INTEGERS: dict[str, tuple[Integer, ...]] = {"sendMessage": (TS,)}  # integers of a body
 NUMBERS: dict[str, tuple[Number, ...]] = {  # query parameters, and setTyping's body
     "listDMs": (LIMIT,),
     "pullEvents": (AFTER, LIMIT, WAIT),

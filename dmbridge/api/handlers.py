@@ -18,6 +18,7 @@ from ..relations import Target
 from . import app as api
 from . import body as f
 from .body import id_list, read_object
+from .discovery import describe as describe_network
 
 log = logging.getLogger("dmbridge.api")
 
@@ -64,6 +65,8 @@ async def send_message(request: web.Request) -> web.Response:
         media=f.MEDIA.get(body),
         reply_to=Target.parse(body, "reply_to"),
         edits=f.EDITS.get(body),
+        thread_root=Target.parse(body, "thread_root"),
+        ts=f.TS.get(body),
     )
     return _sent_json(result)
 
@@ -167,8 +170,13 @@ async def open_dm(request: web.Request) -> web.Response:
         f.RECIPIENT.need(body),
         sender_name=_sender_name(network, body, f.SENDER_NAME, sender),
         sender_avatar=f.SENDER_AVATAR.get(body),
+        new=f.NEW.get(body),
+        replaces=f.REPLACES.get(body),
     )
-    return web.json_response({**_dm_json(opened.dm), "created": opened.created})
+    if opened.replaced is not None:  # its dm.ended notice is queued
+        request.app[api.OUTBOX].wake({network.id})
+    return web.json_response({**_dm_json(opened.dm), "created": opened.created,
+                              "replaced_room_id": opened.replaced})
 
 
 async def list_dms(request: web.Request) -> web.Response:
@@ -179,6 +187,11 @@ async def list_dms(request: web.Request) -> web.Response:
         limit=int(f.LIMIT.get(query)),
     )
     return web.json_response({"dms": [_dm_json(dm) for dm in dms]})
+
+
+async def network_info(request: web.Request) -> web.Response:
+    """The network's ID format, ghost names, delivery mode and limits."""
+    return web.json_response(describe_network(request[api.NETWORK], request.app[api.SETTINGS]))
 
 
 async def health(request: web.Request) -> web.Response:

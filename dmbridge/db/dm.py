@@ -65,6 +65,11 @@ _FOR_SEND = POINT_READ + f"""
 """
 
 
+_CLAIM = (
+    "INSERT INTO dm (ghost_id, user_id, network, remote_id, state, claim, instance,"
+    " created_at, updated_at) VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $7)"
+    " ON CONFLICT (ghost_id, user_id) WHERE state <> 'ended' DO NOTHING RETURNING claim"
+)
 _ACTIVATE = (
     "UPDATE dm SET room_id=$4, state='active', claim=NULL, instance=NULL, updated_at=$5"
     " WHERE ghost_id=$1 AND user_id=$2 AND state='creating' AND claim=$3 RETURNING room_id"
@@ -241,13 +246,49 @@ class DMStore:
 
         ``instance`` names this process, so others can tell whether the claim's holder lives.
         """
+        got = await self.db.fetchval(_CLAIM, ghost_id, user_id, network, remote_id, claim,
+                                     instance, now_ms)
+        return got is not None
+
+    @staticmethod
+    async def replace_with_claim(
+        conn: Connection, room_id: RoomID, reason: str, claim: str, instance: str, now_ms: int
+    ) -> bool:
+        """End the active DM ``room_id`` and claim its pair for a new room, in the caller's
+        transaction; False (nothing changed) if that room is no longer the pair's active DM
+        (another request replaced it, or the user declined or left meanwhile)."""
+        row = await conn.fetchrow(
+            "UPDATE dm SET state='ended', reason=$2, claim=NULL, updated_at=$3"
+            " WHERE room_id=$1 AND state='active' RETURNING ghost_id, user_id, network,"
+            " remote_id",
+            room_id, reason, now_ms,
+        )
+        if row is None:
+            return False
+        got = await conn.fetchval(_CLAIM, row["ghost_id"], row["user_id"], row["network"],
+                                  row["remote_id"], claim, instance, now_ms)
+        return got is not None
+
+    async def restore_replaced(self, room_id: RoomID, replaced_reason: str,
+                               reason: str | None, now_ms: int) -> bool:
+        """A replacement made no room: ``room_id`` is the pair's active DM again, unless the
+        pair has another current DM by now."""
         got = await self.db.fetchval(
-            "INSERT INTO dm (ghost_id, user_id, network, remote_id, state, claim, instance,"
-            " created_at, updated_at) VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7, $7)"
-            " ON CONFLICT (ghost_id, user_id) WHERE state <> 'ended' DO NOTHING RETURNING claim",
-            ghost_id, user_id, network, remote_id, claim, instance, now_ms,
+            "UPDATE dm SET state='active', reason=$3, updated_at=$4"
+            " WHERE room_id=$1 AND state='ended' AND reason=$2 AND NOT EXISTS ("
+            "  SELECT 1 FROM dm o WHERE o.ghost_id=dm.ghost_id AND o.user_id=dm.user_id"
+            "   AND o.state <> 'ended') RETURNING room_id",
+            room_id, replaced_reason, reason, now_ms,
         )
         return got is not None
+
+    async def ended_with_ghost_joined(self, reason: str) -> list[DMRecord]:
+        """The ended DMs with this reason whose ghost is still in the room, as last seen."""
+        rows = await self.db.fetch(
+            _SELECT + " WHERE dm.state='ended' AND dm.reason=$1 AND g.membership='join'",
+            reason,
+        )
+        return [_record(row) for row in rows]
 
     async def activate(
         self, ghost_id: UserID, user_id: UserID, claim: str, room_id: RoomID, now_ms: int

@@ -372,6 +372,12 @@ async def test_refused_relations_answer_precisely_and_land_nothing(
     _refused(await send(b, "x1", text="mine now", edits="a1"), 403,
              "DMBRIDGE_NOT_YOUR_MESSAGE")
     _refused(await send(a, "x1", text="?", edits="nope"), 404, "M_NOT_FOUND")
+    # The human's message, named by its event ID where a message ID belongs: not A's to edit.
+    status, not_yours = await send(a, "x1", text="?", edits=mine)
+    assert (status, not_yours) == (403, {
+        "errcode": "DMBRIDGE_NOT_YOUR_MESSAGE",
+        "error": f"{mine} was sent by {human.user_id}; only its sender can edit it"})
+    _refused(await send(b, "x1", text="?", edits=mine), 404, "M_NOT_FOUND")  # not B's DM
     _refused(await send(a, "x1", text="?", edits="a1", reply_to={"event_id": mine}), 400,
              "M_INVALID_PARAM")
     _refused(await send(a, "x1", text="?", edits="a1", media="mxc://localhost/abc"), 400,

@@ -62,6 +62,8 @@ class FakeHomeserver:
         """Endpoint name -> (status, body) to answer instead of doing the work."""
         self.fail_times: dict[str, int] = {}
         self.delay: dict[str, float] = {}
+        # Endpoint name -> what happens just before the next such request is answered (once).
+        self.before: dict[str, Callable[[], Awaitable[Any]]] = {}
         # Called with each new room before createRoom answers (a transaction arriving early).
         self.on_room_created: Callable[[Room], Awaitable[None]] | None = None
         self.media: dict[str, tuple[str, bytes]] = {}
@@ -134,6 +136,8 @@ class FakeHomeserver:
         if request.headers.get("Authorization") != f"Bearer {self.as_token}":
             return web.json_response({"errcode": "M_UNKNOWN_TOKEN", "error": "bad"}, status=401)
         key = f"{request.method} {name}"
+        if key in self.before:
+            await self.before.pop(key)()
         if key in self.delay:
             await asyncio.sleep(self.delay[key])
         if key in self.fail:

@@ -121,6 +121,15 @@ def test_fields_the_handlers_read_have_the_documented_limits(spec: dict[str, Any
         for field in fields:
             _check_text(op_id, field, params[field.key]["schema"],
                         params[field.key].get("required", False))
+    for op_id, flags in body.FLAGS.items():
+        properties = _body_schema(operations[op_id][2])["properties"]
+        for flag in flags:
+            assert properties[flag.key]["type"] == ["boolean", "null"], (op_id, flag.key)
+            assert properties[flag.key]["default"] is flag.default, (op_id, flag.key)
+    for op_id, integers in body.INTEGERS.items():
+        properties = _body_schema(operations[op_id][2])["properties"]
+        for integer in integers:
+            assert properties[integer.key]["type"] == ["integer", "null"], (op_id, integer.key)
     for op_id, numbers in body.NUMBERS.items():
         op = operations[op_id][2]
         where = {p["name"]: p["schema"] for p in op["parameters"] if p["in"] == "query"}
@@ -131,6 +140,24 @@ def test_fields_the_handlers_read_have_the_documented_limits(spec: dict[str, Any
             assert schema["type"] == ("integer" if number.integer else "number"), number
             assert (schema["minimum"], schema["maximum"], schema["default"]) == (
                 number.low, number.high, number.default), number
+
+
+def _types(schema: dict[str, Any]) -> set[str]:
+    kind = schema.get("type", [])
+    return {kind} if isinstance(kind, str) else set(kind)
+
+
+def test_every_boolean_or_integer_a_body_documents_is_declared(spec: dict[str, Any]) -> None:
+    """The other way round for typed fields: the schema states none the code does not read
+    through a declaration (``typing``, required, is read by its handler)."""
+    operations = _operations(spec)
+    for op_id in body.BODY_FIELDS:
+        properties = _body_schema(operations[op_id][2])["properties"]
+        declared = {f.key for f in (*body.FLAGS.get(op_id, ()), *body.INTEGERS.get(op_id, ()),
+                                    *body.NUMBERS.get(op_id, ()))}
+        typed = {k for k, v in properties.items()
+                 if {"boolean", "integer"} & _types(v)}
+        assert typed - {"typing"} <= declared, op_id
 
 
 def test_id_lists_have_the_documented_limits(spec: dict[str, Any]) -> None:

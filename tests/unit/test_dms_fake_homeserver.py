@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,16 @@ from dmbridge.db import now_ms
 from dmbridge.dms import SendResult
 from dmbridge.errors import (
     Busy,
+    Declined,
     HomeserverError,
+    InvalidParam,
     QuotaExceeded,
     RecipientUnreachable,
     UnknownRecipient,
 )
 from dmbridge.localhs import free_port
 from dmbridge.marker import Marker
+from dmbridge.opening import OpenedDM
 from tests.support.fake_homeserver import FakeHomeserver, Room
 from tests.support.settings import make_settings
 
@@ -455,3 +459,192 @@ async def test_a_room_kept_as_ended_never_ends_the_dm_a_recovery_made_of_it(
     assert (dm.room_id, dm.state) == (sent.room_id, "active")
     older = await bridge.stores.dms.get_by_room(RoomID("!older"))
     assert older is not None and (older.state, older.reason) == ("ended", "superseded")
+
+
+async def _outbox_notices(bridge: Bridge) -> list[tuple[str, str]]:
+    rows = await bridge.db.fetch("SELECT type, payload FROM outbox ORDER BY id")
+    return [(r["type"], json.loads(r["payload"])["dm"]["reason"]) for r in rows]
+
+
+async def test_a_fresh_dm_withdraws_the_invite_leaves_and_opens_a_new_room(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    start = len(hs.requests)
+    opened = await bridge.dms.open_dm("sms", PHONE, alice, new=True)
+    # A new room first; then, the user being only invited, the invite is withdrawn and the
+    # ghost leaves.
+    names = hs.names(start)
+    assert names[:2] == ["GET profile", "POST createRoom"]
+    assert names[-3:] == ["GET get_state", "POST kick", "POST leave"]
+    assert (opened.created, opened.replaced) == (True, first.room_id)
+    assert opened.dm.room_id != first.room_id
+    old = hs.rooms[first.room_id]
+    assert (old.members[alice], old.members[GHOST]) == ("leave", "leave")
+    assert await _outbox_notices(bridge) == [("dm.ended", "replaced_by_platform")]
+    later = await bridge.dms.send("sms", PHONE, alice, message_id="2", text="again")
+    assert (later.room_id, later.room_created) == (opened.dm.room_id, False)
+
+
+async def test_a_fresh_dm_with_replaces_replaces_that_room_once(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    opened = await bridge.dms.open_dm("sms", PHONE, alice, new=True, replaces=first.room_id)
+    start = len(hs.requests)
+    again = await bridge.dms.open_dm("sms", PHONE, alice, new=True, replaces=first.room_id)
+    assert hs.names(start) == []  # a retry: the room it made is answered as it is
+    assert (again.dm.room_id, again.created, again.replaced) == (opened.dm.room_id, False, None)
+
+
+async def _outbox_types(bridge: Bridge) -> list[str]:
+    return [r["type"] for r in await bridge.db.fetch("SELECT type FROM outbox ORDER BY id")]
+
+
+async def _user_writes(bridge: Bridge, room_id: str, user_id: str, event_id: str) -> None:
+    await bridge.matrix.handle_transaction(event_id, [
+        {"type": "m.room.message", "room_id": room_id, "sender": user_id,
+         "event_id": event_id, "content": {"msgtype": "m.text", "body": "still there?"}}])
+
+
+async def test_a_fresh_dm_past_the_quota_leaves_the_current_dm_as_it_was(
+    make_bridge: MakeBridge, hs: FakeHomeserver
+) -> None:
+    bridge = await make_bridge(networks={"sms": {"quotas": {"new_dms_per_hour": 1}}})
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    start = len(hs.requests)
+    with pytest.raises(QuotaExceeded, match="new_dms_per_hour"):
+        await bridge.dms.open_dm("sms", PHONE, alice, new=True)
+    assert hs.names(start) == ["GET profile"]  # no kick, no leave, no room
+    assert hs.rooms[first.room_id].members == {GHOST: "join", alice: "invite"}
+    dm = await bridge.stores.dms.get_current(GHOST, alice)
+    assert dm is not None and (dm.room_id, dm.state) == (first.room_id, "active")
+    assert await _outbox_types(bridge) == []
+    later = await bridge.dms.send("sms", PHONE, alice, message_id="2", text="again")
+    assert (later.room_id, later.room_created) == (first.room_id, False)
+
+
+async def test_a_fresh_dm_the_homeserver_refuses_leaves_the_current_dm_as_it_was(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    hs.fail_next("POST createRoom", 500, {"errcode": "M_UNKNOWN", "error": "down"})
+    start = len(hs.requests)
+    with pytest.raises(HomeserverError, match="create the DM room"):
+        await bridge.dms.open_dm("sms", PHONE, alice, new=True)
+    assert not {"POST kick", "POST leave"} & set(hs.names(start))
+    assert hs.rooms[first.room_id].members == {GHOST: "join", alice: "invite"}
+    dm = await bridge.stores.dms.get_current(GHOST, alice)
+    assert dm is not None and (dm.room_id, dm.state) == (first.room_id, "active")
+    assert await _outbox_types(bridge) == []
+    # The same request again succeeds, replacing that room.
+    opened = await bridge.dms.open_dm("sms", PHONE, alice, new=True, replaces=first.room_id)
+    assert opened.replaced == first.room_id and opened.created
+
+
+async def test_a_decline_while_a_fresh_dm_is_asked_for_stays_a_decline(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+
+    async def rejects() -> None:  # the user rejects the invite as the request runs
+        await bridge.matrix.handle_transaction("r", [
+            {"type": "m.room.member", "state_key": alice, "room_id": first.room_id,
+             "sender": alice, "event_id": "$rejected", "content": {"membership": "leave"}}])
+
+    hs.before["GET profile"] = rejects
+    start = len(hs.requests)
+    with pytest.raises(Declined, match="rejected the invite"):
+        await bridge.dms.open_dm("sms", PHONE, alice, new=True, replaces=first.room_id)
+    assert "POST createRoom" not in hs.names(start) and hs.invites == []
+    dm = await bridge.stores.dms.get_by_room(first.room_id)
+    assert dm is not None and (dm.state, dm.reason) == ("declined", "invite_rejected")
+    assert await _outbox_types(bridge) == ["dm.declined"]
+
+
+async def test_two_workers_retrying_one_fresh_dm_make_one_room_and_one_notice(
+    make_bridge: MakeBridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    worker_a, worker_b = await make_bridge(), await make_bridge()
+    first = await worker_a.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    by_b: list[OpenedDM] = []
+
+    async def b_replaces_first() -> None:  # B's try runs in full while A checks the recipient
+        by_b.append(await worker_b.dms.open_dm("sms", PHONE, alice, new=True,
+                                               replaces=first.room_id))
+
+    hs.before["GET profile"] = b_replaces_first
+    start = len(hs.requests)
+    by_a = await worker_a.dms.open_dm("sms", PHONE, alice, new=True, replaces=first.room_id)
+    assert (by_b[0].created, by_b[0].replaced) == (True, first.room_id)
+    assert (by_a.dm.room_id, by_a.created, by_a.replaced) == (by_b[0].dm.room_id, False, None)
+    assert hs.names(start).count("POST createRoom") == 1
+    rows = await worker_a.db.fetch("SELECT type, idempotency_key FROM outbox ORDER BY id")
+    assert [(r["type"], r["idempotency_key"]) for r in rows] == [
+        ("dm.ended", f"dm.ended:replaced:{first.room_id}")]
+
+
+async def test_a_fresh_dm_leaves_an_invite_the_user_accepted_meanwhile(
+    bridge: Bridge, hs: FakeHomeserver
+) -> None:
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    hs.rooms[first.room_id].members[alice] = "join"  # the bridge has not heard of it yet
+    start = len(hs.requests)
+    await bridge.dms.open_dm("sms", PHONE, alice, new=True)
+    assert "POST kick" not in hs.names(start)
+    assert hs.rooms[first.room_id].members == {GHOST: "leave", alice: "join"}
+
+
+@pytest.mark.parametrize("replaces", ["", "room", "@alice:localhost"])
+async def test_replaces_must_be_a_room_id(bridge: Bridge, hs: FakeHomeserver, replaces: str
+                                         ) -> None:
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    start = len(hs.requests)
+    with pytest.raises(InvalidParam, match="'replaces' must be a room ID"):
+        await bridge.dms.open_dm("sms", PHONE, alice, new=True, replaces=replaces)
+    assert hs.names(start) == []
+    dm = await bridge.stores.dms.get_current(GHOST, alice)
+    assert dm is not None and dm.room_id == first.room_id
+
+
+async def test_a_replaced_room_the_ghost_could_not_leave_never_becomes_the_dm_again(
+    make_bridge: MakeBridge, hs: FakeHomeserver, caplog: pytest.LogCaptureFixture
+) -> None:
+    bridge = await make_bridge()
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    await bridge.matrix.handle_transaction("j", [
+        {"type": "m.room.member", "state_key": alice, "room_id": first.room_id,
+         "sender": alice, "event_id": "$joined", "content": {"membership": "join"}}])
+    hs.rooms[first.room_id].members[alice] = "join"
+    hs.fail_next("POST leave", 500, {"errcode": "M_UNKNOWN", "error": "down"})
+    opened = await bridge.dms.open_dm("sms", PHONE, alice, new=True)
+    assert opened.created and opened.dm.room_id != first.room_id
+    assert f"replacing DM room {first.room_id}: leave failed" in caplog.text
+    assert hs.rooms[first.room_id].members[GHOST] == "join"
+    old = await bridge.stores.dms.get_by_room(first.room_id)
+    assert old is not None and (old.state, old.reason) == ("ended", "replaced_by_platform")
+
+    # What the user writes there reaches nobody and leaves the new room the DM.
+    await _user_writes(bridge, first.room_id, alice, "$late")
+    assert await _outbox_types(bridge) == ["dm.ended"]
+    dm = await bridge.stores.dms.get_current(GHOST, alice)
+    assert dm is not None and dm.room_id == opened.dm.room_id
+    old = await bridge.stores.dms.get_by_room(first.room_id)
+    assert old is not None and (old.state, old.reason) == ("ended", "replaced_by_platform")
+
+    # At the next start, the ghost leaves it.
+    await make_bridge()
+    for _ in range(100):
+        if hs.rooms[first.room_id].members[GHOST] == "leave":
+            break
+        await asyncio.sleep(0.05)
+    assert hs.rooms[first.room_id].members[GHOST] == "leave"

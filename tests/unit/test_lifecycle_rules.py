@@ -387,6 +387,7 @@ async def test_users_message_is_queued_with_its_payload(
             "html": "hi <em>there</em>",
             "media": None,
             "reply_to": None,
+            "thread_root": None,
             "sent_at": 1_700_000_000_123,
         },
     }

@@ -99,6 +99,7 @@ def message_body(raw: dict[str, Any], **fields: Any) -> dict[str, Any]:
         "html": None,
         "media": None,
         "reply_to": None,
+        "thread_root": None,
         "sent_at": TS,
         **fields,
     }
@@ -149,6 +150,38 @@ async def test_reply_fallback_is_stripped_from_text_and_html(
     body = (await last(stores))["message"]
     assert (body["text"], body["html"]) == ("fine, *thanks*", "fine, <em>thanks</em>")
     assert body["reply_to"] == {"event_id": GHOST_EVENT, "message_id": "m1", "kind": "message"}
+
+
+def in_thread(root: object, body: str, falling_back: bool, answered: str) -> dict[str, Any]:
+    raw = message(body=body)
+    raw["content"]["m.relates_to"] = {"rel_type": "m.thread", "event_id": root,
+                                      "is_falling_back": falling_back,
+                                      "m.in_reply_to": {"event_id": answered}}
+    return raw
+
+
+async def test_a_thread_message_names_its_root_and_only_a_real_reply(
+    stores: Stores, dm: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = dm
+    first = message(body="mine")
+    await send(h, first,
+               in_thread(GHOST_EVENT, "in the platform's thread", True, GHOST_EVENT),
+               in_thread(GHOST_EVENT, "answering mine", False, first["event_id"]),
+               in_thread(first["event_id"], "in my own thread", True, first["event_id"]),
+               in_thread("$never-seen", "in a thread the bridge never saw", True, "$never-seen"),
+               in_thread(42, "a root that is no event ID", True, GHOST_EVENT))
+    _, fallback, answer, own, unknown, bogus = [e["message"] for e in await outbox(stores)]
+    platforms = {"event_id": GHOST_EVENT, "message_id": "m1", "kind": "message"}
+    assert (fallback["thread_root"], fallback["reply_to"]) == (platforms, None)
+    assert (answer["thread_root"], answer["reply_to"]) == (platforms, {
+        "event_id": first["event_id"], "message_id": None, "kind": "message"})
+    assert own["thread_root"] == {"event_id": first["event_id"], "message_id": None,
+                                  "kind": "message"}
+    assert unknown["thread_root"] == {"event_id": "$never-seen", "message_id": None,
+                                      "kind": "unknown"}
+    # Not a thread the platform can name: a plain reply to what it answers, as before.
+    assert (bogus["thread_root"], bogus["reply_to"]) == (None, platforms)
 
 
 async def test_quote_lines_stay_in_a_message_that_is_no_reply(

@@ -297,6 +297,24 @@ async def test_resolve_matrix_users_message_cannot_be_edited(stores: Stores) -> 
     assert str(info.value) == f"$u1 was sent by {USER}; only its sender can edit it"
 
 
+async def test_editing_a_matrix_users_message_named_as_a_message_id_is_not_yours(
+    stores: Stores,
+) -> None:
+    """``edits`` takes a message ID; the event ID of the user's message there is a 403 too."""
+    await received(stores, "$u1")
+    await received(stores, "$u9", remote_id=OTHER_REMOTE, room_id=OTHER_ROOM)
+    with pytest.raises(NotYours) as info:
+        await resolve(stores, Target(message_id="$u1"), "edit")
+    assert (info.value.status, info.value.errcode) == (403, "DMBRIDGE_NOT_YOUR_MESSAGE")
+    assert str(info.value) == f"$u1 was sent by {USER}; only its sender can edit it"
+    with pytest.raises(NotFound) as other:  # another DM's event: nothing said about it
+        await resolve(stores, Target(message_id="$u9"), "edit")
+    assert type(other.value) is NotFound
+    with pytest.raises(NotFound) as reply:  # only an edit is refused as not yours
+        await resolve(stores, Target(message_id="$u1"), "reply to")
+    assert type(reply.value) is NotFound
+
+
 @pytest.mark.parametrize("kind", [REACTION, EDIT])
 async def test_resolve_matrix_users_reaction_or_edit_is_no_target(stores: Stores,
                                                                   kind: str) -> None:
