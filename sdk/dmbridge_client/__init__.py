@@ -56,7 +56,7 @@ from .events import (
     Target,
     Typing,
 )
-from .models import Deleted, DMInfo, NetworkInfo, Sent, Upload
+from .models import Deleted, DMInfo, Limits, NetworkInfo, Quotas, Sent, Upload, escape_remote_id
 from .router import Router
 from .webhook import verified, webhook_handler
 
@@ -64,11 +64,12 @@ __all__ = [
     "DM", "APIError", "AmbiguousRemoteID", "BadJSON", "BodyTimeout", "Busy", "Client",
     "ConnectionFailed", "DMInfo", "Declined", "Deleted", "Deletion", "DeliveryFailed",
     "DirectMessage", "DmbridgeError", "DuplicateReaction", "Edit", "Event", "Forbidden",
-    "GhostNotInRoom", "HomeserverError", "InvalidParam", "InvalidRemoteID", "Media",
+    "GhostNotInRoom", "HomeserverError", "InvalidParam", "InvalidRemoteID", "Limits", "Media",
     "MissingToken", "NetworkInfo", "NoNetwork", "NotFound", "NotJSON", "NotPermitted",
-    "NotReady", "NotSupported", "NotYourMessage", "Notice", "QuotaExceeded", "RateLimited",
-    "Reaction", "ReadReceipt", "RecipientUnreachable", "Router", "Sent", "ServerError",
-    "Target", "TargetInOtherRoom", "TargetLike", "TooLarge", "Typing", "UnexpectedAnswer",
-    "UnknownNetwork", "UnknownRecipient", "UnknownToken", "Unrecognized", "Upload",
-    "UploadSource", "WrongContentType", "new_message_id", "verified", "webhook_handler",
+    "NotReady", "NotSupported", "NotYourMessage", "Notice", "QuotaExceeded", "Quotas",
+    "RateLimited", "Reaction", "ReadReceipt", "RecipientUnreachable", "Router", "Sent",
+    "ServerError", "Target", "TargetInOtherRoom", "TargetLike", "TooLarge", "Typing",
+    "UnexpectedAnswer", "UnknownNetwork", "UnknownRecipient", "UnknownToken", "Unrecognized",
+    "Upload", "UploadSource", "WrongContentType", "escape_remote_id", "new_message_id",
+    "verified", "webhook_handler",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterable, Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
@@ -15,7 +15,7 @@ import aiohttp
 
 from .dm import DM
 from .errors import NotFound, NotSupported, Unrecognized
-from .events import DirectMessage, Event, parse_event
+from .events import DirectMessage, Event, Target, parse_event
 from .handlers import Handlers, Once
 from .models import Deleted, DMInfo, NetworkInfo, Sent, Upload
 from .pull import Puller
@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 
     from .events import Media
 
-# What a reply or reaction may point at: a message the remote user sent (its Sent, or its
-# message ID), or a Matrix user's message (its DirectMessage, or its event ID, "$...").
-TargetLike = Sent | DirectMessage | str
+# What a reply, thread root or reaction may point at: a message the remote user sent (its
+# Sent, or its message ID), a Matrix user's message (its DirectMessage, or its event ID,
+# "$..."), or what an event names (its Target, e.g. ``message.thread_root``).
+TargetLike = Sent | DirectMessage | Target | str
 UploadSource = bytes | bytearray | memoryview | str | os.PathLike[str] | IO[bytes] \
     | AsyncIterable[bytes]
 
@@ -42,11 +43,23 @@ def target_json(target: TargetLike) -> dict[str, str]:
         return {"message_id": target.message_id}
     if isinstance(target, DirectMessage):
         return {"event_id": target.event_id}
+    if isinstance(target, Target):
+        # The platform's own messages by their message ID, the Matrix user's by event ID.
+        if target.message_id is not None:
+            return {"message_id": target.message_id}
+        return {"event_id": target.event_id}
     return {"event_id": target} if target.startswith("$") else {"message_id": target}
 
 
-def _millis(ts: datetime | int) -> int:
-    return int(ts.timestamp() * 1000) if isinstance(ts, datetime) else int(ts)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def millis(ts: datetime | int) -> int:
+    """Milliseconds since the epoch, exactly; a naive datetime is local time."""
+    if isinstance(ts, datetime):
+        aware = ts if ts.tzinfo is not None else ts.astimezone()
+        return (aware - _EPOCH) // timedelta(milliseconds=1)
+    return int(ts)
 
 
 class Client(Handlers):
@@ -70,6 +83,7 @@ class Client(Handlers):
                               timeout=timeout, session=session)
         self.once = Once()
         self.path = f"/networks/{quote(network, safe='')}"
+        self.info: NetworkInfo | None = None  # the bridge's description, once asked
         self._puller: Puller | None = None
 
     async def __aenter__(self) -> Client:
@@ -90,24 +104,44 @@ class Client(Handlers):
 
         Finds the pair's DM or opens one (the user gets an invite marked direct); ``name`` sets
         the remote user's display name, ``avatar`` its picture (an image uploaded with
-        :meth:`upload`). ``new=True`` ends the pair's current DM and opens a fresh room.
+        :meth:`upload`). ``new=True`` is :meth:`create_dm`.
         """
+        if new:
+            return await self.create_dm(sender, user_id, name=name, avatar=avatar)
         body: dict[str, Any] = {"sender": sender, "recipient": user_id}
         _profile(body, name, avatar)
-        if new:
-            body["new"] = True
         answer = await self.http.request("POST", self.path + "/dms", json=body)
-        info = DMInfo.from_json(answer)
-        if new and not info.created:
+        return DM(self, DMInfo.from_json(answer))
+
+    async def create_dm(self, sender: str, user_id: str, *, replaces: DM | str | None = None,
+                        name: str | None = None, avatar: Upload | str | None = None) -> DM:
+        """A fresh DM room for the pair; the previous one is no longer used.
+
+        The pair's current DM ends (its ghost leaves it, saying the conversation continues in a
+        new room; the network gets ``dm.ended`` with the reason ``replaced_by_platform``) and
+        the user is invited to a new room, where every later message goes.
+
+        The request names the room it replaces (``replaces``), so a retry after a lost answer
+        finds that room replaced already and answers the new one (``created`` false) instead of
+        making a third. ``replaces`` defaults to the pair's current DM; give it (the DM or its
+        room ID) to call ``create_dm`` again after it raised, so the room an earlier call may
+        have made is kept. With no DM to replace, the DM is opened as by :meth:`open_dm`.
+        """
+        if replaces is None:
+            current = await self.list_dms(user_id=user_id, sender=sender, limit=1)
+            if not current:
+                return await self.open_dm(sender, user_id, name=name, avatar=avatar)
+            replaces = current[0]
+        old = replaces.room_id if isinstance(replaces, DM) else replaces
+        body: dict[str, Any] = {"sender": sender, "recipient": user_id, "new": True,
+                                "replaces": old}
+        _profile(body, name, avatar)
+        answer = await self.http.request("POST", self.path + "/dms", json=body)
+        if "replaced_room_id" not in answer or answer.get("room_id") == old:
             raise NotSupported(
                 "the bridge answered with the pair's existing DM: it does not support opening "
                 "a new DM (\"new\": true); upgrade the bridge")
-        return DM(self, info)
-
-    async def create_dm(self, sender: str, user_id: str, *, name: str | None = None,
-                        avatar: Upload | str | None = None) -> DM:
-        """A fresh DM room for the pair; the previous one is no longer used."""
-        return await self.open_dm(sender, user_id, name=name, avatar=avatar, new=True)
+        return DM(self, DMInfo.from_json(answer))
 
     async def list_dms(self, *, user_id: str | None = None, sender: str | None = None,
                        limit: int = 100) -> list[DM]:
@@ -127,6 +161,7 @@ class Client(Handlers):
                            media: Upload | str | None = None,
                            reply_to: TargetLike | None = None, msgtype: str | None = None,
                            name: str | None = None, avatar: Upload | str | None = None,
+                           thread_root: TargetLike | None = None,
                            message_id: str | None = None,
                            ts: datetime | int | None = None) -> Sent:
         """Send ``sender``'s message to ``user_id``, in their DM (opened if there is none).
@@ -135,7 +170,11 @@ class Client(Handlers):
         an optional caption; ``msgtype`` is ``text``, ``notice`` or ``emote``. ``message_id``
         is the idempotency key: one is made when none is given, and every retry of this call
         sends the same one, so the message is posted once. ``ts`` is when the message was
-        really written (a datetime or milliseconds), for messages delivered late.
+        really written (a datetime, naive meaning local time, or milliseconds since the
+        epoch), for messages delivered late: the user's client shows that time.
+        ``thread_root`` puts the message in the thread of that message (``m.thread``; pass a
+        received message's ``thread_root`` to answer in its thread); with ``reply_to`` too, it
+        answers that message inside the thread.
         """
         body: dict[str, Any] = {"sender": sender, "recipient": user_id}
         _content(body, text, html, markdown, msgtype)
@@ -144,8 +183,10 @@ class Client(Handlers):
             body["media"] = media.content_uri if isinstance(media, Upload) else media
         if reply_to is not None:
             body["reply_to"] = target_json(reply_to)
+        if thread_root is not None:
+            body["thread_root"] = target_json(thread_root)
         if ts is not None:
-            body["ts"] = _millis(ts)
+            body["ts"] = millis(ts)
         return await self._put_message(message_id or new_message_id(), body)
 
     async def _put_message(self, message_id: str, body: dict[str, Any]) -> Sent:
@@ -249,16 +290,19 @@ class Client(Handlers):
     # --- the network -----------------------------------------------------------------------
 
     async def network_info(self) -> NetworkInfo:
-        """What the bridge says about this network (its remote ID pattern, delivery, limits)."""
+        """What the bridge says about this network: its remote ID pattern and ghost IDs, how
+        it receives events, its limits and quotas. Kept as :attr:`info`; a client given no
+        ``remote_id_pattern`` takes the bridge's."""
         try:
             answer = await self.http.request("GET", self.path)
         except (Unrecognized, NotFound) as e:
             raise NotSupported(
                 f"the bridge does not describe its networks ({e.code}); give "
                 f"remote_id_pattern= to Client({self.network!r}, ...) instead") from e
-        info = NetworkInfo.from_json(self.network, answer)
-        self.remote_id_pattern = info.remote_id_pattern
-        return info
+        self.info = NetworkInfo.from_json(answer)
+        if self.remote_id_pattern is None:
+            self.remote_id_pattern = self.info.remote_id_pattern
+        return self.info
 
     # --- receiving -------------------------------------------------------------------------
 

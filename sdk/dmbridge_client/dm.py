@@ -18,8 +18,9 @@ class DM:
     """The DM between ``remote_id`` (the remote user, who sends) and ``user_id`` (Matrix).
 
     ``room_id`` is the Matrix room, ``ghost_id`` the remote user's Matrix account, ``created``
-    whether opening it made the room. ``is_dm`` is always true: the bridge keeps the room a
-    one-to-one DM, and what happens otherwise reaches you as a notice.
+    whether opening it made the room, ``replaced_room_id`` the room a fresh DM ended.
+    ``is_dm`` is always true: the bridge keeps the room a one-to-one DM, and what happens
+    otherwise reaches you as a notice.
     """
 
     is_dm = True
@@ -34,6 +35,7 @@ class DM:
         self.user_id: str = info.user_id
         self.user_membership: str | None = info.user_membership
         self.created: bool = info.created
+        self.replaced_room_id: str | None = info.replaced_room_id
 
     def __repr__(self) -> str:
         return (f"DM({self.info.network}:{self.info.remote_id} <-> {self.info.user_id} "
@@ -41,12 +43,14 @@ class DM:
 
     async def send(self, text: str | None = None, *, html: str | None = None,
                    markdown: str | None = None, media: Upload | str | None = None,
-                   reply_to: TargetLike | None = None, msgtype: str | None = None,
-                   message_id: str | None = None, ts: datetime | int | None = None) -> Sent:
+                   reply_to: TargetLike | None = None, thread_root: TargetLike | None = None,
+                   msgtype: str | None = None, message_id: str | None = None,
+                   ts: datetime | int | None = None) -> Sent:
         """Post a message; see :meth:`Client.send_message`."""
         return await self.client.send_message(
             self.info.remote_id, self.info.user_id, text, html=html, markdown=markdown,
-            media=media, reply_to=reply_to, msgtype=msgtype, message_id=message_id, ts=ts)
+            media=media, reply_to=reply_to, thread_root=thread_root, msgtype=msgtype,
+            message_id=message_id, ts=ts)
 
     async def edit(self, target: Sent | str, text: str | None = None, *,
                    html: str | None = None, markdown: str | None = None,

@@ -76,7 +76,11 @@ class Event:
 
 @dataclass(frozen=True)
 class DirectMessage(Event):
-    """The Matrix user wrote in the DM (``message``)."""
+    """The Matrix user wrote in the DM (``message``).
+
+    ``reply_to`` is the message it answers; ``thread_root`` the root of the thread it is in
+    (its ``message_id`` is yours when the root is one of your messages), or None.
+    """
 
     event_id: str = ""
     text: str = ""
@@ -85,6 +89,7 @@ class DirectMessage(Event):
     sender_name: str | None = None
     media: Media | None = None
     reply_to: Target | None = None
+    thread_root: Target | None = None
     sent_at: int | None = None
     # Replies made so far by this run of the handlers (each run parses the event afresh).
     _replies: list[int] = field(default_factory=lambda: [0], repr=False, compare=False)
@@ -92,7 +97,7 @@ class DirectMessage(Event):
     async def reply(self, text: str | None = None, *, html: str | None = None,
                     markdown: str | None = None, media: Upload | str | None = None,
                     msgtype: str | None = None) -> Sent:
-        """Answer in the DM, as a Matrix reply to this message.
+        """Answer in the DM, as a Matrix reply to this message (in its thread, if it is in one).
 
         The message ID comes from this message and the number of replies the handler made to
         it before, so a handler run again for the same message (a retry, a redelivery after a
@@ -102,7 +107,7 @@ class DirectMessage(Event):
         count = self._replies[0]
         digest = hashlib.sha256(f"{self.idempotency_key}\n{count}".encode()).hexdigest()
         return await self.dm.send(text, html=html, markdown=markdown, media=media,
-                                  msgtype=msgtype, reply_to=self,
+                                  msgtype=msgtype, reply_to=self, thread_root=self.thread_root,
                                   message_id=f"re-{digest[:40]}")
 
     async def mark_read(self) -> None:
@@ -200,7 +205,8 @@ def parse_event(raw: dict[str, Any], dm: DM) -> Event:
             html=part.get("html"), msgtype=part.get("msgtype"),
             sender_name=sender.get("displayname") if isinstance(sender, dict) else None,
             media=Media.from_json(part.get("media")),
-            reply_to=Target.from_json(part.get("reply_to")), sent_at=part.get("sent_at"))
+            reply_to=Target.from_json(part.get("reply_to")),
+            thread_root=Target.from_json(part.get("thread_root")), sent_at=part.get("sent_at"))
     if kind == "edit":
         return Edit(**base, event_id=str(part.get("event_id", "")),
                     target=Target.from_json(part.get("target")),

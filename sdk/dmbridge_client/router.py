@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -15,19 +16,20 @@ from .models import Sent
 class Router:
     """Picks, for a remote ID, the one client whose network's ``remote_id_pattern`` matches it.
 
-    A client's pattern is the one given to ``Client(..., remote_id_pattern=...)``, else the one
-    the bridge describes for the network (asked once, on first use). Two matching networks
-    raise :class:`AmbiguousRemoteID` (pass ``network=``); none raises :class:`NoNetwork`.
+    A client's pattern is the one given to ``Client(..., remote_id_pattern=...)``, else the
+    ``remote_id_pattern`` of the bridge's description of the network (``GET
+    /networks/{network}``, asked once, on first use; kept as ``client.info``). Two matching
+    networks raise :class:`AmbiguousRemoteID` (pass ``network=``); none raises
+    :class:`NoNetwork`.
     """
 
     def __init__(self, clients: Iterable[Client]) -> None:
         self.clients = {client.network: client for client in clients}
 
     async def discover(self) -> None:
-        """Ask the bridge for the pattern of every network that was given none."""
-        for client in self.clients.values():
-            if client.remote_id_pattern is None:
-                await client.network_info()
+        """Ask the bridge to describe every network that was given no pattern (at once)."""
+        await asyncio.gather(*(client.network_info() for client in self.clients.values()
+                               if client.remote_id_pattern is None))
 
     async def client_for(self, remote_id: str, *, network: str | None = None) -> Client:
         if network is not None:
@@ -50,6 +52,12 @@ class Router:
         """``Client.open_dm`` on the network ``sender`` belongs to."""
         client = await self.client_for(sender, network=network)
         return await client.open_dm(sender, user_id, **options)
+
+    async def create_dm(self, sender: str, user_id: str, *, network: str | None = None,
+                        **options: Any) -> DM:
+        """``Client.create_dm`` on the network ``sender`` belongs to."""
+        client = await self.client_for(sender, network=network)
+        return await client.create_dm(sender, user_id, **options)
 
     async def send_message(self, sender: str, user_id: str, text: str | None = None, *,
                            network: str | None = None, **options: Any) -> Sent:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta, timezone
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import dmbridge_client as sdk
@@ -13,6 +15,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from dmbridge_client.errors import ERRORS, UnexpectedAnswer, api_error
 from ruamel.yaml import YAML
+
+from dmbridge.api.discovery import describe
+from dmbridge.localpart import escape
+from tests.support.settings import make_settings
 
 Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ServerFactory = Callable[[list[tuple[str, str, Route]]], Awaitable[str]]
@@ -117,44 +123,112 @@ async def test_errors_that_a_retry_cannot_fix_are_raised_at_once(
     assert "fall back to another channel" in str(refused.value)
 
 
-def _dm(created: bool, room_id: str) -> dict[str, Any]:
+def _dm(created: bool, room_id: str, replaced: str | None = None) -> dict[str, Any]:
     return {"room_id": room_id, "network": "chat", "remote_id": "bob",
             "ghost_id": "@dm_chat_bob:example.org", "user_id": "@alice:example.org",
-            "user_membership": "invite", "state": "active", "created": created}
+            "user_membership": "invite", "state": "active", "created": created,
+            "replaced_room_id": replaced}
 
 
-async def test_create_dm_asks_for_a_new_room_and_refuses_a_bridge_that_ignores_it(
+class FakeDMs:
+    """The DMs of one pair on a fake bridge that opens a fresh DM as the real one does: a
+    'replaces' that is no longer the pair's DM is answered with the current one."""
+
+    def __init__(self, current: str | None) -> None:
+        self.current = current
+        self.made: list[str] = []
+        self.bodies: list[dict[str, Any]] = []
+        self.lose_answers = 0  # how many answers to lose after doing the work
+
+    async def list(self, request: web.Request) -> web.Response:
+        assert dict(request.query) == {"limit": "1", "user_id": "@alice:example.org",
+                                       "remote_id": "bob"}
+        return web.json_response({"dms": [] if self.current is None
+                                  else [_dm(False, self.current)]})
+
+    async def open(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.bodies.append(body)
+        if self.current is None or (body.get("new") and body.get("replaces") in (
+                None, self.current)):
+            replaced, self.current = self.current, f"!room{len(self.made) + 1}"
+            self.made.append(self.current)
+            answer = _dm(True, self.current, replaced if body.get("new") else None)
+        else:
+            answer = _dm(False, self.current)
+        if self.lose_answers:
+            self.lose_answers -= 1
+            assert request.transport is not None
+            request.transport.close()  # the work is done, the answer never arrives
+        return web.json_response(answer)
+
+
+async def test_create_dm_replaces_the_current_dm_and_a_retry_makes_no_third_room(
     fake_bridge: ServerFactory
 ) -> None:
-    """With a bridge that opens a fresh DM on "new": true, create_dm gives it; with one that
-    does not know the field (answers the existing DM), create_dm says so instead."""
-    bodies: list[dict[str, Any]] = []
-
-    async def supporting(request: web.Request) -> web.Response:
-        bodies.append(await request.json())
-        return web.json_response(_dm(True, "!fresh"))
-
-    async def ignoring(request: web.Request) -> web.Response:
-        return web.json_response(_dm(False, "!old"))
-
-    url = await fake_bridge([("POST", "/networks/chat/dms", supporting),
-                             ("POST", "/networks/old/dms", ignoring)])
+    """The answer of the first try is lost: the retry names the same room to replace, the
+    bridge answers the room the first try made, and no other room is made. Called again
+    with replaces= after that, the same room comes back."""
+    dms = FakeDMs("!old")
+    dms.lose_answers = 1
+    url = await fake_bridge([("GET", "/networks/chat/dms", dms.list),
+                             ("POST", "/networks/chat/dms", dms.open)])
     async with sdk.Client(url, "t", "chat") as client:
         dm = await client.create_dm("bob", "@alice:example.org", name="Bob")
-    assert (dm.room_id, dm.created, dm.is_dm) == ("!fresh", True, True)
-    assert bodies == [{"sender": "bob", "recipient": "@alice:example.org", "sender_name": "Bob",
-                       "new": True}]
+        again = await client.create_dm("bob", "@alice:example.org", replaces="!old")
+    asked = {"sender": "bob", "recipient": "@alice:example.org", "sender_name": "Bob",
+             "new": True, "replaces": "!old"}
+    unnamed = {k: v for k, v in asked.items() if k != "sender_name"}
+    assert dms.bodies == [asked, asked, unnamed]
+    assert dms.made == ["!room1"]
+    assert (dm.room_id, dm.created, dm.is_dm) == ("!room1", False, True)
+    assert (again.room_id, again.created, again.replaced_room_id) == ("!room1", False, None)
+
+
+async def test_create_dm_without_a_dm_to_replace_opens_one_and_its_retry_finds_it(
+    fake_bridge: ServerFactory
+) -> None:
+    dms = FakeDMs(None)
+    dms.lose_answers = 1
+    url = await fake_bridge([("GET", "/networks/chat/dms", dms.list),
+                             ("POST", "/networks/chat/dms", dms.open)])
+    async with sdk.Client(url, "t", "chat") as client:
+        dm = await client.create_dm("bob", "@alice:example.org")
+    assert dms.bodies == [{"sender": "bob", "recipient": "@alice:example.org"}] * 2
+    assert (dms.made, dm.room_id) == (["!room1"], "!room1")
+
+
+async def test_create_dm_refuses_a_bridge_that_answers_the_old_dm(
+    fake_bridge: ServerFactory
+) -> None:
+    async def ignoring(request: web.Request) -> web.Response:
+        answer = _dm(False, "!old")
+        del answer["replaced_room_id"]
+        return web.json_response(answer)
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"dms": [_dm(False, "!old")]})
+
+    url = await fake_bridge([("GET", "/networks/old/dms", listing),
+                             ("POST", "/networks/old/dms", ignoring)])
     async with sdk.Client(url, "t", "old") as old:
         with pytest.raises(sdk.NotSupported, match="does not support opening a new DM"):
             await old.create_dm("bob", "@alice:example.org")
+        with pytest.raises(sdk.NotSupported, match="does not support opening a new DM"):
+            await old.open_dm("bob", "@alice:example.org", new=True)
 
 
-async def test_router_picks_the_network_by_remote_id_format(fake_bridge: ServerFactory) -> None:
-    """Patterns given or discovered: one match, two (ambiguity error), none."""
+async def test_router_picks_the_network_by_remote_id_format(
+    fake_bridge: ServerFactory, tmp_path: Path
+) -> None:
+    """Patterns given or discovered (the bridge's own description of its SMS network): one
+    match, two (ambiguity error), none."""
+    settings = make_settings(tmp_path, homeserver_url="http://127.0.0.1:1", domain="hs.test",
+                             port=1, db_url=f"sqlite:///{tmp_path / 'db'}")
+    network = settings.networks.get("sms")
+
     async def discovery(request: web.Request) -> web.Response:
-        return web.json_response({"network": "sms", "remote_id_pattern": r"\+[1-9][0-9]{6,14}",
-                                  "ghost_id_template": "@dm_sms_{remote_id}:example.org",
-                                  "delivery": {"mode": "pull"}, "limits": {}})
+        return web.json_response(describe(network, settings))
 
     sends: list[str] = []
 
@@ -172,6 +246,11 @@ async def test_router_picks_the_network_by_remote_id_format(fake_bridge: ServerF
     try:
         assert (await router.client_for("U1234ABCD")) is slack
         assert (await router.client_for("+15551234567")) is sms
+        assert sms.info is not None and sms.remote_id_pattern == network.remote_id_pattern.pattern
+        assert (sms.info.network, sms.info.delivery_mode, sms.info.limits.max_upload_bytes) == (
+            "sms", network.delivery.mode, settings.media.max_upload_bytes)
+        assert sms.info.quotas.new_dms_per_hour == network.quotas.new_dms_per_hour
+        assert sms.info.ghost_user_id("+15551234567") == network.ghost_user_id("+15551234567")
         await router.send_message("U1234ABCD", "@alice:example.org", "Hi")
         assert sends[-1].startswith("/_dmbridge/v1/networks/slack/messages/")
         with pytest.raises(sdk.NoNetwork, match="'bob' matches the remote ID pattern of none"):
@@ -185,6 +264,18 @@ async def test_router_picks_the_network_by_remote_id_format(fake_bridge: ServerF
     finally:
         await router.close()
         await numeric.close()
+
+
+@pytest.mark.parametrize("remote_id", ["Bob_Smith", "a.b-c/d", "+15551234567", "zoë 1"])
+def test_ghost_ids_are_escaped_as_the_bridge_escapes_them(tmp_path: Path,
+                                                         remote_id: str) -> None:
+    settings = make_settings(tmp_path, homeserver_url="http://127.0.0.1:1", domain="hs.test",
+                             port=1, db_url=f"sqlite:///{tmp_path / 'db'}")
+    chat = settings.networks.get("chat")
+    info = sdk.NetworkInfo.from_json(describe(chat, settings))
+    assert sdk.escape_remote_id(remote_id) == escape(remote_id)
+    if info.matches(remote_id):
+        assert info.ghost_user_id(remote_id) == chat.ghost_user_id(remote_id)
 
 
 async def test_discovery_on_a_bridge_without_it_says_what_to_do(
@@ -249,3 +340,47 @@ def test_events_parse_into_their_types() -> None:
     future = client.event({**envelope, "type": "something.new"})
     assert type(future) is sdk.Event and future.raw["type"] == "something.new"
     json.dumps(future.raw)
+
+
+async def test_a_reply_stays_in_the_thread_and_times_are_sent_in_milliseconds(
+    fake_bridge: ServerFactory
+) -> None:
+    """message.reply to a message in a thread names its root (the platform's own root by
+    message ID, a Matrix user's by event ID); a reply outside threads names none. ts: a
+    datetime in any zone, or milliseconds."""
+    bodies: list[dict[str, Any]] = []
+
+    async def put(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        return web.json_response({"room_id": "!r", "event_id": "$e", "room_created": False,
+                                  "duplicate": False})
+
+    url = await fake_bridge([("PUT", "/networks/chat/messages/{id}", put)])
+    envelope = {"type": "message", "network": "chat", "remote_id": "bob",
+                "user_id": "@alice:x", "room_id": "!r", "queued_at": 1}
+
+    def message(number: int, thread_root: dict[str, Any] | None) -> dict[str, Any]:
+        return {**envelope, "id": number, "idempotency_key": f"$m{number}", "message": {
+            "event_id": f"$m{number}", "text": "?", "reply_to": None,
+            "thread_root": thread_root}}
+
+    async with sdk.Client(url, "t", "chat") as client:
+        ours = client.event(message(1, {"event_id": "$root", "message_id": "m-root",
+                                        "kind": "message"}))
+        theirs = client.event(message(2, {"event_id": "$theirs", "message_id": None,
+                                          "kind": "message"}))
+        outside = client.event(message(3, None))
+        assert isinstance(ours, sdk.DirectMessage) and ours.thread_root == sdk.Target(
+            "$root", "m-root", "message")
+        for event in (ours, theirs, outside):
+            assert isinstance(event, sdk.DirectMessage)
+            await event.reply("!")
+        zoned = datetime(2026, 1, 1, 14, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
+        await client.send_message("bob", "@alice:x", "late", ts=zoned)
+        await client.send_message("bob", "@alice:x", "late", ts=1767225540007)
+    assert [(b.get("thread_root"), b["reply_to"]) for b in bodies[:3]] == [
+        ({"message_id": "m-root"}, {"event_id": "$m1"}),
+        ({"event_id": "$theirs"}, {"event_id": "$m2"}),
+        (None, {"event_id": "$m3"})]
+    assert "thread_root" not in bodies[2]
+    assert [b["ts"] for b in bodies[3:]] == [1767268800123, 1767225540007]
