@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +17,25 @@ from dmbridge_client import (
     Declined,
     DirectMessage,
     Edit,
+    InvalidParam,
     Notice,
-    NotSupported,
+    NotYourMessage,
     Reaction,
     ReadReceipt,
     Router,
+    Sent,
+    Target,
     Typing,
 )
-from nio import MessageDirection, RoomMessagesResponse
+from nio import MessageDirection, RoomMessagesResponse, RoomSendResponse
 
 from dmbridge.bridge import Bridge
 from dmbridge.embedded import client_for
+from dmbridge.opening import MOVED_REASON
 from tests.integration.conftest import Homeserver, accept_dm, bridge_sees, wait_for
 from tests.integration.test_media import png
 from tests.support.matrix import Human
-from tests.support.settings import CHAT_TOKEN
+from tests.support.settings import CHAT_TOKEN, SMS_TOKEN
 
 
 def _contact() -> str:
@@ -268,35 +273,156 @@ async def test_a_declined_user_raises_declined_with_what_to_do(
     assert refused.value.request_id
 
 
-@pytest.mark.xfail(raises=NotSupported, strict=True,
-                   reason="the bridge does not open a fresh DM on request (\"new\": true) yet")
 async def test_create_dm_opens_a_new_room_and_the_old_one_is_no_longer_used(
     bridge: Bridge, client: Client, new_human: Any
 ) -> None:
+    """The contact leaves the old room saying why and invites the human to a new one, where
+    the next message lands; asked again for the same replacement, the bridge makes no third
+    room; what the human writes in the old room no longer reaches the handlers."""
     human: Human = await new_human()
     contact = _contact()
-    old = await client.open_dm(contact, human.user_id)
-    await accept_dm(human, old.room_id, bridge)
+    ghost = bridge.settings.networks.get("chat").ghost_user_id(contact)
+    first = await client.send_message(contact, human.user_id, "In the old room")
+    old = first.room_id
+    await accept_dm(human, old, bridge)
+
     fresh = await client.create_dm(contact, human.user_id)
-    assert fresh.created and fresh.room_id != old.room_id
+    assert (fresh.created, fresh.replaced_room_id, fresh.is_dm) == (True, old, True)
+    assert fresh.room_id != old
+    await human.wait_membership(old, ghost, "leave")
+    assert await human.leave_reason(old, ghost) == MOVED_REASON
+    invite = await human.wait_invite(fresh.room_id)
+    assert invite.sender == ghost and invite.content.get("is_direct") is True
+    # The same replacement again (a retry after a lost answer): the room already made.
+    again = await client.create_dm(contact, human.user_id, replaces=old)
+    assert (again.room_id, again.created, again.replaced_room_id) == (fresh.room_id, False,
+                                                                       None)
+    await human.client.sync(timeout=500)
+    assert set(human.client.invited_rooms) == {fresh.room_id}
+
     await accept_dm(human, fresh.room_id, bridge)
     sent = await client.send_message(contact, human.user_id, "In the new room")
-    assert sent.room_id == fresh.room_id
-    assert [m["content"]["body"] for m in await human.messages(old.room_id)] == []
+    assert (sent.room_id, sent.room_created) == (fresh.room_id, False)
+    assert [m["content"]["body"] for m in await human.wait_messages(fresh.room_id, 1)] == [
+        "In the new room"]
+    assert [m["content"]["body"] for m in await human.messages(old)] == ["In the old room"]
+    assert [dm.room_id for dm in await client.list_dms(sender=contact)] == [fresh.room_id]
+
+    heard: list[str] = []
+
+    @client.on_direct_message
+    async def hear(message: DirectMessage) -> None:
+        if message.user_id != human.user_id:
+            return
+        heard.append(message.text)
+        if message.room_id == fresh.room_id:
+            client.stop()
+
+    running = asyncio.create_task(client.run(wait=1, handle_signals=False))
+    await human.say(old, "written in the old room")
+    await human.say(fresh.room_id, "written in the new room")
+    await asyncio.wait_for(running, 60)
+    # One lane per DM: the old room's message, had it been delivered, would have come first.
+    assert heard == ["written in the new room"]
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="the bridge does not post a message at its original time (ts) yet")
 async def test_a_late_message_keeps_its_original_time(
     bridge: Bridge, client: Client, new_human: Any
 ) -> None:
+    """ts as a datetime (in any zone) or as milliseconds: the human's client shows the
+    message at that time; without it, at the homeserver's."""
     human: Human = await new_human()
-    written = datetime.now(UTC) - timedelta(hours=3)
-    sent = await client.send_message(_contact(), human.user_id, "Queued for three hours",
+    contact = _contact()
+    written = datetime.now(timezone(timedelta(hours=-5))) - timedelta(hours=3)
+    sent = await client.send_message(contact, human.user_id, "Queued for three hours",
                                      ts=written)
     await accept_dm(human, sent.room_id, bridge)
-    event = await _event(human, sent.room_id, sent.event_id)
-    assert event["origin_server_ts"] == int(written.timestamp() * 1000)
+    dm = await client.open_dm(contact, human.user_id)
+    older = int(time.time() * 1000) - 86_400_000
+    earlier = await dm.send("Queued for a day", ts=older)
+    now = await dm.send("Sent now")
+    shown = {e["event_id"]: e["origin_server_ts"] for e in await _timeline(human, dm.room_id)}
+    assert shown[sent.event_id] == (written - datetime(1970, 1, 1, tzinfo=UTC)
+                                    ) // timedelta(milliseconds=1)
+    assert shown[earlier.event_id] == older
+    assert shown[now.event_id] > shown[sent.event_id]
+    with pytest.raises(InvalidParam, match="seconds given for milliseconds"):
+        await dm.send("In seconds", ts=older // 1000)
+
+
+async def test_a_thread_both_ways(bridge: Bridge, client: Client, new_human: Any) -> None:
+    """The platform writes in the thread of its message; the human answers in the thread as
+    Element does; the handler sees the thread's root as the platform's message, and its
+    message.reply lands in the thread as a real reply to the human. Editing the human's
+    message is refused with NotYourMessage."""
+    human: Human = await new_human()
+    contact = _contact()
+    dm = await client.open_dm(contact, human.user_id)
+    await accept_dm(human, dm.room_id, bridge)
+    root = await dm.send("Your order has shipped.")
+    in_thread = await dm.send("It left the depot.", thread_root=root)
+    content = (await _event(human, dm.room_id, in_thread.event_id))["content"]
+    assert content["m.relates_to"] == {
+        "rel_type": "m.thread", "event_id": root.event_id, "is_falling_back": True,
+        "m.in_reply_to": {"event_id": root.event_id}}
+
+    seen: list[DirectMessage] = []
+    replies: list[Sent] = []
+
+    @client.on_direct_message
+    async def answer(message: DirectMessage) -> None:
+        if message.user_id != human.user_id:
+            return
+        seen.append(message)
+        replies.append(await message.reply("Tomorrow."))
+        client.stop()
+
+    running = asyncio.create_task(client.run(wait=1, handle_signals=False))
+    asked = await human.client.room_send(dm.room_id, "m.room.message", {
+        "msgtype": "m.text", "body": "When will it arrive?",
+        "m.relates_to": {"rel_type": "m.thread", "event_id": root.event_id,
+                         "is_falling_back": True,
+                         "m.in_reply_to": {"event_id": in_thread.event_id}}})
+    assert isinstance(asked, RoomSendResponse), asked
+    await asyncio.wait_for(running, 60)
+    [message] = seen
+    assert (message.text, message.event_id, message.reply_to) == (
+        "When will it arrive?", asked.event_id, None)
+    assert message.thread_root == Target(root.event_id, root.message_id, "message")
+    reply = await _event(human, dm.room_id, replies[0].event_id)
+    assert reply["sender"] == dm.ghost_id
+    assert reply["content"]["m.relates_to"] == {
+        "rel_type": "m.thread", "event_id": root.event_id, "is_falling_back": False,
+        "m.in_reply_to": {"event_id": asked.event_id}}
+
+    with pytest.raises(NotYourMessage) as refused:
+        await dm.edit(asked.event_id, "Changed your words")
+    assert refused.value.status == 403 and "only the sender" in str(refused.value)
+
+
+async def test_the_network_described_by_the_bridge_routes_and_names_ghosts(
+    bridge: Bridge, homeserver: Homeserver, new_human: Any
+) -> None:
+    """Clients given no pattern: the router asks the bridge, sends a phone number through the
+    SMS network and a handle through the chat network, and the ghost IDs the description
+    gives are the ones that invite the human."""
+    human: Human = await new_human()
+    base = f"http://127.0.0.1:{homeserver.bridge_port}"
+    sms, chat = Client(base, SMS_TOKEN, "sms"), Client(base, CHAT_TOKEN, "chat")
+    router = Router([sms, chat])
+    phone, handle = "+1555" + str(uuid.uuid4().int)[:7], _contact()
+    try:
+        by_sms = await router.send_message(phone, human.user_id, "From a phone")
+        by_chat = await router.send_message(handle, human.user_id, "From a chat")
+    finally:
+        await router.close()
+    assert sms.info is not None and chat.info is not None
+    assert (sms.info.network, chat.info.network, chat.info.delivery_mode) == ("sms", "chat",
+                                                                             "pull")
+    assert chat.info.limits.max_body_bytes == bridge.settings.max_body_bytes
+    for sent, info, remote_id in ((by_sms, sms.info, phone), (by_chat, chat.info, handle)):
+        invite = await human.wait_invite(sent.room_id)
+        assert invite.sender == info.ghost_user_id(remote_id)
 
 
 async def test_router_sends_each_remote_user_through_its_own_network(
