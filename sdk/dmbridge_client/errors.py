@@ -125,7 +125,8 @@ class NotFound(APIError):
 
 class NotYourMessage(APIError):
     errcode = "DMBRIDGE_NOT_YOUR_MESSAGE"
-    advice = "only the sender of a message can edit or delete it"
+    advice = "only the sender of a message can edit or delete it: another remote user's " \
+             "message, or a Matrix user's (given by its event ID), cannot be edited"
 
 
 class TargetInOtherRoom(APIError):
