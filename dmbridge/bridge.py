@@ -258,7 +258,7 @@ class Bridge:
     @staticmethod
     async def _recover_unfinished(dms: DMService) -> None:
         """DM creations a process that died left unfinished: adopt their rooms, or free them;
-        rooms of replaced DMs the ghost is still in: it leaves them.
+        DMs whose replacement by a fresh room was left unfinished: finished or restored.
 
         In the background; a request for such a pair meanwhile settles it itself.
         """
@@ -273,10 +273,10 @@ class Bridge:
         try:
             left = await dms.finish_replacements()
         except Exception:
-            log.exception("leaving the rooms of replaced DMs failed; tried again at next start")
+            log.exception("finishing replaced DMs failed; tried again at next start")
             return
         if left:
-            log.info("left %d room(s) of DMs replaced by a fresh one", left)
+            log.info("finished %d replaced DM room(s)", left)
 
     async def _log_summaries(self) -> None:
         while True:

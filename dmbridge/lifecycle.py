@@ -32,6 +32,9 @@ _RELATED = frozenset({"m.reaction", "m.room.redaction"})
 # Why a DM ended that the platform replaced with a new room (``new: true``): what the user
 # writes there never reaches the platform, and never makes that room the DM again.
 REPLACED_BY_PLATFORM = "replaced_by_platform"
+# A DM ended for a new room that is being made (and the platform not told yet): if none comes
+# of it, the DM is that room again.
+BEING_REPLACED = "being_replaced"
 # Rooms whose user is remembered as typing (to tell the platform each start and stop once).
 TYPING_ROOMS_MAX = 10_000
 
@@ -225,7 +228,7 @@ class Lifecycle:
             return
         if dm.state in (ENDED, DECLINED):
             if (dm.ghost_membership != "join" or raw.get("type") not in _MESSAGES
-                    or dm.reason == REPLACED_BY_PLATFORM):
+                    or dm.reason in (REPLACED_BY_PLATFORM, BEING_REPLACED)):
                 log.info("%s: %s %s not delivered: the room is no longer the DM", room_id,
                          raw.get("type"), event_id)
                 return

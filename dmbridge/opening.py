@@ -38,7 +38,7 @@ from .errors import (
 )
 from .ghosts import Ghosts
 from .instances import Instances
-from .lifecycle import REPLACED_BY_PLATFORM, move
+from .lifecycle import BEING_REPLACED, REPLACED_BY_PLATFORM, move
 from .locks import KeyedLocks, LockWaitTimeout
 from .marker import Marker
 from .networks import Network
@@ -262,28 +262,37 @@ class Opener:
                 conn: Any
                 async with self.stores.db.acquire() as conn, conn.transaction():
                     if not await self.stores.dms.replace_with_claim(
-                            conn, old.room_id, REPLACED_BY_PLATFORM, claim, self.instances.id,
+                            conn, old.room_id, BEING_REPLACED, claim, self.instances.id,
                             now_ms()):
                         raise _Changed
                 try:
                     opened = await self._create_paced(network, remote_id, old.ghost_id,
                                                       old.user_id, profile, claim)
                 except BaseException:
-                    if await self.stores.dms.restore_replaced(old.room_id, REPLACED_BY_PLATFORM,
+                    if await self.stores.dms.restore_replaced(old.room_id, BEING_REPLACED,
                                                               old.reason, now_ms()):
                         log.info("DM room %s stays the DM of %s / %s: no new room was made",
                                  old.room_id, old.ghost_id, old.user_id)
                     raise
         except _Changed:
             return None  # the quota and the pace were given back on the way out
-        ended = dataclasses.replace(old, state=ENDED)
-        async with self.stores.db.acquire() as conn, conn.transaction():
-            await move(self.stores, conn, ended, ENDED, REPLACED_BY_PLATFORM, None, now_ms(),
-                       payloads.DM_ENDED, key=f"{payloads.DM_ENDED}:replaced:{old.room_id}")
         log.info("DM room %s (%s / %s) replaced by %s at %s's request", old.room_id,
                  old.ghost_id, old.user_id, opened.dm.room_id, network.id)
-        await self.leave_replaced(old)
+        await self._finish_replacement(old)
         return OpenedDM(opened.dm, opened.created, old.room_id)
+
+    async def _finish_replacement(self, old: DMRecord) -> None:
+        """A new room replaced ``old``: the platform is told (once, whoever gets here first)
+        and the ghost leaves."""
+        assert old.room_id is not None
+        conn: Any
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            if await self.stores.dms.change_ended_reason(conn, old.room_id, BEING_REPLACED,
+                                                         REPLACED_BY_PLATFORM, now_ms()):
+                await move(self.stores, conn, dataclasses.replace(old, state=ENDED), ENDED,
+                           REPLACED_BY_PLATFORM, None, now_ms(), payloads.DM_ENDED,
+                           key=f"{payloads.DM_ENDED}:replaced:{old.room_id}")
+        await self.leave_replaced(old)
 
     async def leave_replaced(self, record: DMRecord) -> bool:
         """The ghost leaves a room its DM was replaced from, with a reason the user's client
@@ -311,12 +320,30 @@ class Opener:
         return True
 
     async def finish_replacements(self) -> int:
-        """The ghost leaves each room its DM was replaced from that it is still in (the leave
-        failed, or the process stopped before it); how many it left."""
-        left = 0
+        """Replacements a process left unfinished (run at start, after unfinished creations
+        are settled): a DM whose new room was made is ended for the platform and left, one
+        whose new room never came is the DM again. Then the ghost leaves each replaced room it
+        is still in (the leave failed). How many rooms were finished or left."""
+        done = 0
+        for record in await self.stores.dms.ended_for(BEING_REPLACED):
+            async with self._pair_locks.hold((record.ghost_id, record.user_id)):
+                current = await self.stores.dms.get_current(record.ghost_id, record.user_id)
+                if current is not None and current.state == CREATING:
+                    continue  # still being made; its request finishes it
+                assert record.room_id is not None
+                if current is None:
+                    if await self.stores.dms.restore_replaced(record.room_id, BEING_REPLACED,
+                                                              None, now_ms()):
+                        log.warning("DM room %s (%s / %s): its replacement never made a room;"
+                                    " it is the DM again", record.room_id, record.ghost_id,
+                                    record.user_id)
+                        done += 1
+                    continue
+                await self._finish_replacement(record)
+                done += 1
         for record in await self.stores.dms.ended_with_ghost_joined(REPLACED_BY_PLATFORM):
-            left += await self.leave_replaced(record)
-        return left
+            done += await self.leave_replaced(record)
+        return done
 
     # --- recovery ---------------------------------------------------------------------------
 

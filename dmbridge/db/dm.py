@@ -282,6 +282,23 @@ class DMStore:
         )
         return got is not None
 
+    @staticmethod
+    async def change_ended_reason(conn: Connection, room_id: RoomID, was: str, reason: str,
+                                  now_ms: int) -> bool:
+        """The ended DM ``room_id`` ended for ``reason`` after all; False if its reason was
+        not ``was`` (changed already)."""
+        got = await conn.fetchval(
+            "UPDATE dm SET reason=$3, updated_at=$4 WHERE room_id=$1 AND state='ended'"
+            " AND reason=$2 RETURNING room_id",
+            room_id, was, reason, now_ms,
+        )
+        return got is not None
+
+    async def ended_for(self, reason: str) -> list[DMRecord]:
+        """The ended DMs with this reason."""
+        rows = await self.db.fetch(_SELECT + " WHERE dm.state='ended' AND dm.reason=$1", reason)
+        return [_record(row) for row in rows]
+
     async def ended_with_ghost_joined(self, reason: str) -> list[DMRecord]:
         """The ended DMs with this reason whose ghost is still in the room, as last seen."""
         rows = await self.db.fetch(

@@ -648,3 +648,70 @@ async def test_a_replaced_room_the_ghost_could_not_leave_never_becomes_the_dm_ag
             break
         await asyncio.sleep(0.05)
     assert hs.rooms[first.room_id].members[GHOST] == "leave"
+
+
+async def _crash_mid_replacement(bridge: Bridge, room_id: RoomID, made: RoomID | None) -> None:
+    """What a process that stopped while replacing ``room_id`` leaves: the DM ended for a
+    new room and the pair claimed; with ``made``, that room recorded as the DM."""
+    conn: Any
+    async with bridge.db.acquire() as conn, conn.transaction():
+        assert await bridge.stores.dms.replace_with_claim(conn, room_id, "being_replaced",
+                                                          "c1", "", now_ms())
+        if made is not None:
+            assert await bridge.stores.dms.activate_in(conn, GHOST, "@alice:localhost", "c1",
+                                                       made, now_ms())
+
+
+async def _until(check: Callable[[], Awaitable[bool]]) -> None:
+    for _ in range(100):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_a_replacement_that_stopped_before_its_room_leaves_the_dm_as_it_was(
+    make_bridge: MakeBridge, hs: FakeHomeserver
+) -> None:
+    bridge = await make_bridge()
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    await _crash_mid_replacement(bridge, first.room_id, None)
+    restarted = await make_bridge()
+
+    async def restored() -> bool:
+        dm = await restarted.stores.dms.get_current(GHOST, alice)
+        return dm is not None and dm.state == "active"
+
+    await _until(restored)
+    dm = await restarted.stores.dms.get_current(GHOST, alice)
+    assert dm is not None and (dm.room_id, dm.state) == (first.room_id, "active")
+    assert hs.rooms[first.room_id].members[GHOST] == "join"
+    assert await _outbox_types(restarted) == []
+    later = await restarted.dms.send("sms", PHONE, alice, message_id="2", text="again")
+    assert (later.room_id, later.room_created) == (first.room_id, False)
+
+
+async def test_a_replacement_that_stopped_after_its_room_is_finished_at_start(
+    make_bridge: MakeBridge, hs: FakeHomeserver
+) -> None:
+    bridge = await make_bridge()
+    alice = hs.add_human("alice")
+    first = await bridge.dms.send("sms", PHONE, alice, message_id="1", text="hi")
+    await _crash_mid_replacement(bridge, first.room_id, RoomID("!made"))
+    # Until the next start, what the user writes in the old room reaches nobody.
+    await _user_writes(bridge, first.room_id, alice, "$meanwhile")
+    assert await _outbox_types(bridge) == []
+    restarted = await make_bridge()
+
+    async def left() -> bool:
+        return hs.rooms[first.room_id].members[GHOST] == "leave"
+
+    await _until(left)
+    assert hs.rooms[first.room_id].members == {GHOST: "leave", alice: "leave"}
+    rows = await restarted.db.fetch("SELECT type, idempotency_key FROM outbox ORDER BY id")
+    assert [(r["type"], r["idempotency_key"]) for r in rows] == [
+        ("dm.ended", f"dm.ended:replaced:{first.room_id}")]
+    old = await restarted.stores.dms.get_by_room(first.room_id)
+    assert old is not None and (old.state, old.reason) == ("ended", "replaced_by_platform")
+    dm = await restarted.stores.dms.get_current(GHOST, alice)
+    assert dm is not None and dm.room_id == "!made"
