@@ -99,15 +99,18 @@ class DirectMessage(Event):
                     msgtype: str | None = None) -> Sent:
         """Answer in the DM, as a Matrix reply to this message (in its thread, if it is in one).
 
-        The message ID comes from this message and the number of replies the handler made to
-        it before, so a handler run again for the same message (a retry, a redelivery after a
-        restart) posts nothing new.
+        A thread whose root the bridge never saw (``kind`` ``unknown``) cannot be named to it:
+        the answer is then a plain reply. The message ID comes from this message and the
+        number of replies the handler made to it before, so a handler run again for the same
+        message (a retry, a redelivery after a restart) posts nothing new.
         """
         self._replies[0] += 1
         count = self._replies[0]
         digest = hashlib.sha256(f"{self.idempotency_key}\n{count}".encode()).hexdigest()
+        root = self.thread_root
         return await self.dm.send(text, html=html, markdown=markdown, media=media,
-                                  msgtype=msgtype, reply_to=self, thread_root=self.thread_root,
+                                  msgtype=msgtype, reply_to=self,
+                                  thread_root=root if root and root.kind != "unknown" else None,
                                   message_id=f"re-{digest[:40]}")
 
     async def mark_read(self) -> None:

@@ -370,17 +370,19 @@ async def test_a_reply_stays_in_the_thread_and_times_are_sent_in_milliseconds(
         theirs = client.event(message(2, {"event_id": "$theirs", "message_id": None,
                                           "kind": "message"}))
         outside = client.event(message(3, None))
+        unseen = client.event(message(4, {"event_id": "$unseen", "message_id": None,
+                                          "kind": "unknown"}))
         assert isinstance(ours, sdk.DirectMessage) and ours.thread_root == sdk.Target(
             "$root", "m-root", "message")
-        for event in (ours, theirs, outside):
+        for event in (ours, theirs, outside, unseen):
             assert isinstance(event, sdk.DirectMessage)
             await event.reply("!")
         zoned = datetime(2026, 1, 1, 14, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
         await client.send_message("bob", "@alice:x", "late", ts=zoned)
         await client.send_message("bob", "@alice:x", "late", ts=1767225540007)
-    assert [(b.get("thread_root"), b["reply_to"]) for b in bodies[:3]] == [
+    assert [(b.get("thread_root"), b["reply_to"]) for b in bodies[:4]] == [
         ({"message_id": "m-root"}, {"event_id": "$m1"}),
         ({"event_id": "$theirs"}, {"event_id": "$m2"}),
-        (None, {"event_id": "$m3"})]
-    assert "thread_root" not in bodies[2]
-    assert [b["ts"] for b in bodies[3:]] == [1767268800123, 1767225540007]
+        (None, {"event_id": "$m3"}), (None, {"event_id": "$m4"})]
+    assert "thread_root" not in bodies[2] and "thread_root" not in bodies[3]
+    assert [b["ts"] for b in bodies[4:]] == [1767268800123, 1767225540007]
