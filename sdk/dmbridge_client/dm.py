@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from .errors import DmbridgeError
 from .models import Deleted, DMInfo, Sent, Upload
 
 if TYPE_CHECKING:
     from .client import Client, TargetLike
 
+log = logging.getLogger("dmbridge_client")
 
 class DM:
     """The DM between ``remote_id`` (the remote user, who sends) and ``user_id`` (Matrix).
@@ -75,21 +78,32 @@ class DM:
 
     @contextlib.asynccontextmanager
     async def typing(self, *, show_for: float = 30.0) -> AsyncIterator[None]:
-        """Show the remote user typing for as long as the block runs."""
+        """Show the remote user typing for as long as the block runs.
+
+        Only the block's own errors leave it: a refresh or the final "stopped typing" that
+        fails is logged (the typing notice then ends by itself after ``show_for`` seconds).
+        """
         await self.set_typing(True, show_for=show_for)
         refresh = asyncio.create_task(self._keep_typing(show_for))
         try:
             yield
         finally:
             refresh.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresh
-            await self.set_typing(False)
+            await asyncio.gather(refresh, return_exceptions=True)
+            try:
+                await self.set_typing(False)
+            except DmbridgeError as e:
+                log.warning("could not stop %s typing in %s: %s", self.remote_id,
+                            self.room_id, e)
 
     async def _keep_typing(self, show_for: float) -> None:
         while True:
             await asyncio.sleep(show_for * 0.8)
-            await self.set_typing(True, show_for=show_for)
+            try:
+                await self.set_typing(True, show_for=show_for)
+            except DmbridgeError as e:  # the notice lapses; the next refresh tries again
+                log.warning("could not keep %s typing in %s: %s", self.remote_id,
+                            self.room_id, e)
 
     async def mark_read(self, event_id: str) -> None:
         """Show the Matrix user that the remote user read up to their message ``event_id``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
@@ -386,3 +387,35 @@ async def test_a_reply_stays_in_the_thread_and_times_are_sent_in_milliseconds(
         (None, {"event_id": "$m3"}), (None, {"event_id": "$m4"})]
     assert "thread_root" not in bodies[2] and "thread_root" not in bodies[3]
     assert [b["ts"] for b in bodies[4:]] == [1767268800123, 1767225540007]
+
+
+async def test_typing_block_raises_its_own_error_when_refresh_and_stop_fail(
+    fake_bridge: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    typings: list[bool] = []
+    refused = asyncio.Event()
+
+    async def open_dm(request: web.Request) -> web.Response:
+        return web.json_response(_dm(True, "!r"))
+
+    async def typing(request: web.Request) -> web.Response:
+        typings.append((await request.json())["typing"])
+        if len(typings) == 1:
+            return web.json_response({})
+        if typings[-1]:  # the refresh: refused for good
+            refused.set()
+            return _error(429, "M_LIMIT_EXCEEDED", {"Retry-After": "100"})
+        return _error(500, "M_UNKNOWN")  # stopping fails too
+
+    url = await fake_bridge([("POST", "/networks/chat/dms", open_dm),
+                             ("PUT", "/networks/chat/typing", typing)])
+    async with sdk.Client(url, "t", "chat", max_wait=1) as client:
+        dm = await client.open_dm("bob", "@alice:example.org")
+        with pytest.raises(ValueError, match="the handler's own"):
+            async with dm.typing(show_for=0.01):
+                await refused.wait()
+                await asyncio.sleep(0.05)  # the refresh task has failed by now
+                raise ValueError("the handler's own")
+    assert typings[0] is True and typings[-1] is False
+    assert "could not keep bob typing in !r: 429 M_LIMIT_EXCEEDED" in caplog.text
+    assert "could not stop bob typing in !r: 500 M_UNKNOWN" in caplog.text
