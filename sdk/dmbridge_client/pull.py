@@ -24,12 +24,23 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConnectionFailed, DmbridgeError
+from .errors import APIError, ConnectionFailed, DmbridgeError, UnexpectedAnswer
 
 if TYPE_CHECKING:
     from .client import Client
 
 log = logging.getLogger("dmbridge_client")
+
+
+def _passing(error: DmbridgeError) -> bool:
+    """Whether a failed poll is worth repeating: the bridge (or a proxy before it) is down,
+    restarting or failing for now. A refused token or a wrong address ends the loop."""
+    if isinstance(error, ConnectionFailed):
+        return True
+    if isinstance(error, APIError) and error.status in (401, 403, 404):
+        return False
+    return isinstance(error, UnexpectedAnswer) or (
+        isinstance(error, APIError) and error.status >= 500)
 
 
 class Puller:
@@ -101,7 +112,9 @@ class Puller:
             try:
                 answer: dict[str, Any] = poll.result()
                 return answer
-            except ConnectionFailed as e:  # the bridge is down or restarting: wait for it
+            except DmbridgeError as e:
+                if not _passing(e):
+                    raise
                 log.warning("pulling events failed: %s; trying again in %.0f s", e, pause)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), pause)

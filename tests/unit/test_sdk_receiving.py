@@ -140,6 +140,51 @@ async def test_a_failed_acknowledgement_is_logged_and_the_loop_goes_on(
     assert "acknowledging event 1 failed: 500 M_UNKNOWN: db down" in caplog.text
 
 
+async def test_the_loop_keeps_polling_through_server_and_proxy_errors(
+    aiohttp_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    events = FakeEvents([_message(1, "one")])
+    failures = [web.json_response({"errcode": "M_UNKNOWN", "error": "db down"}, status=500),
+                web.Response(status=502, text="<html>Bad Gateway</html>")]
+
+    async def pull(request: web.Request) -> web.Response:
+        return failures.pop(0) if failures else await events.pull(request)
+
+    app = web.Application()
+    app.router.add_get("/_dmbridge/v1/networks/chat/events", pull)
+    app.router.add_post("/_dmbridge/v1/networks/chat/events/ack", events.ack)
+    server: TestServer = await aiohttp_server(app)
+    client = sdk.Client(str(server.make_url("")).rstrip("/"), "t", "chat", max_retries=0)
+    handled: list[str] = []
+
+    @client.on_direct_message
+    async def handle(message: sdk.DirectMessage) -> None:
+        handled.append(message.text)
+        client.stop()
+
+    async with client:
+        await client.run(wait=0, handle_signals=False)
+    assert handled == ["one"] and events.acks == [[1]]
+    assert "pulling events failed: 500 M_UNKNOWN: db down" in caplog.text
+    assert "pulling events failed: 502" in caplog.text
+
+
+async def test_a_refused_token_ends_the_loop_with_its_error(aiohttp_server: Any) -> None:
+    polls: list[str] = []
+
+    async def pull(request: web.Request) -> web.Response:
+        polls.append(request.path)
+        return web.json_response({"errcode": "M_UNKNOWN_TOKEN", "error": "who?"}, status=401)
+
+    app = web.Application()
+    app.router.add_get("/_dmbridge/v1/networks/chat/events", pull)
+    server: TestServer = await aiohttp_server(app)
+    async with sdk.Client(str(server.make_url("")).rstrip("/"), "t", "chat") as client:
+        with pytest.raises(sdk.UnknownToken):
+            await client.run(wait=0, handle_signals=False)
+    assert len(polls) == 1
+
+
 async def test_sigterm_ends_run_after_the_event_in_hand(fake: tuple[FakeEvents, str],
                                                         tmp_path: Path) -> None:
     events, url = fake
