@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
 import logging
 import random
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 
-from .errors import APIError, ConnectionFailed, RateLimited, api_error
+from .errors import ConnectionFailed, api_error
 
 PREFIX = "/_dmbridge/v1"
 log = logging.getLogger("dmbridge_client")
@@ -27,11 +30,19 @@ def api_base(base_url: str) -> str:
 
 
 def retry_after(resp: aiohttp.ClientResponse, body: Any) -> float | None:
-    header = resp.headers.get("Retry-After", "")
+    """Seconds the answer asks to wait: its ``Retry-After`` (seconds or an HTTP date), else
+    the body's ``retry_after_ms``; None if it names no time."""
+    header = resp.headers.get("Retry-After", "").strip()
     if header.isdigit():
         return float(header)
+    if header:
+        with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+            when = email.utils.parsedate_to_datetime(header)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            return max(0.0, (when - datetime.now(UTC)).total_seconds())
     if isinstance(body, dict) and isinstance(body.get("retry_after_ms"), int):
-        return float(body["retry_after_ms"]) / 1000
+        return max(0.0, float(body["retry_after_ms"]) / 1000)
     return None
 
 
@@ -89,9 +100,10 @@ class Transport:
                             return await resp.read()
                         return await resp.json(content_type=None)
                     body = await _json_or_none(resp)
+                    wait = retry_after(resp, body)
                     error = api_error(resp.status, body, resp.headers.get("X-Request-ID"),
-                                      retry_after(resp, body))
-                    pause = self._pause(resp.status, error, attempt)
+                                      wait)
+                    pause = self._pause(resp.status, wait, attempt)
             except (aiohttp.ClientConnectionError, TimeoutError) as e:
                 pause = _backoff(attempt)
                 if not replayable or attempt > self.max_retries or waited + pause > self.max_wait:
@@ -110,11 +122,11 @@ class Transport:
             await asyncio.sleep(pause)
 
     @staticmethod
-    def _pause(status: int, error: APIError, attempt: int) -> float | None:
+    def _pause(status: int, wait: float | None, attempt: int) -> float | None:
+        """How long to wait before sending again; None: do not. A 429 or 503 waits as long
+        as it asks (beyond ``max_wait`` it is raised), else a growing pause."""
         if status in WAIT_STATUSES:
-            if isinstance(error, RateLimited):
-                return error.retry_after
-            return _backoff(attempt)
+            return _backoff(attempt) if wait is None else wait
         if status in TRANSIENT_STATUSES:
             return _backoff(attempt)
         return None

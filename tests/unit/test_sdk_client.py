@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
+from email.utils import format_datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -419,3 +420,37 @@ async def test_typing_block_raises_its_own_error_when_refresh_and_stop_fail(
     assert typings[0] is True and typings[-1] is False
     assert "could not keep bob typing in !r: 429 M_LIMIT_EXCEEDED" in caplog.text
     assert "could not stop bob typing in !r: 500 M_UNKNOWN" in caplog.text
+
+
+async def test_retry_after_as_a_date_or_on_a_503_or_a_proxy_429_is_honoured(
+    fake_bridge: ServerFactory
+) -> None:
+    calls: list[str] = []
+
+    def http_date(seconds_from_now: float) -> str:
+        return format_datetime(datetime.now(UTC) + timedelta(seconds=seconds_from_now),
+                               usegmt=True)
+
+    async def put(request: web.Request) -> web.Response:
+        mid = request.match_info["id"]
+        calls.append(mid)
+        if mid == "busy-long":  # asks for longer than max_wait: raised without a retry
+            return _error(503, "DMBRIDGE_BUSY", {"Retry-After": http_date(100)})
+        if mid == "proxy-long":  # a proxy's 429 with no JSON body
+            return web.Response(status=429, text="slow down", headers={"Retry-After": "100"})
+        if calls.count(mid) == 1:  # a date already past: sent again at once
+            return _error(503, "DMBRIDGE_BUSY", {"Retry-After": http_date(-10)})
+        return web.json_response({"room_id": "!r", "event_id": "$e", "room_created": False,
+                                  "duplicate": False})
+
+    url = await fake_bridge([("PUT", "/networks/chat/messages/{id}", put)])
+    async with sdk.Client(url, "t", "chat", max_wait=30) as client:
+        with pytest.raises(sdk.APIError) as busy:
+            await client.send_message("bob", "@alice:example.org", "Hi", message_id="busy-long")
+        assert busy.value.status == 503 and calls == ["busy-long"]
+        with pytest.raises(UnexpectedAnswer) as proxy:
+            await client.send_message("bob", "@alice:example.org", "Hi",
+                                      message_id="proxy-long")
+        assert proxy.value.status == 429 and calls[1:] == ["proxy-long"]
+        sent = await client.send_message("bob", "@alice:example.org", "Hi", message_id="past")
+        assert sent.event_id == "$e" and calls[2:] == ["past", "past"]
