@@ -110,8 +110,9 @@ class Client(Handlers):
             return await self.create_dm(sender, user_id, name=name, avatar=avatar)
         body: dict[str, Any] = {"sender": sender, "recipient": user_id}
         _profile(body, name, avatar)
-        answer = await self.http.request("POST", self.path + "/dms", json=body)
-        return DM(self, DMInfo.from_json(answer))
+        info = await self.http.request("POST", self.path + "/dms", json=body,
+                                       parse=DMInfo.from_json)
+        return DM(self, info)
 
     async def create_dm(self, sender: str, user_id: str, *, replaces: DM | str | None = None,
                         name: str | None = None, avatar: Upload | str | None = None) -> DM:
@@ -136,12 +137,14 @@ class Client(Handlers):
         body: dict[str, Any] = {"sender": sender, "recipient": user_id, "new": True,
                                 "replaces": old}
         _profile(body, name, avatar)
-        answer = await self.http.request("POST", self.path + "/dms", json=body)
-        if "replaced_room_id" not in answer or answer.get("room_id") == old:
+        info, knows_new = await self.http.request(
+            "POST", self.path + "/dms", json=body,
+            parse=lambda a: (DMInfo.from_json(a), "replaced_room_id" in a))
+        if not knows_new or info.room_id == old:
             raise NotSupported(
                 "the bridge answered with the pair's existing DM: it does not support opening "
                 "a new DM (\"new\": true); upgrade the bridge")
-        return DM(self, DMInfo.from_json(answer))
+        return DM(self, info)
 
     async def list_dms(self, *, user_id: str | None = None, sender: str | None = None,
                        limit: int = 100) -> list[DM]:
@@ -151,8 +154,10 @@ class Client(Handlers):
             params["user_id"] = user_id
         if sender is not None:
             params["remote_id"] = sender
-        answer = await self.http.request("GET", self.path + "/dms", params=params)
-        return [DM(self, DMInfo.from_json(dm)) for dm in answer["dms"]]
+        infos: list[DMInfo] = await self.http.request(
+            "GET", self.path + "/dms", params=params,
+            parse=lambda a: [DMInfo.from_json(dm) for dm in a["dms"]])
+        return [DM(self, info) for info in infos]
 
     # --- messages --------------------------------------------------------------------------
 
@@ -190,9 +195,10 @@ class Client(Handlers):
         return await self._put_message(message_id or new_message_id(), body)
 
     async def _put_message(self, message_id: str, body: dict[str, Any]) -> Sent:
-        answer = await self.http.request(
-            "PUT", f"{self.path}/messages/{quote(message_id, safe='')}", json=body)
-        return Sent.from_json(message_id, answer)
+        sent: Sent = await self.http.request(
+            "PUT", f"{self.path}/messages/{quote(message_id, safe='')}", json=body,
+            parse=lambda a: Sent.from_json(message_id, a))
+        return sent
 
     async def edit(self, sender: str, user_id: str, target: Sent | str,
                    text: str | None = None, *, html: str | None = None,
@@ -210,9 +216,10 @@ class Client(Handlers):
         reaction_id = reaction_id or new_message_id()
         body = {"sender": sender, "recipient": user_id, "target": target_json(target),
                 "key": key}
-        answer = await self.http.request(
-            "PUT", f"{self.path}/reactions/{quote(reaction_id, safe='')}", json=body)
-        return Sent.from_json(reaction_id, answer)
+        sent: Sent = await self.http.request(
+            "PUT", f"{self.path}/reactions/{quote(reaction_id, safe='')}", json=body,
+            parse=lambda a: Sent.from_json(reaction_id, a))
+        return sent
 
     async def delete(self, sender: str, target: Sent | str, *,
                      reason: str | None = None) -> Deleted:
@@ -274,10 +281,10 @@ class Client(Handlers):
         else:
             body, replayable = data, False
         params = {"filename": filename} if filename else None
-        answer = await self.http.request(
+        upload: Upload = await self.http.request(
             "POST", self.path + "/media", data=body, params=params, replayable=replayable,
-            headers={"Content-Type": content_type})
-        return Upload.from_json(answer)
+            headers={"Content-Type": content_type}, parse=Upload.from_json)
+        return upload
 
     async def download(self, media: Media | str) -> bytes:
         """The bytes of a Matrix user's file (``message.media``, or its ``url``)."""
@@ -294,12 +301,13 @@ class Client(Handlers):
         it receives events, its limits and quotas. Kept as :attr:`info`; a client given no
         ``remote_id_pattern`` takes the bridge's."""
         try:
-            answer = await self.http.request("GET", self.path)
+            info: NetworkInfo = await self.http.request("GET", self.path,
+                                                        parse=NetworkInfo.from_json)
         except (Unrecognized, NotFound) as e:
             raise NotSupported(
                 f"the bridge does not describe its networks ({e.code}); give "
                 f"remote_id_pattern= to Client({self.network!r}, ...) instead") from e
-        self.info = NetworkInfo.from_json(answer)
+        self.info = info
         if self.remote_id_pattern is None:
             self.remote_id_pattern = self.info.remote_id_pattern
         return self.info

@@ -43,6 +43,15 @@ def _passing(error: DmbridgeError) -> bool:
         isinstance(error, APIError) and error.status >= 500)
 
 
+def _batch(answer: Any) -> dict[str, Any]:
+    """The pull answer, its shape checked: a list of event objects and a cursor."""
+    if not isinstance(answer["events"], list) or not all(
+            isinstance(e, dict) for e in answer["events"]):
+        raise TypeError("'events' is not a list of objects")
+    answer["next_after"] = int(answer["next_after"])
+    return dict(answer)
+
+
 class Puller:
     def __init__(self, client: Client, *, cursor_file: str | os.PathLike[str] | None,
                  wait: float = 30.0, limit: int = 100, handler_attempts: int = 5) -> None:
@@ -100,7 +109,7 @@ class Puller:
         while True:
             poll = asyncio.ensure_future(self.client.http.request(
                 "GET", self.client.path + "/events", params=params,
-                time_limit=self.wait + 30))
+                time_limit=self.wait + 30, parse=_batch))
             stopped = asyncio.ensure_future(self.stopping.wait())
             await asyncio.wait({poll, stopped}, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()

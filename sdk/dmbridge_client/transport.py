@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import json as jsonlib
 import logging
 import random
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 
-from .errors import ConnectionFailed, api_error
+from .errors import ConnectionFailed, UnexpectedAnswer, api_error
 
 PREFIX = "/_dmbridge/v1"
 log = logging.getLogger("dmbridge_client")
@@ -74,14 +76,17 @@ class Transport:
     async def request(self, method: str, path: str, *, json: Any = None,
                       params: dict[str, str] | None = None, data: Any = None,
                       headers: dict[str, str] | None = None, replayable: bool = True,
-                      time_limit: float | None = None, raw: bool = False) -> Any:
-        """The answer's JSON; an :class:`APIError` for an error answer.
+                      time_limit: float | None = None, raw: bool = False,
+                      parse: Callable[[Any], Any] | None = None) -> Any:
+        """The answer's JSON (``parse``'s result of it, if given); an :class:`APIError` for an
+        error answer.
 
         429 and 503 are sent again after ``Retry-After``, connection errors and 502/504 after a
         growing pause, at most ``max_retries`` times and ``max_wait`` seconds in all; a
         ``replayable=False`` body (a stream) is sent once. ``data`` may be a function that
         gives the body afresh for each attempt. ``path`` may be a whole URL; with ``raw`` the
-        answer's bytes are returned.
+        answer's bytes are returned. A success answer that is not JSON, or that ``parse``
+        cannot read, is an :class:`UnexpectedAnswer`; an answer cut short a connection error.
         """
         url = path if path.startswith(("http://", "https://")) else self.base + path
         all_headers = self.headers if headers is None else {**self.headers, **headers}
@@ -96,15 +101,16 @@ class Transport:
                         data=data() if callable(data) else data, headers=all_headers,
                         timeout=client_timeout or self.timeout) as resp:
                     if resp.status < 300:
+                        content = await resp.read()
                         if raw:
-                            return await resp.read()
-                        return await resp.json(content_type=None)
+                            return content
+                        return _answer(resp, content, parse)
                     body = await _json_or_none(resp)
                     wait = retry_after(resp, body)
                     error = api_error(resp.status, body, resp.headers.get("X-Request-ID"),
                                       wait)
                     pause = self._pause(resp.status, wait, attempt)
-            except (aiohttp.ClientConnectionError, TimeoutError) as e:
+            except (aiohttp.ClientError, TimeoutError) as e:
                 pause = _backoff(attempt)
                 if not replayable or attempt > self.max_retries or waited + pause > self.max_wait:
                     raise ConnectionFailed(
@@ -134,6 +140,18 @@ class Transport:
 
 def _backoff(attempt: int) -> float:
     return min(8.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+
+def _answer(resp: aiohttp.ClientResponse, content: bytes,
+            parse: Callable[[Any], Any] | None) -> Any:
+    try:
+        answer = jsonlib.loads(content) if content.strip() else None
+        return answer if parse is None else parse(answer)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UnexpectedAnswer(
+            resp.status, "", f"{resp.content_type} answer the client cannot read "
+            f"({type(e).__name__}: {e}): {content[:200]!r}",
+            request_id=resp.headers.get("X-Request-ID")) from e
 
 
 async def _json_or_none(resp: aiohttp.ClientResponse) -> Any:

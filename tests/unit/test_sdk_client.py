@@ -454,3 +454,38 @@ async def test_retry_after_as_a_date_or_on_a_503_or_a_proxy_429_is_honoured(
         assert proxy.value.status == 429 and calls[1:] == ["proxy-long"]
         sent = await client.send_message("bob", "@alice:example.org", "Hi", message_id="past")
         assert sent.event_id == "$e" and calls[2:] == ["past", "past"]
+
+
+async def test_answers_the_client_cannot_read_are_raised_as_its_own_errors(
+    fake_bridge: ServerFactory
+) -> None:
+    async def html(request: web.Request) -> web.Response:
+        return web.Response(text="<html>Welcome</html>", content_type="text/html",
+                            headers={"X-Request-ID": "req-html"})
+
+    async def shapeless(request: web.Request) -> web.Response:
+        return web.json_response({"rooms": []}, headers={"X-Request-ID": "req-shape"})
+
+    async def cut_short(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = 1000
+        await resp.prepare(request)
+        await resp.write(b'{"room_id": ')
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    url = await fake_bridge([("PUT", "/networks/chat/messages/{id}", html),
+                             ("POST", "/networks/chat/dms", shapeless),
+                             ("GET", "/networks/chat/dms", cut_short)])
+    async with sdk.Client(url, "t", "chat", max_retries=1) as client:
+        with pytest.raises(UnexpectedAnswer) as not_json:
+            await client.send_message("bob", "@alice:example.org", "Hi")
+        assert not_json.value.status == 200 and not_json.value.request_id == "req-html"
+        assert "text/html answer the client cannot read" in str(not_json.value)
+        with pytest.raises(UnexpectedAnswer) as wrong_shape:
+            await client.open_dm("bob", "@alice:example.org")
+        assert wrong_shape.value.request_id == "req-shape" and "KeyError" in str(
+            wrong_shape.value)
+        with pytest.raises(sdk.ConnectionFailed, match="after 2 attempt"):
+            await client.list_dms()
