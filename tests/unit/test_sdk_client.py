@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
@@ -489,3 +490,35 @@ async def test_answers_the_client_cannot_read_are_raised_as_its_own_errors(
             wrong_shape.value)
         with pytest.raises(sdk.ConnectionFailed, match="after 2 attempt"):
             await client.list_dms()
+
+
+async def test_notify_run_again_after_a_failure_posts_nothing_twice(
+    fake_bridge: ServerFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "notify_example", Path(__file__).parents[2] / "examples" / "notify.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    posted: dict[str, str] = {}  # message ID -> recipient, as the bridge keeps them
+    down = {"@bob:example.org"}
+
+    async def put(request: web.Request) -> web.Response:
+        recipient = (await request.json())["recipient"]
+        if recipient in down:
+            assert request.transport is not None
+            request.transport.close()  # that user's send never gets through
+        posted.setdefault(request.match_info["id"], recipient)
+        return web.json_response({"room_id": "!r", "event_id": "$e", "room_created": False,
+                                  "duplicate": False})
+
+    users = ["@alice:example.org", "@bob:example.org"]
+    url = await fake_bridge([("PUT", "/networks/chat/messages/{id}", put)])
+    async with sdk.Client(url, "t", "chat", max_retries=0) as client:
+        assert await example.notify(client, "parcels", None, "It arrived", users) == 1
+        assert "failed @bob:example.org: " in capsys.readouterr().err
+        down.clear()
+        assert await example.notify(client, "parcels", None, "It arrived", users) == 0
+        assert await example.notify(client, "parcels", None, "It arrived", users,
+                                    key="2nd") == 0
+    assert sorted(posted.values()) == sorted(users * 2)  # once each per key, not per run
