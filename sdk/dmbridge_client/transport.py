@@ -11,12 +11,14 @@ import random
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from .errors import ConnectionFailed, UnexpectedAnswer, api_error
 
 PREFIX = "/_dmbridge/v1"
+DEFAULT_PORTS = {"http": 80, "https": 443}
 log = logging.getLogger("dmbridge_client")
 
 # Statuses worth sending the same request again for; every call of the client is safe to
@@ -85,11 +87,15 @@ class Transport:
         growing pause, at most ``max_retries`` times and ``max_wait`` seconds in all; a
         ``replayable=False`` body (a stream) is sent once. ``data`` may be a function that
         gives the body afresh for each attempt. ``path`` may be a whole URL; with ``raw`` the
-        answer's bytes are returned. A success answer that is not JSON, or that ``parse``
+        answer's bytes are returned; the token is sent only to the bridge's own origin
+        (``base_url``'s scheme, host and port). A success answer that is not JSON, or that ``parse``
         cannot read, is an :class:`UnexpectedAnswer`; an answer cut short a connection error.
         """
         url = path if path.startswith(("http://", "https://")) else self.base + path
-        all_headers = self.headers if headers is None else {**self.headers, **headers}
+        # The token goes to the bridge only: a link to another address (a media link starting
+        # with the bridge's public address, or whatever an event names) is signed by itself.
+        own = self.headers if _origin(url) == _origin(self.base) else {}
+        all_headers = own if headers is None else {**own, **headers}
         waited = 0.0
         attempt = 0
         client_timeout = None if time_limit is None else aiohttp.ClientTimeout(total=time_limit)
@@ -140,6 +146,12 @@ class Transport:
 
 def _backoff(attempt: int) -> float:
     return min(8.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(scheme)
 
 
 def _answer(resp: aiohttp.ClientResponse, content: bytes,

@@ -522,3 +522,23 @@ async def test_notify_run_again_after_a_failure_posts_nothing_twice(
         assert await example.notify(client, "parcels", None, "It arrived", users,
                                     key="2nd") == 0
     assert sorted(posted.values()) == sorted(users * 2)  # once each per key, not per run
+
+
+async def test_download_sends_the_token_to_the_bridge_only(
+    fake_bridge: ServerFactory, aiohttp_server: Any
+) -> None:
+    tokens: list[str | None] = []
+
+    async def media(request: web.Request) -> web.Response:
+        tokens.append(request.headers.get("Authorization"))
+        return web.Response(body=b"file")
+
+    elsewhere = web.Application()
+    elsewhere.router.add_get("/file", media)
+    other: TestServer = await aiohttp_server(elsewhere)
+    url = await fake_bridge([("GET", "/networks/chat/media/{server}/{id}", media)])
+    async with sdk.Client(url, "secret", "chat") as client:
+        assert await client.download(url + "/_dmbridge/v1/networks/chat/media/x/y?sig=1") \
+            == b"file"
+        assert await client.download(str(other.make_url("/file"))) == b"file"
+    assert tokens == ["Bearer secret", None]
