@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from .client import Client
 from .dm import DM
-from .errors import AmbiguousRemoteID, NoNetwork
+from .errors import AmbiguousRemoteID, DmbridgeError, NoNetwork, NotSupported
 from .models import Sent
+
+log = logging.getLogger("dmbridge_client")
 
 
 class Router:
@@ -21,15 +25,35 @@ class Router:
     /networks/{network}``, asked once, on first use; kept as ``client.info``). Two matching
     networks raise :class:`AmbiguousRemoteID` (pass ``network=``); none raises
     :class:`NoNetwork`.
+
+    A network whose description cannot be had is left out (logged) and the others are routed
+    among; it is asked again ``rediscover_after`` seconds later. A bridge that describes no
+    network raises :class:`NotSupported` (give the patterns). ``network=`` needs no pattern.
     """
 
-    def __init__(self, clients: Iterable[Client]) -> None:
+    def __init__(self, clients: Iterable[Client], *, rediscover_after: float = 60.0) -> None:
         self.clients = {client.network: client for client in clients}
+        self.rediscover_after = rediscover_after
+        self.undiscovered: dict[str, float] = {}  # network -> when its discovery failed
 
     async def discover(self) -> None:
-        """Ask the bridge to describe every network that was given no pattern (at once)."""
-        await asyncio.gather(*(client.network_info() for client in self.clients.values()
-                               if client.remote_id_pattern is None))
+        """Ask the bridge to describe every network that was given no pattern (at once); a
+        failure is logged and that network left out until ``rediscover_after`` has passed."""
+        now = time.monotonic()
+        asking = [c for c in self.clients.values() if c.remote_id_pattern is None and
+                  now - self.undiscovered.get(c.network, -self.rediscover_after)
+                  >= self.rediscover_after]
+        results = await asyncio.gather(*(c.network_info() for c in asking),
+                                       return_exceptions=True)
+        for client, result in zip(asking, results, strict=True):
+            if isinstance(result, DmbridgeError) and not isinstance(result, NotSupported):
+                self.undiscovered[client.network] = now
+                log.warning("left network %s out of routing: describing it failed: %s",
+                            client.network, result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                self.undiscovered.pop(client.network, None)
 
     async def client_for(self, remote_id: str, *, network: str | None = None) -> Client:
         if network is not None:
@@ -38,11 +62,13 @@ class Router:
                                 f"{', '.join(self.clients) or 'none'}")
             return self.clients[network]
         await self.discover()
-        matching = [c for c in self.clients.values()
-                    if re.fullmatch(c.remote_id_pattern or "", remote_id) is not None]
+        matching = [c for c in self.clients.values() if c.remote_id_pattern is not None
+                    and re.fullmatch(c.remote_id_pattern, remote_id) is not None]
         if not matching:
+            unknown = [n for n, c in self.clients.items() if c.remote_id_pattern is None]
+            left_out = f" (not described: {', '.join(unknown)})" if unknown else ""
             raise NoNetwork(f"{remote_id!r} matches the remote ID pattern of none of the "
-                            f"networks {', '.join(self.clients) or '(none)'}")
+                            f"networks {', '.join(self.clients) or '(none)'}{left_out}")
         if len(matching) > 1:
             raise AmbiguousRemoteID(remote_id, [c.network for c in matching])
         return matching[0]

@@ -542,3 +542,29 @@ async def test_download_sends_the_token_to_the_bridge_only(
             == b"file"
         assert await client.download(str(other.make_url("/file"))) == b"file"
     assert tokens == ["Bearer secret", None]
+
+
+async def test_a_network_whose_description_fails_is_left_out_of_routing(
+    fake_bridge: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    asked: list[str] = []
+
+    async def broken(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return _error(500, "M_UNKNOWN")
+
+    url = await fake_bridge([("GET", "/networks/sms", broken)])
+    sms = sdk.Client(url, "t", "sms", max_retries=0)
+    slack = sdk.Client(url, "t", "slack", remote_id_pattern=r"U[A-Z0-9]{8,}")
+    router = sdk.Router([sms, slack])
+    try:
+        assert (await router.client_for("U1234ABCD")) is slack
+        assert (await router.client_for("U5678EFGH")) is slack
+        assert asked == ["/_dmbridge/v1/networks/sms"]  # asked once, not on every call
+        assert "left network sms out of routing: describing it failed: 500" in caplog.text
+        with pytest.raises(sdk.NoNetwork, match=r"not described: sms"):
+            await router.client_for("+15551234567")
+        assert (await router.client_for("+15551234567", network="sms")) is sms
+        assert len(asked) == 1
+    finally:
+        await router.close()
