@@ -219,6 +219,13 @@ async def test_handlers_see_what_the_human_does_and_answer_in_the_dm(
     await human.client.room_send(sent.room_id, "m.reaction", {"m.relates_to": {
         "rel_type": "m.annotation", "event_id": sent.event_id, "key": "🎉"}})
     await wait_for(lambda: _has(seen, Reaction), what="the reaction handler")
+    await human.client.room_typing(sent.room_id, True, 20_000)
+    await wait_for(lambda: _has(seen, Typing), what="the typing handler")
+    await human.client.room_send(sent.room_id, "m.room.message", {
+        "msgtype": "m.text", "body": "* Hi there, edited",
+        "m.new_content": {"msgtype": "m.text", "body": "Hi there, edited"},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": said}})
+    await wait_for(lambda: _has(seen, Edit), what="the edit handler")
     client.stop()
     await asyncio.wait_for(running, 30)
 
@@ -230,7 +237,11 @@ async def test_handlers_see_what_the_human_does_and_answer_in_the_dm(
     reaction = next(e for e in seen if isinstance(e, Reaction))
     assert (reaction.key, reaction.target and reaction.target.message_id) == (
         "🎉", sent.message_id)
-    assert int(cursor.read_text()) >= reaction.id
+    typing_event = next(e for e in seen if isinstance(e, Typing))
+    assert (typing_event.typing, typing_event.dm.room_id) == (True, sent.room_id)
+    edit = next(e for e in seen if isinstance(e, Edit))
+    assert (edit.text, edit.target and edit.target.event_id) == ("Hi there, edited", said)
+    assert int(cursor.read_text()) >= edit.id
 
 
 def _read_up_to(human: Human, room_id: str, user_id: str) -> str | None:

@@ -568,3 +568,23 @@ async def test_a_network_whose_description_fails_is_left_out_of_routing(
         assert len(asked) == 1
     finally:
         await router.close()
+
+
+async def test_a_send_retried_after_a_lost_connection_keeps_its_message_id(
+    fake_bridge: ServerFactory
+) -> None:
+    ids: list[str] = []
+
+    async def put(request: web.Request) -> web.Response:
+        ids.append(request.match_info["id"])
+        if len(ids) == 1:  # the message is posted, the answer is lost
+            assert request.transport is not None
+            request.transport.close()
+        return web.json_response({"room_id": "!r", "event_id": "$e", "room_created": False,
+                                  "duplicate": len(ids) > 1})
+
+    url = await fake_bridge([("PUT", "/networks/chat/messages/{id}", put)])
+    async with sdk.Client(url, "t", "chat") as client:
+        sent = await client.send_message("bob", "@alice:example.org", "Hi")
+    assert len(ids) == 2 and ids[0] == ids[1] == sent.message_id
+    assert sent.event_id == "$e"

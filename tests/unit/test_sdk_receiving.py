@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -188,11 +189,15 @@ async def test_a_refused_token_ends_the_loop_with_its_error(aiohttp_server: Any)
 async def test_sigterm_ends_run_after_the_event_in_hand(fake: tuple[FakeEvents, str],
                                                         tmp_path: Path) -> None:
     events, url = fake
+    # run() takes SIGTERM over only in the main thread; anywhere else the signal below would
+    # end the test process itself.
+    assert threading.current_thread() is threading.main_thread()
     handled: list[str] = []
     client = sdk.Client(url, "t", "chat")
 
     @client.on_direct_message
     async def handle(message: sdk.DirectMessage) -> None:
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # run() has it
         os.kill(os.getpid(), signal.SIGTERM)  # this process's own: run() catches it
         await asyncio.sleep(0.05)
         handled.append(message.text)
