@@ -10,7 +10,10 @@
   not acknowledged, so a crash loses nothing; a handler that had run but whose event was not
   yet acknowledged runs again (``message.reply`` then posts nothing new).
 - SIGINT and SIGTERM (or :meth:`Puller.stop`) end the loop after the event being handled, with
-  its acknowledgement and the cursor written.
+  its acknowledgement (a handler waiting to be run again is not run again: its event is handed
+  out again later); a second signal cancels the loop at once. While it runs, the loop's own
+  handlers for the two signals replace any the program had set on the event loop, and are
+  removed afterwards (the program's are not put back).
 """
 
 from __future__ import annotations
@@ -83,8 +86,18 @@ class Puller:
         loop = asyncio.get_running_loop()
         signals = (signal.SIGINT, signal.SIGTERM) if handle_signals and \
             threading.current_thread() is threading.main_thread() else ()
+        running = asyncio.current_task()
+
+        def on_signal() -> None:
+            if self.stopping.is_set() and running is not None:
+                log.warning("stopping at once: the event in hand is handed out again later")
+                running.cancel()
+            else:
+                log.info("stopping after the event in hand (a second signal stops at once)")
+                self.stop()
+
         for sig in signals:
-            loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(sig, on_signal)
         try:
             while not self.stopping.is_set():
                 batch = await self._poll()
@@ -146,7 +159,11 @@ class Puller:
                 return
             log.warning("handling event %s (%s) failed (attempt %d): %s; again in %.1f s",
                         raw.get("id"), raw.get("type"), attempt, error, pause, exc_info=error)
-            await asyncio.sleep(pause)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), pause)
+            if self.stopping.is_set():  # left unacknowledged: handed out again later
+                log.info("stopped before running event %s again", raw.get("id"))
+                return
             pause = min(pause * 2, 30.0)
         try:
             await self.client.http.request(

@@ -208,6 +208,45 @@ async def test_sigterm_ends_run_after_the_event_in_hand(fake: tuple[FakeEvents, 
     assert not (tmp_path / "cursor").exists()  # event 2 was not handled: the cursor stays
 
 
+async def test_stop_ends_a_failing_handlers_retries_and_leaves_its_event(
+    fake: tuple[FakeEvents, str]
+) -> None:
+    events, url = fake
+    tries: list[str] = []
+    client = sdk.Client(url, "t", "chat")
+
+    @client.on_direct_message
+    async def handle(message: sdk.DirectMessage) -> None:
+        tries.append(message.text)
+        client.stop()
+        raise RuntimeError("the platform is shutting down")
+
+    async with client:
+        await client.run(wait=0, handler_attempts=5, handle_signals=False)
+    assert tries == ["one"] and events.acks == []
+
+
+async def test_a_second_sigterm_cancels_a_run_stuck_in_a_handler(
+    fake: tuple[FakeEvents, str]
+) -> None:
+    events, url = fake
+    assert threading.current_thread() is threading.main_thread()
+    client = sdk.Client(url, "t", "chat")
+
+    @client.on_direct_message
+    async def handle(message: sdk.DirectMessage) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(60)  # stuck; the second signal must not wait for it
+
+    async with client:
+        running = asyncio.create_task(client.run(wait=0))
+        with pytest.raises(asyncio.CancelledError):
+            await running
+    assert running.cancelled() and events.acks == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back
+
+
 def test_signatures_are_checked_over_the_raw_body_within_the_window() -> None:
     body = b'{"id":1}'
     now = time.time()
