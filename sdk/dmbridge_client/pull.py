@@ -5,8 +5,10 @@
   times; after that the event is left unacknowledged, the loop goes on, and the bridge hands
   it out again after ``delivery.pull_ack_timeout`` (a dead letter once ``delivery.max_age``
   has passed).
-- The cursor (``next_after``) is written to ``cursor_file`` after each answer, atomically, so a
-  restarted program continues where it stopped. The bridge also hands out again whatever was
+- The cursor (``next_after``) is written to ``cursor_file`` once every event of an answer has
+  been handled, atomically, so a restarted program continues after the last whole answer; a
+  stop in the middle of an answer leaves the cursor where it was, and the rest of that answer
+  comes again. The bridge also hands out again whatever was
   not acknowledged, so a crash loses nothing; a handler that had run but whose event was not
   yet acknowledged runs again (``message.reply`` then posts nothing new).
 - SIGINT and SIGTERM (or :meth:`Puller.stop`) end the loop after the event being handled, with
