@@ -24,7 +24,10 @@ def client_for(bridge: Bridge, network: str, **options: Any) -> Client:
         raise ImportError("the platform SDK is not installed: pip install ./sdk "
                           "(dmbridge-client)") from None
     settings = bridge.settings
-    host = "127.0.0.1" if settings.hostname in ("0.0.0.0", "::") else settings.hostname
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+        settings.hostname, settings.hostname)
+    if ":" in host and not host.startswith("["):  # an IPv6 literal goes in brackets in a URL
+        host = f"[{host}]"
     net = settings.networks.get(network)
     options.setdefault("remote_id_pattern", net.remote_id_pattern.pattern)
     return Client(f"http://{host}:{settings.port}", net.tokens[0], network, **options)
