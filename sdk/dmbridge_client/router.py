@@ -7,12 +7,12 @@ import logging
 import re
 import time
 from collections.abc import Iterable
-from typing import Any
+from datetime import datetime
 
-from .client import Client
+from .client import Client, TargetLike
 from .dm import DM
 from .errors import AmbiguousRemoteID, DmbridgeError, NoNetwork, NotSupported
-from .models import Sent
+from .models import Sent, Upload
 
 log = logging.getLogger("dmbridge_client")
 
@@ -74,22 +74,34 @@ class Router:
         return matching[0]
 
     async def open_dm(self, sender: str, user_id: str, *, network: str | None = None,
-                      **options: Any) -> DM:
+                      name: str | None = None, avatar: Upload | str | None = None,
+                      new: bool = False) -> DM:
         """``Client.open_dm`` on the network ``sender`` belongs to."""
         client = await self.client_for(sender, network=network)
-        return await client.open_dm(sender, user_id, **options)
+        return await client.open_dm(sender, user_id, name=name, avatar=avatar, new=new)
 
     async def create_dm(self, sender: str, user_id: str, *, network: str | None = None,
-                        **options: Any) -> DM:
+                        replaces: DM | str | None = None, name: str | None = None,
+                        avatar: Upload | str | None = None) -> DM:
         """``Client.create_dm`` on the network ``sender`` belongs to."""
         client = await self.client_for(sender, network=network)
-        return await client.create_dm(sender, user_id, **options)
+        return await client.create_dm(sender, user_id, replaces=replaces, name=name,
+                                      avatar=avatar)
 
     async def send_message(self, sender: str, user_id: str, text: str | None = None, *,
-                           network: str | None = None, **options: Any) -> Sent:
+                           network: str | None = None, html: str | None = None,
+                           markdown: str | None = None, media: Upload | str | None = None,
+                           reply_to: TargetLike | None = None, msgtype: str | None = None,
+                           name: str | None = None, avatar: Upload | str | None = None,
+                           thread_root: TargetLike | None = None,
+                           message_id: str | None = None,
+                           ts: datetime | int | None = None) -> Sent:
         """``Client.send_message`` on the network ``sender`` belongs to."""
         client = await self.client_for(sender, network=network)
-        return await client.send_message(sender, user_id, text, **options)
+        return await client.send_message(
+            sender, user_id, text, html=html, markdown=markdown, media=media,
+            reply_to=reply_to, msgtype=msgtype, name=name, avatar=avatar,
+            thread_root=thread_root, message_id=message_id, ts=ts)
 
     async def close(self) -> None:
         for client in self.clients.values():

@@ -145,7 +145,7 @@ class Transport:
 
 
 def _backoff(attempt: int) -> float:
-    return min(8.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0)
+    return min(8.0, 0.25 * 2.0 ** attempt) * random.uniform(0.5, 1.0)
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
