@@ -105,6 +105,9 @@ class Client(Handlers):
         Finds the pair's DM or opens one (the user gets an invite marked direct); ``name`` sets
         the remote user's display name, ``avatar`` its picture (an image uploaded with
         :meth:`upload`). ``new=True`` is :meth:`create_dm`.
+
+        ``created`` says whether this very request made the room: when the answer of the request
+        that made it was lost, the client's retry finds the room and says ``created=False``.
         """
         if new:
             return await self.create_dm(sender, user_id, name=name, avatar=avatar)

@@ -21,7 +21,9 @@ class DM:
     """The DM between ``remote_id`` (the remote user, who sends) and ``user_id`` (Matrix).
 
     ``room_id`` is the Matrix room, ``ghost_id`` the remote user's Matrix account, ``created``
-    whether opening it made the room, ``replaced_room_id`` the room a fresh DM ended.
+    whether opening it made the room (the request that answered: a retry after a lost answer
+    finds the room the first attempt made and says false), ``replaced_room_id`` the room a
+    fresh DM ended.
     ``is_dm`` is always true: the bridge keeps the room a one-to-one DM, and what happens
     otherwise reaches you as a notice.
     """
