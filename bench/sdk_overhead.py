@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -112,24 +113,34 @@ async def main() -> None:
     finally:
         stop(api)
 
-    stub, hs_url = spawn("bench.stub_homeserver", AS_TOKEN)
     folder = Path(tempfile.mkdtemp(prefix="dmbridge-bench-"))
-    port = free_port()
-    settings = make_settings(folder, homeserver_url=hs_url, domain="localhost", port=port,
-                             db_url=f"sqlite:///{folder / 'bench.db'}",
-                             networks={"sms": {"quotas": UNLIMITED}},
-                             **{"logging.level": "WARNING"})
-    del settings  # written to folder/config.yaml, which the bridge process reads
+    stub = None
     bridge = BridgeProcess(folder / "config.yaml", folder / "bridge.log")
+    started = finished = False
     try:
+        stub, hs_url = spawn("bench.stub_homeserver", AS_TOKEN)
+        port = free_port()
+        settings = make_settings(folder, homeserver_url=hs_url, domain="localhost", port=port,
+                                 db_url=f"sqlite:///{folder / 'bench.db'}",
+                                 networks={"sms": {"quotas": UNLIMITED}},
+                                 **{"logging.level": "WARNING"})
+        del settings  # written to folder/config.yaml, which the bridge process reads
         bridge.start()
+        started = True
         await bridge.wait_ready(port)
         show("bridge (SQLite, stub HS)", await compare(
             f"http://127.0.0.1:{port}", messages=args.messages, concurrency=args.concurrency,
             rounds=args.rounds))
+        finished = True
     finally:
-        await bridge.terminate()
-        stop(stub)
+        if started:
+            await bridge.terminate()
+        if stub is not None:
+            stop(stub)
+        if finished:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            print(f"the bridge's config and log are kept in {folder}")
 
 
 if __name__ == "__main__":
