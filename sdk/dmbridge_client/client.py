@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 from collections.abc import AsyncIterable, Callable
@@ -265,7 +266,9 @@ class Client(Handlers):
 
         ``content_type`` is checked against the bytes by the bridge;
         ``application/octet-stream`` lets it tell. A path's file name is used when ``filename``
-        is not given. Bytes, paths and seekable files are sent again on a retry; a stream once.
+        is not given. Bytes, paths and seekable files are sent again on a retry (a file is read
+        from where it stood, and left open); a stream once. A retry after a lost answer may
+        store the file twice on the homeserver: the copy whose answer was lost is never used.
         """
         replayable = True
         body: Any
@@ -365,14 +368,47 @@ class Client(Handlers):
         return webhook_app(self, secret, path=path, window=window)
 
 
-def _rewound(stream: IO[bytes]) -> Callable[[], IO[bytes]]:
-    """The stream from where it is now, each time it is sent."""
+def _rewound(stream: IO[bytes]) -> Callable[[], io.RawIOBase]:
+    """The stream from where it is now, each time it is sent; never closed by the sending, so
+    a retry can read it again and the caller's file stays open."""
     start = stream.tell()
 
-    def again() -> IO[bytes]:
+    def again() -> io.RawIOBase:
         stream.seek(start)
-        return stream
+        return _Unclosed(stream)
     return again
+
+
+class _Unclosed(io.RawIOBase):
+    """The caller's file for one attempt: reads, seeks and its size, but closing it leaves the
+    file open."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return self._stream.read(size)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._stream.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
 
 
 def _content(body: dict[str, Any], text: str | None, html: str | None, markdown: str | None,

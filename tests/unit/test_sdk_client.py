@@ -588,3 +588,27 @@ async def test_a_send_retried_after_a_lost_connection_keeps_its_message_id(
         sent = await client.send_message("bob", "@alice:example.org", "Hi")
     assert len(ids) == 2 and ids[0] == ids[1] == sent.message_id
     assert sent.event_id == "$e"
+
+
+async def test_an_upload_from_an_open_file_is_sent_whole_again_and_the_file_stays_open(
+    fake_bridge: ServerFactory, tmp_path: Path
+) -> None:
+    bodies: list[bytes] = []
+
+    async def upload(request: web.Request) -> web.Response:
+        bodies.append(await request.read())
+        if len(bodies) == 1:
+            return _error(503, "DMBRIDGE_BUSY", {"Retry-After": "0"})
+        return web.json_response({"content_uri": "mxc://hs/abc", "mimetype": "image/png",
+                                  "size": len(bodies[-1])})
+
+    path = tmp_path / "picture.png"
+    path.write_bytes(b"header" + b"\x00" * 200_000 + b"end")
+    url = await fake_bridge([("POST", "/networks/chat/media", upload)])
+    async with sdk.Client(url, "t", "chat") as client:
+        with path.open("rb") as file:
+            file.read(6)  # the caller sends from here on
+            uploaded = await client.upload(file, content_type="image/png")
+            assert not file.closed and file.read() == b""
+    assert uploaded.content_uri == "mxc://hs/abc"
+    assert bodies == [path.read_bytes()[6:]] * 2
