@@ -8,12 +8,13 @@ import time
 import uuid
 from typing import Any
 
+from dmbridge_client import escape_remote_id
+
 from dmbridge.bridge import Bridge
 from dmbridge.opening import MOVED_REASON
 from tests.integration.conftest import BridgeFactory, Platform, accept_dm
 from tests.integration.test_relations import _post, _processed, _wait_event
 from tests.support.feed import Feed
-from tests.support.ghost_ids import escaped_as_documented
 from tests.support.matrix import Human
 from tests.support.settings import CHAT_TOKEN, SMS_TOKEN
 
@@ -147,9 +148,9 @@ async def test_the_network_describes_itself_to_its_own_token_only(
     assert not re.fullmatch(info["remote_id_pattern"], "+15551234567")
     for remote_id in ("bob.smith", "Bob_Smith"):
         assert re.fullmatch(info["remote_id_pattern"], remote_id)
-        assert template.replace("{remote_id}", escaped_as_documented(remote_id)) == \
+        assert template.replace("{remote_id}", escape_remote_id(remote_id)) == \
             network.ghost_user_id(remote_id)
-    assert template.replace("{remote_id}", escaped_as_documented("Bob_Smith")) == \
+    assert template.replace("{remote_id}", escape_remote_id("Bob_Smith")) == \
         f"@dm_chat__bob___smith:{bridge.settings.domain}"
     assert info["limits"]["max_body_bytes"] == bridge.settings.max_body_bytes
     assert info["limits"]["ts_max_ahead_ms"] == 300_000

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dmbridge_client import escape_remote_id
 from mautrix.errors import make_request_error
 from mautrix.types import EventID
 
@@ -16,7 +17,6 @@ from dmbridge.api.discovery import describe
 from dmbridge.errors import BadRequest, HomeserverError, InvalidParam
 from dmbridge.relations import thread_content, thread_refused
 from dmbridge.timestamps import EARLIEST_MS, MAX_AHEAD_MS, check_origin_ts
-from tests.support.ghost_ids import escaped_as_documented
 from tests.support.settings import make_settings
 
 NOW = 1_767_225_600_000
@@ -125,10 +125,10 @@ def test_the_description_names_ghosts_as_the_network_makes_them(tmp_path: Path) 
             assert re.fullmatch(info["remote_id_pattern"], remote_id)
             ghost = network.ghost_user_id(remote_id)
             filled = info["ghost_user_id_template"].replace("{remote_id}",
-                                                            escaped_as_documented(remote_id))
+                                                            escape_remote_id(remote_id))
             assert filled == ghost
             assert network.parse_ghost(ghost) == remote_id
     chat = describe(settings.networks.get("chat"), settings)
     assert chat["ghost_user_id_template"].replace(
-        "{remote_id}", escaped_as_documented("Bob_Smith")) == "@dm_chat__bob___smith:hs.test"
+        "{remote_id}", escape_remote_id("Bob_Smith")) == "@dm_chat__bob___smith:hs.test"
 
