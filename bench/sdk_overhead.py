@@ -18,15 +18,13 @@ import json
 import shutil
 import statistics
 import tempfile
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 from dmbridge_client import Client
 
-from bench.support import spawn, stop
+from bench.support import rate_and_cpu, spawn, stop
 from dmbridge.localhs import free_port
 from tests.support.process import BridgeProcess
 from tests.support.settings import AS_TOKEN, SMS_TOKEN, make_settings
@@ -35,20 +33,6 @@ PHONE = "+15551234567"
 ALICE = "@alice:localhost"
 # The network's quotas out of the way: the bridge's pacing is not what is measured.
 UNLIMITED = {"messages_per_second": 100_000, "message_burst": 1_000_000}
-
-
-async def _run(n: int, concurrency: int, one: Callable[[int], Awaitable[object]]
-               ) -> tuple[float, float]:
-    """Messages per second, and client CPU µs per message, for n messages."""
-    counter = iter(range(n))
-
-    async def worker() -> None:
-        for i in counter:
-            await one(i)
-
-    start, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return n / (time.perf_counter() - start), (time.process_time() - cpu) * 1e6 / n
 
 
 async def compare(base: str, *, messages: int, concurrency: list[int], rounds: int
@@ -80,7 +64,8 @@ async def compare(base: str, *, messages: int, concurrency: list[int], rounds: i
             for r in range(rounds):
                 sides = [(bare, bare_rates, bare_cpu), (sdk, sdk_rates, sdk_cpu)]
                 for one, rates, cpus in sides[::-1] if r % 2 else sides:  # each goes first
-                    rate, cpu = await _run(messages, conc, one)
+                    rate, cpu_s = await rate_and_cpu(messages, conc, one)
+                    cpu = cpu_s * 1e6  # µs per message
                     rates.append(rate)
                     cpus.append(cpu)
             results.append((conc, statistics.median(bare_rates), statistics.median(sdk_rates),

@@ -7,11 +7,10 @@ the client's own cost: nothing waits on a database or a homeserver.
 from __future__ import annotations
 
 import asyncio
-import sys
 
 from aiohttp import web
 
-from dmbridge.localhs import free_port
+from bench.support import serve_until_stdin_closes
 
 DM = {"room_id": "!stub", "network": "sms", "remote_id": "+15551234567",
       "ghost_id": "@dm_sms_=2b15551234567:localhost", "user_id": "@alice:localhost",
@@ -31,13 +30,7 @@ async def main() -> None:
     app = web.Application()
     app.router.add_put("/_dmbridge/v1/networks/{network}/messages/{message_id}", send)
     app.router.add_post("/_dmbridge/v1/networks/{network}/dms", open_dm)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    print(f"http://127.0.0.1:{port}", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await runner.cleanup()
+    await serve_until_stdin_closes(app)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ up and its delivery be timed on its own).
 from __future__ import annotations
 
 import asyncio
-import sys
 
 from aiohttp import web
 
-from dmbridge.localhs import free_port
+from bench.support import serve_until_stdin_closes
 
 
 async def main() -> None:
@@ -47,13 +46,7 @@ async def main() -> None:
     app.router.add_put("/noop/{txn}", noop)
     app.router.add_get("/count", get_count)
     app.router.add_post("/gate/{state:open|close}", set_gate)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    print(f"http://127.0.0.1:{port}", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await runner.cleanup()
+    await serve_until_stdin_closes(app)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+from aiohttp import web
 
 from dmbridge.bridge import Bridge
 from dmbridge.db.sqlite import OneTripConnection, Run
@@ -18,6 +22,33 @@ from tests.support.postgres import PostgresCluster
 from tests.support.settings import AS_TOKEN, make_settings
 
 DB_HELP = "sqlite, postgres (a private throwaway cluster), or a postgres:// URL"
+
+
+async def rate_and_cpu(n: int, concurrency: int, one: Callable[[int], Awaitable[object]]
+                       ) -> tuple[float, float]:
+    """Messages per second for n messages with `concurrency` in flight, and this process's CPU
+    seconds per message."""
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            await one(i)
+
+    start, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return n / (time.perf_counter() - start), (time.process_time() - cpu) / n
+
+
+async def serve_until_stdin_closes(app: web.Application) -> None:
+    """Serve ``app`` on a free port of 127.0.0.1, print its base URL, and stop when stdin
+    closes (the benchmark that spawned this process has ended)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    print(f"http://127.0.0.1:{port}", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await runner.cleanup()
 
 
 def statements(bridge: Bridge) -> int:

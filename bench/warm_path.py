@@ -15,32 +15,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from bench.support import DB_HELP, bridge_on_stub, statements
+from bench.support import DB_HELP, bridge_on_stub, rate_and_cpu, statements
 from dmbridge.bridge import Bridge
 from tests.support.settings import AS_TOKEN
 
 PHONE = "+15551234567"
 GHOST = "@dm_sms_=2b15551234567:localhost"
-
-
-async def _run(n: int, concurrency: int, one: Callable[[int], Awaitable[object]]
-               ) -> tuple[float, float]:
-    """Messages per second for n messages with `concurrency` in flight, and CPU s/message."""
-    counter = iter(range(n))
-
-    async def worker() -> None:
-        for i in counter:
-            await one(i)
-
-    start, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return n / (time.perf_counter() - start), (time.process_time() - cpu) / n
 
 
 async def warm_ratios(bridge: Bridge, hs_url: str, *, messages: int, concurrency: list[int],
@@ -71,11 +55,11 @@ async def warm_ratios(bridge: Bridge, hs_url: str, *, messages: int, concurrency
                     return await bridge.dms.send("sms", PHONE, alice, message_id=f"{tag}-{i}",
                                                  text="benchmark message")
 
-                rate, cpu = await _run(messages, conc, bare)
+                rate, cpu = await rate_and_cpu(messages, conc, bare)
                 bare_rates.append(rate)
                 bare_cpu.append(cpu)
                 before, stmts = bridge.requests.total, statements(bridge)
-                rate, cpu = await _run(messages, conc, via_bridge)
+                rate, cpu = await rate_and_cpu(messages, conc, via_bridge)
                 bridge_rates.append(rate)
                 bridge_cpu.append(cpu)
                 per_msg = (bridge.requests.total - before) / messages

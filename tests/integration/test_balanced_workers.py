@@ -22,10 +22,11 @@ from nio import SyncResponse
 from dmbridge.localhs import free_port
 from tests.conftest import REQUIRE_ALL
 from tests.integration.conftest import DOMAIN, Homeserver, NewHuman, Platform
+from tests.integration.test_workers import _joined_rooms
 from tests.support.matrix import Human
 from tests.support.nginx import NGINX, Nginx
 from tests.support.process import BridgeProcess
-from tests.support.settings import AS_TOKEN, CHAT_TOKEN, make_settings
+from tests.support.settings import CHAT_TOKEN, make_settings
 
 pytestmark = pytest.mark.integration
 
@@ -229,13 +230,3 @@ async def _pull_replies(platform: Platform, expected: int, timeout: float = 120.
         if len(received) >= expected:
             extra -= 1
     return received
-
-
-async def _joined_rooms(homeserver: Homeserver, user_id: str) -> list[str]:
-    async with aiohttp.ClientSession() as session, session.get(
-        f"{homeserver.url}/_matrix/client/v3/joined_rooms",
-        params={"user_id": user_id}, headers={"Authorization": f"Bearer {AS_TOKEN}"},
-    ) as resp:
-        body = await resp.json()
-        assert resp.status == 200, body
-        return list(body["joined_rooms"])
