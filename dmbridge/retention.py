@@ -32,6 +32,7 @@ FIRST_ROUND_S = 60.0
 INTERVAL_S = 3600.0
 BATCH = 1000
 PAUSE_S = 0.05
+UNLOCK_S = 5.0  # a lock release not answered by then ends the session instead
 # Any 64-bit key the bridge's workers agree on ("dmbridge" in ASCII).
 LOCK_KEY = 0x646D627269646765
 
@@ -161,11 +162,18 @@ class Retention:
 
 
 async def _unlock(conn: Connection) -> None:
-    """Release the round's session lock, or end the session if that fails (ending it releases
-    the lock): pooled connections go back to the pool as they are, locks included."""
+    """Release the round's session lock, or end the session if that fails or is not answered
+    within ``UNLOCK_S`` (ending it releases the lock): pooled connections go back to the pool as
+    they are, locks included. Runs while a stopped round unwinds, so it never waits on a
+    database that has stopped answering, and never replaces the round's cancellation by an
+    error of its own."""
     try:
-        await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
-    except BaseException:  # cancelled, or the connection is unusable after a cancelled query
+        await asyncio.wait_for(conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY), UNLOCK_S)
+    except Exception as e:  # no answer in time, or unusable after a cancelled statement
+        log.warning("releasing the pruning lock failed (%s); ending the database session "
+                    "instead, which releases it", type(e).__name__)
+        _end_session(conn)
+    except BaseException:  # cancelled while releasing
         _end_session(conn)
         raise
 

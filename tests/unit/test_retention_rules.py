@@ -252,3 +252,37 @@ async def test_a_round_that_loses_the_answer_to_its_lock_leaves_the_lock_to_the_
             finally:
                 await other.close(timeout=STOP_S)
                 await asyncio.wait_for(db.stop(), STOP_S)
+
+
+async def test_a_round_stopped_while_the_database_stops_answering_still_stops(
+        stores: Stores, caplog: pytest.LogCaptureFixture) -> None:
+    """The round's lock release gets no answer: stopping ends the session after a bounded wait
+    (which releases the lock) instead of waiting for the database for ever."""
+    if stores.db.scheme not in (Scheme.POSTGRES, Scheme.COCKROACH):
+        pytest.skip("SQLite has one process: no lock to release")
+    for i in range(3):
+        await sent(stores, f"old{i}", days_ago(100) + i)
+    url = URL(str(stores.db.url))
+    assert url.host is not None and url.port is not None
+    async with AnswerHoldingProxy(url.host, url.port, b"pg_advisory_unlock(") as proxy:
+        db = create_database(str(url.with_port(proxy.port)), db_args={"min_size": 1},
+                             log=logging.getLogger("dmbridge.db"))
+        await db.start()
+        retention = Retention(db, RetentionSettings(), batch=1, pause=3600)
+        try:
+            retention.start(first=0)
+            async def deleted_one() -> bool:
+                return retention.statements.get("sent_messages", 0) >= 1
+            await _until(deleted_one, "the first DELETE")
+            # Asleep between two statements: stopping releases the lock, and that answer is
+            # never let through.
+            await asyncio.wait_for(retention.stop(), STOP_S)
+            assert proxy.held.is_set()
+            assert "ending the database session instead" in caplog.text
+            assert await db.fetchval("SELECT 1") == 1  # the pool goes on with a new session
+        finally:
+            proxy.release()
+            try:
+                await asyncio.wait_for(retention.stop(), STOP_S)
+            finally:
+                await asyncio.wait_for(db.stop(), STOP_S)
