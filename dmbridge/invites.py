@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import aiohttp
 from mautrix.api import Method, Path
-from mautrix.appservice import AppService
+from mautrix.appservice import AppService, IntentAPI
 from mautrix.errors import MatrixConnectionError, MatrixRequestError, MForbidden
 from mautrix.types import RoomID, UserID
 from mautrix.util.async_db import Connection, Scheme
@@ -233,7 +233,7 @@ class InviteHandler:
             await self._finish(room_id, ENDED, "join_failed", invite, None, previous)
             return True
         try:
-            members = await intent.get_joined_members(room_id)
+            members = await _members(intent, room_id)
         except MatrixRequestError as e:
             log.info("%s joined %s but could not read its members: %s", ghost_id, room_id, e)
             await self._leave(invite, f"The {network.name} contact could not see who is in"
@@ -243,9 +243,9 @@ class InviteHandler:
         await self.appservice.state_store.joined(room_id, ghost_id)
         await self.stores.members.assume(room_id, ghost_id, "join")
         await self.stores.members.replace(room_id, ghost_id, "invite", "join")
-        for member_id, member in members.items():
-            name = storable_text(member.displayname) if member.displayname else None
-            await self.stores.members.assume(room_id, member_id, "join", name)
+        for member_id, (membership, name) in members.items():
+            await self.stores.members.assume(room_id, UserID(member_id), membership, name)
+        # Someone else joined or invited: the user meant a group, not a DM.
         others = [m for m in members if m not in (ghost_id, user_id)]
         if others:
             await self._leave(invite, one_to_one)
@@ -301,6 +301,25 @@ class InviteHandler:
                                invite.event_id, now, None)
         if notice is not None:
             self._queued({dm.network})
+
+
+async def _members(intent: IntentAPI, room_id: RoomID) -> dict[str, tuple[str, str | None]]:
+    """Who is joined to or invited into the room: user ID -> (membership, display name)."""
+    data = await intent.api.request(Method.GET, Path.v3.rooms[room_id].members,
+                                    query_params={"not_membership": "leave"})
+    found: dict[str, tuple[str, str | None]] = {}
+    for event in data.get("chunk", []) if isinstance(data, dict) else []:
+        content = event.get("content") if isinstance(event, dict) else None
+        user_id = event.get("state_key") if isinstance(event, dict) else None
+        if not isinstance(content, dict) or not isinstance(user_id, str):
+            continue
+        membership = content.get("membership")
+        if membership not in ("join", "invite"):
+            continue
+        name = content.get("displayname")
+        found[user_id] = (str(membership),
+                          storable_text(name) if isinstance(name, str) and name else None)
+    return found
 
 
 def _why(e: MatrixRequestError) -> str:
