@@ -41,7 +41,7 @@ log = logging.getLogger("dmbridge.undelivered")
 POLL_S = 10.0  # how often notices queued by other workers are looked for without a wake-up
 BATCH = 50  # notices sent per round, at most
 LEASE_MS = 60_000  # one attempt's hold on a notice; a worker that dies lets go when it ends
-MAX_ATTEMPTS = 8  # then the notice is given up (logged)
+MAX_ATTEMPTS = 12  # about 25 minutes of tries; then the notice is given up (logged)
 RETRY_MIN_MS, RETRY_MAX_MS = 2_000, 300_000
 # The outbox items that are a Matrix user's own message (their idempotency key is its event ID).
 USER_MESSAGES = frozenset({payloads.MESSAGE, payloads.EDIT})
