@@ -128,6 +128,35 @@ async def test_dead_lettered_reply_is_told_once_and_corrected_when_a_retry_deliv
         assert told is not None and (told.told, told.shown) == (DELIVERED, DELIVERED)
 
 
+async def test_reply_a_pull_network_never_took_is_told_and_corrected_once_acknowledged(
+    start_bridge: BridgeFactory, platform: Platform, new_human: NewHuman
+) -> None:
+    """A pull network does not take a reply within delivery.max_age: the human is told; the
+    dead letter queued again is pulled and acknowledged, and the notice says it got through."""
+    bridge = await start_bridge(**{"delivery.max_age": 3})
+    human, contact = await new_human(), _contact()
+    room_id = await _dm_with(platform, bridge, human, "chat", CHAT_TOKEN, contact)
+    lost = await human.say(room_id, "anyone pulling?")
+    notice = await _notice_for(human, room_id, lost)
+    assert "Not delivered: Chat did not accept this message" in notice["content"]["body"]
+
+    status, dead = await platform.call("GET", "/networks/chat/dead-letters", CHAT_TOKEN)
+    assert status == 200, dead
+    [letter] = [d for d in dead["dead_letters"] if d["idempotency_key"] == lost]
+    status, _ = await platform.call("POST", "/networks/chat/dead-letters/retry", CHAT_TOKEN,
+                                    json={"ids": [letter["id"]]})
+    assert status == 200
+    await Feed(platform).expect("message", room_id=room_id, text="anyone pulling?")
+
+    async def corrected() -> bool:
+        return bool(_edits_of(await human.messages(room_id), notice["event_id"]))
+
+    await wait_for(corrected, what="the notice to be edited")
+    [edit] = _edits_of(await human.messages(room_id), notice["event_id"])
+    assert edit["content"]["m.new_content"]["body"].endswith(
+        "Delivered after all: Chat accepted this message on a later attempt.")
+
+
 async def test_message_in_a_room_that_stopped_being_a_dm_is_told_not_delivered(
     bridge: Bridge, platform: Platform, new_human: NewHuman
 ) -> None:
