@@ -37,6 +37,7 @@ from .readiness import Readiness, Watch
 from .retention import Retention
 from .startup import StartupError
 from .statestore import BridgeStateStore
+from .undelivered import Undelivered
 
 log = logging.getLogger("dmbridge")
 
@@ -79,11 +80,13 @@ class Bridge:
         # Other workers on the same PostgreSQL hear of new outbox items and invites at once.
         self.peers = Peers(settings.database_url, on_outbox=self._heard_outbox,
                            on_invites=self._heard_invites)
+        self.undelivered = Undelivered(stores=self.stores, networks=settings.networks)
         self.outbox = Outbox(stores=self.stores, networks=settings.networks,
                              settings=settings.delivery, present=self.links.attach,
                              notices=self.notices, metrics=self.metrics,
-                             announce=self.peers.outbox_queued)
+                             announce=self.peers.outbox_queued, undelivered=self.undelivered)
         self.matrix.on_queued = self.outbox.wake
+        self.matrix.on_undelivered = self.undelivered.wake
         self.retention = Retention(self.db, settings.retention)
         self._dms: DMService | None = None
         self._homeserver: Homeserver | None = None
@@ -170,6 +173,7 @@ class Bridge:
         log.info("listening on http://%s:%d (API under %s)", self.settings.hostname,
                  self.settings.port, PREFIX)
         await self.outbox.start()
+        self.undelivered.start(self._homeserver)
         self.watch = Watch(self.settings, self.readiness, self._on_contact, self.notices)
         if ping:
             await self.watch.first()
@@ -295,6 +299,7 @@ class Bridge:
         if self._invites is not None:
             await self._invites.stop()
         await self.outbox.stop()
+        await self.undelivered.stop()
         if self._listening:  # not after a start that failed before it listened
             await self.appservice.stop()
         if self._metrics_runner is not None:

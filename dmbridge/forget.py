@@ -248,7 +248,7 @@ async def _delete_kept(conn: Connection, subject: Subject, dms: list[DMRecord]
                        ) -> dict[str, int]:
     """Everything kept of the subject's conversations but the DM rows and the notices."""
     counts = {"sent_message": 0, "matrix_message": 0, "dm_history": 0, "outbox": 0,
-              "ghost_invite": 0}
+              "ghost_invite": 0, "undelivered_notice": 0}
 
     async def delete(table: str, where: str, *args: object) -> None:
         rows = await conn.fetch(f"DELETE FROM {table} WHERE {where} RETURNING 1", *args)
@@ -265,6 +265,8 @@ async def _delete_kept(conn: Connection, subject: Subject, dms: list[DMRecord]
                 await delete("sent_message", "network=$1 AND remote_id=$2 AND room_id=$3",
                              dm.network, dm.remote_id, dm.room_id)
         await delete("ghost_invite", "inviter=$1", subject.user_id)
+    for room_id in sorted({dm.room_id for dm in dms if dm.room_id is not None}):
+        await delete("undelivered_notice", "room_id=$1", room_id)
     for network, remote_id, ghost_id, user_id in sorted(pairs):
         await delete("matrix_message", "network=$1 AND remote_id=$2 AND user_id=$3",
                      network, remote_id, user_id)

@@ -18,12 +18,12 @@ from collections.abc import Callable
 
 import aiohttp
 from mautrix.api import Method, Path
-from mautrix.appservice import AppService
-from mautrix.errors import MatrixConnectionError, MatrixRequestError
+from mautrix.appservice import AppService, IntentAPI
+from mautrix.errors import MatrixConnectionError, MatrixRequestError, MForbidden
 from mautrix.types import RoomID, UserID
 from mautrix.util.async_db import Connection, Scheme
 
-from . import payloads, wake
+from . import bridgeinfo, payloads, wake
 from .db import Stores, now_ms
 from .db.dm import ACTIVE, CREATING, ENDED, JOINING, DMRecord
 from .db.history import Transition
@@ -225,23 +225,34 @@ class InviteHandler:
         intent = self.ghosts.intent(ghost_id)
         try:
             await intent.api.request(Method.POST, Path.v3.rooms[room_id].join, content={})
-            members = await intent.get_joined_members(room_id)
         except MatrixRequestError as e:
             log.info("%s could not join %s (invite withdrawn?): %s", ghost_id, room_id, e)
+            # Refusing the invite with the reason is the one way the inviter hears of it.
+            await self._leave(invite, f"The {network.name} contact could not join this room"
+                              f" ({_why(e)}), so the chat was not started.")
+            await self._finish(room_id, ENDED, "join_failed", invite, None, previous)
+            return True
+        try:
+            members = await _members(intent, room_id)
+        except MatrixRequestError as e:
+            log.info("%s joined %s but could not read its members: %s", ghost_id, room_id, e)
+            await self._leave(invite, f"The {network.name} contact could not see who is in"
+                              f" this room ({_why(e)}), so the chat was not started.")
             await self._finish(room_id, ENDED, "join_failed", invite, None, previous)
             return True
         await self.appservice.state_store.joined(room_id, ghost_id)
         await self.stores.members.assume(room_id, ghost_id, "join")
         await self.stores.members.replace(room_id, ghost_id, "invite", "join")
-        for member_id, member in members.items():
-            name = storable_text(member.displayname) if member.displayname else None
-            await self.stores.members.assume(room_id, member_id, "join", name)
+        for member_id, (membership, name) in members.items():
+            await self.stores.members.assume(room_id, UserID(member_id), membership, name)
+        # Someone else joined or invited: the user meant a group, not a DM.
         others = [m for m in members if m not in (ghost_id, user_id)]
         if others:
             await self._leave(invite, one_to_one)
             await self._finish(room_id, ENDED, "not_one_to_one", invite, None, previous)
             return True
         await self._finish(room_id, ACTIVE, "user_invited", invite, payloads.DM_STARTED)
+        await self._mark_bridged(network, remote_id, ghost_id, room_id)
         try:
             await self.dms.add_to_m_direct(ghost_id, user_id, room_id)
         except _M_DIRECT_LATER as e:
@@ -250,6 +261,27 @@ class InviteHandler:
         log.info("%s joined %s at the invite of %s; it is their DM now", ghost_id, room_id,
                  user_id)
         return True
+
+    async def _mark_bridged(self, network: Network, remote_id: str, ghost_id: UserID,
+                            room_id: RoomID) -> None:
+        """Give the adopted room the bridge state of the rooms the bridge creates. The room is
+        the user's: the ghost can set state only if they gave it the power (a DM created with
+        the ``trusted_private_chat`` preset does); otherwise the room goes without it."""
+        intent = self.ghosts.intent(ghost_id)
+        info = bridgeinfo.content(network, remote_id, ghost_id, self.appservice.bot_mxid)
+        key = bridgeinfo.state_key(network, remote_id)
+        for kind in bridgeinfo.EVENT_TYPES:
+            try:
+                await intent.api.request(Method.PUT, Path.v3.rooms[room_id].state[kind][key],
+                                         content=info)
+            except MForbidden as e:
+                log.info("%s: no bridge state: %s may not set state in the user's room (%s)",
+                         room_id, ghost_id, e.message)
+                return
+            except (MatrixRequestError, MatrixConnectionError, aiohttp.ClientError, TimeoutError,
+                    RateLimited) as e:  # the DM works without it
+                log.warning("%s: could not set the bridge state %s: %r", room_id, kind, e)
+                return
 
     async def _finish(self, room_id: RoomID, state: str, reason: str, invite: GhostInvite,
                       notice: str | None, previous: DMRecord | None = None) -> None:
@@ -269,3 +301,28 @@ class InviteHandler:
                                invite.event_id, now, None)
         if notice is not None:
             self._queued({dm.network})
+
+
+async def _members(intent: IntentAPI, room_id: RoomID) -> dict[str, tuple[str, str | None]]:
+    """Who is joined to or invited into the room: user ID -> (membership, display name)."""
+    data = await intent.api.request(Method.GET, Path.v3.rooms[room_id].members,
+                                    query_params={"not_membership": "leave"})
+    found: dict[str, tuple[str, str | None]] = {}
+    for event in data.get("chunk", []) if isinstance(data, dict) else []:
+        content = event.get("content") if isinstance(event, dict) else None
+        user_id = event.get("state_key") if isinstance(event, dict) else None
+        if not isinstance(content, dict) or not isinstance(user_id, str):
+            continue
+        membership = content.get("membership")
+        if membership not in ("join", "invite"):
+            continue
+        name = content.get("displayname")
+        found[user_id] = (str(membership),
+                          storable_text(name) if isinstance(name, str) and name else None)
+    return found
+
+
+def _why(e: MatrixRequestError) -> str:
+    """The homeserver's words for a refusal, short enough for a member event's reason."""
+    text = e.message or e.errcode or f"HTTP {e.http_status}"
+    return text if len(text) <= 200 else text[:199] + "\N{HORIZONTAL ELLIPSIS}"

@@ -19,6 +19,7 @@ from .db.dm import ACTIVE, CREATING, DECLINED, ENDED, JOINING, DMRecord
 from .db.history import Transition
 from .db.invite import GhostInvite
 from .db.message import EDIT, MESSAGE, REACTION, MatrixMessage
+from .db.undelivered import ELSEWHERE, NOT_A_DM
 from .errors import NotFound
 from .lru import LRU
 from .marker import MARKER, Marker
@@ -45,6 +46,7 @@ class Effects:
 
     networks: set[str] = field(default_factory=set)
     invites: bool = False
+    undelivered: bool = False  # the user is owed a notice about a message not delivered
 
 
 def lane_of(dm: DMRecord) -> payloads.Lane:
@@ -225,12 +227,14 @@ class Lifecycle:
         if dm.others_joined:
             log.info("%s: %s %s not delivered: the room has other members, not a DM",
                      room_id, raw.get("type"), event_id)
+            await self._not_delivered(conn, dm, raw, NOT_A_DM, now, effects)
             return
         if dm.state in (ENDED, DECLINED):
             if (dm.ghost_membership != "join" or raw.get("type") not in _MESSAGES
                     or dm.reason in (REPLACED_BY_PLATFORM, BEING_REPLACED)):
                 log.info("%s: %s %s not delivered: the room is no longer the DM", room_id,
                          raw.get("type"), event_id)
+                await self._not_delivered(conn, dm, raw, ELSEWHERE, now, effects)
                 return
             await self._reach_out(conn, dm, event_id, now)
             effects.networks.add(dm.network)
@@ -247,6 +251,17 @@ class Lifecycle:
             log.info("%s: %s %s from %s queued for %s user %s (outbox %d)", room_id,
                      payload["type"], event_id, dm.user_id, dm.network, dm.remote_id, item)
             effects.networks.add(dm.network)
+
+    async def _not_delivered(self, conn: Connection, dm: DMRecord, raw: dict[str, Any],
+                             reason: str, now: int, effects: Effects) -> None:
+        """The user's message will not reach the platform: the ghost tells them, when it is
+        still in the room to do so (see :mod:`dmbridge.undelivered`)."""
+        if raw.get("type") not in _MESSAGES or dm.ghost_membership != "join":
+            return
+        assert dm.room_id is not None
+        if await self.stores.undelivered.add(conn, str(raw["event_id"]), dm.room_id,
+                                             dm.ghost_id, reason, now):
+            effects.undelivered = True
 
     async def _outgoing(self, conn: Connection, dm: DMRecord, raw: dict[str, Any], now: int
                         ) -> tuple[dict[str, Any] | None, MatrixMessage | None]:

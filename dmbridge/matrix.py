@@ -40,6 +40,7 @@ class MatrixHandler:
         # Told after each commit: which networks have new outbox items, and of new invites.
         self.on_queued: Callable[[set[str]], None] = lambda networks: None
         self.on_invited: Callable[[], None] = lambda: None
+        self.on_undelivered: Callable[[], None] = lambda: None
 
     async def handle_transaction(self, txn_id: str, events: list[Any],
                                  ephemeral: list[Any] | None = None, *, untrusted: bool = True
@@ -88,6 +89,8 @@ class MatrixHandler:
             self.on_queued(effects.networks)
         if effects.invites:
             self.on_invited()
+        if effects.undelivered:
+            self.on_undelivered()
         for raw in fresh:
             if "state_key" in raw:  # the cache holds room state only; messages pass it by
                 await self._update_state_store(raw)

@@ -25,7 +25,7 @@ from mautrix.appservice import AppService
 from mautrix.errors import MatrixConnectionError, MatrixRequestError, MForbidden, MNotFound
 from mautrix.types import EventType, RoomCreatePreset, RoomID, UserID
 
-from . import payloads
+from . import bridgeinfo, payloads
 from .config import Settings
 from .db import Stores, now_ms
 from .db.dm import ACTIVE, CREATING, DECLINED, ENDED, JOINING, DMRecord
@@ -482,17 +482,8 @@ class Opener:
         users = {user_id: 100}
         if await self._default_room_version() not in _CREATOR_POWER_VERSIONS:
             users[ghost_id] = 100
-        bridge_info = {
-            "bridgebot": self.settings.bot_user_id,
-            "creator": ghost_id,
-            "protocol": {"id": network.id, "displayname": network.name},
-            "channel": {"id": remote_id},
-        }
-        state_key = f"dmbridge://{network.id}/{remote_id}"
-        initial_state: list[dict[str, Any]] = [
-            {"type": kind, "state_key": state_key, "content": bridge_info}
-            for kind in ("m.bridge", "uk.half-shot.bridge")
-        ]
+        initial_state = bridgeinfo.initial_state(network, remote_id, ghost_id,
+                                                 self.settings.bot_user_id)
         initial_state.append(marker.state_event())
         return await self.ghosts.intent(ghost_id).create_room(
             preset=RoomCreatePreset.PRIVATE,

@@ -25,6 +25,7 @@ from .errors import InvalidParam
 from .metrics import Metrics
 from .networks import PULL, PUSH, Network, Networks
 from .notices import AdminNotices, NoticeSettings
+from .undelivered import Undelivered
 from .webhook import Outcome, Present, WebhookClient, as_stored
 
 log = logging.getLogger("dmbridge.outbox")
@@ -48,8 +49,12 @@ class Outbox:
     def __init__(self, *, stores: Stores, networks: Networks, settings: DeliverySettings,
                  present: Present = as_stored, notices: AdminNotices | None = None,
                  metrics: Metrics | None = None,
-                 announce: Callable[[set[str]], None] | None = None) -> None:
+                 announce: Callable[[set[str]], None] | None = None,
+                 undelivered: Undelivered | None = None) -> None:
         self.stores = stores
+        # Tells the Matrix user about their messages that became dead letters (and got through
+        # after all, once queued again).
+        self.undelivered = undelivered or Undelivered(stores=stores, networks=networks)
         self.notices = notices or AdminNotices(NoticeSettings(), None)
         self.metrics = metrics if metrics is not None else Metrics()
         # Last touches as an event is handed out (fresh media links), pushed or pulled.
@@ -160,6 +165,7 @@ class Outbox:
                 log.info("delivered outbox %d (%s %s) to %s on attempt %d", item.id, item.type,
                          item.idempotency_key, item.network, attempt)
                 self.notices.delivery_ok(item.network)
+                await self.undelivered.delivered(item)
             else:
                 await self._failed(network, item, attempt, outcome)
         except asyncio.CancelledError:
@@ -197,6 +203,7 @@ class Outbox:
         log.error("outbox %d (%s %s for %s) is now a dead letter: %s", item.id, item.type,
                   item.idempotency_key, item.network, why)
         self.notices.dead_letter(item.network, item.id, f"{item.type} for {item.user_id}", why)
+        await self.undelivered.dead_letter(item)
         if item.type == payloads.DELIVERY_FAILED:
             return  # never a notice about a notice
         event = item.event()
@@ -245,6 +252,7 @@ class Outbox:
     async def ack(self, network: Network, ids: list[int]) -> int:
         self.check_pull(network)
         count = await self.stores.outbox.ack(network.id, ids, now_ms())
+        await self.undelivered.acknowledged(network.id, ids)
         self.metrics.delivery(network.id, "delivered", count)
         log.info("%s acknowledged %d of %d event(s)", network.id, count, len(ids))
         return count

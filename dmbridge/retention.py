@@ -28,6 +28,9 @@ DAY_MS = 86400 * 1000
 # Kept a fixed time, not configurable: what they protect needs no longer.
 PROCESSED_EVENT_TTL_MS = 7 * DAY_MS  # homeserver transactions are resent for minutes, not days
 DELIVERED_TTL_MS = 7 * DAY_MS  # delivered items dedupe replays of recent events only
+# A notice about an undelivered message dedupes replays of its event (as processed events do);
+# one about a dead letter is kept while the dead letter is, to be corrected if it is retried.
+UNDELIVERED_NOTICE_TTL_MS = 7 * DAY_MS
 FIRST_ROUND_S = 60.0
 INTERVAL_S = 3600.0
 BATCH = 1000
@@ -49,6 +52,10 @@ _KINDS: dict[str, tuple[str, str, str]] = {
     "dead_letters": ("outbox", "id", "state = 'dead' AND finished_at < $1"),
     "delivered": ("outbox", "id", "state = 'delivered' AND finished_at < $1"),
     "processed_events": ("processed_event", "event_id", "received_at < $1"),
+    "undelivered_notices": ("undelivered_notice", "event_id",
+                            "updated_at < $1 AND shown = told AND NOT EXISTS (SELECT 1 FROM"
+                            " outbox WHERE outbox.idempotency_key = undelivered_notice.event_id"
+                            " AND outbox.state = 'dead')"),
 }
 KINDS = tuple(_KINDS)
 
@@ -73,6 +80,7 @@ class Limits:
             "dead_letters": days(settings.dead_letters),
             "delivered": DELIVERED_TTL_MS,
             "processed_events": PROCESSED_EVENT_TTL_MS,
+            "undelivered_notices": UNDELIVERED_NOTICE_TTL_MS,
         })
 
 

@@ -20,6 +20,7 @@ from .media import MediaStore
 from .member import MemberStore
 from .message import MatrixMessageStore, SentMessageStore
 from .outbox import OutboxStore
+from .undelivered import UndeliveredStore
 from .upgrade import upgrade_table
 
 
@@ -40,6 +41,7 @@ class Stores:
     outbox: OutboxStore
     history: HistoryStore
     invites: InviteStore
+    undelivered: UndeliveredStore
 
     @classmethod
     def over(cls, db: Database) -> Stores:
@@ -57,6 +59,7 @@ class Stores:
             outbox=OutboxStore(db),
             history=HistoryStore(db),
             invites=InviteStore(db),
+            undelivered=UndeliveredStore(db),
         )
 
     @asynccontextmanager

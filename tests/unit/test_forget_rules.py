@@ -13,6 +13,7 @@ from dmbridge.db.history import Transition
 from dmbridge.db.invite import GhostInvite
 from dmbridge.db.media import Media
 from dmbridge.db.message import MatrixMessage, SentMessage
+from dmbridge.db.undelivered import DEAD_LETTER
 from dmbridge.errors import InvalidParam, InvalidRemoteID, NotFound
 from dmbridge.forget import Subject, forget
 from tests.unit.test_networks import SMS
@@ -42,6 +43,7 @@ async def converse(stores: Stores, remote_id: str, user_id: UserID, room: str,
     await stores.outbox.add_now(network="sms", remote_id=remote_id, user_id=user_id,
                                 type="message", key=f"$from-{room}", payload={}, now=1)
     await stores.ghosts.mark_registered(ghost_id, "sms", remote_id)
+    await stores.undelivered.add_now(f"$from-{room}", room_id, ghost_id, DEAD_LETTER, 1)
 
 
 async def rows(stores: Stores, table: str, where: str, *args: object) -> int:
@@ -77,6 +79,8 @@ async def test_forgetting_a_matrix_user_removes_their_data_and_tells_each_dm(
     assert await rows(stores, "sent_message", "room_id LIKE '%bob'") == 2
     assert await rows(stores, "room_member", "room_id LIKE '%alice'") == 0
     assert await rows(stores, "room_member", "room_id LIKE '%bob'") == 4
+    assert await rows(stores, "undelivered_notice", "room_id LIKE '%alice'") == 0
+    assert await rows(stores, "undelivered_notice", "room_id LIKE '%bob'") == 2
     # Of Alice's outbox only the notices are left, one per DM, for the platform to take.
     notices = await stores.db.fetch("SELECT type, payload FROM outbox WHERE user_id=$1 ORDER BY"
                                     " remote_id", ALICE)
@@ -110,6 +114,8 @@ async def test_forgetting_a_remote_user_removes_their_dms_ghost_and_avatar(
         assert await rows(stores, table, "remote_id=$1", BEN) == 2, table
     assert await rows(stores, "outbox", "remote_id=$1 AND type<>'dm.forgotten'", ANN) == 0
     assert await rows(stores, "outbox", "remote_id=$1", BEN) == 2
+    assert await rows(stores, "undelivered_notice", "ghost_id=$1", ann) == 0
+    assert await rows(stores, "undelivered_notice", "ghost_id=$1", SMS.ghost_user_id(BEN)) == 2
     assert await stores.media.get("sms", "mxc://x/ann") is None
     assert await rows(stores, "dm", "ghost_id=$1", SMS.ghost_user_id(BEN)) == 2
 

@@ -675,3 +675,63 @@ async def test_state_cache_gets_new_state_events_only(stores: Stores) -> None:
     await send(h, join)  # already processed: not again
     assert len(seen) == 2
     assert (await dm_of(stores)).state == ENDED
+
+
+# --- the user told what was not delivered ---------------------------------------------------
+
+
+async def told(stores: Stores) -> list[tuple[str, str, str, str]]:
+    rows = await stores.db.fetch("SELECT event_id, room_id, ghost_id, reason FROM"
+                                 " undelivered_notice ORDER BY created_at, event_id")
+    return [(r["event_id"], r["room_id"], r["ghost_id"], r["reason"]) for r in rows]
+
+
+async def test_a_message_in_a_room_someone_else_joined_is_owed_a_notice_once(
+    stores: Stores
+) -> None:
+    h, _ = make_handler(stores)
+    woken: list[bool] = []
+    h.on_undelivered = lambda: woken.append(True)
+    await open_dm(stores)
+    await send(h, member(STRANGER, "join"))
+    said = message(body="just us?")
+    await send(h, said)
+    await send(h, said)  # the transaction resent: nothing more
+    reaction = {"type": "m.reaction", "room_id": ROOM, "sender": USER,
+                "event_id": new_event_id(), "content": {"m.relates_to": {
+                    "rel_type": "m.annotation", "event_id": said["event_id"], "key": "+1"}}}
+    await send(h, reaction)  # reactions are not told
+    assert await told(stores) == [(said["event_id"], ROOM, GHOST, "not_a_dm")]
+    assert woken == [True]
+    assert [i["type"] for i in await outbox(stores)] == ["dm.ended"]
+
+
+async def test_a_message_in_a_room_the_platform_is_leaving_is_owed_a_notice(
+    stores: Stores
+) -> None:
+    h, _ = make_handler(stores)
+    await open_dm(stores)
+    async with stores.db.acquire() as conn:
+        await stores.dms.set_state(conn, ROOM, ENDED, "being_replaced", now_ms())
+    said = message(body="still here?")
+    await send(h, said)
+    assert await told(stores) == [(said["event_id"], ROOM, GHOST, "elsewhere")]
+    assert await outbox(stores) == []
+
+
+async def test_nobody_is_left_to_tell_where_the_ghost_is_gone(stores: Stores) -> None:
+    h, _ = make_handler(stores)
+    await open_dm(stores)
+    await send(h, member(GHOST, "leave", sender=USER))
+    await send(h, message(body="hello?"))
+    await send(h, member(STRANGER, "join"))
+    await send(h, message(body="anyone?"))
+    assert await told(stores) == []
+
+
+async def test_a_delivered_message_owes_no_notice(stores: Stores) -> None:
+    h, _ = make_handler(stores)
+    await open_dm(stores)
+    await send(h, message(body="hi"))
+    assert await told(stores) == []
+    assert [i["type"] for i in await outbox(stores)] == ["message"]

@@ -18,6 +18,7 @@ from dmbridge.db.history import Transition
 from dmbridge.db.media import Media
 from dmbridge.db.message import MatrixMessage, SentMessage
 from dmbridge.db.outbox import DEAD, DELIVERED, PENDING
+from dmbridge.db.undelivered import DEAD_LETTER
 from dmbridge.retention import DAY_MS, KINDS, LOCK_KEY, Retention, oldest
 from tests.support.tcp_hold import AnswerHoldingProxy
 
@@ -72,6 +73,14 @@ async def queued(stores: Stores, key: str, state: str, finished: int) -> int:
     return item
 
 
+async def undelivered(stores: Stores, event_id: str, at: int, shown: bool = True) -> None:
+    assert await stores.undelivered.add_now(event_id, "!r:x", GHOST, DEAD_LETTER, at)
+    notice = await stores.undelivered.get(event_id)
+    assert notice is not None
+    if shown:
+        await stores.undelivered.shown(notice, f"$notice-{event_id}", at)
+
+
 async def test_a_round_prunes_each_kind_older_than_its_limit_and_keeps_the_rest(
         stores: Stores, caplog: pytest.LogCaptureFixture) -> None:
     for i, age in enumerate((91, 89)):
@@ -89,6 +98,10 @@ async def test_a_round_prunes_each_kind_older_than_its_limit_and_keeps_the_rest(
     old_done = await queued(stores, "done-old", DELIVERED, days_ago(8))
     new_done = await queued(stores, "done-new", DELIVERED, days_ago(6))
     old_pending = await queued(stores, "pending", PENDING, days_ago(1000))
+    await undelivered(stores, "$told-old", days_ago(8))
+    await undelivered(stores, "$told-new", days_ago(6))
+    await undelivered(stores, "$untold-old", days_ago(100), shown=False)
+    await undelivered(stores, "d-new", days_ago(100))  # its dead letter may be retried yet
     conn: Connection
     async with stores.db.acquire() as conn:
         assert await stores.events.claim(conn, EventID("$old"), days_ago(8))
@@ -98,7 +111,8 @@ async def test_a_round_prunes_each_kind_older_than_its_limit_and_keeps_the_rest(
     counts = await Retention(stores.db, RetentionSettings()).prune(NOW)
 
     assert counts == {"sent_messages": 1, "matrix_messages": 1, "history": 1, "media": 1,
-                      "dead_letters": 1, "delivered": 1, "processed_events": 1}
+                      "dead_letters": 1, "delivered": 1, "processed_events": 1,
+                      "undelivered_notices": 1}
     assert await stores.messages.get("sms", "a", "m0") is None
     assert await stores.messages.get("sms", "a", "m1") is not None
     assert await stores.matrix_messages.get("$m0") is None
@@ -113,9 +127,11 @@ async def test_a_round_prunes_each_kind_older_than_its_limit_and_keeps_the_rest(
     async with stores.db.acquire() as conn:
         assert await stores.events.claim(conn, EventID("$old"), NOW)  # forgotten: new again
         assert not await stores.events.claim(conn, EventID("$new"), NOW)
+    assert [await stores.undelivered.get(e) is not None for e in (
+        "$told-old", "$told-new", "$untold-old", "d-new")] == [False, True, True, True]
     [line] = [r.getMessage() for r in caplog.records if r.name == "dmbridge.retention"]
     assert line == ("pruned old rows: sent_messages 1, matrix_messages 1, history 1, media 1,"
-                    " dead_letters 1, delivered 1, processed_events 1")
+                    " dead_letters 1, delivered 1, processed_events 1, undelivered_notices 1")
 
 
 async def test_zero_keeps_a_kind_forever(stores: Stores) -> None:
@@ -126,7 +142,7 @@ async def test_zero_keeps_a_kind_forever(stores: Stores) -> None:
     await queued(stores, "dead", DEAD, days_ago(10_000))
     forever = RetentionSettings(message_maps=0, history=0, media=0, dead_letters=0)
     counts = await Retention(stores.db, forever).prune(NOW)
-    assert counts == {"delivered": 0, "processed_events": 0}
+    assert counts == {"delivered": 0, "processed_events": 0, "undelivered_notices": 0}
     for table in ("sent_message", "matrix_message", "dm_history", "media", "outbox"):
         assert await count(stores, table) == 1, table
 

@@ -1,0 +1,226 @@
+"""Telling the Matrix user, in the room, that a message of theirs did not reach the contact.
+
+A message the platform never accepted (a dead letter), or one the bridge does not deliver (the
+room has other members, or the DM with the contact is another room now), gets an ``m.notice``
+from the ghost, in reply to that message: every client shows it. If a dead letter is queued
+again and then delivered, the notice is edited to say it got through after all.
+
+Each event is told about once: the notice owed is a database row keyed by the event, written
+with what caused it, and sent by whichever worker leases it first, under a transaction ID made
+from the ghost and the event, so even a send repeated after a crash lands once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import Any
+
+import aiohttp
+from mautrix.errors import MatrixRequestError
+from mautrix.types import RoomID, UserID
+
+from . import payloads, wake
+from .db import Stores, now_ms
+from .db.outbox import OutboxItem
+from .db.undelivered import (
+    DEAD_LETTER,
+    DELIVERED,
+    ELSEWHERE,
+    FAILED,
+    NOT_A_DM,
+    UndeliveredNotice,
+)
+from .errors import RateLimited
+from .homeserver import Homeserver
+from .networks import Networks
+
+log = logging.getLogger("dmbridge.undelivered")
+
+POLL_S = 10.0  # how often notices queued by other workers are looked for without a wake-up
+BATCH = 50  # notices sent per round, at most
+LEASE_MS = 60_000  # one attempt's hold on a notice; a worker that dies lets go when it ends
+MAX_ATTEMPTS = 12  # about 25 minutes of tries; then the notice is given up (logged)
+RETRY_MIN_MS, RETRY_MAX_MS = 2_000, 300_000
+# The outbox items that are a Matrix user's own message (their idempotency key is its event ID).
+USER_MESSAGES = frozenset({payloads.MESSAGE, payloads.EDIT})
+
+WARNING = "\N{WARNING SIGN}\N{VARIATION SELECTOR-16}"
+CHECK = "\N{WHITE HEAVY CHECK MARK}"
+
+
+def failure_text(reason: str, name: str) -> str:
+    """What the user reads under their message; ``name`` is the network's display name."""
+    if reason == NOT_A_DM:
+        return (f"{WARNING} Not delivered: someone else joined this room, so it is no longer a "
+                f"direct chat with this {name} contact. Messages here do not reach them.")
+    if reason == ELSEWHERE:
+        return (f"{WARNING} Not delivered: the conversation with this {name} contact goes on in "
+                "another room. Write there to reach them.")
+    return (f"{WARNING} Not delivered: {name} did not accept this message. The bridge's "
+            "administrator can send it again; you will see here if it gets through.")
+
+
+def delivered_text(name: str) -> str:
+    return f"{CHECK} Delivered after all: {name} accepted this message on a later attempt."
+
+
+def txn_id(what: str, notice: UndeliveredNotice) -> str:
+    """Deterministic per ghost, event and kind of notice: a repeated send lands once."""
+    digest = hashlib.sha256(f"{what}\0{notice.ghost_id}\0{notice.event_id}".encode())
+    return f"dmbridge.undelivered.{digest.hexdigest()[:40]}"
+
+
+class Undelivered:
+    """What the outbox and the lifecycle call, and the task that sends the notices."""
+
+    def __init__(self, *, stores: Stores, networks: Networks) -> None:
+        self.stores = stores
+        self.networks = networks
+        self._homeserver: Homeserver | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # --- what the rest of the bridge calls ------------------------------------------------
+
+    async def dead_letter(self, item: OutboxItem) -> None:
+        """The outbox gave up on ``item``: if it is the user's message, they are told.
+        Never raises: the dead letter is recorded whatever becomes of its notice."""
+        if item.type not in USER_MESSAGES:
+            return
+        try:
+            event = item.event()
+            room_id, ghost_id = event.get("room_id"), event.get("ghost_id")
+            if not isinstance(room_id, str) or not isinstance(ghost_id, str):
+                return
+            if await self.stores.undelivered.add_now(item.idempotency_key, room_id, ghost_id,
+                                                     DEAD_LETTER, now_ms()):
+                self.wake()
+        except Exception:
+            log.exception("could not queue the notice for dead letter %d; the user is not told",
+                          item.id)
+
+    async def delivered(self, item: OutboxItem) -> None:
+        """A webhook took ``item``. If it was a dead letter queued again, a notice that said it
+        failed is corrected. No database work for any other item."""
+        if item.type not in USER_MESSAGES or item.queued_at == item.created_at:
+            return
+        try:
+            if await self.stores.undelivered.delivered([item.idempotency_key], now_ms()):
+                self.wake()
+        except Exception:
+            log.exception("could not correct the notice about %s", item.idempotency_key)
+
+    async def acknowledged(self, network: str, ids: list[int]) -> None:
+        """A pull network acknowledged ``ids``: any of them told as failed got through."""
+        try:
+            if await self.stores.undelivered.delivered_items(network, ids, now_ms()):
+                self.wake()
+        except Exception:
+            log.exception("could not correct the notices about acknowledged items of %s",
+                          network)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- running ----------------------------------------------------------------------------
+
+    def start(self, homeserver: Homeserver) -> None:
+        self._homeserver = homeserver
+        self._wake.set()  # what was owed before a restart
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await wake.wait(self._wake, POLL_S)
+            self._wake.clear()
+            try:
+                await self.send_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sending notices about undelivered messages failed; trying again"
+                              " in %.0f s", POLL_S)
+
+    async def send_due(self) -> int:
+        """Send the notices owed now (one batch); how many went out or were settled."""
+        done = 0
+        now = now_ms()
+        for notice in await self.stores.undelivered.due(now, BATCH):
+            if await self.stores.undelivered.lease(notice, now, now + LEASE_MS):
+                done += await self._show(notice)
+        return done
+
+    async def _show(self, notice: UndeliveredNotice) -> int:
+        parsed = self.networks.parse_ghost(notice.ghost_id)
+        if parsed is None:  # the network is no longer configured: nobody to speak for it
+            await self.stores.undelivered.shown(notice, None, now_ms())
+            return 0
+        name = parsed[0].name
+        if notice.told == DELIVERED and notice.shown is None:
+            # Delivered before the user was told it failed: nothing to correct.
+            await self.stores.undelivered.shown(notice, None, now_ms())
+            return 1
+        content = self._content(notice, name)
+        try:
+            assert self._homeserver is not None
+            event_id = await self._homeserver.send_event(
+                UserID(notice.ghost_id), RoomID(notice.room_id), "m.room.message",
+                txn_id(notice.told, notice), content, attempts=1)
+        except asyncio.CancelledError:
+            raise
+        except MatrixRequestError as e:
+            if 400 <= e.http_status < 500 and e.http_status != 429:
+                # The ghost is no longer in the room, or may not write there: nobody to tell.
+                log.warning("%s: could not tell %s that %s was %s: %s; given up",
+                            notice.room_id, notice.ghost_id, notice.event_id,
+                            notice.told, e)
+                await self.stores.undelivered.shown(notice, None, now_ms())
+                return 0
+            await self._later(notice, repr(e))
+            return 0
+        except (aiohttp.ClientError, TimeoutError, RateLimited) as e:
+            await self._later(notice, repr(e))
+            return 0
+        await self.stores.undelivered.shown(notice, event_id, now_ms())
+        log.info("%s: told the user that %s %s (%s; notice %s)", notice.room_id,
+                 notice.event_id, "was delivered after all" if notice.told == DELIVERED
+                 else "was not delivered", notice.reason, event_id)
+        return 1
+
+    @staticmethod
+    def _content(notice: UndeliveredNotice, name: str) -> dict[str, Any]:
+        reply = {"m.in_reply_to": {"event_id": notice.event_id}}
+        if notice.told == FAILED:
+            return {"msgtype": "m.notice", "body": failure_text(notice.reason, name),
+                    "m.relates_to": reply}
+        text = delivered_text(name)
+        if notice.notice_event_id is None:  # nothing to edit: a new notice, in reply
+            return {"msgtype": "m.notice", "body": text, "m.relates_to": reply}
+        return {
+            "msgtype": "m.notice", "body": f"* {text}",
+            "m.new_content": {"msgtype": "m.notice", "body": text},
+            "m.relates_to": {"rel_type": "m.replace", "event_id": notice.notice_event_id},
+        }
+
+    async def _later(self, notice: UndeliveredNotice, error: str) -> None:
+        attempts = notice.attempts + 1  # the lease counted this one
+        if attempts >= MAX_ATTEMPTS:
+            log.error("%s: could not tell the user about %s after %d attempts (last: %s);"
+                      " given up", notice.room_id, notice.event_id, attempts, error)
+            await self.stores.undelivered.shown(notice, None, now_ms())
+            return
+        delay = min(RETRY_MAX_MS, RETRY_MIN_MS * 2 ** (attempts - 1))
+        log.warning("%s: could not tell the user about %s yet (%s); again in %.0f s",
+                    notice.room_id, notice.event_id, error, delay / 1000)
+        await self.stores.undelivered.later(notice, now_ms() + delay)
+
+
+__all__ = ["DEAD_LETTER", "ELSEWHERE", "NOT_A_DM", "Undelivered"]

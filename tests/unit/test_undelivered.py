@@ -1,0 +1,209 @@
+"""The notices a Matrix user gets about messages that did not reach the platform: what is sent,
+once, and how it is corrected; against a fake homeserver that records the sends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, cast
+
+import pytest
+from mautrix.errors import make_request_error
+from mautrix.types import EventID, RoomID, UserID
+
+from dmbridge import payloads
+from dmbridge.db import Stores, now_ms
+from dmbridge.db.outbox import OutboxItem
+from dmbridge.db.undelivered import DELIVERED, FAILED
+from dmbridge.homeserver import Homeserver
+from dmbridge.networks import Networks
+from dmbridge.undelivered import MAX_ATTEMPTS, Undelivered, txn_id
+from tests.unit.test_networks import SMS
+
+USER = "@alice:example.org"
+ROOM = "!dm:example.org"
+GHOST = SMS.ghost_user_id("+15550001")
+
+
+class FakeHomeserver:
+    """Records every send; answers with an event ID, or raises what it is told to."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.fail: Exception | None = None
+
+    async def send_event(self, ghost_id: UserID, room_id: RoomID, event_type: str, txn: str,
+                         content: dict[str, Any], attempts: int = 3) -> EventID:
+        await asyncio.sleep(0)  # a real send lets other tasks run
+        if self.fail is not None:
+            raise self.fail
+        self.sent.append({"ghost_id": ghost_id, "room_id": room_id, "type": event_type,
+                          "txn": txn, "content": content})
+        return EventID(f"$notice{len(self.sent)}")
+
+
+def _undelivered(stores: Stores, hs: FakeHomeserver) -> Undelivered:
+    told = Undelivered(stores=stores, networks=Networks([SMS]))
+    told._homeserver = cast(Homeserver, hs)  # what start() hands it, without the loop
+    return told
+
+
+async def _item(stores: Stores, event_id: str, type_: str = payloads.MESSAGE) -> OutboxItem:
+    lane = payloads.Lane("sms", "+15550001", USER, GHOST)
+    payload = lane.envelope(type_, event_id, ROOM, now_ms())
+    item_id = await stores.outbox.add_now(network="sms", remote_id="+15550001", user_id=USER,
+                                          type=type_, key=event_id, payload=payload,
+                                          now=now_ms() - 1000)
+    assert item_id is not None
+    item = await stores.outbox.get(item_id)
+    assert item is not None
+    return item
+
+
+async def _dead(stores: Stores, item: OutboxItem) -> OutboxItem:
+    assert await stores.outbox.kill(item.id, 3, "HTTP 503", now_ms())
+    dead = await stores.outbox.get(item.id)
+    assert dead is not None
+    return dead
+
+
+async def _requeued(stores: Stores, item: OutboxItem) -> OutboxItem:
+    assert await stores.outbox.requeue("sms", [item.id], now_ms()) == [item.id]
+    again = await stores.outbox.get(item.id)
+    assert again is not None and again.queued_at != again.created_at
+    return again
+
+
+async def test_a_dead_letter_is_told_once_in_reply_from_the_ghost(stores: Stores) -> None:
+    hs = FakeHomeserver()
+    told = _undelivered(stores, hs)
+    item = await _dead(stores, await _item(stores, "$lost"))
+    await told.dead_letter(item)
+    await told.dead_letter(item)  # dead again after a retry: still one notice
+    assert await told.send_due() == 1
+    assert await told.send_due() == 0
+    [sent] = hs.sent
+    assert (sent["ghost_id"], sent["room_id"], sent["type"]) == (GHOST, ROOM, "m.room.message")
+    assert sent["content"] == {
+        "msgtype": "m.notice",
+        "body": "\N{WARNING SIGN}\N{VARIATION SELECTOR-16} Not delivered: SMS did not accept"
+                " this message. The bridge's administrator can send it again; you will see"
+                " here if it gets through.",
+        "m.relates_to": {"m.in_reply_to": {"event_id": "$lost"}},
+    }
+    row = await stores.undelivered.get("$lost")
+    assert row is not None and sent["txn"] == txn_id(FAILED, row)
+    assert (row.told, row.shown, row.notice_event_id) == (FAILED, FAILED, "$notice1")
+
+
+async def test_only_the_users_own_messages_are_told(stores: Stores) -> None:
+    hs = FakeHomeserver()
+    told = _undelivered(stores, hs)
+    for type_ in (payloads.DELIVERY_FAILED, payloads.REACTION, payloads.TYPING):
+        await told.dead_letter(await _dead(stores, await _item(stores, f"$x-{type_}", type_)))
+    edit = await _dead(stores, await _item(stores, "$edit", payloads.EDIT))
+    await told.dead_letter(edit)
+    assert await told.send_due() == 1
+    assert [s["content"]["m.relates_to"] for s in hs.sent] == [
+        {"m.in_reply_to": {"event_id": "$edit"}}]
+
+
+async def test_a_retry_delivered_edits_the_notice(stores: Stores) -> None:
+    hs = FakeHomeserver()
+    told = _undelivered(stores, hs)
+    item = await _dead(stores, await _item(stores, "$late"))
+    await told.dead_letter(item)
+    await told.send_due()
+    await told.delivered(await _requeued(stores, item))
+    assert await told.send_due() == 1
+    first, edit = hs.sent
+    text = ("\N{WHITE HEAVY CHECK MARK} Delivered after all: SMS accepted this message on a"
+            " later attempt.")
+    assert edit["content"] == {
+        "msgtype": "m.notice", "body": f"* {text}",
+        "m.new_content": {"msgtype": "m.notice", "body": text},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": "$notice1"},
+    }
+    assert edit["txn"] != first["txn"]
+    row = await stores.undelivered.get("$late")
+    assert row is not None and (row.told, row.shown) == (DELIVERED, DELIVERED)
+
+
+async def test_a_retry_delivered_before_the_notice_went_out_sends_nothing(
+        stores: Stores) -> None:
+    hs = FakeHomeserver()
+    told = _undelivered(stores, hs)
+    item = await _dead(stores, await _item(stores, "$quick"))
+    await told.dead_letter(item)
+    await told.delivered(await _requeued(stores, item))
+    assert await told.send_due() == 1
+    assert hs.sent == []
+    assert await told.send_due() == 0
+
+
+async def test_an_item_delivered_at_its_first_try_costs_no_database_work(
+        stores: Stores) -> None:
+    told = _undelivered(stores, FakeHomeserver())
+    item = await _item(stores, "$fine")
+
+    class NoDatabase:
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError(f"the database was used: {name}")
+
+    told.stores = cast(Stores, NoDatabase())
+    await told.delivered(item)
+
+
+async def test_an_acknowledged_retry_on_a_pull_network_edits_the_notice(stores: Stores) -> None:
+    hs = FakeHomeserver()
+    told = _undelivered(stores, hs)
+    item = await _dead(stores, await _item(stores, "$pulled"))
+    await told.dead_letter(item)
+    await told.send_due()
+    await _requeued(stores, item)
+    assert await stores.outbox.ack("sms", [item.id], now_ms()) == 1
+    await told.acknowledged("sms", [item.id])
+    assert await told.send_due() == 1
+    assert hs.sent[-1]["content"]["m.relates_to"] == {"rel_type": "m.replace",
+                                                      "event_id": "$notice1"}
+
+
+async def test_a_refused_notice_is_given_up_and_logged(
+        stores: Stores, caplog: pytest.LogCaptureFixture) -> None:
+    hs = FakeHomeserver()
+    hs.fail = make_request_error(403, "{}", "M_FORBIDDEN", "not in the room")
+    told = _undelivered(stores, hs)
+    await told.dead_letter(await _dead(stores, await _item(stores, "$gone")))
+    caplog.set_level(logging.WARNING, "dmbridge.undelivered")
+    assert await told.send_due() == 0
+    hs.fail = None
+    assert await told.send_due() == 0  # not tried again
+    assert hs.sent == []
+    assert any("could not tell" in r.getMessage() and "given up" in r.getMessage()
+               for r in caplog.records)
+
+
+async def test_a_notice_that_cannot_be_sent_is_tried_again_then_given_up(
+        stores: Stores) -> None:
+    hs = FakeHomeserver()
+    hs.fail = make_request_error(502, "{}", None, None)
+    told = _undelivered(stores, hs)
+    await told.dead_letter(await _dead(stores, await _item(stores, "$later")))
+    assert await told.send_due() == 0
+    assert await stores.undelivered.due(now_ms(), 10) == []  # waits before the next try
+    for _ in range(MAX_ATTEMPTS - 1):
+        assert [n.event_id for n in await stores.undelivered.due(now_ms() + 10**9, 10)] == [
+            "$later"]
+        await stores.db.execute("UPDATE undelivered_notice SET lease_until=NULL")
+        assert await told.send_due() == 0
+    assert await stores.undelivered.due(now_ms() + 10**9, 10) == []  # given up
+    row = await stores.undelivered.get("$later")
+    assert row is not None and row.shown == FAILED and row.notice_event_id is None
+
+
+async def test_two_workers_send_one_notice(stores: Stores) -> None:
+    hs = FakeHomeserver()
+    one, other = _undelivered(stores, hs), _undelivered(stores, hs)
+    await one.dead_letter(await _dead(stores, await _item(stores, "$both")))
+    await asyncio.gather(one.send_due(), other.send_due())
+    assert len(hs.sent) == 1
