@@ -77,9 +77,12 @@ async def _processed(bridge: Bridge, event_id: str) -> None:
     await wait_for(taken, what=f"the bridge to process {event_id}")
 
 
-@pytest.fixture
-async def client(homeserver: Homeserver) -> AsyncIterator[Client]:
-    async with _client(homeserver) as c:
+@pytest.fixture(params=["http", "in-process"])
+async def client(request: pytest.FixtureRequest, homeserver: Homeserver, bridge: Bridge
+                 ) -> AsyncIterator[Client]:
+    """The chat network's client: over the listener, or calling the bridge in this process."""
+    async with _client(homeserver) if request.param == "http" else client_for(bridge, "chat") \
+            as c:
         yield c
 
 
