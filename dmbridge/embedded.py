@@ -11,6 +11,7 @@ come straight from the bridge's outbox, so ``await client.run()`` works unchange
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,6 +29,7 @@ except ImportError:  # the bridge itself runs without the SDK
 from . import requestid
 from .api.app import as_bridge_error
 from .api.operations import Input, Operations, authorize, download
+from .errors import TooLarge
 
 if TYPE_CHECKING:
     from .bridge import Bridge
@@ -118,6 +120,8 @@ class InProcess:
                        ) -> dict[str, Any]:
         async def perform() -> dict[str, Any]:
             network = authorize(self.operations.settings, call.network, self.token)
+            if call.body is not None:
+                _within_limit(call.body, self.operations.settings.max_body_bytes)
             return await self.operations.perform(call.operation, Input(
                 network=network, body=call.body or {}, query=call.query or {}, args=call.args,
                 content=content[0] if content else None, content_type=call.content_type,
@@ -154,6 +158,30 @@ class InProcess:
                 log.info("%s: %s; performing it again in %.1f s", operation, error.code, pause)
             waited += pause
             await asyncio.sleep(pause)
+
+
+def _within_limit(body: dict[str, Any], limit: int) -> None:
+    """The body's size as the HTTP client would send it (JSON, aiohttp's defaults) kept to
+    the API's limit; measured only when a quick upper bound says it could exceed it."""
+    if _bound(body) <= limit:
+        return
+    size = len(json.dumps(body).encode())
+    if size > limit:
+        raise TooLarge(f"the request body is {size} bytes; the limit is {limit}")
+
+
+def _bound(value: Any) -> int:
+    """At least the length of ``value``'s JSON: a character takes 12 bytes at most (an
+    escaped surrogate pair), a float or constant 32."""
+    if isinstance(value, str):
+        return 12 * len(value) + 2
+    if isinstance(value, dict):
+        return 2 + sum(_bound(str(k)) + _bound(v) + 4 for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return 2 + sum(_bound(v) + 2 for v in value)
+    if isinstance(value, int):
+        return len(str(value)) + 1
+    return 32
 
 
 def _content(content: Any) -> tuple[AsyncIterator[bytes], int | None] | None:

@@ -16,7 +16,7 @@ from dmbridge_client.errors import ERRORS, api_error
 from dmbridge import errors
 from dmbridge.api.app import error_boundary
 from dmbridge.embedded import InProcess, client_for, listener_url
-from tests.support.settings import CHAT_TOKEN, make_settings
+from tests.support.settings import CHAT_TOKEN, SMS_TOKEN, make_settings
 
 
 def _settings(tmp_path: Path) -> Any:
@@ -116,3 +116,44 @@ async def test_a_bug_is_an_internal_error_with_a_reference_to_the_log(
     [record] = [r for r in caplog.records if ref in r.getMessage()]
     assert record.getMessage() == f"sendMessage (in process) failed (ref {ref})"
     assert record.exc_info is not None and record.exc_info[0] is ZeroDivisionError
+
+
+class _Recorded:
+    """Operations that record what they are asked to perform, and answer as a send does."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.performed: list[tuple[str, str, dict[str, Any]]] = []
+
+    async def perform(self, name: str, request: Any) -> dict[str, Any]:
+        self.performed.append((name, request.network.id, request.body))
+        return {"room_id": "!dm:hs.test", "event_id": "$sent", "room_created": False,
+                "duplicate": False}
+
+
+def _in_process_client(tmp_path: Path, token: str = CHAT_TOKEN) -> tuple[sdk.Client, _Recorded]:
+    ops = _Recorded(_settings(tmp_path))
+    backend = InProcess(ops, token, "http://127.0.0.1:1")  # type: ignore[arg-type]
+    return sdk.Client("http://127.0.0.1:1", token, "chat", backend=backend), ops
+
+
+async def test_a_body_the_listener_would_refuse_as_too_large_is_refused_in_process(
+    tmp_path: Path
+) -> None:
+    client, ops = _in_process_client(tmp_path)
+    sent = await client.send_message("bob", "@alice:hs.test", "😀" * 1000)
+    assert (sent.event_id, ops.performed[0][:2]) == ("$sent", ("sendMessage", "chat"))
+    with pytest.raises(sdk.TooLarge) as refused:
+        await client.send_message("bob", "@alice:hs.test", "😀" * 12000)  # 144 kB as JSON
+    assert refused.value.status == 413
+    assert refused.value.error.endswith(f"the limit is {ops.settings.max_body_bytes}")
+    assert len(ops.performed) == 1
+
+
+async def test_another_networks_token_is_refused_in_process_as_over_http(
+    tmp_path: Path
+) -> None:
+    client, ops = _in_process_client(tmp_path, token=SMS_TOKEN)
+    with pytest.raises(sdk.Forbidden, match="belongs to network 'sms', not 'chat'"):
+        await client.send_message("bob", "@alice:hs.test", "Hello")
+    assert ops.performed == []
