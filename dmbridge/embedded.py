@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dmbridge.embedded")
 CHUNK = 65536
+INTERRUPTIBLE = frozenset({"pullEvents"})  # a long poll only waits: a stop ends it at once
 T = TypeVar("T")
 
 
@@ -127,7 +128,13 @@ class InProcess:
                 content=content[0] if content else None, content_type=call.content_type,
                 length=content[1] if content else None))
 
-        return await self._checked(call.operation, perform)
+        done = asyncio.ensure_future(self._checked(call.operation, perform))
+        if call.operation in INTERRUPTIBLE:
+            return await done
+        # Begun, it runs to its end even if the caller is cancelled, as the bridge finishes an
+        # HTTP request whose client went away: a send is never left half done.
+        done.add_done_callback(_retrieved)
+        return await asyncio.shield(done)
 
     @staticmethod
     async def _checked(operation: str, perform: Callable[[], Awaitable[T]]) -> T:
@@ -158,6 +165,13 @@ class InProcess:
                 log.info("%s: %s; performing it again in %.1f s", operation, error.code, pause)
             waited += pause
             await asyncio.sleep(pause)
+
+
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    """The outcome of an operation whose caller was cancelled is in the log already (an
+    internal error) or was the caller's to see; it is not reported again."""
+    if not done.cancelled():
+        done.exception()
 
 
 def _within_limit(body: dict[str, Any], limit: int) -> None:

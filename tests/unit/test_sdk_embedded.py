@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -124,17 +125,23 @@ class _Recorded:
     def __init__(self, settings: Any) -> None:
         self.settings = settings
         self.performed: list[tuple[str, str, dict[str, Any]]] = []
+        self.answered = asyncio.Event()
 
     async def perform(self, name: str, request: Any) -> dict[str, Any]:
         self.performed.append((name, request.network.id, request.body))
+        self.answered.set()
         return {"room_id": "!dm:hs.test", "event_id": "$sent", "room_created": False,
                 "duplicate": False}
 
 
+def _client_over(ops: _Recorded, token: str = CHAT_TOKEN) -> sdk.Client:
+    backend = InProcess(ops, token, "http://127.0.0.1:1")  # type: ignore[arg-type]
+    return sdk.Client("http://127.0.0.1:1", token, "chat", backend=backend)
+
+
 def _in_process_client(tmp_path: Path, token: str = CHAT_TOKEN) -> tuple[sdk.Client, _Recorded]:
     ops = _Recorded(_settings(tmp_path))
-    backend = InProcess(ops, token, "http://127.0.0.1:1")  # type: ignore[arg-type]
-    return sdk.Client("http://127.0.0.1:1", token, "chat", backend=backend), ops
+    return _client_over(ops, token), ops
 
 
 async def test_a_body_the_listener_would_refuse_as_too_large_is_refused_in_process(
@@ -157,3 +164,54 @@ async def test_another_networks_token_is_refused_in_process_as_over_http(
     with pytest.raises(sdk.Forbidden, match="belongs to network 'sms', not 'chat'"):
         await client.send_message("bob", "@alice:hs.test", "Hello")
     assert ops.performed == []
+
+
+class _Scripted(_Recorded):
+    """Operations that first raise the given errors, then answer as a send does; a send may
+    be held until released."""
+
+    def __init__(self, settings: Any, *failures: Exception) -> None:
+        super().__init__(settings)
+        self.failures = list(failures)
+        self.release: asyncio.Event | None = None
+
+    async def perform(self, name: str, request: Any) -> dict[str, Any]:
+        if self.release is not None:
+            await self.release.wait()
+        if self.failures:
+            self.performed.append((name, "refused", request.body))
+            raise self.failures.pop(0)
+        return await super().perform(name, request)
+
+
+async def test_in_process_calls_are_performed_again_after_429_and_503_as_over_http(
+    tmp_path: Path
+) -> None:
+    ops = _Scripted(_settings(tmp_path), errors.RateLimited("slow down", 0.01),
+                    errors.Busy("the DM is being opened"))
+    client = _client_over(ops)
+    sent = await client.send_message("bob", "@alice:hs.test", "Hello", message_id="m1")
+    assert sent.event_id == "$sent"
+    assert [p[1] for p in ops.performed] == ["refused", "refused", "chat"]
+
+    ops.failures = [errors.Declined("no")] * 3
+    with pytest.raises(sdk.Declined):
+        await client.send_message("bob", "@alice:hs.test", "Hello", message_id="m2")
+    assert len(ops.failures) == 2  # a refusal that retrying cannot change: once
+
+
+async def test_a_cancelled_caller_leaves_the_send_to_finish_as_over_http(
+    tmp_path: Path
+) -> None:
+    ops = _Scripted(_settings(tmp_path))
+    ops.release = asyncio.Event()
+    client = _client_over(ops)
+    sending = asyncio.create_task(client.send_message("bob", "@alice:hs.test", "Hello"))
+    await asyncio.sleep(0)
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    assert ops.performed == []
+    ops.release.set()
+    await asyncio.wait_for(ops.answered.wait(), 10)
+    assert [(name, network) for name, network, _ in ops.performed] == [("sendMessage", "chat")]
