@@ -12,10 +12,11 @@ import dmbridge_client as sdk
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from dmbridge_client.backend import ROUTES as SDK_ROUTES
 from dmbridge_client.errors import ERRORS, api_error
 
 from dmbridge import errors
-from dmbridge.api.app import error_boundary
+from dmbridge.api.app import ROUTES, error_boundary
 from dmbridge.embedded import InProcess, client_for, listener_url
 from tests.support.settings import CHAT_TOKEN, SMS_TOKEN, make_settings
 
@@ -215,3 +216,7 @@ async def test_a_cancelled_caller_leaves_the_send_to_finish_as_over_http(
     ops.release.set()
     await asyncio.wait_for(ops.answered.wait(), 10)
     assert [(name, network) for name, network, _ in ops.performed] == [("sendMessage", "chat")]
+
+
+def test_the_sdk_routes_every_call_where_the_bridge_serves_it() -> None:
+    assert SDK_ROUTES == ROUTES
