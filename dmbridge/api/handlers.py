@@ -25,13 +25,13 @@ def endpoint(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         ops = request.app[api.OPERATIONS]
         body = await read_object(request, ops.settings.max_body_bytes) \
             if operation.reads_body else {}
-        upload = name == "uploadMedia"
+        file = operation.reads_file
         answer = await ops.perform(name, Input(
             network=request[api.NETWORK], body=body, query=request.rel_url.query,
             args=request.match_info,
-            content=request.content.iter_chunked(65536) if upload else None,
-            content_type=request.headers.get("Content-Type") if upload else None,
-            length=request.content_length if upload else None,
+            content=request.content.iter_chunked(65536) if file else None,
+            content_type=request.headers.get("Content-Type") if file else None,
+            length=request.content_length if file else None,
         ))
         return web.json_response(answer, status=operation.status)
 

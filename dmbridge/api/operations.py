@@ -55,6 +55,7 @@ class Input:
 class Operation:
     run: Callable[[Operations, Input], Awaitable[Answer]]
     reads_body: bool = False  # the request's body is a JSON object
+    reads_file: bool = False  # the request's body is a file, its Content-Type its type
     counted: bool = False  # a message, edit, reaction or deletion: counts against the quota
     status: int = 200
 
@@ -292,7 +293,7 @@ OPERATIONS: dict[str, Operation] = {
     "deleteMessage": Operation(delete_message, counted=True),
     "react": Operation(react, reads_body=True, counted=True),
     "setGhostProfile": Operation(set_profile, reads_body=True),
-    "uploadMedia": Operation(upload_media, status=201),
+    "uploadMedia": Operation(upload_media, reads_file=True, status=201),
     "openDM": Operation(open_dm, reads_body=True),
     "listDMs": Operation(list_dms),
     "setTyping": Operation(set_typing, reads_body=True),
