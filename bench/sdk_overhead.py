@@ -1,11 +1,14 @@
-"""The SDK's cost over a bare aiohttp call: ``DM.send`` beside the same PUT written by hand.
+"""The SDK's cost over a bare aiohttp call: ``DM.send`` beside the same PUT written by hand,
+and beside ``DM.send`` of a client in the bridge's own process (``dmbridge.embedded``).
 
-Two servers, each a process of its own: a stub of the platform API that answers at once (what
-is left is the client's own cost), and the bridge (``dmbridge run``) on a stub homeserver that
-answers at once (what a platform sees). Both sides send warm messages into the same DM over one
-keep-alive session; rounds alternate between them, each going first in turn, so drift on a
-shared machine hits both alike. Besides the rates, the client process's CPU time per message
-is printed: that is the client's own work, the server's is not in it.
+Three servers: a stub of the platform API that answers at once, in a process of its own (what
+is left is the client's own cost); the bridge (``dmbridge run``) on a stub homeserver that
+answers at once, in a process of its own (what a platform sees); and the same bridge in this
+process, where the in-process client is measured too. Every side sends warm messages into the
+same DM (over one keep-alive session for HTTP); rounds alternate between the sides, each going
+first in turn, so drift on a shared machine hits all alike. Besides the rates, this process's
+CPU time per message is printed: with the bridge in its own process that is the client's own
+work; with the bridge in this process it is the client's and the bridge's together.
 
     python -m bench.sdk_overhead [--messages 1000] [--concurrency 1 8] [--rounds 3]
 """
@@ -15,16 +18,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import shutil
 import statistics
 import tempfile
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 from dmbridge_client import Client
 
-from bench.support import rate_and_cpu, spawn, stop
+from bench.support import bridge_on_stub, rate_and_cpu, spawn, stop
+from dmbridge.embedded import client_for
 from dmbridge.localhs import free_port
 from tests.support.process import BridgeProcess
 from tests.support.settings import AS_TOKEN, SMS_TOKEN, make_settings
@@ -35,12 +41,15 @@ ALICE = "@alice:localhost"
 UNLIMITED = {"messages_per_second": 100_000, "message_burst": 1_000_000}
 
 
-async def compare(base: str, *, messages: int, concurrency: list[int], rounds: int
-                  ) -> list[tuple[int, float, float, float, float]]:
+Row = tuple[int, dict[str, tuple[float, float]]]  # concurrency, side -> (msg/s, CPU µs/msg)
+
+
+async def compare(base: str, *, messages: int, concurrency: list[int], rounds: int,
+                  in_process: Client | None = None) -> list[Row]:
     url = f"{base}/_dmbridge/v1/networks/sms/messages/"
     headers = {"Authorization": f"Bearer {SMS_TOKEN}", "Content-Type": "application/json"}
     body = {"sender": PHONE, "recipient": ALICE, "text": "benchmark message"}
-    results = []
+    results: list[Row] = []
     async with aiohttp.ClientSession() as session, Client(base, SMS_TOKEN, "sms") as client:
         dm = await client.open_dm(PHONE, ALICE)
         await dm.send("warm-up")
@@ -54,22 +63,28 @@ async def compare(base: str, *, messages: int, concurrency: list[int], rounds: i
         async def sdk(i: int) -> object:
             return (await dm.send("benchmark message")).event_id
 
+        sides: dict[str, Callable[[int], Awaitable[object]]] = {"bare": bare, "sdk": sdk}
+        if in_process is not None:
+            local = await in_process.open_dm(PHONE, ALICE)
+            await local.send("warm-up")
+
+            async def embedded(i: int) -> object:
+                return (await local.send("benchmark message")).event_id
+
+            sides["in-process"] = embedded
         await bare(0)  # its connection made, as the SDK's is
 
         for conc in concurrency:
-            bare_rates: list[float] = []
-            sdk_rates: list[float] = []
-            bare_cpu: list[float] = []
-            sdk_cpu: list[float] = []
+            figures: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
             for r in range(rounds):
-                sides = [(bare, bare_rates, bare_cpu), (sdk, sdk_rates, sdk_cpu)]
-                for one, rates, cpus in sides[::-1] if r % 2 else sides:  # each goes first
-                    rate, cpu_s = await rate_and_cpu(messages, conc, one)
-                    cpu = cpu_s * 1e6  # µs per message
-                    rates.append(rate)
-                    cpus.append(cpu)
-            results.append((conc, statistics.median(bare_rates), statistics.median(sdk_rates),
-                            statistics.median(bare_cpu), statistics.median(sdk_cpu)))
+                order = list(sides)
+                order = order[r % len(order):] + order[:r % len(order)]  # each goes first
+                for side in order:
+                    rate, cpu_s = await rate_and_cpu(messages, conc, sides[side])
+                    figures[side].append((rate, cpu_s * 1e6))  # µs per message
+            results.append((conc, {side: (statistics.median(r for r, _ in f),
+                                          statistics.median(c for _, c in f))
+                                   for side, f in figures.items()}))
     return results
 
 
@@ -81,15 +96,20 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    print(f"SDK send vs bare aiohttp PUT, {args.messages} messages per round, median of "
-          f"{args.rounds} rounds")
-    print(f"{'server':<28}  {'concurrency':>11}  {'bare msg/s':>10}  {'SDK msg/s':>9}  "
-          f"{'SDK/bare time':>13}  {'bare client CPU µs/msg':>22}  {'SDK client CPU µs/msg':>21}")
+    print(f"SDK send (over HTTP, and in the bridge's process) vs bare aiohttp PUT, "
+          f"{args.messages} messages per round, median of {args.rounds} rounds")
+    print(f"{'server':<32}  {'concurrency':>11}  {'bare msg/s':>10}  {'SDK msg/s':>9}  "
+          f"{'in-process msg/s':>16}  {'SDK/bare time':>13}  {'bare CPU µs/msg':>15}  "
+          f"{'SDK CPU µs/msg':>14}  {'in-process CPU µs/msg':>21}")
 
-    def show(server: str, rows: list[tuple[int, float, float, float, float]]) -> None:
-        for conc, b, s, bc, sc in rows:
-            print(f"{server:<28}  {conc:>11}  {b:>10.0f}  {s:>9.0f}  {b / s:>13.2f}  {bc:>22.0f}"
-                  f"  {sc:>21.0f}")
+    def show(server: str, rows: list[Row]) -> None:
+        for conc, by_side in rows:
+            (b, bc), (s, sc) = by_side["bare"], by_side["sdk"]
+            i, ic = by_side.get("in-process", (None, None))
+            rate = "-" if i is None else f"{i:.0f}"
+            cpu = "-" if ic is None else f"{ic:.0f}"
+            print(f"{server:<32}  {conc:>11}  {b:>10.0f}  {s:>9.0f}  {rate:>16}  "
+                  f"{b / s:>13.2f}  {bc:>15.0f}  {sc:>14.0f}  {cpu:>21}")
 
     api, api_url = spawn("bench.stub_platform_api")
     try:
@@ -126,6 +146,13 @@ async def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
         else:
             print(f"the bridge's config and log are kept in {folder}")
+
+    async with bridge_on_stub("sqlite", ping=False, quiet=logging.WARNING,
+                              networks={"sms": {"quotas": UNLIMITED}}) as (embedded, _, port):
+        async with client_for(embedded, "sms") as in_process:
+            show("bridge in this process (SQLite)", await compare(
+                f"http://127.0.0.1:{port}", messages=args.messages,
+                concurrency=args.concurrency, rounds=args.rounds, in_process=in_process))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from aiohttp import web
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 from . import requestid
-from .api import PREFIX, make_api_app
+from .api import PREFIX, api_app
+from .api.operations import Operations
 from .appservice import BridgeAppService
 from .config import Settings
 from .db import Stores, create_database, safe_url, start_database
@@ -89,6 +90,7 @@ class Bridge:
         self.matrix.on_undelivered = self.undelivered.wake
         self.retention = Retention(self.db, settings.retention)
         self._dms: DMService | None = None
+        self._operations: Operations | None = None
         self._homeserver: Homeserver | None = None
         self._log_task: asyncio.Task[None] | None = None
         self._recovery_task: asyncio.Task[None] | None = None
@@ -127,6 +129,13 @@ class Bridge:
             raise RuntimeError("the bridge is not started")
         return self._dms
 
+    @property
+    def operations(self) -> Operations:
+        """The API's operations, for platforms in this process (see :mod:`dmbridge.embedded`)."""
+        if self._operations is None:
+            raise RuntimeError("the bridge is not started")
+        return self._operations
+
     async def start(self, *, ping: bool = True) -> None:
         """Open the database and listen; then check the homeserver once and return, ready or
         not: the bridge goes on checking in the background (see :mod:`dmbridge.readiness`).
@@ -163,9 +172,9 @@ class Bridge:
             lease_s=lease_seconds(self.settings.rate_limits.background_wait),
         )
         self.matrix.on_invited = self._invited
-        self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox, media,
-                                                            self.settings, self.quotas,
-                                                            readiness=self.readiness))
+        self._operations = Operations(self._dms, self.outbox, media, self.settings, self.quotas,
+                                      self.readiness)
+        self.appservice.app.add_subapp(PREFIX, api_app(self._operations))
         self._observe(self.appservice.app)
         await self._listen()
         await self._serve_metrics()

@@ -9,10 +9,11 @@ when it is a plain token, and every answer carries the ID in the same header.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -33,6 +34,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def current() -> str | None:
     """The ID of the request being handled, or None outside requests."""
     return _current.get()
+
+
+@contextlib.contextmanager
+def scope(rid: str) -> Iterator[None]:
+    """Within this block, log lines carry ``rid`` (a call made without HTTP)."""
+    token = _current.set(rid)
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 def new_id(prefix: str = "req") -> str:

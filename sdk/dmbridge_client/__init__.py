@@ -5,6 +5,7 @@
         await dm.send("Your parcel has arrived.")
 """
 
+from .backend import Backend, Call
 from .client import Client, TargetLike, UploadSource, new_message_id
 from .dm import DM
 from .errors import (
@@ -58,18 +59,18 @@ from .events import (
 )
 from .models import Deleted, DMInfo, Limits, NetworkInfo, Quotas, Sent, Upload, escape_remote_id
 from .router import Router
+from .transport import Transport
 from .webhook import verified, webhook_handler
 
 __all__ = [
-    "DM", "APIError", "AmbiguousRemoteID", "BadJSON", "BodyTimeout", "Busy", "Client",
-    "ConnectionFailed", "DMInfo", "Declined", "Deleted", "Deletion", "DeliveryFailed",
+    "DM", "APIError", "AmbiguousRemoteID", "Backend", "BadJSON", "BodyTimeout", "Busy", "Call",
+    "Client", "ConnectionFailed", "DMInfo", "Declined", "Deleted", "Deletion", "DeliveryFailed",
     "DirectMessage", "DmbridgeError", "DuplicateReaction", "Edit", "Event", "Forbidden",
     "GhostNotInRoom", "HomeserverError", "InvalidParam", "InvalidRemoteID", "Limits", "Media",
-    "MissingToken", "NetworkInfo", "NoNetwork", "NotFound", "NotJSON", "NotPermitted",
-    "NotReady", "NotSupported", "NotYourMessage", "Notice", "QuotaExceeded", "Quotas",
-    "RateLimited", "Reaction", "ReadReceipt", "RecipientUnreachable", "Router", "Sent",
-    "ServerError", "Target", "TargetInOtherRoom", "TargetLike", "TooLarge", "Typing",
-    "UnexpectedAnswer", "UnknownNetwork", "UnknownRecipient", "UnknownToken", "Unrecognized",
-    "Upload", "UploadSource", "WrongContentType", "escape_remote_id", "new_message_id",
-    "verified", "webhook_handler",
+    "MissingToken", "NetworkInfo", "NoNetwork", "NotFound", "NotJSON", "NotPermitted", "NotReady",
+    "NotSupported", "NotYourMessage", "Notice", "QuotaExceeded", "Quotas", "RateLimited",
+    "Reaction", "ReadReceipt", "RecipientUnreachable", "Router", "Sent", "ServerError", "Target",
+    "TargetInOtherRoom", "TargetLike", "TooLarge", "Transport", "Typing", "UnexpectedAnswer",
+    "UnknownNetwork", "UnknownRecipient", "UnknownToken", "Unrecognized", "Upload", "UploadSource",
+    "WrongContentType", "escape_remote_id", "new_message_id", "verified", "webhook_handler"
 ]

@@ -10,10 +10,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import aiohttp
 
+from .backend import Backend, Call
 from .dm import DM
 from .errors import NotFound, NotSupported, Unrecognized
 from .events import DirectMessage, Event, Target, parse_event
@@ -70,20 +70,22 @@ class Client(Handlers):
     network's ``tokens``. Use it as ``async with Client(...) as client:``, or call
     :meth:`close` when done. ``remote_id_pattern`` (a regular expression) tells a
     :class:`~dmbridge_client.Router` which remote IDs are this network's; without it the router
-    asks the bridge.
+    asks the bridge. ``backend`` is how calls reach the bridge (HTTP to ``base_url`` unless
+    given; ``dmbridge.embedded.client_for`` gives one that calls a bridge in this process).
     """
 
     def __init__(self, base_url: str, token: str, network: str, *,
                  remote_id_pattern: str | None = None, max_retries: int = 5,
                  max_wait: float = 60.0, timeout: float = 90.0,
-                 session: aiohttp.ClientSession | None = None) -> None:
+                 session: aiohttp.ClientSession | None = None,
+                 backend: Backend | None = None) -> None:
         super().__init__()
         self.network = network
         self.remote_id_pattern = remote_id_pattern
-        self.http = Transport(base_url, token, max_retries=max_retries, max_wait=max_wait,
-                              timeout=timeout, session=session)
+        self.backend: Backend = backend if backend is not None else Transport(
+            base_url, token, max_retries=max_retries, max_wait=max_wait, timeout=timeout,
+            session=session)
         self.once = Once()
-        self.path = f"/networks/{quote(network, safe='')}"
         self.info: NetworkInfo | None = None  # the bridge's description, once asked
         self._puller: Puller | None = None
 
@@ -95,7 +97,7 @@ class Client(Handlers):
         await self.close()
 
     async def close(self) -> None:
-        await self.http.close()
+        await self.backend.close()
 
     # --- DMs -------------------------------------------------------------------------------
 
@@ -114,8 +116,7 @@ class Client(Handlers):
             return await self.create_dm(sender, user_id, name=name, avatar=avatar)
         body: dict[str, Any] = {"sender": sender, "recipient": user_id}
         _profile(body, name, avatar)
-        info = await self.http.request("POST", self.path + "/dms", json=body,
-                                       parse=DMInfo.from_json)
+        info = await self._call("openDM", body=body, parse=DMInfo.from_json)
         return DM(self, info)
 
     async def create_dm(self, sender: str, user_id: str, *, replaces: DM | str | None = None,
@@ -141,9 +142,8 @@ class Client(Handlers):
         body: dict[str, Any] = {"sender": sender, "recipient": user_id, "new": True,
                                 "replaces": old}
         _profile(body, name, avatar)
-        info, knows_new = await self.http.request(
-            "POST", self.path + "/dms", json=body,
-            parse=lambda a: (DMInfo.from_json(a), "replaced_room_id" in a))
+        info, knows_new = await self._call(
+            "openDM", body=body, parse=lambda a: (DMInfo.from_json(a), "replaced_room_id" in a))
         if not knows_new or info.room_id == old:
             raise NotSupported(
                 "the bridge answered with the pair's existing DM: it does not support opening "
@@ -158,9 +158,8 @@ class Client(Handlers):
             params["user_id"] = user_id
         if sender is not None:
             params["remote_id"] = sender
-        infos: list[DMInfo] = await self.http.request(
-            "GET", self.path + "/dms", params=params,
-            parse=lambda a: [DMInfo.from_json(dm) for dm in a["dms"]])
+        infos: list[DMInfo] = await self._call(
+            "listDMs", query=params, parse=lambda a: [DMInfo.from_json(dm) for dm in a["dms"]])
         return [DM(self, info) for info in infos]
 
     # --- messages --------------------------------------------------------------------------
@@ -199,9 +198,8 @@ class Client(Handlers):
         return await self._put_message(message_id or new_message_id(), body)
 
     async def _put_message(self, message_id: str, body: dict[str, Any]) -> Sent:
-        sent: Sent = await self.http.request(
-            "PUT", f"{self.path}/messages/{quote(message_id, safe='')}", json=body,
-            parse=lambda a: Sent.from_json(message_id, a))
+        sent: Sent = await self._call("sendMessage", args={"message_id": message_id}, body=body,
+                                      parse=lambda a: Sent.from_json(message_id, a))
         return sent
 
     async def edit(self, sender: str, user_id: str, target: Sent | str,
@@ -220,9 +218,8 @@ class Client(Handlers):
         reaction_id = reaction_id or new_message_id()
         body = {"sender": sender, "recipient": user_id, "target": target_json(target),
                 "key": key}
-        sent: Sent = await self.http.request(
-            "PUT", f"{self.path}/reactions/{quote(reaction_id, safe='')}", json=body,
-            parse=lambda a: Sent.from_json(reaction_id, a))
+        sent: Sent = await self._call("react", args={"reaction_id": reaction_id}, body=body,
+                                      parse=lambda a: Sent.from_json(reaction_id, a))
         return sent
 
     async def delete(self, sender: str, target: Sent | str, *,
@@ -230,8 +227,8 @@ class Client(Handlers):
         """Delete a message, edit or reaction ``sender`` sent (its Sent, or its ID)."""
         message_id = target.message_id if isinstance(target, Sent) else target
         params = {"sender": sender} | ({"reason": reason} if reason is not None else {})
-        answer = await self.http.request(
-            "DELETE", f"{self.path}/messages/{quote(message_id, safe='')}", params=params)
+        answer = await self._call("deleteMessage", args={"message_id": message_id},
+                                  query=params)
         return Deleted(answer["room_id"], answer["event_id"], bool(answer["duplicate"]))
 
     async def set_typing(self, sender: str, user_id: str, typing: bool, *,
@@ -239,12 +236,12 @@ class Client(Handlers):
         """Show (or stop showing) ``sender`` typing in the DM, for ``show_for`` seconds."""
         body = {"sender": sender, "recipient": user_id, "typing": typing,
                 "timeout_ms": max(1, min(600_000, int(show_for * 1000)))}
-        await self.http.request("PUT", self.path + "/typing", json=body)
+        await self._call("setTyping", body=body)
 
     async def mark_read(self, sender: str, user_id: str, event_id: str) -> None:
         """Mark the Matrix user's message ``event_id`` (and what came before) read."""
         body = {"sender": sender, "recipient": user_id, "event_id": event_id}
-        await self.http.request("POST", self.path + "/read", json=body)
+        await self._call("markRead", body=body)
 
     async def set_profile(self, sender: str, *, name: str | None = None,
                           avatar: Upload | str | None = None) -> dict[str, Any]:
@@ -254,8 +251,8 @@ class Client(Handlers):
             body["name"] = name
         if avatar is not None:
             body["avatar"] = avatar.content_uri if isinstance(avatar, Upload) else avatar
-        answer: dict[str, Any] = await self.http.request(
-            "PUT", f"{self.path}/ghosts/{quote(sender, safe='')}/profile", json=body)
+        answer: dict[str, Any] = await self._call("setGhostProfile", args={"remote_id": sender},
+                                                  body=body)
         return answer
 
     # --- files -----------------------------------------------------------------------------
@@ -287,9 +284,9 @@ class Client(Handlers):
         else:
             body, replayable = data, False
         params = {"filename": filename} if filename else None
-        upload: Upload = await self.http.request(
-            "POST", self.path + "/media", data=body, params=params, replayable=replayable,
-            headers={"Content-Type": content_type}, parse=Upload.from_json)
+        upload: Upload = await self.backend.call(Call(
+            "uploadMedia", self.network, query=params, content=body, content_type=content_type,
+            replayable=replayable, parse=Upload.from_json))
         return upload
 
     async def download(self, media: Media | str) -> bytes:
@@ -297,8 +294,7 @@ class Client(Handlers):
         url = media if isinstance(media, str) else media.url
         if not url:
             raise NotFound(404, "M_NOT_FOUND", "the media has no link (a dead letter's copy)")
-        data: bytes = await self.http.request("GET", url, raw=True)
-        return data
+        return await self.backend.download(url)
 
     # --- the network -----------------------------------------------------------------------
 
@@ -307,8 +303,7 @@ class Client(Handlers):
         it receives events, its limits and quotas. Kept as :attr:`info`; a client given no
         ``remote_id_pattern`` takes the bridge's."""
         try:
-            info: NetworkInfo = await self.http.request("GET", self.path,
-                                                        parse=NetworkInfo.from_json)
+            info: NetworkInfo = await self._call("getNetwork", parse=NetworkInfo.from_json)
         except (Unrecognized, NotFound) as e:
             raise NotSupported(
                 f"the bridge does not describe its networks ({e.code}); give "
@@ -317,6 +312,12 @@ class Client(Handlers):
         if self.remote_id_pattern is None:
             self.remote_id_pattern = self.info.remote_id_pattern
         return self.info
+
+    async def _call(self, operation: str, *, args: dict[str, str] | None = None,
+                    body: dict[str, Any] | None = None, query: dict[str, str] | None = None,
+                    parse: Callable[[Any], Any] | None = None) -> Any:
+        return await self.backend.call(Call(operation, self.network, args=args or {},
+                                            body=body, query=query, parse=parse))
 
     # --- receiving -------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .backend import Call
 from .errors import APIError, ConnectionFailed, DmbridgeError, UnexpectedAnswer
 
 if TYPE_CHECKING:
@@ -122,9 +123,9 @@ class Puller:
         params = {"after": str(self.cursor), "wait": str(self.wait), "limit": str(self.limit)}
         pause = 0.5
         while True:
-            poll = asyncio.ensure_future(self.client.http.request(
-                "GET", self.client.path + "/events", params=params,
-                time_limit=self.wait + 30, parse=_batch))
+            poll = asyncio.ensure_future(self.client.backend.call(Call(
+                "pullEvents", self.client.network, query=params, time_limit=self.wait + 30,
+                parse=_batch)))
             stopped = asyncio.ensure_future(self.stopping.wait())
             await asyncio.wait({poll, stopped}, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
@@ -168,7 +169,7 @@ class Puller:
                 return
             pause = min(pause * 2, 30.0)
         try:
-            await self.client.http.request(
-                "POST", self.client.path + "/events/ack", json={"ids": [raw["id"]]})
+            await self.client.backend.call(Call("ackEvents", self.client.network,
+                                                body={"ids": [raw["id"]]}))
         except DmbridgeError as e:  # handed out again later; its handlers will not post twice
             log.warning("acknowledging event %s failed: %s", raw.get("id"), e)

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from .backend import ROUTES, Call
 from .errors import ConnectionFailed, UnexpectedAnswer, api_error
 
 PREFIX = "/_dmbridge/v1"
@@ -51,7 +52,8 @@ def retry_after(resp: aiohttp.ClientResponse, body: Any) -> float | None:
 
 
 class Transport:
-    """One aiohttp session for the client, opened on first use."""
+    """The client's calls as HTTP requests to the bridge's listener (the default
+    :class:`~dmbridge_client.backend.Backend`); one aiohttp session, opened on first use."""
 
     def __init__(self, base_url: str, token: str, *, max_retries: int = 5,
                  max_wait: float = 60.0, timeout: float = 90.0,
@@ -74,6 +76,18 @@ class Transport:
         if self._session is not None and self._own_session:
             await self._session.close()
         self._session = None
+
+    async def call(self, call: Call) -> Any:
+        method = ROUTES[call.operation][0]
+        headers = {"Content-Type": call.content_type} if call.content_type is not None else None
+        return await self.request(method, call.path(), json=call.body, params=dict(call.query)
+                                  if call.query is not None else None, data=call.content,
+                                  headers=headers, replayable=call.replayable,
+                                  time_limit=call.time_limit, parse=call.parse)
+
+    async def download(self, url: str) -> bytes:
+        data: bytes = await self.request("GET", url, raw=True)
+        return data
 
     async def request(self, method: str, path: str, *, json: Any = None,
                       params: dict[str, str] | None = None, data: Any = None,
@@ -115,7 +129,7 @@ class Transport:
                     wait = retry_after(resp, body)
                     error = api_error(resp.status, body, resp.headers.get("X-Request-ID"),
                                       wait)
-                    pause = self._pause(resp.status, wait, attempt)
+                    pause = pause_before_retry(resp.status, wait, attempt)
             except (aiohttp.ClientError, TimeoutError) as e:
                 pause = _backoff(attempt)
                 if not replayable or attempt > self.max_retries or waited + pause > self.max_wait:
@@ -133,15 +147,15 @@ class Transport:
             waited += pause
             await asyncio.sleep(pause)
 
-    @staticmethod
-    def _pause(status: int, wait: float | None, attempt: int) -> float | None:
-        """How long to wait before sending again; None: do not. A 429 or 503 waits as long
-        as it asks (beyond ``max_wait`` it is raised), else a growing pause."""
-        if status in WAIT_STATUSES:
-            return _backoff(attempt) if wait is None else wait
-        if status in TRANSIENT_STATUSES:
-            return _backoff(attempt)
-        return None
+
+def pause_before_retry(status: int, wait: float | None, attempt: int) -> float | None:
+    """How long to wait before sending again; None: do not. A 429 or 503 waits as long
+    as it asks (beyond ``max_wait`` it is raised), else a growing pause."""
+    if status in WAIT_STATUSES:
+        return _backoff(attempt) if wait is None else wait
+    if status in TRANSIENT_STATUSES:
+        return _backoff(attempt)
+    return None
 
 
 def _backoff(attempt: int) -> float:

@@ -27,8 +27,9 @@ from dmbridge_client import (
     Target,
     Typing,
 )
-from nio import MessageDirection, RoomMessagesResponse, RoomSendResponse
+from nio import MessageDirection, RoomMessagesResponse, RoomSendResponse, UploadResponse
 
+from dmbridge.api import PREFIX
 from dmbridge.bridge import Bridge
 from dmbridge.embedded import client_for
 from dmbridge.opening import MOVED_REASON
@@ -77,9 +78,12 @@ async def _processed(bridge: Bridge, event_id: str) -> None:
     await wait_for(taken, what=f"the bridge to process {event_id}")
 
 
-@pytest.fixture
-async def client(homeserver: Homeserver) -> AsyncIterator[Client]:
-    async with _client(homeserver) as c:
+@pytest.fixture(params=["http", "in-process"])
+async def client(request: pytest.FixtureRequest, homeserver: Homeserver, bridge: Bridge
+                 ) -> AsyncIterator[Client]:
+    """The chat network's client: over the listener, or calling the bridge in this process."""
+    async with _client(homeserver) if request.param == "http" else client_for(bridge, "chat") \
+            as c:
         yield c
 
 
@@ -455,3 +459,59 @@ async def test_router_sends_each_remote_user_through_its_own_network(
         invite = await human.wait_invite(sent.room_id)
         assert invite.sender == networks.get(network).ghost_user_id(remote_id)
     assert by_sms.room_id != by_chat.room_id
+
+
+def _api_requests(bridge: Bridge) -> int:
+    """Requests the bridge's listener answered on the platform API's network routes."""
+    return int(sum(
+        sample.value for metric in bridge.metrics.http_requests.collect()
+        for sample in metric.samples if sample.name.endswith("_total")
+        and sample.labels["route"].startswith(PREFIX + "/networks/")))
+
+
+async def test_the_in_process_client_never_calls_the_listener(
+    bridge: Bridge, new_human: Any
+) -> None:
+    """In-process: the network's description, a DM, an upload and a message with it, the
+    human's file received by a handler and downloaded, a reply: the human sees the picture and
+    the reply, the handler has the file's bytes, and the listener answered no API request (one
+    call over HTTP afterwards is counted)."""
+    human: Human = await new_human()
+    contact = _contact()
+    note = b"the delivery note\n"
+    received: list[bytes] = []
+    before = _api_requests(bridge)
+    async with client_for(bridge, "chat") as client:
+        info = await client.network_info()
+        dm = await client.open_dm(contact, human.user_id, name="Parcel Service")
+        await accept_dm(human, dm.room_id, bridge)
+        picture = await client.upload(png(2, 2), content_type="image/png", filename="dot.png")
+        shown = await dm.send("The parcel", media=picture)
+
+        @client.on_direct_message
+        async def got_file(message: DirectMessage) -> None:
+            if message.media is not None:
+                received.append(await client.download(message.media))
+                await message.reply("Got your note")
+                client.stop()
+
+        running = asyncio.create_task(client.run(wait=1, handle_signals=False))
+        uploaded, _ = await human.client.upload(lambda *_: io.BytesIO(note), "text/plain",
+                                                "note.txt", filesize=len(note))
+        assert isinstance(uploaded, UploadResponse), uploaded
+        await human.client.room_send(dm.room_id, "m.room.message", {
+            "msgtype": "m.file", "body": "note.txt", "url": uploaded.content_uri,
+            "info": {"mimetype": "text/plain", "size": len(note)}})
+        await asyncio.wait_for(running, 60)
+    assert (info.network, dm.ghost_id) == ("chat", info.ghost_user_id(contact))
+    assert received == [note]
+    content = (await _event(human, dm.room_id, shown.event_id))["content"]
+    assert (content["msgtype"], content["url"]) == ("m.image", picture.content_uri)
+    bodies = [m["content"]["body"] for m in await human.messages(dm.room_id)
+              if m["sender"] == dm.ghost_id]
+    assert bodies[-1].endswith("Got your note")
+    assert _api_requests(bridge) == before
+
+    async with client_for(bridge, "chat", over_http=True) as over_http:
+        await over_http.network_info()
+    assert _api_requests(bridge) == before + 1

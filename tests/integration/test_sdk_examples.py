@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from dmbridge_client import Client
 
 from dmbridge.bridge import Bridge
@@ -125,3 +126,66 @@ async def test_notify_sends_to_who_accepts_and_skips_who_declined(
     await willing.join(room_id)
     assert [m["content"]["body"] for m in await willing.messages(room_id)] == [
         "Your parcel has arrived."]
+
+
+async def _listening(port: int, bot: Program) -> None:
+    """Until the bridge inside the bot's process answers as ready."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        async def ready() -> bool:
+            assert bot.proc is not None and bot.proc.returncode is None, bot.output()
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/_dmbridge/v1/health/ready"
+                                       ) as resp:
+                    return resp.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                return False
+        await wait_for(ready, timeout=60, what=f"the embedded bridge to start:\n{bot.output()}")
+
+
+async def test_embedded_echo_bot_runs_the_bridge_and_the_bot_in_one_process(
+    homeserver: Homeserver, db_url: str, new_human: Any, tmp_path: Path
+) -> None:
+    """examples/embedded_echo_bot.py: the bridge and the echo bot in one process, the bot's
+    calls and events in-process. The human writes, the echo comes back; the process is killed
+    (SIGKILL) and started again between two messages, and every message is echoed once."""
+    homeserver.settings(db_url, tmp_path)  # writes tmp_path/config.yaml
+    human: Human = await new_human()
+    contact = f"echo{uuid.uuid4().hex[:8]}"
+    bot = Program("embedded_echo_bot.py", {"ECHO_CURSOR": str(tmp_path / "echo.cursor")},
+                  tmp_path)
+    try:
+        await bot.start(str(tmp_path / "config.yaml"), "chat")
+        await _listening(homeserver.bridge_port, bot)
+        async with Client(f"http://127.0.0.1:{homeserver.bridge_port}", CHAT_TOKEN,
+                          "chat") as c:
+            first = await c.send_message(contact, human.user_id, "Write to me")
+            ghost = (await c.network_info()).ghost_user_id(contact)
+        room_id = first.room_id
+        await accept_dm(human, room_id, None)
+
+        async def echoed(text: str) -> None:
+            async def seen() -> bool:
+                return text in _echoes(await human.messages(room_id), ghost)
+            await wait_for(seen, timeout=90, what=f"the echo of {text!r}:\n{bot.output()}")
+
+        await human.say(room_id, "one")
+        await echoed("one")
+        assert await bot.stop(signal.SIGKILL) == -signal.SIGKILL
+
+        await human.say(room_id, "two")  # while the bridge and the bot are dead
+        await bot.start(str(tmp_path / "config.yaml"), "chat")
+        await _listening(homeserver.bridge_port, bot)
+        await echoed("two")
+        await human.say(room_id, "three")
+        await echoed("three")
+        assert await bot.stop(signal.SIGTERM) == 0, bot.output()
+    finally:
+        if bot.proc is not None and bot.proc.returncode is None:
+            await bot.stop(signal.SIGKILL)  # a failed test leaves no process behind
+
+    messages = await human.messages(room_id)
+    assert _echoes(messages, ghost) == ["Write to me", "one", "two", "three"]
+    assert {m["content"]["m.relates_to"]["m.in_reply_to"]["event_id"]
+            for m in messages if m["sender"] == ghost and "m.relates_to" in m["content"]} == {
+        m["event_id"] for m in messages if m["sender"] == human.user_id}
+    assert int((tmp_path / "echo.cursor").read_text()) > 0

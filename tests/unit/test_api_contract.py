@@ -15,7 +15,8 @@ from ruamel.yaml import YAML
 
 import dmbridge
 from dmbridge.api import body
-from dmbridge.api.app import make_api_app
+from dmbridge.api.app import ROUTES, make_api_app
+from dmbridge.api.operations import OPERATIONS
 from dmbridge.dms import _USER_ID
 from dmbridge.errors import BridgeError
 from dmbridge.media import MXC
@@ -65,6 +66,16 @@ def test_every_route_is_documented_with_its_methods_and_nothing_else(spec: dict[
               if r.resource is not None}
     documented = {(method, path) for method, path, _ in _operations(spec).values()}
     assert routes == documented
+
+
+def test_each_operation_is_served_under_its_operation_id(spec: dict[str, Any]) -> None:
+    """The operations the HTTP handlers and in-process clients share are named as in the
+    document, at its method and path."""
+    documented = _operations(spec)
+    assert {name: (method, "/networks/{network}" + path)
+            for name, (method, path) in ROUTES.items()} == {
+        name: documented[name][:2] for name in ROUTES}
+    assert set(OPERATIONS) == set(ROUTES)
 
 
 def test_every_network_route_documents_the_answers_it_can_give(spec: dict[str, Any]) -> None:
