@@ -12,6 +12,7 @@ from mautrix.util.async_db import Connection, Database, Scheme
 from .connect import DatabaseUnavailable, create_database, safe_url, start_database
 from .dm import DMStore
 from .dmcache import DMCache
+from .encrypted_room import EncryptedRoomStore
 from .event import ProcessedEventStore
 from .ghost import GhostStore
 from .history import HistoryStore
@@ -40,6 +41,7 @@ class Stores:
     outbox: OutboxStore
     history: HistoryStore
     invites: InviteStore
+    encrypted_rooms: EncryptedRoomStore
 
     @classmethod
     def over(cls, db: Database) -> Stores:
@@ -57,6 +59,7 @@ class Stores:
             outbox=OutboxStore(db),
             history=HistoryStore(db),
             invites=InviteStore(db),
+            encrypted_rooms=EncryptedRoomStore(db),
         )
 
     @asynccontextmanager

@@ -1,0 +1,175 @@
+"""Encrypted DMs as users see them: the human's encrypting client (matrix-nio with its e2e
+extra) on one side, the platform's pull feed on the other, each ghost with a device of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from nio import AsyncClient, AsyncClientConfig, LoginResponse, RoomSendResponse
+
+from dmbridge.bridge import Bridge
+from dmbridge.encryption import UNDECRYPTABLE_NOTICE
+from tests.integration.conftest import PASSWORD, BridgeFactory, Homeserver, Platform
+from tests.support.feed import Feed
+from tests.support.matrix import Human
+from tests.support.settings import CHAT_TOKEN
+
+NET = "chat"
+ENCRYPTION = {"type": "m.room.encryption", "state_key": "",
+              "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+
+
+class EncryptingHuman(Human):
+    """A Matrix user whose client encrypts, as Element X does: keys uploaded, devices queried
+    before each send, messages decrypted as they are read."""
+
+    async def sync_keys(self) -> None:
+        """One sync (to-device keys come in), then the device keys it says are needed."""
+        await self.client.sync(timeout=100)
+        if self.client.should_upload_keys:
+            await self.client.keys_upload()
+        if self.client.should_query_keys:
+            await self.client.keys_query()
+
+    async def create_encrypted_dm(self, invitee: str) -> str:
+        resp = await self.client.room_create(is_direct=True, invite=[invitee],
+                                             initial_state=[ENCRYPTION])
+        room_id = getattr(resp, "room_id", None)
+        assert isinstance(room_id, str), resp
+        return room_id
+
+    async def say_encrypted(self, room_id: str, text: str) -> str:
+        await self.sync_keys()
+        resp = await self.client.room_send(room_id, "m.room.message",
+                                           {"msgtype": "m.text", "body": text},
+                                           ignore_unverified_devices=True)
+        assert isinstance(resp, RoomSendResponse), resp
+        return str(resp.event_id)
+
+    async def encrypted_type(self, room_id: str, event_id: str) -> str:
+        """The type of the event as the homeserver holds it (nio would decrypt it)."""
+        path = (f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}"
+                f"/event/{quote(event_id, safe='')}")
+        headers = {"Authorization": f"Bearer {self.client.access_token}"}
+        resp = await self.client.send("GET", path, headers=headers)
+        assert resp.status == 200, await resp.text()
+        return str((await resp.json())["type"])
+
+    async def read(self, room_id: str, count: int, timeout: float = 30.0
+                   ) -> list[dict[str, Any]]:
+        """The room's messages from others, decrypted, once there are ``count`` of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.sync_keys()
+            found = [m for m in await self.messages(room_id) if m["sender"] != self.user_id]
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.user_id} read {found} in {room_id}; expected "
+                                     f"{count} decrypted messages")
+            await asyncio.sleep(0.2)
+
+
+NewEncryptingHuman = Callable[..., Awaitable[EncryptingHuman]]
+
+
+@pytest.fixture
+async def encrypting_human(homeserver: Homeserver, tmp_path: Path
+                           ) -> AsyncIterator[NewEncryptingHuman]:
+    clients: list[AsyncClient] = []
+
+    async def make(user_id: str | None = None) -> EncryptingHuman:
+        """A new user, or another device (client) of ``user_id``."""
+        if user_id is None:
+            localpart = f"human-{uuid.uuid4().hex[:8]}"
+            user_id = await asyncio.to_thread(homeserver.synapse.register_user, localpart,
+                                              PASSWORD)
+        store = tmp_path / f"nio-{uuid.uuid4().hex[:8]}"
+        store.mkdir()
+        client = AsyncClient(homeserver.url, user_id, store_path=str(store),
+                             config=AsyncClientConfig(encryption_enabled=True,
+                                                      store_sync_tokens=True))
+        resp = await client.login(PASSWORD)
+        assert isinstance(resp, LoginResponse), resp
+        clients.append(client)
+        human = EncryptingHuman(client)
+        await human.sync_keys()
+        return human
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+def _contact() -> str:
+    return f"c{uuid.uuid4().hex[:12]}"
+
+
+async def _send(platform: Platform, human: Human, contact: str, **body: Any) -> dict[str, Any]:
+    status, answer = await platform.send(NET, CHAT_TOKEN, uuid.uuid4().hex, sender=contact,
+                                         recipient=human.user_id, **body)
+    assert status == 200, answer
+    return dict(answer)
+
+
+async def _dm_from_matrix(bridge: Bridge, human: EncryptingHuman, feed: Feed) -> tuple[str, str]:
+    """The human starts an encrypted DM with a never-seen ghost; (room, ghost) once joined."""
+    contact = _contact()
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(contact)
+    room_id = await human.create_encrypted_dm(ghost_id)
+    await human.wait_membership(room_id, ghost_id, "join")
+    await feed.expect("dm.started", room_id=room_id)
+    return room_id, contact
+
+
+async def test_encrypted_dm_started_from_matrix_works_both_ways(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, contact = await _dm_from_matrix(bridge, human, feed)
+
+    event_id = await human.say_encrypted(room_id, "is this private?")
+    assert await human.encrypted_type(room_id, event_id) == "m.room.encrypted"
+    message = await feed.expect("message", room_id=room_id, text="is this private?")
+    assert message["message"]["event_id"] == event_id
+
+    sent = await _send(platform, human, contact, text="yes, encrypted")
+    assert sent["room_id"] == room_id
+    assert await human.encrypted_type(room_id, sent["event_id"]) == "m.room.encrypted"
+    await _send(platform, human, contact, markdown="**bold** and _italic_")
+    read = await human.read(room_id, 2)
+    assert [m["content"]["body"] for m in read] == ["yes, encrypted", "**bold** and _italic_"]
+    html = read[1]["content"]["formatted_body"]
+    assert html == "<p><strong>bold</strong> and <em>italic</em></p>"
+    members = await human.client.joined_members(room_id)
+    assert sorted(m.user_id for m in members.members) == sorted(  # type: ignore[union-attr]
+        [human.user_id, bridge.settings.networks.get(NET).ghost_user_id(contact)])
+
+
+async def test_with_encryption_off_the_user_is_told_and_the_platform_gets_an_event(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge()
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, _ = await _dm_from_matrix(bridge, human, feed)
+
+    event_id = await human.say_encrypted(room_id, "can you read this?")
+    event = await feed.expect("message.undecryptable", room_id=room_id)
+    assert event["message.undecryptable"]["event_id"] == event_id
+    assert event["message.undecryptable"]["reason"] == "encryption_off"
+    notice = (await human.read(room_id, 1))[0]
+    assert notice["content"]["msgtype"] == "m.notice"
+    assert notice["content"]["body"] == UNDECRYPTABLE_NOTICE
+    assert notice["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == event_id
+    assert "message" not in [e["type"] for e in feed.seen]
