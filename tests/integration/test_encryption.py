@@ -17,7 +17,13 @@ from nio import AsyncClient, AsyncClientConfig, LoginResponse, RoomSendResponse
 
 from dmbridge.bridge import Bridge
 from dmbridge.encryption import UNDECRYPTABLE_NOTICE
-from tests.integration.conftest import PASSWORD, BridgeFactory, Homeserver, Platform
+from tests.integration.conftest import (
+    PASSWORD,
+    BridgeFactory,
+    Homeserver,
+    Platform,
+    wait_for,
+)
 from tests.support.feed import Feed
 from tests.support.matrix import Human
 from tests.support.settings import CHAT_TOKEN
@@ -173,3 +179,57 @@ async def test_with_encryption_off_the_user_is_told_and_the_platform_gets_an_eve
     assert notice["content"]["body"] == UNDECRYPTABLE_NOTICE
     assert notice["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == event_id
     assert "message" not in [e["type"] for e in feed.seen]
+
+
+async def test_rooms_the_bridge_creates_are_encrypted_with_encryption_default(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "default"})
+    feed = Feed(platform)
+    human, contact = await encrypting_human(), _contact()
+    first = await _send(platform, human, contact, text="hello from the platform")
+    room_id = first["room_id"]
+    await human.wait_invite(room_id)
+    await human.join(room_id)
+    assert await human.encrypted_type(room_id, first["event_id"]) == "m.room.encrypted"
+    assert [m["content"]["body"] for m in await human.read(room_id, 1)] == [
+        "hello from the platform"]
+
+    await human.say_encrypted(room_id, "hello from Matrix")
+    await feed.expect("message", room_id=room_id, text="hello from Matrix")
+    await _send(platform, human, contact, text="and back")
+    assert [m["content"]["body"] for m in await human.read(room_id, 2)][-1] == "and back"
+    members = await human.client.joined_members(room_id)
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(contact)
+    assert sorted(m.user_id for m in members.members) == sorted(  # type: ignore[union-attr]
+        [human.user_id, ghost_id])
+
+
+async def test_the_users_new_device_reads_the_ghosts_later_messages(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, contact = await _dm_from_matrix(bridge, human, feed)
+    await human.say_encrypted(room_id, "first")
+    await feed.expect("message", room_id=room_id, text="first")
+    await _send(platform, human, contact, text="before the new device")
+    await human.read(room_id, 1)
+
+    second = await encrypting_human(human.user_id)
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(contact)
+    machine = await bridge.encryption.machine(ghost_id)
+    assert machine is not None
+
+    async def knows_second() -> bool:  # the homeserver told the bridge of the device (MSC3202)
+        devices = await machine.crypto_store.get_devices(human.client.user_id)
+        return devices is not None and second.client.device_id in devices
+    await wait_for(knows_second, what="the bridge to learn of the user's second device")
+
+    await _send(platform, human, contact, text="after the new device")
+    # Only what was sent after it appeared: the earlier key was never shared with it.
+    read = await second.read(room_id, 1)
+    assert [m["content"]["body"] for m in read] == ["after the new device"]
+    assert [m["content"]["body"] for m in await human.read(room_id, 2)][-1] == (
+        "after the new device")
