@@ -5,6 +5,7 @@ extra) on one side, the platform's pull feed on the other, each ghost with a dev
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,12 +13,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 import pytest
 from nio import AsyncClient, AsyncClientConfig, LoginResponse, RoomSendResponse
 
 from dmbridge.bridge import Bridge
-from dmbridge.encryption import UNDECRYPTABLE_NOTICE
+from dmbridge.encryption import UNDECRYPTABLE_NOTICE, device_id_for
 from tests.integration.conftest import (
+    DOMAIN,
     PASSWORD,
     BridgeFactory,
     Homeserver,
@@ -26,7 +29,8 @@ from tests.integration.conftest import (
 )
 from tests.support.feed import Feed
 from tests.support.matrix import Human
-from tests.support.settings import CHAT_TOKEN
+from tests.support.process import BridgeProcess
+from tests.support.settings import CHAT_TOKEN, make_settings
 
 NET = "chat"
 ENCRYPTION = {"type": "m.room.encryption", "state_key": "",
@@ -233,3 +237,50 @@ async def test_the_users_new_device_reads_the_ghosts_later_messages(
     assert [m["content"]["body"] for m in read] == ["after the new device"]
     assert [m["content"]["body"] for m in await human.read(room_id, 2)][-1] == (
         "after the new device")
+
+
+async def test_encrypted_dm_survives_a_restart_and_a_sigkill(
+    homeserver: Homeserver, db_url: str, tmp_path: Path,
+    encrypting_human: NewEncryptingHuman,
+) -> None:
+    settings = make_settings(tmp_path, homeserver_url=homeserver.url, domain=DOMAIN,
+                             port=homeserver.bridge_port, db_url=db_url,
+                             **{"logging.level": "INFO", "dm.encryption": "allow"})
+    human, contact = await encrypting_human(), _contact()
+    ghost_id = settings.networks.get(NET).ghost_user_id(contact)
+    process = BridgeProcess(tmp_path / "config.yaml", tmp_path / "bridge.log")
+    async with process, aiohttp.ClientSession() as session:
+        platform = Platform(session, homeserver.bridge_port)
+        feed = Feed(platform)
+        process.start()
+        await process.wait_ready(homeserver.bridge_port)
+        room_id = await human.create_encrypted_dm(ghost_id)
+        await human.wait_membership(room_id, ghost_id, "join")
+        await feed.expect("dm.started", room_id=room_id)
+
+        async def exchange(n: int) -> None:
+            await human.say_encrypted(room_id, f"question {n}")
+            await feed.expect("message", room_id=room_id, text=f"question {n}")
+            await _send(platform, human, contact, text=f"answer {n}")
+            read = await human.read(room_id, n)
+            assert [m["content"]["body"] for m in read] == [
+                f"answer {i}" for i in range(1, n + 1)], process.log_tail()
+
+        await exchange(1)
+        assert await process.kill() == -9
+        process.start()
+        await process.wait_ready(homeserver.bridge_port)
+        await exchange(2)
+        assert await process.terminate() == 0
+        process.start()
+        await process.wait_ready(homeserver.bridge_port)
+        await exchange(3)
+        await feed.pull(wait=1)
+        assert sorted(feed.texts()) == ["question 1", "question 2", "question 3"]
+        assert "message.undecryptable" not in [e["type"] for e in feed.seen]
+        # One device made once and kept: the ghost's device list is the same after restarts.
+        headers = {"Authorization": f"Bearer {human.client.access_token}"}
+        resp = await human.client.send("POST", "/_matrix/client/v3/keys/query",
+                                       json.dumps({"device_keys": {ghost_id: []}}), headers)
+        devices = (await resp.json())["device_keys"][ghost_id]
+        assert list(devices) == [device_id_for(ghost_id)], devices
