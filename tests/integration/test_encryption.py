@@ -284,3 +284,52 @@ async def test_encrypted_dm_survives_a_restart_and_a_sigkill(
                                        json.dumps({"device_keys": {ghost_id: []}}), headers)
         devices = (await resp.json())["device_keys"][ghost_id]
         assert list(devices) == [device_id_for(ghost_id)], devices
+
+
+async def test_encrypted_replies_edits_reactions_and_deletions_reach_the_platform(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, contact = await _dm_from_matrix(bridge, human, feed)
+    sent = await _send(platform, human, contact, text="pick a time")
+    await human.read(room_id, 1)
+
+    async def send(event_type: str, content: dict[str, Any]) -> str:
+        await human.sync_keys()
+        if event_type == "m.reaction":  # nio leaves reactions unencrypted; Element does not
+            event_type, content = human.client.encrypt(room_id, event_type, content)
+            path = (f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/{event_type}/"
+                    f"{uuid.uuid4().hex}")
+            headers = {"Authorization": f"Bearer {human.client.access_token}"}
+            raw = await human.client.send("PUT", path, json.dumps(content), headers)
+            event_id = str((await raw.json())["event_id"])
+        else:
+            resp = await human.client.room_send(room_id, event_type, content,
+                                                ignore_unverified_devices=True)
+            assert isinstance(resp, RoomSendResponse), resp
+            event_id = str(resp.event_id)
+        assert await human.encrypted_type(room_id, event_id) == "m.room.encrypted"
+        return event_id
+
+    reply_id = await send("m.room.message", {
+        "msgtype": "m.text", "body": "noon",
+        "m.relates_to": {"m.in_reply_to": {"event_id": sent["event_id"]}}})
+    reply = await feed.expect("message", room_id=room_id, text="noon")
+    assert reply["message"]["reply_to"]["event_id"] == sent["event_id"]
+    await send("m.room.message", {
+        "msgtype": "m.text", "body": "* one o'clock",
+        "m.new_content": {"msgtype": "m.text", "body": "one o'clock"},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": reply_id}})
+    edit = await feed.expect("edit", room_id=room_id)
+    assert edit["edit"]["text"] == "one o'clock"
+    assert edit["edit"]["target"]["event_id"] == reply_id
+    reaction_id = await send("m.reaction", {"m.relates_to": {
+        "rel_type": "m.annotation", "event_id": sent["event_id"], "key": "👍"}})
+    reaction = await feed.expect("reaction", room_id=room_id)
+    assert reaction["reaction"]["key"] == "👍"
+    assert reaction["reaction"]["target"]["event_id"] == sent["event_id"]
+    await human.client.room_redact(room_id, reaction_id)
+    redaction = await feed.expect("redaction", room_id=room_id)
+    assert redaction["redaction"]["target"]["event_id"] == reaction_id
