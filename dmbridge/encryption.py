@@ -21,12 +21,14 @@ import aiohttp
 from mautrix.api import HTTPAPI
 from mautrix.client import Client
 from mautrix.crypto import OlmMachine
+from mautrix.crypto.attachments import encrypt_attachment
 from mautrix.crypto.store import StateStore
 from mautrix.crypto.store.asyncpg import PgCryptoStore
 from mautrix.errors import DecryptionError, EncryptionError, MatrixError, SessionNotFound
 from mautrix.types import (
     JSON,
     ASToDeviceEvent,
+    ContentURI,
     DeviceID,
     DeviceLists,
     DeviceOTKCount,
@@ -290,6 +292,7 @@ class Encryption:
             return None
         machine = await self.machine(ghost_id)
         assert machine is not None
+        content = await self._encrypted_media(machine.client, content)
         kind = EventType.find(event_type, EventType.Class.MESSAGE)
         try:
             encrypted = await machine.encrypt_megolm_event(room_id, kind, content)
@@ -297,6 +300,30 @@ class Encryption:
             await self._share(machine, room_id)
             encrypted = await machine.encrypt_megolm_event(room_id, kind, content)
         return "m.room.encrypted", encrypted.serialize(), machine.client.device_id
+
+    async def _encrypted_media(self, client: Client, content: dict[str, Any]
+                               ) -> dict[str, Any]:
+        """Media (and its thumbnail) as an encrypted copy: ``file`` instead of ``url``."""
+        if isinstance(url := content.get("url"), str) and url.startswith("mxc://"):
+            content = {k: v for k, v in content.items() if k != "url"}
+            content["file"] = await self._encrypted_copy(client, url)
+        info = content.get("info")
+        if isinstance(info, dict) and isinstance(thumb := info.get("thumbnail_url"), str):
+            info = {k: v for k, v in info.items() if k != "thumbnail_url"}
+            info["thumbnail_file"] = await self._encrypted_copy(client, thumb)
+            content = {**content, "info": info}
+        return content
+
+    @staticmethod
+    async def _encrypted_copy(client: Client, url: str) -> dict[str, Any]:
+        """The media encrypted (AES-CTR, as attachments are) and uploaded again: the ``file``
+        object that lets the user's client fetch and decrypt it."""
+        data = await client.download_media(ContentURI(url))
+        ciphertext, file = await asyncio.to_thread(encrypt_attachment, data)
+        file.url = await client.upload_media(ciphertext, mime_type="application/octet-stream",
+                                             size=len(ciphertext))
+        serialized: dict[str, Any] = file.serialize()
+        return serialized
 
     async def _share(self, machine: OlmMachine, room_id: RoomID) -> None:
         lock = self._sharing.setdefault(room_id, asyncio.Lock())

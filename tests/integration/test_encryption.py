@@ -16,6 +16,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 from nio import AsyncClient, AsyncClientConfig, LoginResponse, RoomSendResponse
+from nio.crypto.attachments import decrypt_attachment
 
 from dmbridge.bridge import Bridge
 from dmbridge.encryption import UNDECRYPTABLE_NOTICE, device_id_for
@@ -27,6 +28,7 @@ from tests.integration.conftest import (
     Platform,
     wait_for,
 )
+from tests.integration.test_media import png
 from tests.support.feed import Feed
 from tests.support.matrix import Human
 from tests.support.process import BridgeProcess
@@ -72,6 +74,17 @@ class EncryptingHuman(Human):
         resp = await self.client.send("GET", path, headers=headers)
         assert resp.status == 200, await resp.text()
         return str((await resp.json())["type"])
+
+    async def decrypted_media(self, file: dict[str, Any]) -> bytes:
+        """An encrypted attachment fetched from the homeserver and decrypted, as a client
+        shows it."""
+        server, media_id = file["url"].removeprefix("mxc://").split("/")
+        headers = {"Authorization": f"Bearer {self.client.access_token}"}
+        resp = await self.client.send(
+            "GET", f"/_matrix/client/v1/media/download/{server}/{media_id}", headers=headers)
+        assert resp.status == 200, await resp.text()
+        return bytes(decrypt_attachment(await resp.read(), file["key"]["k"],
+                                        file["hashes"]["sha256"], file["iv"]))
 
     async def read(self, room_id: str, count: int, timeout: float = 30.0
                    ) -> list[dict[str, Any]]:
@@ -157,8 +170,19 @@ async def test_encrypted_dm_started_from_matrix_works_both_ways(
     assert sent["room_id"] == room_id
     assert await human.encrypted_type(room_id, sent["event_id"]) == "m.room.encrypted"
     await _send(platform, human, contact, markdown="**bold** and _italic_")
-    read = await human.read(room_id, 2)
-    assert [m["content"]["body"] for m in read] == ["yes, encrypted", "**bold** and _italic_"]
+    image = png(3, 2)
+    async with platform.session.post(
+        f"{platform.base}/networks/{NET}/media", data=image, params={"filename": "red.png"},
+        headers={"Authorization": f"Bearer {CHAT_TOKEN}", "Content-Type": "image/png"},
+    ) as resp:
+        uploaded = await resp.json()
+    await _send(platform, human, contact, media=uploaded["content_uri"], text="a red square")
+    read = await human.read(room_id, 3)
+    assert [m["content"]["body"] for m in read] == ["yes, encrypted", "**bold** and _italic_",
+                                                    "a red square"]
+    picture = read[2]["content"]
+    assert picture["msgtype"] == "m.image" and "url" not in picture
+    assert await human.decrypted_media(picture["file"]) == image
     html = read[1]["content"]["formatted_body"]
     assert html == "<p><strong>bold</strong> and <em>italic</em></p>"
     members = await human.client.joined_members(room_id)
