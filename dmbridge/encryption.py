@@ -328,7 +328,8 @@ class Encryption:
     async def _share(self, machine: OlmMachine, room_id: RoomID) -> None:
         lock = self._sharing.setdefault(room_id, asyncio.Lock())
         async with lock:
-            if await machine.crypto_store.get_outbound_group_session(room_id) is not None:
+            current = await machine.crypto_store.get_outbound_group_session(room_id)
+            if current is not None and current.shared and not current.expired:
                 return  # shared meanwhile
             user_id = await self.stores.encrypted_rooms.user_of(room_id)
             users = [UserID(user_id)] if user_id else []

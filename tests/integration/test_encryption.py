@@ -51,9 +51,13 @@ class EncryptingHuman(Human):
         if self.client.should_query_keys:
             await self.client.keys_query()
 
-    async def create_encrypted_dm(self, invitee: str) -> str:
+    async def create_encrypted_dm(self, invitee: str, rotate_after: int | None = None) -> str:
+        """An encrypted DM; ``rotate_after`` messages, senders change their room key."""
+        encryption = {**ENCRYPTION, "content": {**ENCRYPTION["content"]}}
+        if rotate_after is not None:
+            encryption["content"]["rotation_period_msgs"] = rotate_after
         resp = await self.client.room_create(is_direct=True, invite=[invitee],
-                                             initial_state=[ENCRYPTION])
+                                             initial_state=[encryption])
         room_id = getattr(resp, "room_id", None)
         assert isinstance(room_id, str), resp
         return room_id
@@ -143,11 +147,12 @@ async def _send(platform: Platform, human: Human, contact: str, **body: Any) -> 
     return dict(answer)
 
 
-async def _dm_from_matrix(bridge: Bridge, human: EncryptingHuman, feed: Feed) -> tuple[str, str]:
+async def _dm_from_matrix(bridge: Bridge, human: EncryptingHuman, feed: Feed,
+                          rotate_after: int | None = None) -> tuple[str, str]:
     """The human starts an encrypted DM with a never-seen ghost; (room, ghost) once joined."""
     contact = _contact()
     ghost_id = bridge.settings.networks.get(NET).ghost_user_id(contact)
-    room_id = await human.create_encrypted_dm(ghost_id)
+    room_id = await human.create_encrypted_dm(ghost_id, rotate_after)
     await human.wait_membership(room_id, ghost_id, "join")
     await feed.expect("dm.started", room_id=room_id)
     return room_id, contact
@@ -159,7 +164,8 @@ async def test_encrypted_dm_started_from_matrix_works_both_ways(
     bridge = await start_bridge(**{"dm.encryption": "allow"})
     feed = Feed(platform)
     human = await encrypting_human()
-    room_id, contact = await _dm_from_matrix(bridge, human, feed)
+    # The room key changes every second message: the third of the platform's is under a new one.
+    room_id, contact = await _dm_from_matrix(bridge, human, feed, rotate_after=2)
 
     event_id = await human.say_encrypted(room_id, "is this private?")
     assert await human.encrypted_type(room_id, event_id) == "m.room.encrypted"
