@@ -21,7 +21,7 @@ import aiohttp
 from mautrix.api import HTTPAPI
 from mautrix.client import Client
 from mautrix.crypto import OlmMachine
-from mautrix.crypto.attachments import encrypt_attachment
+from mautrix.crypto.attachments import decrypt_attachment, encrypt_attachment
 from mautrix.crypto.store import StateStore
 from mautrix.crypto.store.asyncpg import PgCryptoStore
 from mautrix.errors import DecryptionError, EncryptionError, MatrixError, SessionNotFound
@@ -277,9 +277,30 @@ class Encryption:
                         raw.get("event_id"), sender, ghost_id, e)
             return raw
         decrypted = event.serialize()
-        plain = {**raw, "type": decrypted["type"], "content": decrypted["content"]}
+        content = await self._readable_media(machine.client, decrypted["content"])
+        plain = {**raw, "type": decrypted["type"], "content": content}
         log.debug("%s: %s decrypted (%s)", raw["room_id"], raw.get("event_id"), plain["type"])
         return plain
+
+    async def _readable_media(self, client: Client, content: dict[str, Any]) -> dict[str, Any]:
+        """An encrypted attachment as a plain copy (``url``), which the platform's media link
+        serves; left as it is (the platform gets no media) if that fails."""
+        file = content.get("file")
+        if not isinstance(file, dict) or not isinstance(file.get("url"), str):
+            return content
+        info = content.get("info") if isinstance(content.get("info"), dict) else {}
+        mimetype = (info or {}).get("mimetype")
+        try:
+            data = await client.download_media(ContentURI(file["url"]))
+            plain = await asyncio.to_thread(decrypt_attachment, data, file["key"]["k"],
+                                            file["hashes"]["sha256"], file["iv"])
+            url = await client.upload_media(plain, mime_type=mimetype if isinstance(
+                mimetype, str) else None, size=len(plain))
+        except (MatrixError, DecryptionError, aiohttp.ClientError, KeyError, TypeError,
+                ValueError) as e:
+            log.warning("encrypted media %s could not be decrypted: %s", file.get("url"), e)
+            return content
+        return {**{k: v for k, v in content.items() if k != "file"}, "url": url}
 
     # --- what the bridge sends ----------------------------------------------------------------
 

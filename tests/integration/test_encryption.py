@@ -15,8 +15,8 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
-from nio import AsyncClient, AsyncClientConfig, LoginResponse, RoomSendResponse
-from nio.crypto.attachments import decrypt_attachment
+from nio import AsyncClient, AsyncClientConfig, LoginResponse, RoomSendResponse, UploadResponse
+from nio.crypto.attachments import decrypt_attachment, encrypt_attachment
 
 from dmbridge.bridge import Bridge
 from dmbridge.encryption import UNDECRYPTABLE_NOTICE, device_id_for
@@ -363,3 +363,33 @@ async def test_encrypted_replies_edits_reactions_and_deletions_reach_the_platfor
     await human.client.room_redact(room_id, reaction_id)
     redaction = await feed.expect("redaction", room_id=room_id)
     assert redaction["redaction"]["target"]["event_id"] == reaction_id
+
+
+async def test_the_users_encrypted_image_reaches_the_platform_decrypted(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, _ = await _dm_from_matrix(bridge, human, feed)
+    image = png(4, 3)
+    ciphertext, keys = encrypt_attachment(image)
+    uploaded, _ = await human.client.upload(lambda *_: ciphertext,
+                                            content_type="application/octet-stream",
+                                            filesize=len(ciphertext))
+    assert isinstance(uploaded, UploadResponse), uploaded
+    await human.sync_keys()
+    resp = await human.client.room_send(room_id, "m.room.message", {
+        "msgtype": "m.image", "body": "me.png",
+        "info": {"mimetype": "image/png", "size": len(image), "w": 4, "h": 3},
+        "file": {"url": uploaded.content_uri, **keys}}, ignore_unverified_devices=True)
+    assert isinstance(resp, RoomSendResponse), resp
+
+    message = (await feed.expect("message", room_id=room_id))["message"]
+    assert message["event_id"] == resp.event_id
+    media = message["media"]
+    assert (media["name"], media["mimetype"], media["width"]) == ("me.png", "image/png", 4)
+    async with platform.session.get(media["url"], headers={
+            "Authorization": f"Bearer {CHAT_TOKEN}"}) as got:
+        assert got.status == 200
+        assert await got.read() == image
