@@ -180,6 +180,7 @@ class Bridge:
             stores=self.stores, networks=self.settings.networks, ghosts=self.ghosts,
             appservice=self.appservice, dms=self._dms, queued=self.outbox.wake,
             lease_s=lease_seconds(self.settings.rate_limits.background_wait),
+            require_encryption=self.settings.encryption == "require",
         )
         self.matrix.on_invited = self._invited
         self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox, media,

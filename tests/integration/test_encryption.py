@@ -393,3 +393,22 @@ async def test_the_users_encrypted_image_reaches_the_platform_decrypted(
             "Authorization": f"Bearer {CHAT_TOKEN}"}) as got:
         assert got.status == 200
         assert await got.read() == image
+
+
+async def test_with_encryption_required_an_unencrypted_dm_is_refused_and_an_encrypted_one_taken(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "require"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(_contact())
+    plain = await human.create_dm(ghost_id)
+    await human.wait_membership(plain, ghost_id, "leave")
+    assert await human.leave_reason(plain, ghost_id) == (
+        "Chat contacts only take encrypted chats: start the DM with encryption on.")
+
+    room_id = await human.create_encrypted_dm(ghost_id)
+    await human.wait_membership(room_id, ghost_id, "join")
+    await feed.expect("dm.started", room_id=room_id)
+    await human.say_encrypted(room_id, "now encrypted")
+    await feed.expect("message", room_id=room_id, text="now encrypted")
