@@ -234,6 +234,8 @@ class Encryption:
         return raw
 
     async def _record(self, room_id: str, content: Any) -> None:
+        if await self.stores.encrypted_rooms.get(RoomID(room_id)) is not None:
+            return  # known (the first content stays)
         if isinstance(content, dict) and content.get("algorithm") == MEGOLM:
             await self.stores.encrypted_rooms.record(None, RoomID(room_id), content, now_ms())
 
