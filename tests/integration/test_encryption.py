@@ -307,6 +307,12 @@ async def test_encrypted_dm_survives_a_restart_and_a_sigkill(
         await exchange(3)
         await feed.pull(wait=1)
         assert sorted(feed.texts()) == ["question 1", "question 2", "question 3"]
+        # One room key from the ghost for all three answers: restarts shared no new one.
+        assert human.client.olm is not None
+        own = human.client.olm.account.identity_keys["curve25519"]
+        keys = [s.id for s in human.client.olm.inbound_group_store
+                if s.room_id == room_id and s.sender_key != own]
+        assert len(keys) == 1, keys
         assert "message.undecryptable" not in [e["type"] for e in feed.seen]
         # One device made once and kept: the ghost's device list is the same after restarts.
         headers = {"Authorization": f"Bearer {human.client.access_token}"}
