@@ -10,16 +10,17 @@ from mautrix.util.async_db import Connection, Database
 
 from ..lru import LRU
 
-# Rooms whose answer (encrypted or not) is kept in memory; encryption is never turned off,
-# so an encrypted room's entry never goes stale. A room not known to be encrypted is asked
-# again each time (another worker may have recorded it).
+# Rooms whose answer (encrypted or not) is kept in memory. Encryption is never turned off, so
+# an encrypted room's entry never goes stale; a room turned encrypted later is recorded through
+# this store (from the homeserver's transaction), which updates its entry. Encryption is for
+# one worker (README: "Encrypted DMs"), so no other process records rooms behind its back.
 ROOMS_CACHED = 10_000
 
 
 class EncryptedRoomStore:
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._known: LRU[str, dict[str, Any]] = LRU(ROOMS_CACHED)
+        self._known: LRU[str, dict[str, Any] | None] = LRU(ROOMS_CACHED)
 
     async def record(self, conn: Connection | None, room_id: RoomID, content: dict[str, Any],
                      now: int) -> None:
@@ -27,7 +28,7 @@ class EncryptedRoomStore:
         query = ("INSERT INTO encrypted_room (room_id, content, created_at) VALUES ($1, $2, $3)"
                  " ON CONFLICT (room_id) DO NOTHING")
         await (conn or self.db).execute(query, room_id, json.dumps(content), now)
-        if room_id not in self._known:
+        if self._known.get(room_id) is None:
             self._known[room_id] = content
 
     async def get(self, room_id: RoomID) -> dict[str, Any] | None:
@@ -36,9 +37,7 @@ class EncryptedRoomStore:
             return self._known[room_id]
         raw = await self.db.fetchval("SELECT content FROM encrypted_room WHERE room_id = $1",
                                      room_id)
-        if raw is None:
-            return None
-        content: dict[str, Any] = json.loads(raw)
+        content: dict[str, Any] | None = json.loads(raw) if raw is not None else None
         self._known[room_id] = content
         return content
 
