@@ -47,6 +47,9 @@ from .lru import LRU
 from .networks import Networks
 
 log = logging.getLogger("dmbridge.encryption")
+# mautrix's machines log here: e.g. a warning each time a user's devices turn out not to be
+# cross-signed, which is usual for a user who never verified.
+machine_log = logging.getLogger("dmbridge.encryption.olm")
 
 # mautrix's crypto store keeps its own schema version (``crypto_version``) beside ours.
 CRYPTO_UPGRADE_TABLE: UpgradeTable = PgCryptoStore.upgrade_table
@@ -139,7 +142,8 @@ class Encryption:
             api = HTTPAPI(self.homeserver_url, self.as_token, client_session=self._session(),
                           as_user_id=UserID(ghost_id), log=log)  # type: ignore[arg-type]
             client = Client(mxid=UserID(ghost_id), api=api)
-            machine = OlmMachine(client, store, self.state, log=log)  # type: ignore[arg-type]
+            machine = OlmMachine(client, store, self.state,
+                                 log=machine_log)  # type: ignore[arg-type]
             # Keys go to every device of the user, verified or not: they are the user's own.
             machine.share_keys_min_trust = machine.send_keys_min_trust
             if not device_id:
