@@ -267,6 +267,9 @@ async def test_the_users_new_device_reads_the_ghosts_later_messages(
     assert [m["content"]["body"] for m in read] == ["after the new device"]
     assert [m["content"]["body"] for m in await human.read(room_id, 2)][-1] == (
         "after the new device")
+    # And what the new device writes reaches the platform.
+    await second.say_encrypted(room_id, "from my other device")
+    await feed.expect("message", room_id=room_id, text="from my other device")
 
 
 async def test_encrypted_dm_survives_a_restart_and_a_sigkill(
