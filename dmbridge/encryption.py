@@ -230,7 +230,7 @@ class Encryption:
             return raw
         kind = raw.get("type")
         if kind == "m.room.encryption" and raw.get("state_key") == "":
-            await self._record(raw["room_id"], raw.get("content"))
+            await self._turned_on(raw["room_id"], raw.get("content"))
         elif kind == "m.room.member":
             await self._invited(raw)
         elif kind == "m.room.encrypted":
@@ -242,6 +242,18 @@ class Encryption:
             return  # known (the first content stays)
         if isinstance(content, dict) and content.get("algorithm") == MEGOLM:
             await self.stores.encrypted_rooms.record(None, RoomID(room_id), content, now_ms())
+
+    async def _turned_on(self, room_id: str, content: Any) -> None:
+        """Encryption turned on in a room: a DM's ghost gets its device now, so it can read
+        the user's next message."""
+        await self._record(room_id, content)
+        ghost_id = await self.stores.encrypted_rooms.ghost_of(RoomID(room_id))
+        if ghost_id is None or await self.stores.encrypted_rooms.get(RoomID(room_id)) is None:
+            return
+        try:
+            await self.machine(ghost_id)
+        except Exception:
+            log.exception("%s: no device could be made for %s", room_id, ghost_id)
 
     async def _invited(self, raw: dict[str, Any]) -> None:
         """A ghost invited to an encrypted room gets its device before it joins, so the

@@ -79,6 +79,14 @@ class EncryptingHuman(Human):
         assert resp.status == 200, await resp.text()
         return str((await resp.json())["type"])
 
+    async def devices_of(self, user_id: str) -> dict[str, Any]:
+        """The devices the homeserver lists for ``user_id`` (asked directly, not cached)."""
+        headers = {"Authorization": f"Bearer {self.client.access_token}"}
+        resp = await self.client.send("POST", "/_matrix/client/v3/keys/query",
+                                      json.dumps({"device_keys": {user_id: []}}), headers)
+        devices: dict[str, Any] = (await resp.json())["device_keys"].get(user_id, {})
+        return devices
+
     async def decrypted_media(self, file: dict[str, Any]) -> bytes:
         """An encrypted attachment fetched from the homeserver and decrypted, as a client
         shows it."""
@@ -318,10 +326,7 @@ async def test_encrypted_dm_survives_a_restart_and_a_sigkill(
         assert len(keys) == 1, keys
         assert "message.undecryptable" not in [e["type"] for e in feed.seen]
         # One device made once and kept: the ghost's device list is the same after restarts.
-        headers = {"Authorization": f"Bearer {human.client.access_token}"}
-        resp = await human.client.send("POST", "/_matrix/client/v3/keys/query",
-                                       json.dumps({"device_keys": {ghost_id: []}}), headers)
-        devices = (await resp.json())["device_keys"][ghost_id]
+        devices = await human.devices_of(ghost_id)
         assert list(devices) == [device_id_for(ghost_id)], devices
 
 
@@ -421,3 +426,29 @@ async def test_with_encryption_required_an_unencrypted_dm_is_refused_and_an_encr
     await feed.expect("dm.started", room_id=room_id)
     await human.say_encrypted(room_id, "now encrypted")
     await feed.expect("message", room_id=room_id, text="now encrypted")
+
+
+async def test_encryption_turned_on_in_a_plain_dm_gives_the_ghost_a_device_at_once(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human, contact = await encrypting_human(), _contact()
+    first = await _send(platform, human, contact, text="a plain start")
+    room_id = first["room_id"]
+    await human.wait_invite(room_id)
+    await human.join(room_id)
+    assert await human.encrypted_type(room_id, first["event_id"]) == "m.room.message"
+    await human.client.room_put_state(room_id, ENCRYPTION["type"], ENCRYPTION["content"])
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(contact)
+
+    async def ghost_has_a_device() -> bool:
+        return bool(await human.devices_of(ghost_id))
+    await wait_for(ghost_has_a_device, what="the ghost's device")
+
+    await human.say_encrypted(room_id, "now it is private")
+    await feed.expect("message", room_id=room_id, text="now it is private")
+    answer = await _send(platform, human, contact, text="private answer")
+    assert await human.encrypted_type(room_id, answer["event_id"]) == "m.room.encrypted"
+    assert [m["content"]["body"] for m in await human.read(room_id, 2)] == [
+        "a plain start", "private answer"]
