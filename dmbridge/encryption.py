@@ -115,7 +115,7 @@ class Encryption:
         self.state = RoomEncryptionState(stores)
         self._machines: LRU[str, OlmMachine] = LRU(MACHINES_MAX)
         self._locks: KeyedLocks[str] = KeyedLocks()
-        self._sharing: dict[RoomID, asyncio.Lock] = {}
+        self._sharing: KeyedLocks[RoomID] = KeyedLocks()  # one key share per room at a time
 
     @property
     def enabled(self) -> bool:
@@ -365,8 +365,7 @@ class Encryption:
         return serialized
 
     async def _share(self, machine: OlmMachine, room_id: RoomID) -> None:
-        lock = self._sharing.setdefault(room_id, asyncio.Lock())
-        async with lock:
+        async with self._sharing.hold(room_id):
             current = await machine.crypto_store.get_outbound_group_session(room_id)
             if current is not None and current.shared and not current.expired:
                 return  # shared meanwhile
