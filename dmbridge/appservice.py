@@ -25,6 +25,7 @@ from mautrix.util.logging import TraceLogger
 from . import jsontext
 from .config import Settings
 from .diagnosis import wrong_hs_token
+from .encryption import Encryption
 from .listener import Listener
 from .lru import LRU
 from .matrix import MatrixHandler
@@ -68,6 +69,7 @@ class ClientLogs(TraceLogger):
 
 class BridgeAppService(AppService):
     handler: MatrixHandler
+    encryption: Encryption | None = None
 
     def __init__(self, settings: Settings, state_store: ASStateStore, listener: Listener,
                  metrics: Metrics | None = None) -> None:
@@ -165,6 +167,8 @@ class BridgeAppService(AppService):
             ephemeral = []
         untrusted = cut or jsontext.may_hold_unstorable(data)
         try:
+            if self.encryption is not None:  # keys for the ghosts' devices; events decrypted
+                events = await self.encryption.intake(body, events)
             await self.handler.handle_transaction(txn_id, events, ephemeral, untrusted=untrusted)
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise

@@ -19,6 +19,7 @@ from .db import Stores, create_database, safe_url, start_database
 from .db.timing import time_queries
 from .diagnosis import Problem
 from .dms import DMService
+from .encryption import CRYPTO_UPGRADE_TABLE, Encryption, tell_undecryptable
 from .errors import RateLimited
 from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
@@ -70,8 +71,16 @@ class Bridge:
         self.matrix = MatrixHandler(
             stores=self.stores, networks=settings.networks, appservice=self.appservice,
             ghosts=self.ghosts, on_leave=settings.on_leave, metrics=self.metrics,
+            encryption=settings.encryption,
         )
         self.appservice.handler = self.matrix
+        self.encryption = Encryption(
+            mode=settings.encryption, homeserver_url=settings.homeserver_url,
+            as_token=settings.as_token, db=self.db, stores=self.stores,
+            networks=settings.networks, session=lambda: self.appservice.http_session,
+        )
+        if self.encryption.enabled:
+            self.appservice.encryption = self.encryption
         self.links = MediaLinks(settings.as_token, settings.media.public_url,
                                 settings.media.link_ttl)
         notices = settings.admin_notices
@@ -88,6 +97,8 @@ class Bridge:
                              announce=self.peers.outbox_queued, undelivered=self.undelivered)
         self.matrix.on_queued = self.outbox.wake
         self.matrix.on_undelivered = self.undelivered.wake
+        self.matrix.on_undecryptable = self._undecryptable
+        self._notices_sent: set[asyncio.Task[None]] = set()
         self.retention = Retention(self.db, settings.retention)
         self._dms: DMService | None = None
         self._operations: Operations | None = None
@@ -106,6 +117,14 @@ class Bridge:
         if self._invites is not None:
             self._invites.wake()
         self.peers.invites_queued()
+
+    def _undecryptable(self, items: list[tuple[str, str, str]]) -> None:
+        """Tell the users in their rooms (in the background) that messages did not go through."""
+        if self._homeserver is None:
+            return
+        task = asyncio.create_task(tell_undecryptable(self._homeserver.send_event, items))
+        self._notices_sent.add(task)
+        task.add_done_callback(self._notices_sent.discard)
 
     def _heard_invites(self) -> None:
         if self._invites is not None:
@@ -150,7 +169,7 @@ class Bridge:
         # Refused before the schema is touched; a folder problem is the database's to explain.
         self.sole_worker.hold(strict=False)
         await start_database(self.db, self.settings.database_url,
-                             extra=[self.state_store.upgrade_table])
+                             extra=[self.state_store.upgrade_table, CRYPTO_UPGRADE_TABLE])
         self.sole_worker.hold(strict=True)
         await self.instances.start()
         self.peers.start()
@@ -159,17 +178,21 @@ class Bridge:
             self.settings.homeserver_url, self.settings.as_token,
             [self.notices.watch_homeserver, self.limits.middleware],
         )
+        if self.encryption.enabled:
+            self._homeserver.encrypt = self.encryption.encrypt
         media = MediaService(settings=self.settings, stores=self.stores,
                              homeserver=self._homeserver, links=self.links)
         self._dms = DMService(
             settings=self.settings, stores=self.stores, appservice=self.appservice,
             ghosts=self.ghosts, homeserver=self._homeserver, media=media,
             instances=self.instances, pacing=self.pacing,
+            encryption=self.encryption if self.encryption.enabled else None,
         )
         self._invites = InviteHandler(
             stores=self.stores, networks=self.settings.networks, ghosts=self.ghosts,
             appservice=self.appservice, dms=self._dms, queued=self.outbox.wake,
             lease_s=lease_seconds(self.settings.rate_limits.background_wait),
+            require_encryption=self.settings.encryption == "require",
         )
         self.matrix.on_invited = self._invited
         self._operations = Operations(self._dms, self.outbox, media, self.settings, self.quotas,

@@ -34,6 +34,8 @@ ENV_PREFIX = "DMBRIDGE_"
 PLACEHOLDER = "generate"
 LOG_FORMATS = ("text", "json")
 ON_LEAVE = ("reinvite", "new_room")
+# dm.encryption, from no encryption at all to encrypted DMs only (README: "Encrypted DMs").
+ENCRYPTION = ("off", "allow", "default", "require")
 RETENTION_KEYS = ("message_maps", "history", "media", "dead_letters")
 _NETWORK_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _DOMAIN = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
@@ -341,6 +343,7 @@ class Settings:
     networks: Networks
     log_level: str
     on_leave: str = "reinvite"
+    encryption: str = "off"
     delivery: DeliverySettings = DeliverySettings()
     media: MediaSettings = MediaSettings()
     listener: ListenerSettings = field(default_factory=ListenerSettings)
@@ -371,6 +374,10 @@ class Settings:
             # Typing and read receipts (MSC2409), under the stable and the older unstable key.
             "receive_ephemeral": True,
             "de.sorunome.msc2409.push_ephemeral": True,
+            # Encrypted DMs: the bridge makes a device for each ghost (MSC4190) and is told of
+            # one-time key counts and device list changes (MSC3202) (README: "Encrypted DMs").
+            "io.element.msc4190": True,
+            "org.matrix.msc3202": True,
             "namespaces": {"users": users, "aliases": [], "rooms": []},
         }
 
@@ -643,6 +650,7 @@ def load_settings(config: Config) -> Settings:
         networks=Networks(networks),
         log_level=level,
         on_leave=_on_leave(r),
+        encryption=_encryption(r),
         delivery=DeliverySettings(
             max_attempts=r.integer("delivery.max_attempts", 1, 1000),
             max_age=r.number("delivery.max_age", 1, 90 * 86400),
@@ -775,6 +783,16 @@ def _public_url(r: _Reader) -> str:
     if r.config.get("media.public_url", None) in (None, ""):
         return r.url("appservice.address")
     return r.url("media.public_url")
+
+
+def _encryption(r: _Reader) -> str:
+    value = r.get("dm.encryption")
+    if value is False:  # YAML 1.1 readers take a bare off for false
+        value = "off"
+    if value not in ENCRYPTION:
+        raise ConfigError("dm.encryption",
+                          f"must be one of {', '.join(ENCRYPTION)}, got {value!r}")
+    return value
 
 
 def _on_leave(r: _Reader) -> str:

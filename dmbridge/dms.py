@@ -22,6 +22,7 @@ from .db import Stores, now_ms
 from .db.dm import ACTIVE, DECLINED
 from .db.media import Media
 from .db.message import EDIT, MESSAGE, REACTION, SentMessage
+from .encryption import Encryption
 from .errors import (
     HomeserverError,
     InvalidParam,
@@ -134,6 +135,7 @@ class DMService:
     def __init__(
         self, *, settings: Settings, stores: Stores, appservice: AppService, ghosts: Ghosts,
         homeserver: Homeserver, media: MediaService, instances: Instances, pacing: Pacing,
+        encryption: Encryption | None = None,
     ) -> None:
         self.settings = settings
         self.media = media
@@ -143,7 +145,8 @@ class DMService:
         self.ghosts = ghosts
         self.homeserver = homeserver
         self.opener = Opener(settings=settings, stores=stores, appservice=appservice,
-                             ghosts=ghosts, instances=instances, pacing=pacing)
+                             ghosts=ghosts, instances=instances, pacing=pacing,
+                             encryption=encryption)
 
     # --- the Python API ---------------------------------------------------------------------
 

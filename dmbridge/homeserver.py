@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
@@ -68,6 +68,12 @@ def endpoint_of(path: str) -> str:
     return "/".join(out)
 
 
+# Encrypts an event for a room (ghost, room, type, content) as the ghost's device: the type,
+# content and device ID to send instead, or None for a room without encryption.
+Encrypt = Callable[[UserID, RoomID, str, dict[str, Any]],
+                   Awaitable[tuple[str, dict[str, Any], str] | None]]
+
+
 class Homeserver:
     """The appservice's own HTTP path to the homeserver for the per-message send.
 
@@ -81,6 +87,7 @@ class Homeserver:
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {as_token}",
                          "Content-Type": "application/json"}
+        self.encrypt: Encrypt | None = None
 
     async def close(self) -> None:
         await self.session.close()
@@ -90,12 +97,17 @@ class Homeserver:
         content: dict[str, Any], attempts: int = 3, *, ts: int | None = None,
     ) -> EventID:
         """Send as a ghost. The txn_id makes retries (ours or the platform's) land once;
-        ``ts`` (milliseconds since the epoch) is the event's ``origin_server_ts``."""
+        ``ts`` (milliseconds since the epoch) is the event's ``origin_server_ts``. In an
+        encrypted room the event is encrypted and sent from the ghost's device."""
+        device_id = None
+        if self.encrypt is not None and (
+                encrypted := await self.encrypt(ghost_id, room_id, event_type, content)):
+            event_type, content, device_id = encrypted
         path = (
             f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/"
             f"{quote(event_type, safe='')}/{quote(txn_id, safe='')}"
         )
-        return await self._put_event(ghost_id, room_id, path, content, attempts, ts)
+        return await self._put_event(ghost_id, room_id, path, content, attempts, ts, device_id)
 
     async def redact(
         self, ghost_id: UserID, room_id: RoomID, event_id: EventID, txn_id: str,
@@ -111,11 +123,15 @@ class Homeserver:
 
     async def _put_event(
         self, ghost_id: UserID, room_id: RoomID, path: str, content: dict[str, Any],
-        attempts: int, ts: int | None = None,
+        attempts: int, ts: int | None = None, device_id: str | None = None,
     ) -> EventID:
         url = self.base_url + path
         body = json.dumps(content)
-        params = {"user_id": ghost_id} if ts is None else {"user_id": ghost_id, "ts": str(ts)}
+        params: dict[str, str] = {"user_id": ghost_id}
+        if ts is not None:
+            params["ts"] = str(ts)
+        if device_id is not None:
+            params["device_id"] = device_id
         delay = 0.5
         for attempt in range(1, attempts + 1):
             try:

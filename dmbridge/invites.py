@@ -56,8 +56,10 @@ def lease_seconds(background_wait: float) -> float:
 class InviteHandler:
     def __init__(self, *, stores: Stores, networks: Networks, ghosts: Ghosts,
                  appservice: AppService, dms: DMService,
-                 queued: Callable[[set[str]], None], lease_s: float = MIN_LEASE_S) -> None:
+                 queued: Callable[[set[str]], None], lease_s: float = MIN_LEASE_S,
+                 require_encryption: bool = False) -> None:
         self.stores = stores
+        self.require_encryption = require_encryption  # dm.encryption: require
         self.networks = networks
         self.ghosts = ghosts
         self.appservice = appservice
@@ -151,6 +153,10 @@ class InviteHandler:
             return
         network, remote_id = parsed
         refusal = self._refusal(network, invite)
+        if refusal is None and self.require_encryption and (
+                await self.stores.encrypted_rooms.get(RoomID(invite.room_id)) is None):
+            refusal = (f"{network.name} contacts only take encrypted chats: start the DM with"
+                       " encryption on.")
         try:
             await self.ghosts.ensure_registered(network, remote_id)
             if refusal is not None:

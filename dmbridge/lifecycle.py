@@ -47,6 +47,9 @@ class Effects:
     networks: set[str] = field(default_factory=set)
     invites: bool = False
     undelivered: bool = False  # the user is owed a notice about a message not delivered
+    # Encrypted messages of users the bridge could not read: (ghost, room, event) to tell the
+    # user about in the room.
+    undecryptable: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def lane_of(dm: DMRecord) -> payloads.Lane:
@@ -54,9 +57,10 @@ def lane_of(dm: DMRecord) -> payloads.Lane:
 
 
 class Lifecycle:
-    def __init__(self, *, stores: Stores, networks: Networks, bot_user_id: str, on_leave: str
-                 ) -> None:
+    def __init__(self, *, stores: Stores, networks: Networks, bot_user_id: str, on_leave: str,
+                 encryption: str = "off") -> None:
         self.stores = stores
+        self.encryption = encryption
         self.networks = networks
         self.bot_user_id = bot_user_id
         self.on_leave = on_leave
@@ -75,11 +79,25 @@ class Lifecycle:
             await self._message(conn, raw, now, effects)
         elif kind == MARKER and "state_key" in raw:
             await self._marker(conn, raw, now)
-        elif kind == "m.room.encrypted":
-            dm = await self.stores.dms.by_room(conn, str(raw.get("room_id")))
-            if dm is not None and raw.get("sender") == dm.user_id:
-                log.warning("%s: encrypted message %s cannot be read by the bridge; not delivered",
-                            raw.get("room_id"), raw.get("event_id"))
+        elif kind == "m.room.encrypted":  # still encrypted: the bridge could not decrypt it
+            await self._undecryptable(conn, raw, now, effects)
+
+    async def _undecryptable(self, conn: Connection, raw: dict[str, Any], now: int,
+                             effects: Effects) -> None:
+        room_id = str(raw["room_id"])
+        dm = await self.stores.dms.by_room(conn, room_id)
+        if dm is None or raw.get("sender") != dm.user_id or dm.state != ACTIVE:
+            return
+        reason = "encryption_off" if self.encryption == "off" else "keys_missing"
+        log.warning("%s: encrypted message %s cannot be read by the bridge (%s); not delivered",
+                    room_id, raw.get("event_id"), reason)
+        payload = payloads.undecryptable(lane_of(dm), room_id, raw, reason, now)
+        await self.stores.outbox.add(
+            conn, network=dm.network, remote_id=dm.remote_id, user_id=dm.user_id,
+            type=payload["type"], key=payload["idempotency_key"], payload=payload, now=now,
+        )
+        effects.networks.add(dm.network)
+        effects.undecryptable.append((dm.ghost_id, room_id, str(raw["event_id"])))
 
     async def apply_ephemeral(self, conn: Connection, edu: dict[str, Any], now: int,
                               effects: Effects) -> None:

@@ -277,6 +277,12 @@ class LocalSynapse:
             "presence": {"enabled": False},
             "url_preview_enabled": False,
             "max_upload_size": "50M",
+            # What an appservice needs to encrypt as its ghosts: to-device events, one-time key
+            # counts and device list changes in its transactions (README: "Encrypted DMs").
+            "experimental_features": {
+                "msc2409_to_device_messages_enabled": True,
+                "msc3202_transaction_extensions": True,
+            },
             **self.rate_limits,
         }
         path = wd / "homeserver.yaml"

@@ -26,7 +26,7 @@ MAX_ID_BYTES = 255  # the spec's limit for event, room and user IDs (and member 
 class MatrixHandler:
     def __init__(
         self, *, stores: Stores, networks: Networks, appservice: AppService, ghosts: Ghosts,
-        on_leave: str, metrics: Metrics | None = None,
+        on_leave: str, metrics: Metrics | None = None, encryption: str = "off",
     ) -> None:
         self.stores = stores
         self.metrics = metrics if metrics is not None else Metrics()
@@ -36,11 +36,14 @@ class MatrixHandler:
         self.on_leave = on_leave
         self.lifecycle = Lifecycle(
             stores=stores, networks=networks, bot_user_id=appservice.bot_mxid, on_leave=on_leave,
+            encryption=encryption,
         )
         # Told after each commit: which networks have new outbox items, and of new invites.
         self.on_queued: Callable[[set[str]], None] = lambda networks: None
         self.on_invited: Callable[[], None] = lambda: None
         self.on_undelivered: Callable[[], None] = lambda: None
+        # Told of the users' encrypted messages that could not be read: (ghost, room, event).
+        self.on_undecryptable: Callable[[list[tuple[str, str, str]]], None] = lambda items: None
 
     async def handle_transaction(self, txn_id: str, events: list[Any],
                                  ephemeral: list[Any] | None = None, *, untrusted: bool = True
@@ -91,6 +94,8 @@ class MatrixHandler:
             self.on_invited()
         if effects.undelivered:
             self.on_undelivered()
+        if effects.undecryptable:
+            self.on_undecryptable(effects.undecryptable)
         for raw in fresh:
             if "state_key" in raw:  # the cache holds room state only; messages pass it by
                 await self._update_state_store(raw)

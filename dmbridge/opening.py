@@ -29,6 +29,7 @@ from . import bridgeinfo, payloads
 from .config import Settings
 from .db import Stores, now_ms
 from .db.dm import ACTIVE, CREATING, DECLINED, ENDED, JOINING, DMRecord
+from .encryption import ENCRYPTION_CONTENT, Encryption
 from .errors import (
     Busy,
     Declined,
@@ -145,8 +146,10 @@ class Opener:
     """Finds the pair's usable DM, re-invites into it, or makes a new one."""
 
     def __init__(self, *, settings: Settings, stores: Stores, appservice: AppService,
-                 ghosts: Ghosts, instances: Instances, pacing: Pacing) -> None:
+                 ghosts: Ghosts, instances: Instances, pacing: Pacing,
+                 encryption: Encryption | None = None) -> None:
         self.settings = settings
+        self.encryption = encryption
         self.pacing = pacing
         self.stores = stores
         self.appservice = appservice
@@ -485,13 +488,22 @@ class Opener:
         initial_state = bridgeinfo.initial_state(network, remote_id, ghost_id,
                                                  self.settings.bot_user_id)
         initial_state.append(marker.state_event())
-        return await self.ghosts.intent(ghost_id).create_room(
+        encrypted = self.encryption is not None and self.encryption.encrypts_new_rooms
+        if self.encryption is not None and encrypted:
+            # The ghost's device exists before the user can write, so it can read them.
+            await self.encryption.machine(ghost_id)
+            initial_state.append({"type": "m.room.encryption", "state_key": "",
+                                  "content": ENCRYPTION_CONTENT})
+        room_id = await self.ghosts.intent(ghost_id).create_room(
             preset=RoomCreatePreset.PRIVATE,
             is_direct=True,
             invitees=[user_id],
             initial_state=initial_state,
             power_level_override={"users": users},
         )
+        if encrypted:
+            await self.stores.encrypted_rooms.record(None, room_id, ENCRYPTION_CONTENT, now_ms())
+        return room_id
 
     async def _default_room_version(self) -> str:
         if self._room_version is None:

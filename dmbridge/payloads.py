@@ -22,6 +22,9 @@ READ = "read"  # the Matrix user read the DM up to one of the platform's message
 EDIT = "edit"  # the Matrix user edited one of their messages
 REACTION = "reaction"  # the Matrix user reacted to a message
 REDACTION = "redaction"  # the Matrix user deleted a message or took a reaction back
+# The Matrix user wrote an encrypted message the bridge could not decrypt (README: "Encrypted
+# DMs"); the user was told in the room that the contact did not receive it.
+UNDECRYPTABLE = "message.undecryptable"
 
 MEDIA_MSGTYPES = frozenset({"m.image", "m.file", "m.audio", "m.video"})
 MAX_SAFE_INTEGER = 2**53 - 1  # what a JavaScript platform reads exactly
@@ -141,6 +144,15 @@ def timestamp(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SAFE_INTEGER:
         return value
     return None
+
+
+def undecryptable(lane: Lane, room_id: str, raw: dict[str, Any], reason: str, now: int
+                  ) -> dict[str, Any]:
+    """An encrypted message of the user that the platform cannot be given."""
+    event_id = str(raw["event_id"])
+    return {**lane.envelope(UNDECRYPTABLE, f"{UNDECRYPTABLE}:{event_id}", room_id, now),
+            UNDECRYPTABLE: {"event_id": event_id, "reason": reason,
+                            "sent_at": timestamp(raw.get("origin_server_ts"))}}
 
 
 def target(event_id: str, message_id: str | None, kind: str = "message") -> dict[str, Any]:

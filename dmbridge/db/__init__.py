@@ -12,6 +12,7 @@ from mautrix.util.async_db import Connection, Database, Scheme
 from .connect import DatabaseUnavailable, create_database, safe_url, start_database
 from .dm import DMStore
 from .dmcache import DMCache
+from .encrypted_room import EncryptedRoomStore
 from .event import ProcessedEventStore
 from .ghost import GhostStore
 from .history import HistoryStore
@@ -42,6 +43,7 @@ class Stores:
     history: HistoryStore
     invites: InviteStore
     undelivered: UndeliveredStore
+    encrypted_rooms: EncryptedRoomStore
 
     @classmethod
     def over(cls, db: Database) -> Stores:
@@ -60,6 +62,7 @@ class Stores:
             history=HistoryStore(db),
             invites=InviteStore(db),
             undelivered=UndeliveredStore(db),
+            encrypted_rooms=EncryptedRoomStore(db),
         )
 
     @asynccontextmanager

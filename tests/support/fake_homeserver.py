@@ -18,6 +18,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.support.fake_keys import FakeKeys
+
 
 @dataclass
 class Room:
@@ -69,6 +71,7 @@ class FakeHomeserver:
         self.media: dict[str, tuple[str, bytes]] = {}
         self.ping_duration_ms: int | None = 1  # what the ping answers (None: nothing)
         self.ping_offered = True  # False: a homeserver older than the ping (404 M_UNRECOGNIZED)
+        self.keys = FakeKeys()  # devices and keys for encrypted rooms
         self.server: TestServer | None = None
 
     @property
@@ -79,6 +82,7 @@ class FakeHomeserver:
     def add_human(self, localpart: str) -> str:
         user_id = f"@{localpart}:{self.domain}"
         self.users.add(user_id)
+        self.keys.add_human(user_id)
         return user_id
 
     async def start(self) -> None:
@@ -111,6 +115,7 @@ class FakeHomeserver:
         app.router.add_post("/_matrix/media/v3/upload", self._upload, name="upload")
         app.router.add_get("/_matrix/client/v1/media/download/{server}/{media_id}",
                            self._download, name="download")
+        self.keys.install(app, v3)
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()
 

@@ -428,6 +428,10 @@ DELIVERY_INVALID = {
         set_key("dm.on_leave", "kick"),
         "dm.on_leave", "must be one of reinvite, new_room, got 'kick'",
     ),
+    "encryption unknown": (
+        set_key("dm.encryption", "always"),
+        "dm.encryption", "must be one of off, allow, default, require, got 'always'",
+    ),
     "on_leave not a string": (
         set_key("dm.on_leave", 1),
         "dm.on_leave", "must be a non-empty string",
@@ -518,6 +522,7 @@ def test_generated_defaults_are_pull_and_everyone(config_path: Path) -> None:
     assert network.delivery == Delivery()
     assert network.send_to.everyone and network.invites_from.everyone
     assert settings.on_leave == "reinvite"
+    assert settings.encryption == "off"
     assert settings.delivery == DeliverySettings()
 
 

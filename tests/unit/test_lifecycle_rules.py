@@ -448,19 +448,26 @@ async def test_messages_from_anyone_but_the_user_are_not_queued(
     assert rec.queued == []
 
 
-async def test_encrypted_and_other_events_are_not_queued(
+async def test_an_encrypted_message_left_encrypted_is_told_not_delivered(
     stores: Stores, handler: tuple[MatrixHandler, Recorder]
 ) -> None:
     h, _ = handler
+    told: list[list[tuple[str, str, str]]] = []
+    h.on_undecryptable = told.append
     await open_dm(stores)
+    encrypted = new_event_id()
     await send(
         h,
-        {"type": "m.room.encrypted", "room_id": ROOM, "sender": USER, "event_id": new_event_id(),
+        {"type": "m.room.encrypted", "room_id": ROOM, "sender": USER, "event_id": encrypted,
          "origin_server_ts": 1, "content": {"algorithm": "m.megolm.v1.aes-sha2"}},
         {"type": "m.reaction", "room_id": ROOM, "sender": USER, "event_id": new_event_id(),
          "origin_server_ts": 1, "content": {}},
     )
-    assert await outbox(stores) == []
+    [item] = await outbox(stores)
+    assert item["type"] == "message.undecryptable"
+    assert item["message.undecryptable"] == {"event_id": encrypted, "reason": "encryption_off",
+                                             "sent_at": 1}
+    assert told == [[(GHOST, ROOM, encrypted)]]
 
 
 async def test_a_sticker_is_queued(

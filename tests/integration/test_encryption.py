@@ -1,0 +1,454 @@
+"""Encrypted DMs as users see them: the human's encrypting client (matrix-nio with its e2e
+extra) on one side, the platform's pull feed on the other, each ghost with a device of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+from nio import AsyncClient, AsyncClientConfig, LoginResponse, RoomSendResponse, UploadResponse
+from nio.crypto.attachments import decrypt_attachment, encrypt_attachment
+
+from dmbridge.bridge import Bridge
+from dmbridge.encryption import UNDECRYPTABLE_NOTICE, device_id_for
+from tests.integration.conftest import (
+    DOMAIN,
+    PASSWORD,
+    BridgeFactory,
+    Homeserver,
+    Platform,
+    wait_for,
+)
+from tests.integration.test_media import png
+from tests.support.feed import Feed
+from tests.support.matrix import Human
+from tests.support.process import BridgeProcess
+from tests.support.settings import CHAT_TOKEN, make_settings
+
+NET = "chat"
+ENCRYPTION = {"type": "m.room.encryption", "state_key": "",
+              "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+
+
+class EncryptingHuman(Human):
+    """A Matrix user whose client encrypts, as Element X does: keys uploaded, devices queried
+    before each send, messages decrypted as they are read."""
+
+    async def sync_keys(self) -> None:
+        """One sync (to-device keys come in), then the device keys it says are needed."""
+        await self.client.sync(timeout=100)
+        if self.client.should_upload_keys:
+            await self.client.keys_upload()
+        if self.client.should_query_keys:
+            await self.client.keys_query()
+
+    async def create_encrypted_dm(self, invitee: str, rotate_after: int | None = None) -> str:
+        """An encrypted DM; ``rotate_after`` messages, senders change their room key."""
+        encryption = {**ENCRYPTION, "content": {**ENCRYPTION["content"]}}
+        if rotate_after is not None:
+            encryption["content"]["rotation_period_msgs"] = rotate_after
+        resp = await self.client.room_create(is_direct=True, invite=[invitee],
+                                             initial_state=[encryption])
+        room_id = getattr(resp, "room_id", None)
+        assert isinstance(room_id, str), resp
+        return room_id
+
+    async def say_encrypted(self, room_id: str, text: str) -> str:
+        await self.sync_keys()
+        resp = await self.client.room_send(room_id, "m.room.message",
+                                           {"msgtype": "m.text", "body": text},
+                                           ignore_unverified_devices=True)
+        assert isinstance(resp, RoomSendResponse), resp
+        return str(resp.event_id)
+
+    async def encrypted_type(self, room_id: str, event_id: str) -> str:
+        """The type of the event as the homeserver holds it (nio would decrypt it)."""
+        path = (f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}"
+                f"/event/{quote(event_id, safe='')}")
+        headers = {"Authorization": f"Bearer {self.client.access_token}"}
+        resp = await self.client.send("GET", path, headers=headers)
+        assert resp.status == 200, await resp.text()
+        return str((await resp.json())["type"])
+
+    async def devices_of(self, user_id: str) -> dict[str, Any]:
+        """The devices the homeserver lists for ``user_id`` (asked directly, not cached)."""
+        headers = {"Authorization": f"Bearer {self.client.access_token}"}
+        resp = await self.client.send("POST", "/_matrix/client/v3/keys/query",
+                                      json.dumps({"device_keys": {user_id: []}}), headers)
+        devices: dict[str, Any] = (await resp.json())["device_keys"].get(user_id, {})
+        return devices
+
+    async def decrypted_media(self, file: dict[str, Any]) -> bytes:
+        """An encrypted attachment fetched from the homeserver and decrypted, as a client
+        shows it."""
+        server, media_id = file["url"].removeprefix("mxc://").split("/")
+        headers = {"Authorization": f"Bearer {self.client.access_token}"}
+        resp = await self.client.send(
+            "GET", f"/_matrix/client/v1/media/download/{server}/{media_id}", headers=headers)
+        assert resp.status == 200, await resp.text()
+        return bytes(decrypt_attachment(await resp.read(), file["key"]["k"],
+                                        file["hashes"]["sha256"], file["iv"]))
+
+    async def read(self, room_id: str, count: int, timeout: float = 30.0
+                   ) -> list[dict[str, Any]]:
+        """The room's messages from others, decrypted, once there are ``count`` of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.sync_keys()
+            found = [m for m in await self.messages(room_id) if m["sender"] != self.user_id]
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.user_id} read {found} in {room_id}; expected "
+                                     f"{count} decrypted messages")
+            await asyncio.sleep(0.2)
+
+
+NewEncryptingHuman = Callable[..., Awaitable[EncryptingHuman]]
+
+
+@pytest.fixture
+async def encrypting_human(homeserver: Homeserver, tmp_path: Path
+                           ) -> AsyncIterator[NewEncryptingHuman]:
+    clients: list[AsyncClient] = []
+
+    async def make(user_id: str | None = None) -> EncryptingHuman:
+        """A new user, or another device (client) of ``user_id``."""
+        if user_id is None:
+            localpart = f"human-{uuid.uuid4().hex[:8]}"
+            user_id = await asyncio.to_thread(homeserver.synapse.register_user, localpart,
+                                              PASSWORD)
+        store = tmp_path / f"nio-{uuid.uuid4().hex[:8]}"
+        store.mkdir()
+        client = AsyncClient(homeserver.url, user_id, store_path=str(store),
+                             config=AsyncClientConfig(encryption_enabled=True,
+                                                      store_sync_tokens=True))
+        resp = await client.login(PASSWORD)
+        assert isinstance(resp, LoginResponse), resp
+        clients.append(client)
+        human = EncryptingHuman(client)
+        await human.sync_keys()
+        return human
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+def _contact() -> str:
+    return f"c{uuid.uuid4().hex[:12]}"
+
+
+async def _send(platform: Platform, human: Human, contact: str, **body: Any) -> dict[str, Any]:
+    status, answer = await platform.send(NET, CHAT_TOKEN, uuid.uuid4().hex, sender=contact,
+                                         recipient=human.user_id, **body)
+    assert status == 200, answer
+    return dict(answer)
+
+
+async def _dm_from_matrix(bridge: Bridge, human: EncryptingHuman, feed: Feed,
+                          rotate_after: int | None = None) -> tuple[str, str]:
+    """The human starts an encrypted DM with a never-seen ghost; (room, ghost) once joined."""
+    contact = _contact()
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(contact)
+    room_id = await human.create_encrypted_dm(ghost_id, rotate_after)
+    await human.wait_membership(room_id, ghost_id, "join")
+    await feed.expect("dm.started", room_id=room_id)
+    return room_id, contact
+
+
+async def test_encrypted_dm_started_from_matrix_works_both_ways(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    # The room key changes every second message: the third of the platform's is under a new one.
+    room_id, contact = await _dm_from_matrix(bridge, human, feed, rotate_after=2)
+
+    event_id = await human.say_encrypted(room_id, "is this private?")
+    assert await human.encrypted_type(room_id, event_id) == "m.room.encrypted"
+    message = await feed.expect("message", room_id=room_id, text="is this private?")
+    assert message["message"]["event_id"] == event_id
+
+    sent = await _send(platform, human, contact, text="yes, encrypted")
+    assert sent["room_id"] == room_id
+    assert await human.encrypted_type(room_id, sent["event_id"]) == "m.room.encrypted"
+    await _send(platform, human, contact, markdown="**bold** and _italic_")
+    image = png(3, 2)
+    async with platform.session.post(
+        f"{platform.base}/networks/{NET}/media", data=image, params={"filename": "red.png"},
+        headers={"Authorization": f"Bearer {CHAT_TOKEN}", "Content-Type": "image/png"},
+    ) as resp:
+        uploaded = await resp.json()
+    await _send(platform, human, contact, media=uploaded["content_uri"], text="a red square")
+    read = await human.read(room_id, 3)
+    assert [m["content"]["body"] for m in read] == ["yes, encrypted", "**bold** and _italic_",
+                                                    "a red square"]
+    picture = read[2]["content"]
+    assert picture["msgtype"] == "m.image" and "url" not in picture
+    assert await human.decrypted_media(picture["file"]) == image
+    html = read[1]["content"]["formatted_body"]
+    assert html == "<p><strong>bold</strong> and <em>italic</em></p>"
+    members = await human.client.joined_members(room_id)
+    assert sorted(m.user_id for m in members.members) == sorted(  # type: ignore[union-attr]
+        [human.user_id, bridge.settings.networks.get(NET).ghost_user_id(contact)])
+
+
+async def test_with_encryption_off_the_user_is_told_and_the_platform_gets_an_event(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge()
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, _ = await _dm_from_matrix(bridge, human, feed)
+
+    event_id = await human.say_encrypted(room_id, "can you read this?")
+    event = await feed.expect("message.undecryptable", room_id=room_id)
+    assert event["message.undecryptable"]["event_id"] == event_id
+    assert event["message.undecryptable"]["reason"] == "encryption_off"
+    notice = (await human.read(room_id, 1))[0]
+    assert notice["content"]["msgtype"] == "m.notice"
+    assert notice["content"]["body"] == UNDECRYPTABLE_NOTICE
+    assert notice["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == event_id
+    assert "message" not in [e["type"] for e in feed.seen]
+
+
+async def test_rooms_the_bridge_creates_are_encrypted_with_encryption_default(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "default"})
+    feed = Feed(platform)
+    human, contact = await encrypting_human(), _contact()
+    first = await _send(platform, human, contact, text="hello from the platform")
+    room_id = first["room_id"]
+    await human.wait_invite(room_id)
+    await human.join(room_id)
+    assert await human.encrypted_type(room_id, first["event_id"]) == "m.room.encrypted"
+    assert [m["content"]["body"] for m in await human.read(room_id, 1)] == [
+        "hello from the platform"]
+
+    await human.say_encrypted(room_id, "hello from Matrix")
+    await feed.expect("message", room_id=room_id, text="hello from Matrix")
+    await _send(platform, human, contact, text="and back")
+    assert [m["content"]["body"] for m in await human.read(room_id, 2)][-1] == "and back"
+    members = await human.client.joined_members(room_id)
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(contact)
+    assert sorted(m.user_id for m in members.members) == sorted(  # type: ignore[union-attr]
+        [human.user_id, ghost_id])
+
+
+async def test_the_users_new_device_reads_the_ghosts_later_messages(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, contact = await _dm_from_matrix(bridge, human, feed)
+    await human.say_encrypted(room_id, "first")
+    await feed.expect("message", room_id=room_id, text="first")
+    await _send(platform, human, contact, text="before the new device")
+    await human.read(room_id, 1)
+
+    second = await encrypting_human(human.user_id)
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(contact)
+    machine = await bridge.encryption.machine(ghost_id)
+    assert machine is not None
+
+    async def knows_second() -> bool:  # the homeserver told the bridge of the device (MSC3202)
+        devices = await machine.crypto_store.get_devices(human.client.user_id)
+        return devices is not None and second.client.device_id in devices
+    await wait_for(knows_second, what="the bridge to learn of the user's second device")
+
+    await _send(platform, human, contact, text="after the new device")
+    # Only what was sent after it appeared: the earlier key was never shared with it.
+    read = await second.read(room_id, 1)
+    assert [m["content"]["body"] for m in read] == ["after the new device"]
+    assert [m["content"]["body"] for m in await human.read(room_id, 2)][-1] == (
+        "after the new device")
+    # And what the new device writes reaches the platform.
+    await second.say_encrypted(room_id, "from my other device")
+    await feed.expect("message", room_id=room_id, text="from my other device")
+
+
+async def test_encrypted_dm_survives_a_restart_and_a_sigkill(
+    homeserver: Homeserver, db_url: str, tmp_path: Path,
+    encrypting_human: NewEncryptingHuman,
+) -> None:
+    settings = make_settings(tmp_path, homeserver_url=homeserver.url, domain=DOMAIN,
+                             port=homeserver.bridge_port, db_url=db_url,
+                             **{"logging.level": "INFO", "dm.encryption": "allow"})
+    human, contact = await encrypting_human(), _contact()
+    ghost_id = settings.networks.get(NET).ghost_user_id(contact)
+    process = BridgeProcess(tmp_path / "config.yaml", tmp_path / "bridge.log")
+    async with process, aiohttp.ClientSession() as session:
+        platform = Platform(session, homeserver.bridge_port)
+        feed = Feed(platform)
+        process.start()
+        await process.wait_ready(homeserver.bridge_port)
+        room_id = await human.create_encrypted_dm(ghost_id)
+        await human.wait_membership(room_id, ghost_id, "join")
+        await feed.expect("dm.started", room_id=room_id)
+
+        async def exchange(n: int) -> None:
+            await human.say_encrypted(room_id, f"question {n}")
+            await feed.expect("message", room_id=room_id, text=f"question {n}")
+            await _send(platform, human, contact, text=f"answer {n}")
+            read = await human.read(room_id, n)
+            assert [m["content"]["body"] for m in read] == [
+                f"answer {i}" for i in range(1, n + 1)], process.log_tail()
+
+        await exchange(1)
+        assert await process.kill() == -9
+        process.start()
+        await process.wait_ready(homeserver.bridge_port)
+        await exchange(2)
+        assert await process.terminate() == 0
+        process.start()
+        await process.wait_ready(homeserver.bridge_port)
+        await exchange(3)
+        await feed.pull(wait=1)
+        assert sorted(feed.texts()) == ["question 1", "question 2", "question 3"]
+        # One room key from the ghost for all three answers: restarts shared no new one.
+        assert human.client.olm is not None
+        own = human.client.olm.account.identity_keys["curve25519"]
+        keys = [s.id for s in human.client.olm.inbound_group_store
+                if s.room_id == room_id and s.sender_key != own]
+        assert len(keys) == 1, keys
+        assert "message.undecryptable" not in [e["type"] for e in feed.seen]
+        # One device made once and kept: the ghost's device list is the same after restarts.
+        devices = await human.devices_of(ghost_id)
+        assert list(devices) == [device_id_for(ghost_id)], devices
+
+
+async def test_encrypted_replies_edits_reactions_and_deletions_reach_the_platform(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, contact = await _dm_from_matrix(bridge, human, feed)
+    sent = await _send(platform, human, contact, text="pick a time")
+    await human.read(room_id, 1)
+
+    async def send(event_type: str, content: dict[str, Any]) -> str:
+        await human.sync_keys()
+        if event_type == "m.reaction":  # nio leaves reactions unencrypted; Element does not
+            event_type, content = human.client.encrypt(room_id, event_type, content)
+            path = (f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/{event_type}/"
+                    f"{uuid.uuid4().hex}")
+            headers = {"Authorization": f"Bearer {human.client.access_token}"}
+            raw = await human.client.send("PUT", path, json.dumps(content), headers)
+            event_id = str((await raw.json())["event_id"])
+        else:
+            resp = await human.client.room_send(room_id, event_type, content,
+                                                ignore_unverified_devices=True)
+            assert isinstance(resp, RoomSendResponse), resp
+            event_id = str(resp.event_id)
+        assert await human.encrypted_type(room_id, event_id) == "m.room.encrypted"
+        return event_id
+
+    reply_id = await send("m.room.message", {
+        "msgtype": "m.text", "body": "noon",
+        "m.relates_to": {"m.in_reply_to": {"event_id": sent["event_id"]}}})
+    reply = await feed.expect("message", room_id=room_id, text="noon")
+    assert reply["message"]["reply_to"]["event_id"] == sent["event_id"]
+    await send("m.room.message", {
+        "msgtype": "m.text", "body": "* one o'clock",
+        "m.new_content": {"msgtype": "m.text", "body": "one o'clock"},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": reply_id}})
+    edit = await feed.expect("edit", room_id=room_id)
+    assert edit["edit"]["text"] == "one o'clock"
+    assert edit["edit"]["target"]["event_id"] == reply_id
+    reaction_id = await send("m.reaction", {"m.relates_to": {
+        "rel_type": "m.annotation", "event_id": sent["event_id"], "key": "👍"}})
+    reaction = await feed.expect("reaction", room_id=room_id)
+    assert reaction["reaction"]["key"] == "👍"
+    assert reaction["reaction"]["target"]["event_id"] == sent["event_id"]
+    await human.client.room_redact(room_id, reaction_id)
+    redaction = await feed.expect("redaction", room_id=room_id)
+    assert redaction["redaction"]["target"]["event_id"] == reaction_id
+
+
+async def test_the_users_encrypted_image_reaches_the_platform_decrypted(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, _ = await _dm_from_matrix(bridge, human, feed)
+    image = png(4, 3)
+    ciphertext, keys = encrypt_attachment(image)
+    uploaded, _ = await human.client.upload(lambda *_: ciphertext,
+                                            content_type="application/octet-stream",
+                                            filesize=len(ciphertext))
+    assert isinstance(uploaded, UploadResponse), uploaded
+    await human.sync_keys()
+    resp = await human.client.room_send(room_id, "m.room.message", {
+        "msgtype": "m.image", "body": "me.png",
+        "info": {"mimetype": "image/png", "size": len(image), "w": 4, "h": 3},
+        "file": {"url": uploaded.content_uri, **keys}}, ignore_unverified_devices=True)
+    assert isinstance(resp, RoomSendResponse), resp
+
+    message = (await feed.expect("message", room_id=room_id))["message"]
+    assert message["event_id"] == resp.event_id
+    media = message["media"]
+    assert (media["name"], media["mimetype"], media["width"]) == ("me.png", "image/png", 4)
+    async with platform.session.get(media["url"], headers={
+            "Authorization": f"Bearer {CHAT_TOKEN}"}) as got:
+        assert got.status == 200
+        assert await got.read() == image
+
+
+async def test_with_encryption_required_an_unencrypted_dm_is_refused_and_an_encrypted_one_taken(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "require"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(_contact())
+    plain = await human.create_dm(ghost_id)
+    await human.wait_membership(plain, ghost_id, "leave")
+    assert await human.leave_reason(plain, ghost_id) == (
+        "Chat contacts only take encrypted chats: start the DM with encryption on.")
+
+    room_id = await human.create_encrypted_dm(ghost_id)
+    await human.wait_membership(room_id, ghost_id, "join")
+    await feed.expect("dm.started", room_id=room_id)
+    await human.say_encrypted(room_id, "now encrypted")
+    await feed.expect("message", room_id=room_id, text="now encrypted")
+
+
+async def test_encryption_turned_on_in_a_plain_dm_gives_the_ghost_a_device_at_once(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human, contact = await encrypting_human(), _contact()
+    first = await _send(platform, human, contact, text="a plain start")
+    room_id = first["room_id"]
+    await human.wait_invite(room_id)
+    await human.join(room_id)
+    assert await human.encrypted_type(room_id, first["event_id"]) == "m.room.message"
+    await human.client.room_put_state(room_id, ENCRYPTION["type"], ENCRYPTION["content"])
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(contact)
+
+    async def ghost_has_a_device() -> bool:
+        return bool(await human.devices_of(ghost_id))
+    await wait_for(ghost_has_a_device, what="the ghost's device")
+
+    await human.say_encrypted(room_id, "now it is private")
+    await feed.expect("message", room_id=room_id, text="now it is private")
+    answer = await _send(platform, human, contact, text="private answer")
+    assert await human.encrypted_type(room_id, answer["event_id"]) == "m.room.encrypted"
+    assert [m["content"]["body"] for m in await human.read(room_id, 2)] == [
+        "a plain start", "private answer"]
