@@ -245,8 +245,10 @@ class InviteHandler:
         await self.stores.members.replace(room_id, ghost_id, "invite", "join")
         for member_id, (membership, name) in members.items():
             await self.stores.members.assume(room_id, UserID(member_id), membership, name)
-        # Someone else joined or invited: the user meant a group, not a DM.
-        others = [m for m in members if m not in (ghost_id, user_id)]
+        # Someone else joined: the user meant a group, not a DM. One only invited does not
+        # count (a usable DM is one nobody else has joined); if they join, the DM ends.
+        others = [m for m, (membership, _) in members.items()
+                  if membership == "join" and m not in (ghost_id, user_id)]
         if others:
             await self._leave(invite, one_to_one)
             await self._finish(room_id, ENDED, "not_one_to_one", invite, None, previous)
