@@ -54,6 +54,21 @@ class UndeliveredStore:
         )
         return got is not None
 
+    @staticmethod
+    async def add_for_room(conn: Connection, event_id: str, room_id: str, ghost_id: str,
+                           reason: str, since: int, now: int) -> bool:
+        """Owe the user a notice about ``event_id``, unless the room was told ``reason`` for
+        another message since ``since``: what holds for the whole room is said there once."""
+        got = await conn.fetchval(
+            "INSERT INTO undelivered_notice (event_id, room_id, ghost_id, reason, told,"
+            " created_at, updated_at) SELECT $1, $2, $3, $4, 'failed', $5, $5"
+            " WHERE NOT EXISTS (SELECT 1 FROM undelivered_notice WHERE room_id=$2"
+            " AND reason=$4 AND created_at >= $6)"
+            " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+            event_id, room_id, ghost_id, reason, now, since,
+        )
+        return got is not None
+
     async def add_now(self, event_id: str, room_id: str, ghost_id: str, reason: str,
                       now: int) -> bool:
         conn: Connection

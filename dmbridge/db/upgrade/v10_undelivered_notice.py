@@ -26,8 +26,10 @@ async def upgrade_v10(conn: Connection, scheme: Scheme) -> None:
     # Looked for in order of change: those still to show, and old ones to prune.
     await conn.execute("CREATE INDEX undelivered_notice_updated ON undelivered_notice"
                        " (updated_at)")
-    # Forgetting a user's DMs forgets them by room.
-    await conn.execute("CREATE INDEX undelivered_notice_room ON undelivered_notice (room_id)")
+    # A room that stopped being a DM is told so once, not at every message; forgetting a
+    # user's DMs forgets them by room.
+    await conn.execute("CREATE INDEX undelivered_notice_room ON undelivered_notice"
+                       " (room_id, reason, created_at)")
 
 
 upgrade_table.register(upgrade_v10, index=9,
