@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 from mautrix.errors import MatrixRequestError
 from mautrix.types import RoomID, UserID
+from mautrix.util.async_db import Connection
 
 from . import payloads, wake
 from .db import Stores, now_ms
@@ -84,42 +85,41 @@ class Undelivered:
 
     # --- what the rest of the bridge calls ------------------------------------------------
 
-    async def dead_letter(self, item: OutboxItem) -> None:
-        """The outbox gave up on ``item``: if it is the user's message, they are told.
-        Never raises: the dead letter is recorded whatever becomes of its notice."""
+    async def dead_letter(self, conn: Connection, item: OutboxItem) -> bool:
+        """The outbox gives up on ``item``, in the transaction on ``conn`` that makes it a
+        dead letter: if it is the user's message, a notice is owed (True: call :meth:`wake`
+        once committed). A failure here fails that transaction: the item stays pending."""
         if item.type not in USER_MESSAGES:
-            return
+            return False
         try:
             event = item.event()
-            room_id, ghost_id = event.get("room_id"), event.get("ghost_id")
-            if not isinstance(room_id, str) or not isinstance(ghost_id, str):
-                return
-            if await self.stores.undelivered.add_now(item.idempotency_key, room_id, ghost_id,
-                                                     DEAD_LETTER, now_ms()):
-                self.wake()
-        except Exception:
-            log.exception("could not queue the notice for dead letter %d; the user is not told",
-                          item.id)
+        except (ValueError, TypeError):  # not a JSON object: no room to tell
+            event = {}
+        room_id, ghost_id = event.get("room_id"), event.get("ghost_id")
+        if not isinstance(room_id, str) or not isinstance(ghost_id, str):
+            log.warning("dead letter %d names no room: the user is not told", item.id)
+            return False
+        return await self.stores.undelivered.add(conn, item.idempotency_key, room_id, ghost_id,
+                                                 DEAD_LETTER, now_ms())
 
-    async def delivered(self, item: OutboxItem) -> None:
-        """A webhook took ``item``. If it was a dead letter queued again, a notice that said it
-        failed is corrected. No database work for any other item."""
-        if item.type not in USER_MESSAGES or item.queued_at == item.created_at:
-            return
-        try:
-            if await self.stores.undelivered.delivered([item.idempotency_key], now_ms()):
-                self.wake()
-        except Exception:
-            log.exception("could not correct the notice about %s", item.idempotency_key)
+    @staticmethod
+    def may_correct(item: OutboxItem) -> bool:
+        """Whether delivering ``item`` may correct a notice: it is the user's message, queued
+        again after it became a dead letter. Any other item costs no database work."""
+        return item.type in USER_MESSAGES and item.queued_at != item.created_at
 
-    async def acknowledged(self, network: str, ids: list[int]) -> None:
-        """A pull network acknowledged ``ids``: any of them told as failed got through."""
-        try:
-            if await self.stores.undelivered.delivered_items(network, ids, now_ms()):
-                self.wake()
-        except Exception:
-            log.exception("could not correct the notices about acknowledged items of %s",
-                          network)
+    async def delivered(self, conn: Connection, item: OutboxItem) -> bool:
+        """A webhook took ``item`` (recorded in the transaction on ``conn``). If it was a dead
+        letter queued again, a notice that said it failed is to be corrected (True: call
+        :meth:`wake` once committed)."""
+        if not self.may_correct(item):
+            return False
+        return await self.stores.undelivered.delivered(conn, [item.idempotency_key], now_ms()) > 0
+
+    async def acknowledged(self, conn: Connection, network: str, ids: list[int]) -> bool:
+        """A pull network acknowledged ``ids`` (recorded in the transaction on ``conn``): any
+        of them told as failed got through (True: call :meth:`wake` once committed)."""
+        return await self.stores.undelivered.delivered_items(conn, network, ids, now_ms()) > 0
 
     def wake(self) -> None:
         self._wake.set()

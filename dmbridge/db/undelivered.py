@@ -80,25 +80,27 @@ class UndeliveredStore:
         async with self.db.acquire() as conn:
             return await self.add(conn, event_id, room_id, ghost_id, reason, now)
 
-    async def delivered(self, event_ids: list[str], now: int) -> int:
+    @staticmethod
+    async def delivered(conn: Connection, event_ids: list[str], now: int) -> int:
         """These events reached the platform after all: the room should say so."""
         if not event_ids:
             return 0
         marks = ", ".join(f"${i}" for i in range(2, len(event_ids) + 2))
-        rows = await self.db.fetch(
+        rows = await conn.fetch(
             f"UPDATE undelivered_notice SET told='delivered', updated_at=$1, attempts=0, {_DUE}"
             f" WHERE told='failed' AND event_id IN ({marks}) RETURNING event_id",
             now, *event_ids,
         )
         return len(rows)
 
-    async def delivered_items(self, network: str, ids: list[int], now: int) -> int:
+    @staticmethod
+    async def delivered_items(conn: Connection, network: str, ids: list[int], now: int) -> int:
         """The outbox items ``ids`` of ``network`` were acknowledged: their events reached
         the platform after all."""
         if not ids:
             return 0
         marks = ", ".join(f"${i}" for i in range(3, len(ids) + 3))
-        rows = await self.db.fetch(
+        rows = await conn.fetch(
             f"UPDATE undelivered_notice SET told='delivered', updated_at=$1, attempts=0, {_DUE}"
             " WHERE told='failed' AND event_id IN (SELECT idempotency_key"
             f" FROM outbox WHERE network=$2 AND state='delivered' AND id IN ({marks}))"
