@@ -164,8 +164,9 @@ class Undelivered:
             await self.stores.undelivered.shown(notice, None, now_ms())
             return 0
         name = parsed[0].name
-        if notice.told == DELIVERED and notice.shown is None:
-            # Delivered before the user was told it failed: nothing to correct.
+        if notice.told == DELIVERED and notice.notice_event_id is None:
+            # Delivered before the user was told it failed (or the notice saying so was given
+            # up): nothing in the room to correct, and nothing to say.
             await self.stores.undelivered.shown(notice, None, now_ms())
             return 1
         content = self._content(notice, name)
@@ -197,13 +198,11 @@ class Undelivered:
 
     @staticmethod
     def _content(notice: UndeliveredNotice, name: str) -> dict[str, Any]:
-        reply = {"m.in_reply_to": {"event_id": notice.event_id}}
+        """The failure, in reply to the message; or the edit of that notice (there is one)."""
         if notice.told == FAILED:
             return {"msgtype": "m.notice", "body": failure_text(notice.reason, name),
-                    "m.relates_to": reply}
+                    "m.relates_to": {"m.in_reply_to": {"event_id": notice.event_id}}}
         text = delivered_text(name)
-        if notice.notice_event_id is None:  # nothing to edit: a new notice, in reply
-            return {"msgtype": "m.notice", "body": text, "m.relates_to": reply}
         return {
             "msgtype": "m.notice", "body": f"* {text}",
             "m.new_content": {"msgtype": "m.notice", "body": text},

@@ -291,3 +291,21 @@ async def test_a_delivery_and_the_correction_of_its_notice_are_recorded_together
         await box._delivered(again, 1)
     # Not recorded as delivered: its lease runs out and it is delivered (and corrected) again.
     assert (await stores.outbox.get(item.id)).state == PENDING  # type: ignore[union-attr]
+
+
+async def test_a_retry_delivered_after_the_failure_notice_was_given_up_says_nothing(
+        stores: Stores) -> None:
+    """The user never saw the failure (its notice was given up): a later delivery does not
+    send an unexplained 'delivered after all'."""
+    hs = FakeHomeserver()
+    hs.fail = make_request_error(403, "{}", "M_FORBIDDEN", "not in the room")
+    told = _undelivered(stores, hs)
+    item = await _dead(stores, await _item(stores, "$unseen"))
+    await _dead_letter(told, item)
+    assert await told.send_due() == 0  # given up
+    hs.fail = None
+    await _delivered(told, await _requeued(stores, item))
+    await told.send_due()
+    assert hs.sent == []
+    row = await stores.undelivered.get("$unseen")
+    assert row is not None and (row.told, row.shown) == (DELIVERED, DELIVERED)
