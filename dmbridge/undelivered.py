@@ -41,7 +41,12 @@ log = logging.getLogger("dmbridge.undelivered")
 
 POLL_S = 10.0  # how often notices queued by other workers are looked for without a wake-up
 BATCH = 50  # notices sent per round, at most
-LEASE_MS = 60_000  # one attempt's hold on a notice; a worker that dies lets go when it ends
+# One attempt at a send: the rate limits may hold it up to rate_limits.background_wait, then
+# the request itself gets this long; past both it is abandoned (and tried again later).
+SEND_TIMEOUT_S = 60.0
+# An attempt's hold on a notice outlasts the longest send by this much, so no other worker
+# takes the notice while a send may still land; a worker that dies lets go when it ends.
+LEASE_SLACK_S = 30.0
 MAX_ATTEMPTS = 12  # about 25 minutes of tries; then the notice is given up (logged)
 RETRY_MIN_MS, RETRY_MAX_MS = 2_000, 300_000
 # The outbox items that are a Matrix user's own message (their idempotency key is its event ID).
@@ -76,9 +81,12 @@ def txn_id(what: str, notice: UndeliveredNotice) -> str:
 class Undelivered:
     """What the outbox and the lifecycle call, and the task that sends the notices."""
 
-    def __init__(self, *, stores: Stores, networks: Networks) -> None:
+    def __init__(self, *, stores: Stores, networks: Networks,
+                 background_wait: float = 60.0) -> None:
         self.stores = stores
         self.networks = networks
+        self._send_s = background_wait + SEND_TIMEOUT_S
+        self._lease_ms = int((self._send_s + LEASE_SLACK_S) * 1000)
         self._homeserver: Homeserver | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -154,7 +162,7 @@ class Undelivered:
         done = 0
         now = now_ms()
         for notice in await self.stores.undelivered.due(now, BATCH):
-            if await self.stores.undelivered.lease(notice, now, now + LEASE_MS):
+            if await self.stores.undelivered.lease(notice, now, now + self._lease_ms):
                 done += await self._show(notice)
         return done
 
@@ -172,9 +180,9 @@ class Undelivered:
         content = self._content(notice, name)
         try:
             assert self._homeserver is not None
-            event_id = await self._homeserver.send_event(
+            event_id = await asyncio.wait_for(self._homeserver.send_event(
                 UserID(notice.ghost_id), RoomID(notice.room_id), "m.room.message",
-                txn_id(notice.told, notice), content, attempts=1)
+                txn_id(notice.told, notice), content, attempts=1), self._send_s)
         except asyncio.CancelledError:
             raise
         except MatrixRequestError as e:

@@ -309,3 +309,55 @@ async def test_a_retry_delivered_after_the_failure_notice_was_given_up_says_noth
     assert hs.sent == []
     row = await stores.undelivered.get("$unseen")
     assert row is not None and (row.told, row.shown) == (DELIVERED, DELIVERED)
+
+
+class HeldHomeserver(FakeHomeserver):
+    """Holds every send until released, as the rate limits may."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def send_event(self, ghost_id: UserID, room_id: RoomID, event_type: str, txn: str,
+                         content: dict[str, Any], attempts: int = 3) -> EventID:
+        self.started.set()
+        await self.release.wait()
+        return await super().send_event(ghost_id, room_id, event_type, txn, content, attempts)
+
+
+async def test_a_notice_is_held_for_as_long_as_its_send_may_wait_out_the_rate_limits(
+        stores: Stores) -> None:
+    """rate_limits.background_wait at its largest: while one worker's send waits, no other
+    worker sends the notice, however long the wait lasts."""
+    hs = HeldHomeserver()
+    one = Undelivered(stores=stores, networks=Networks([SMS]), background_wait=240)
+    other = Undelivered(stores=stores, networks=Networks([SMS]), background_wait=240)
+    one._homeserver = other._homeserver = cast(Homeserver, hs)
+    await _dead_letter(one, await _dead(stores, await _item(stores, "$held")))
+    sending = asyncio.create_task(one.send_due())
+    await hs.started.wait()
+    waited = now_ms() + (240 + 60) * 1000  # the wait and the request at their longest
+    assert await stores.undelivered.due(waited, 10) == []
+    notice = await stores.undelivered.get("$held")
+    assert notice is not None
+    assert not await stores.undelivered.lease(notice, waited, waited + 1000)
+    hs.release.set()
+    assert await sending == 1
+    assert await other.send_due() == 0
+    assert len(hs.sent) == 1
+
+
+async def test_a_send_that_outlasts_its_lease_is_abandoned_and_tried_again(
+        stores: Stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dmbridge.undelivered.SEND_TIMEOUT_S", 0.05)
+    hs = HeldHomeserver()  # never released
+    told = Undelivered(stores=stores, networks=Networks([SMS]), background_wait=0)
+    told._homeserver = cast(Homeserver, hs)
+    await _dead_letter(told, await _dead(stores, await _item(stores, "$stuck")))
+    assert await told.send_due() == 0
+    row = await stores.undelivered.get("$stuck")
+    assert row is not None and row.shown is None and row.attempts == 1
+    assert [n.event_id for n in await stores.undelivered.due(now_ms() + 10**9, 10)] == [
+        "$stuck"]
+
