@@ -162,8 +162,21 @@ class Undelivered:
         done = 0
         now = now_ms()
         for notice in await self.stores.undelivered.due(now, BATCH):
-            if await self.stores.undelivered.lease(notice, now, now + self._lease_ms):
+            if not await self.stores.undelivered.lease(notice, now, now + self._lease_ms):
+                continue
+            try:
                 done += await self._show(notice)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # this notice only: the others of the batch still go
+                log.exception("%s: telling the user about %s failed unexpectedly",
+                              notice.room_id, notice.event_id)
+                try:
+                    await self._later(notice, repr(e))
+                except Exception:
+                    log.exception("%s: could not schedule the notice about %s again; it is"
+                                  " due again when its lease runs out", notice.room_id,
+                                  notice.event_id)
         return done
 
     async def _show(self, notice: UndeliveredNotice) -> int:

@@ -361,3 +361,27 @@ async def test_a_send_that_outlasts_its_lease_is_abandoned_and_tried_again(
     assert [n.event_id for n in await stores.undelivered.due(now_ms() + 10**9, 10)] == [
         "$stuck"]
 
+
+async def test_a_notice_failing_unexpectedly_spares_the_others_and_is_given_up_in_the_end(
+        stores: Stores) -> None:
+    class Broken(FakeHomeserver):
+        async def send_event(self, ghost_id: UserID, room_id: RoomID, event_type: str,
+                             txn: str, content: dict[str, Any], attempts: int = 3) -> EventID:
+            if content["m.relates_to"]["m.in_reply_to"]["event_id"] == "$broken":
+                raise KeyError("event_id")  # a malformed answer
+            return await super().send_event(ghost_id, room_id, event_type, txn, content)
+
+    hs = Broken()
+    told = _undelivered(stores, hs)
+    await _dead_letter(told, await _dead(stores, await _item(stores, "$broken")))
+    await _dead_letter(told, await _dead(stores, await _item(stores, "$fine")))
+    assert await told.send_due() == 1
+    assert [s["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] for s in hs.sent] == [
+        "$fine"]
+    for _ in range(MAX_ATTEMPTS - 1):
+        await stores.db.execute("UPDATE undelivered_notice SET lease_until=NULL, due_at=0"
+                                " WHERE event_id='$broken'")
+        assert await told.send_due() == 0
+    assert await stores.undelivered.due(now_ms() + 10**9, 10) == []  # given up
+    row = await stores.undelivered.get("$broken")
+    assert row is not None and row.shown == FAILED and row.notice_event_id is None
