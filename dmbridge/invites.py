@@ -166,6 +166,13 @@ class InviteHandler:
             log.warning("could not answer the invite of %s to %s yet: %r", invite.ghost_id,
                         invite.room_id, e)
             return
+        except MatrixRequestError as e:
+            if not _transient(e):
+                raise
+            # The homeserver failed (5xx left after the retries): not a refusal of the join.
+            log.warning("could not answer the invite of %s to %s yet: %s", invite.ghost_id,
+                        invite.room_id, e)
+            return
         await self.stores.invites.done(invite)
 
     def _refusal(self, network: Network, invite: GhostInvite) -> str | None:
@@ -226,6 +233,8 @@ class InviteHandler:
         try:
             await intent.api.request(Method.POST, Path.v3.rooms[room_id].join, content={})
         except MatrixRequestError as e:
+            if _transient(e):
+                raise  # answered in a later round
             log.info("%s could not join %s (invite withdrawn?): %s", ghost_id, room_id, e)
             # Refusing the invite with the reason is the one way the inviter hears of it.
             await self._leave(invite, f"The {network.name} contact could not join this room"
@@ -235,6 +244,8 @@ class InviteHandler:
         try:
             members = await _members(intent, room_id)
         except MatrixRequestError as e:
+            if _transient(e):
+                raise  # answered in a later round
             log.info("%s joined %s but could not read its members: %s", ghost_id, room_id, e)
             await self._leave(invite, f"The {network.name} contact could not see who is in"
                               f" this room ({_why(e)}), so the chat was not started.")
@@ -322,6 +333,11 @@ async def _members(intent: IntentAPI, room_id: RoomID) -> dict[str, tuple[str, s
         found[user_id] = (str(membership),
                           storable_text(name) if isinstance(name, str) and name else None)
     return found
+
+
+def _transient(e: MatrixRequestError) -> bool:
+    """The homeserver failed, rather than refused: worth asking again later."""
+    return e.http_status >= 500
 
 
 def _why(e: MatrixRequestError) -> str:

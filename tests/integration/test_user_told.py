@@ -209,6 +209,21 @@ async def test_invite_whose_join_fails_is_refused_with_the_reason(
     assert await bridge.stores.dms.get_current(ghost_id, human.user_id) is None  # type: ignore[arg-type]
 
 
+async def test_invite_whose_join_meets_a_homeserver_failure_is_answered_later(
+    proxy: HoldingProxy, start_bridge: BridgeFactory, platform: Platform, new_human: NewHuman
+) -> None:
+    """The homeserver fails the ghost's join once (HTTP 500): that is not a refusal, so the
+    invite is answered in a later round and the room becomes the DM."""
+    bridge = await start_bridge(**{"homeserver.address": proxy.url})
+    human, feed = await new_human(), Feed(platform)
+    ghost_id = bridge.settings.networks.get("chat").ghost_user_id(_contact())
+    proxy.answer("POST", "/join", 500, {"errcode": "M_UNKNOWN", "error": "Internal error"})
+    room_id = await human.create_dm(ghost_id)
+    await feed.expect("dm.started", room_id=room_id)
+    assert await human.membership(room_id, ghost_id) == "join"
+    assert not any(r.path_end == "/join" for r in proxy.rules)  # the 500 was answered
+
+
 async def test_invite_into_a_room_with_a_third_person_only_invited_is_adopted(
     bridge: Bridge, platform: Platform, new_human: NewHuman
 ) -> None:
