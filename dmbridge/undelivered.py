@@ -1,13 +1,15 @@
 """Telling the Matrix user, in the room, that a message of theirs did not reach the contact.
 
-A message the platform never accepted (a dead letter), or one the bridge does not deliver (the
-room has other members, or the DM with the contact is another room now), gets an ``m.notice``
-from the ghost, in reply to that message: every client shows it. If a dead letter is queued
-again and then delivered, the notice is edited to say it got through after all.
+A message the platform never accepted (a dead letter) gets an ``m.notice`` from the ghost, in
+reply to that message: every client shows it. If a dead letter is queued again and then
+delivered, the notice is edited to say it got through after all. A room the bridge no longer
+delivers from (it has other members, or the DM with the contact is another room now) is told
+so once, in reply to the first message written there since that change.
 
 Each event is told about once: the notice owed is a database row keyed by the event, written
-with what caused it, and sent by whichever worker leases it first, under a transaction ID made
-from the ghost and the event, so even a send repeated after a crash lands once.
+in the transaction of what caused it, and sent by whichever worker leases it first, under a
+transaction ID made from the ghost and the event, so even a send repeated after a crash lands
+once.
 """
 
 from __future__ import annotations
