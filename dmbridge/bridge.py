@@ -90,7 +90,8 @@ class Bridge:
         # Other workers on the same PostgreSQL hear of new outbox items and invites at once.
         self.peers = Peers(settings.database_url, on_outbox=self._heard_outbox,
                            on_invites=self._heard_invites)
-        self.undelivered = Undelivered(stores=self.stores, networks=settings.networks)
+        self.undelivered = Undelivered(stores=self.stores, networks=settings.networks,
+                                       background_wait=settings.rate_limits.background_wait)
         self.outbox = Outbox(stores=self.stores, networks=settings.networks,
                              settings=settings.delivery, present=self.links.attach,
                              notices=self.notices, metrics=self.metrics,

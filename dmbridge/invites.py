@@ -172,6 +172,13 @@ class InviteHandler:
             log.warning("could not answer the invite of %s to %s yet: %r", invite.ghost_id,
                         invite.room_id, e)
             return
+        except MatrixRequestError as e:
+            if not _transient(e):
+                raise
+            # The homeserver failed (5xx left after the retries): not a refusal of the join.
+            log.warning("could not answer the invite of %s to %s yet: %s", invite.ghost_id,
+                        invite.room_id, e)
+            return
         await self.stores.invites.done(invite)
 
     def _refusal(self, network: Network, invite: GhostInvite) -> str | None:
@@ -232,6 +239,8 @@ class InviteHandler:
         try:
             await intent.api.request(Method.POST, Path.v3.rooms[room_id].join, content={})
         except MatrixRequestError as e:
+            if _transient(e):
+                raise  # answered in a later round
             log.info("%s could not join %s (invite withdrawn?): %s", ghost_id, room_id, e)
             # Refusing the invite with the reason is the one way the inviter hears of it.
             await self._leave(invite, f"The {network.name} contact could not join this room"
@@ -241,6 +250,8 @@ class InviteHandler:
         try:
             members = await _members(intent, room_id)
         except MatrixRequestError as e:
+            if _transient(e):
+                raise  # answered in a later round
             log.info("%s joined %s but could not read its members: %s", ghost_id, room_id, e)
             await self._leave(invite, f"The {network.name} contact could not see who is in"
                               f" this room ({_why(e)}), so the chat was not started.")
@@ -251,8 +262,10 @@ class InviteHandler:
         await self.stores.members.replace(room_id, ghost_id, "invite", "join")
         for member_id, (membership, name) in members.items():
             await self.stores.members.assume(room_id, UserID(member_id), membership, name)
-        # Someone else joined or invited: the user meant a group, not a DM.
-        others = [m for m in members if m not in (ghost_id, user_id)]
+        # Someone else joined: the user meant a group, not a DM. One only invited does not
+        # count (a usable DM is one nobody else has joined); if they join, the DM ends.
+        others = [m for m, (membership, _) in members.items()
+                  if membership == "join" and m not in (ghost_id, user_id)]
         if others:
             await self._leave(invite, one_to_one)
             await self._finish(room_id, ENDED, "not_one_to_one", invite, None, previous)
@@ -326,6 +339,11 @@ async def _members(intent: IntentAPI, room_id: RoomID) -> dict[str, tuple[str, s
         found[user_id] = (str(membership),
                           storable_text(name) if isinstance(name, str) and name else None)
     return found
+
+
+def _transient(e: MatrixRequestError) -> bool:
+    """The homeserver failed, rather than refused: worth asking again later."""
+    return e.http_status >= 500
 
 
 def _why(e: MatrixRequestError) -> str:

@@ -273,12 +273,18 @@ class Lifecycle:
     async def _not_delivered(self, conn: Connection, dm: DMRecord, raw: dict[str, Any],
                              reason: str, now: int, effects: Effects) -> None:
         """The user's message will not reach the platform: the ghost tells them, when it is
-        still in the room to do so (see :mod:`dmbridge.undelivered`)."""
+        still in the room to do so (see :mod:`dmbridge.undelivered`). The reason holds for
+        the whole room, so it is told once since the DM last changed, not at every message,
+        and never about an edit."""
         if raw.get("type") not in _MESSAGES or dm.ghost_membership != "join":
             return
+        content = raw.get("content")
+        relates = content.get("m.relates_to") if isinstance(content, dict) else None
+        if isinstance(relates, dict) and relates.get("rel_type") == "m.replace":
+            return
         assert dm.room_id is not None
-        if await self.stores.undelivered.add(conn, str(raw["event_id"]), dm.room_id,
-                                             dm.ghost_id, reason, now):
+        if await self.stores.undelivered.add_for_room(conn, str(raw["event_id"]), dm.room_id,
+                                                      dm.ghost_id, reason, dm.updated_at, now):
             effects.undelivered = True
 
     async def _outgoing(self, conn: Connection, dm: DMRecord, raw: dict[str, Any], now: int

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+from mautrix.util.async_db import Connection
 
 from . import payloads, wake
 from .config import DeliverySettings
@@ -160,12 +161,11 @@ class Outbox:
             assert self._webhook is not None
             outcome = await self._webhook.post(network, item, attempt)
             if outcome.ok:
-                await self.stores.outbox.delivered(item.id, attempt, now_ms())
+                await self._delivered(item, attempt)
                 self.metrics.delivery(item.network, "delivered")
                 log.info("delivered outbox %d (%s %s) to %s on attempt %d", item.id, item.type,
                          item.idempotency_key, item.network, attempt)
                 self.notices.delivery_ok(item.network)
-                await self.undelivered.delivered(item)
             else:
                 await self._failed(network, item, attempt, outcome)
         except asyncio.CancelledError:
@@ -195,15 +195,33 @@ class Outbox:
         log.warning("delivery of outbox %d to %s failed (attempt %d: %s); next try in %.1f s",
                     item.id, network.id, attempt, outcome.error, (next_at - now) / 1000)
 
-    async def _kill(self, item: OutboxItem, attempts: int, why: str) -> None:
-        """Make the item a dead letter, and tell the platform (once it can be reached)."""
-        if not await self.stores.outbox.kill(item.id, attempts, why, now_ms()):
+    async def _delivered(self, item: OutboxItem, attempt: int) -> None:
+        """Record the delivery; a notice that said the item failed is corrected in the same
+        transaction, so no crash leaves the user told it failed."""
+        if not self.undelivered.may_correct(item):
+            await self.stores.outbox.delivered(item.id, attempt, now_ms())
             return
+        conn: Connection
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            await self.stores.outbox.delivered(item.id, attempt, now_ms(), conn)
+            corrected = await self.undelivered.delivered(conn, item)
+        if corrected:
+            self.undelivered.wake()
+
+    async def _kill(self, item: OutboxItem, attempts: int, why: str) -> None:
+        """Make the item a dead letter, and tell the platform (once it can be reached). The
+        Matrix user's notice is owed in the same transaction: no crash loses it."""
+        conn: Connection
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            if not await self.stores.outbox.kill(item.id, attempts, why, now_ms(), conn):
+                return
+            told = await self.undelivered.dead_letter(conn, item)
+        if told:
+            self.undelivered.wake()
         self.metrics.delivery(item.network, "dead_lettered")
         log.error("outbox %d (%s %s for %s) is now a dead letter: %s", item.id, item.type,
                   item.idempotency_key, item.network, why)
         self.notices.dead_letter(item.network, item.id, f"{item.type} for {item.user_id}", why)
-        await self.undelivered.dead_letter(item)
         if item.type == payloads.DELIVERY_FAILED:
             return  # never a notice about a notice
         event = item.event()
@@ -251,8 +269,12 @@ class Outbox:
 
     async def ack(self, network: Network, ids: list[int]) -> int:
         self.check_pull(network)
-        count = await self.stores.outbox.ack(network.id, ids, now_ms())
-        await self.undelivered.acknowledged(network.id, ids)
+        conn: Connection
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            count = await self.stores.outbox.ack(network.id, ids, now_ms(), conn)
+            corrected = await self.undelivered.acknowledged(conn, network.id, ids)
+        if corrected:
+            self.undelivered.wake()
         self.metrics.delivery(network.id, "delivered", count)
         log.info("%s acknowledged %d of %d event(s)", network.id, count, len(ids))
         return count

@@ -29,7 +29,8 @@ DAY_MS = 86400 * 1000
 PROCESSED_EVENT_TTL_MS = 7 * DAY_MS  # homeserver transactions are resent for minutes, not days
 DELIVERED_TTL_MS = 7 * DAY_MS  # delivered items dedupe replays of recent events only
 # A notice about an undelivered message dedupes replays of its event (as processed events do);
-# one about a dead letter is kept while the dead letter is, to be corrected if it is retried.
+# one about a dead letter is kept while the dead letter is, and while it is queued again, to
+# be corrected if the retry delivers it (or not told twice if it fails again).
 UNDELIVERED_NOTICE_TTL_MS = 7 * DAY_MS
 FIRST_ROUND_S = 60.0
 INTERVAL_S = 3600.0
@@ -55,7 +56,7 @@ _KINDS: dict[str, tuple[str, str, str]] = {
     "undelivered_notices": ("undelivered_notice", "event_id",
                             "updated_at < $1 AND shown = told AND NOT EXISTS (SELECT 1 FROM"
                             " outbox WHERE outbox.idempotency_key = undelivered_notice.event_id"
-                            " AND outbox.state = 'dead')"),
+                            " AND outbox.state IN ('dead', 'pending'))"),
 }
 KINDS = tuple(_KINDS)
 

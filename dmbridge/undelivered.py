@@ -1,13 +1,15 @@
 """Telling the Matrix user, in the room, that a message of theirs did not reach the contact.
 
-A message the platform never accepted (a dead letter), or one the bridge does not deliver (the
-room has other members, or the DM with the contact is another room now), gets an ``m.notice``
-from the ghost, in reply to that message: every client shows it. If a dead letter is queued
-again and then delivered, the notice is edited to say it got through after all.
+A message the platform never accepted (a dead letter) gets an ``m.notice`` from the ghost, in
+reply to that message: every client shows it. If a dead letter is queued again and then
+delivered, the notice is edited to say it got through after all. A room the bridge no longer
+delivers from (it has other members, or the DM with the contact is another room now) is told
+so once, in reply to the first message written there since that change.
 
 Each event is told about once: the notice owed is a database row keyed by the event, written
-with what caused it, and sent by whichever worker leases it first, under a transaction ID made
-from the ghost and the event, so even a send repeated after a crash lands once.
+in the transaction of what caused it, and sent by whichever worker leases it first, under a
+transaction ID made from the ghost and the event, so even a send repeated after a crash lands
+once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import aiohttp
 from mautrix.errors import MatrixRequestError
 from mautrix.types import RoomID, UserID
+from mautrix.util.async_db import Connection
 
 from . import payloads, wake
 from .db import Stores, now_ms
@@ -40,7 +43,12 @@ log = logging.getLogger("dmbridge.undelivered")
 
 POLL_S = 10.0  # how often notices queued by other workers are looked for without a wake-up
 BATCH = 50  # notices sent per round, at most
-LEASE_MS = 60_000  # one attempt's hold on a notice; a worker that dies lets go when it ends
+# One attempt at a send: the rate limits may hold it up to rate_limits.background_wait, then
+# the request itself gets this long; past both it is abandoned (and tried again later).
+SEND_TIMEOUT_S = 60.0
+# An attempt's hold on a notice outlasts the longest send by this much, so no other worker
+# takes the notice while a send may still land; a worker that dies lets go when it ends.
+LEASE_SLACK_S = 30.0
 MAX_ATTEMPTS = 12  # about 25 minutes of tries; then the notice is given up (logged)
 RETRY_MIN_MS, RETRY_MAX_MS = 2_000, 300_000
 # The outbox items that are a Matrix user's own message (their idempotency key is its event ID).
@@ -75,51 +83,53 @@ def txn_id(what: str, notice: UndeliveredNotice) -> str:
 class Undelivered:
     """What the outbox and the lifecycle call, and the task that sends the notices."""
 
-    def __init__(self, *, stores: Stores, networks: Networks) -> None:
+    def __init__(self, *, stores: Stores, networks: Networks,
+                 background_wait: float = 60.0) -> None:
         self.stores = stores
         self.networks = networks
+        self._send_s = background_wait + SEND_TIMEOUT_S
+        self._lease_ms = int((self._send_s + LEASE_SLACK_S) * 1000)
         self._homeserver: Homeserver | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     # --- what the rest of the bridge calls ------------------------------------------------
 
-    async def dead_letter(self, item: OutboxItem) -> None:
-        """The outbox gave up on ``item``: if it is the user's message, they are told.
-        Never raises: the dead letter is recorded whatever becomes of its notice."""
+    async def dead_letter(self, conn: Connection, item: OutboxItem) -> bool:
+        """The outbox gives up on ``item``, in the transaction on ``conn`` that makes it a
+        dead letter: if it is the user's message, a notice is owed (True: call :meth:`wake`
+        once committed). A failure here fails that transaction: the item stays pending."""
         if item.type not in USER_MESSAGES:
-            return
+            return False
         try:
             event = item.event()
-            room_id, ghost_id = event.get("room_id"), event.get("ghost_id")
-            if not isinstance(room_id, str) or not isinstance(ghost_id, str):
-                return
-            if await self.stores.undelivered.add_now(item.idempotency_key, room_id, ghost_id,
-                                                     DEAD_LETTER, now_ms()):
-                self.wake()
-        except Exception:
-            log.exception("could not queue the notice for dead letter %d; the user is not told",
-                          item.id)
+        except (ValueError, TypeError):  # not a JSON object: no room to tell
+            event = {}
+        room_id, ghost_id = event.get("room_id"), event.get("ghost_id")
+        if not isinstance(room_id, str) or not isinstance(ghost_id, str):
+            log.warning("dead letter %d names no room: the user is not told", item.id)
+            return False
+        return await self.stores.undelivered.add(conn, item.idempotency_key, room_id, ghost_id,
+                                                 DEAD_LETTER, now_ms())
 
-    async def delivered(self, item: OutboxItem) -> None:
-        """A webhook took ``item``. If it was a dead letter queued again, a notice that said it
-        failed is corrected. No database work for any other item."""
-        if item.type not in USER_MESSAGES or item.queued_at == item.created_at:
-            return
-        try:
-            if await self.stores.undelivered.delivered([item.idempotency_key], now_ms()):
-                self.wake()
-        except Exception:
-            log.exception("could not correct the notice about %s", item.idempotency_key)
+    @staticmethod
+    def may_correct(item: OutboxItem) -> bool:
+        """Whether delivering ``item`` may correct a notice: it is the user's message, queued
+        again after it became a dead letter. Any other item costs no database work."""
+        return item.type in USER_MESSAGES and item.queued_at != item.created_at
 
-    async def acknowledged(self, network: str, ids: list[int]) -> None:
-        """A pull network acknowledged ``ids``: any of them told as failed got through."""
-        try:
-            if await self.stores.undelivered.delivered_items(network, ids, now_ms()):
-                self.wake()
-        except Exception:
-            log.exception("could not correct the notices about acknowledged items of %s",
-                          network)
+    async def delivered(self, conn: Connection, item: OutboxItem) -> bool:
+        """A webhook took ``item`` (recorded in the transaction on ``conn``). If it was a dead
+        letter queued again, a notice that said it failed is to be corrected (True: call
+        :meth:`wake` once committed)."""
+        if not self.may_correct(item):
+            return False
+        return await self.stores.undelivered.delivered(conn, [item.idempotency_key], now_ms()) > 0
+
+    async def acknowledged(self, conn: Connection, network: str, ids: list[int]) -> bool:
+        """A pull network acknowledged ``ids`` (recorded in the transaction on ``conn``): any
+        of them told as failed got through (True: call :meth:`wake` once committed)."""
+        return await self.stores.undelivered.delivered_items(conn, network, ids, now_ms()) > 0
 
     def wake(self) -> None:
         self._wake.set()
@@ -154,8 +164,21 @@ class Undelivered:
         done = 0
         now = now_ms()
         for notice in await self.stores.undelivered.due(now, BATCH):
-            if await self.stores.undelivered.lease(notice, now, now + LEASE_MS):
+            if not await self.stores.undelivered.lease(notice, now, now + self._lease_ms):
+                continue
+            try:
                 done += await self._show(notice)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # this notice only: the others of the batch still go
+                log.exception("%s: telling the user about %s failed unexpectedly",
+                              notice.room_id, notice.event_id)
+                try:
+                    await self._later(notice, repr(e))
+                except Exception:
+                    log.exception("%s: could not schedule the notice about %s again; it is"
+                                  " due again when its lease runs out", notice.room_id,
+                                  notice.event_id)
         return done
 
     async def _show(self, notice: UndeliveredNotice) -> int:
@@ -164,16 +187,17 @@ class Undelivered:
             await self.stores.undelivered.shown(notice, None, now_ms())
             return 0
         name = parsed[0].name
-        if notice.told == DELIVERED and notice.shown is None:
-            # Delivered before the user was told it failed: nothing to correct.
+        if notice.told == DELIVERED and notice.notice_event_id is None:
+            # Delivered before the user was told it failed (or the notice saying so was given
+            # up): nothing in the room to correct, and nothing to say.
             await self.stores.undelivered.shown(notice, None, now_ms())
             return 1
         content = self._content(notice, name)
         try:
             assert self._homeserver is not None
-            event_id = await self._homeserver.send_event(
+            event_id = await asyncio.wait_for(self._homeserver.send_event(
                 UserID(notice.ghost_id), RoomID(notice.room_id), "m.room.message",
-                txn_id(notice.told, notice), content, attempts=1)
+                txn_id(notice.told, notice), content, attempts=1), self._send_s)
         except asyncio.CancelledError:
             raise
         except MatrixRequestError as e:
@@ -197,13 +221,11 @@ class Undelivered:
 
     @staticmethod
     def _content(notice: UndeliveredNotice, name: str) -> dict[str, Any]:
-        reply = {"m.in_reply_to": {"event_id": notice.event_id}}
+        """The failure, in reply to the message; or the edit of that notice (there is one)."""
         if notice.told == FAILED:
             return {"msgtype": "m.notice", "body": failure_text(notice.reason, name),
-                    "m.relates_to": reply}
+                    "m.relates_to": {"m.in_reply_to": {"event_id": notice.event_id}}}
         text = delivered_text(name)
-        if notice.notice_event_id is None:  # nothing to edit: a new notice, in reply
-            return {"msgtype": "m.notice", "body": text, "m.relates_to": reply}
         return {
             "msgtype": "m.notice", "body": f"* {text}",
             "m.new_content": {"msgtype": "m.notice", "body": text},

@@ -118,8 +118,9 @@ class OutboxStore:
                 *ids,
             )
 
-    async def delivered(self, item_id: int, attempts: int, now: int) -> None:
-        await self.db.execute(
+    async def delivered(self, item_id: int, attempts: int, now: int,
+                        conn: Connection | None = None) -> None:
+        await (conn or self.db).execute(
             "UPDATE outbox SET state='delivered', attempts=$2, finished_at=$3, lease_until=NULL,"
             " last_error=NULL WHERE id=$1 AND state='pending'",
             item_id, attempts, now,
@@ -132,9 +133,10 @@ class OutboxStore:
             item_id, attempts, next_at, error[:1000],
         )
 
-    async def kill(self, item_id: int, attempts: int, error: str, now: int) -> bool:
+    async def kill(self, item_id: int, attempts: int, error: str, now: int,
+                   conn: Connection | None = None) -> bool:
         """Make the item a dead letter; False if it was no longer pending."""
-        got = await self.db.fetchval(
+        got = await (conn or self.db).fetchval(
             "UPDATE outbox SET state='dead', attempts=$2, last_error=$3, finished_at=$4,"
             " lease_until=NULL WHERE id=$1 AND state='pending' RETURNING id",
             item_id, attempts, error[:1000], now,
@@ -163,10 +165,11 @@ class OutboxStore:
             )
         return items
 
-    async def ack(self, network: str, ids: list[int], now: int) -> int:
+    async def ack(self, network: str, ids: list[int], now: int,
+                  conn: Connection | None = None) -> int:
         if not ids:
             return 0
-        rows = await self.db.fetch(
+        rows = await (conn or self.db).fetch(
             "UPDATE outbox SET state='delivered', finished_at=$2"
             f" WHERE network=$1 AND state='pending' AND id IN ({_in([str(i) for i in ids], 3)})"
             " RETURNING id",

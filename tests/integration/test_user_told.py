@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from nio import RoomCreateResponse, RoomPreset
+from nio import RoomCreateResponse, RoomPreset, RoomPutStateResponse
 
 from dmbridge.bridge import Bridge
 from dmbridge.db.undelivered import DELIVERED, FAILED
@@ -209,20 +209,58 @@ async def test_invite_whose_join_fails_is_refused_with_the_reason(
     assert await bridge.stores.dms.get_current(ghost_id, human.user_id) is None  # type: ignore[arg-type]
 
 
-async def test_invite_into_a_room_with_a_third_person_invited_is_refused(
-    bridge: Bridge, new_human: NewHuman
+async def test_invite_whose_join_meets_a_homeserver_failure_is_answered_later(
+    proxy: HoldingProxy, start_bridge: BridgeFactory, platform: Platform, new_human: NewHuman
 ) -> None:
-    """The human invites the contact and a friend: not a one-to-one chat, and the ghost says
-    so as it leaves, before the friend has even joined."""
-    human, friend = await new_human(), await new_human()
+    """The homeserver fails the ghost's join once (HTTP 500): that is not a refusal, so the
+    invite is answered in a later round and the room becomes the DM."""
+    bridge = await start_bridge(**{"homeserver.address": proxy.url})
+    human, feed = await new_human(), Feed(platform)
     ghost_id = bridge.settings.networks.get("chat").ghost_user_id(_contact())
+    proxy.answer("POST", "/join", 500, {"errcode": "M_UNKNOWN", "error": "Internal error"})
+    room_id = await human.create_dm(ghost_id)
+    await feed.expect("dm.started", room_id=room_id)
+    assert await human.membership(room_id, ghost_id) == "join"
+    assert not any(r.path_end == "/join" for r in proxy.rules)  # the 500 was answered
+
+
+async def test_invite_into_a_room_with_a_third_person_only_invited_is_adopted(
+    bridge: Bridge, platform: Platform, new_human: NewHuman
+) -> None:
+    """The human invites the contact and a friend who has not answered: nobody else has joined,
+    so the room is their DM; the friend's invite stays pending."""
+    human, friend = await new_human(), await new_human()
+    feed, contact = Feed(platform), _contact()
+    ghost_id = bridge.settings.networks.get("chat").ghost_user_id(contact)
     resp = await human.client.room_create(is_direct=True, invite=[ghost_id, friend.user_id],
                                           preset=RoomPreset.private_chat)
     assert isinstance(resp, RoomCreateResponse), resp
+    await feed.expect("dm.started", room_id=resp.room_id)
+    assert await human.membership(resp.room_id, ghost_id) == "join"
+    assert await human.membership(resp.room_id, friend.user_id) == "invite"
+    await human.say(resp.room_id, "just us for now")
+    await feed.expect("message", room_id=resp.room_id, text="just us for now")
+
+
+async def test_invite_into_a_room_a_third_person_joined_is_refused(
+    bridge: Bridge, new_human: NewHuman
+) -> None:
+    """A friend has joined the room already: not a one-to-one chat, and the ghost says so as
+    it leaves."""
+    human, friend = await new_human(), await new_human()
+    ghost_id = bridge.settings.networks.get("chat").ghost_user_id(_contact())
+    resp = await human.client.room_create(is_direct=True, invite=[friend.user_id],
+                                          preset=RoomPreset.private_chat)
+    assert isinstance(resp, RoomCreateResponse), resp
+    await friend.wait_invite(resp.room_id)
+    await friend.join(resp.room_id)
+    invited = await human.client.room_put_state(
+        resp.room_id, "m.room.member", {"membership": "invite", "is_direct": True},
+        state_key=ghost_id)
+    assert isinstance(invited, RoomPutStateResponse), invited
     await human.wait_membership(resp.room_id, ghost_id, "leave")
     assert await human.leave_reason(resp.room_id, ghost_id) == (
         "Chat contacts only take one-to-one chats.")
-    assert await human.membership(resp.room_id, friend.user_id) == "invite"
 
 
 # --- bridge state of adopted rooms ---------------------------------------------------------------

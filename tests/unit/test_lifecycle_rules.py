@@ -713,6 +713,35 @@ async def test_a_message_in_a_room_someone_else_joined_is_owed_a_notice_once(
     assert [i["type"] for i in await outbox(stores)] == ["dm.ended"]
 
 
+async def test_a_room_that_stopped_being_a_dm_is_told_so_once_not_at_every_message(
+    stores: Stores
+) -> None:
+    h, _ = make_handler(stores)
+    await open_dm(stores)
+    await send(h, member(STRANGER, "join"))
+    first = message(body="hi both")
+    await send(h, first)
+    await send(h, message(body="what do you think?"))
+    await send(h, message(body="* hi all", **{
+        "m.new_content": {"msgtype": "m.text", "body": "hi all"},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": first["event_id"]}}))
+    assert await told(stores) == [(first["event_id"], ROOM, GHOST, "not_a_dm")]
+
+
+async def test_a_room_ended_again_later_is_told_again(stores: Stores) -> None:
+    h, _ = make_handler(stores)
+    await open_dm(stores)
+    async with stores.db.acquire() as conn:
+        await stores.dms.set_state(conn, ROOM, ENDED, "being_replaced", now_ms() - 10_000)
+    first = message(body="still here?")
+    await send(h, first)
+    async with stores.db.acquire() as conn:
+        await stores.dms.set_state(conn, ROOM, ENDED, "being_replaced", now_ms() + 10_000)
+    again = message(body="and now?")
+    await send(h, again)
+    assert [e for e, _, _, _ in await told(stores)] == [first["event_id"], again["event_id"]]
+
+
 async def test_a_message_in_a_room_the_platform_is_leaving_is_owed_a_notice(
     stores: Stores
 ) -> None:

@@ -134,6 +134,18 @@ async def test_a_round_prunes_each_kind_older_than_its_limit_and_keeps_the_rest(
                     " dead_letters 1, delivered 1, processed_events 1, undelivered_notices 1")
 
 
+async def test_the_notice_of_a_dead_letter_queued_again_is_kept_until_it_settles(
+        stores: Stores) -> None:
+    """Told 10 days ago, the dead letter queued again: its notice is kept while the item is
+    pending, so a delivery corrects it and another failure does not tell the user twice."""
+    item = await queued(stores, "$retried", DEAD, days_ago(10))
+    await undelivered(stores, "$retried", days_ago(10))
+    assert await stores.outbox.requeue("sms", [item], days_ago(1)) == [item]
+    counts = await Retention(stores.db, RetentionSettings()).prune(NOW)
+    assert counts["undelivered_notices"] == 0
+    assert await stores.undelivered.get("$retried") is not None
+
+
 async def test_zero_keeps_a_kind_forever(stores: Stores) -> None:
     await sent(stores, "ancient", days_ago(10_000))
     await from_matrix(stores, "$ancient", days_ago(10_000))

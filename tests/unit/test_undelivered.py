@@ -10,13 +10,16 @@ from typing import Any, cast
 import pytest
 from mautrix.errors import make_request_error
 from mautrix.types import EventID, RoomID, UserID
+from mautrix.util.async_db import Connection
 
 from dmbridge import payloads
+from dmbridge.config import DeliverySettings
 from dmbridge.db import Stores, now_ms
-from dmbridge.db.outbox import OutboxItem
-from dmbridge.db.undelivered import DELIVERED, FAILED
+from dmbridge.db.outbox import DEAD, PENDING, OutboxItem
+from dmbridge.db.undelivered import DELIVERED, FAILED, UndeliveredStore
 from dmbridge.homeserver import Homeserver
 from dmbridge.networks import Networks
+from dmbridge.outbox import Outbox
 from dmbridge.undelivered import MAX_ATTEMPTS, Undelivered, txn_id
 from tests.unit.test_networks import SMS
 
@@ -74,12 +77,28 @@ async def _requeued(stores: Stores, item: OutboxItem) -> OutboxItem:
     return again
 
 
+async def _dead_letter(told: Undelivered, item: OutboxItem) -> bool:
+    """What the outbox does as ``item`` becomes a dead letter."""
+    async with told.stores.db.acquire() as conn, conn.transaction():
+        return await told.dead_letter(conn, item)
+
+
+async def _delivered(told: Undelivered, item: OutboxItem) -> bool:
+    async with told.stores.db.acquire() as conn, conn.transaction():
+        return await told.delivered(conn, item)
+
+
+async def _acknowledged(told: Undelivered, network: str, ids: list[int]) -> bool:
+    async with told.stores.db.acquire() as conn, conn.transaction():
+        return await told.acknowledged(conn, network, ids)
+
+
 async def test_a_dead_letter_is_told_once_in_reply_from_the_ghost(stores: Stores) -> None:
     hs = FakeHomeserver()
     told = _undelivered(stores, hs)
     item = await _dead(stores, await _item(stores, "$lost"))
-    await told.dead_letter(item)
-    await told.dead_letter(item)  # dead again after a retry: still one notice
+    await _dead_letter(told, item)
+    await _dead_letter(told, item)  # dead again after a retry: still one notice
     assert await told.send_due() == 1
     assert await told.send_due() == 0
     [sent] = hs.sent
@@ -100,9 +119,10 @@ async def test_only_the_users_own_messages_are_told(stores: Stores) -> None:
     hs = FakeHomeserver()
     told = _undelivered(stores, hs)
     for type_ in (payloads.DELIVERY_FAILED, payloads.REACTION, payloads.TYPING):
-        await told.dead_letter(await _dead(stores, await _item(stores, f"$x-{type_}", type_)))
+        item = await _dead(stores, await _item(stores, f"$x-{type_}", type_))
+        await _dead_letter(told, item)
     edit = await _dead(stores, await _item(stores, "$edit", payloads.EDIT))
-    await told.dead_letter(edit)
+    await _dead_letter(told, edit)
     assert await told.send_due() == 1
     assert [s["content"]["m.relates_to"] for s in hs.sent] == [
         {"m.in_reply_to": {"event_id": "$edit"}}]
@@ -112,9 +132,9 @@ async def test_a_retry_delivered_edits_the_notice(stores: Stores) -> None:
     hs = FakeHomeserver()
     told = _undelivered(stores, hs)
     item = await _dead(stores, await _item(stores, "$late"))
-    await told.dead_letter(item)
+    await _dead_letter(told, item)
     await told.send_due()
-    await told.delivered(await _requeued(stores, item))
+    await _delivered(told, await _requeued(stores, item))
     assert await told.send_due() == 1
     first, edit = hs.sent
     text = ("\N{WHITE HEAVY CHECK MARK} Delivered after all: SMS accepted this message on a"
@@ -134,8 +154,8 @@ async def test_a_retry_delivered_before_the_notice_went_out_sends_nothing(
     hs = FakeHomeserver()
     told = _undelivered(stores, hs)
     item = await _dead(stores, await _item(stores, "$quick"))
-    await told.dead_letter(item)
-    await told.delivered(await _requeued(stores, item))
+    await _dead_letter(told, item)
+    await _delivered(told, await _requeued(stores, item))
     assert await told.send_due() == 1
     assert hs.sent == []
     assert await told.send_due() == 0
@@ -151,18 +171,19 @@ async def test_an_item_delivered_at_its_first_try_costs_no_database_work(
             raise AssertionError(f"the database was used: {name}")
 
     told.stores = cast(Stores, NoDatabase())
-    await told.delivered(item)
+    assert not told.may_correct(item)
+    assert not await told.delivered(cast(Connection, NoDatabase()), item)
 
 
 async def test_an_acknowledged_retry_on_a_pull_network_edits_the_notice(stores: Stores) -> None:
     hs = FakeHomeserver()
     told = _undelivered(stores, hs)
     item = await _dead(stores, await _item(stores, "$pulled"))
-    await told.dead_letter(item)
+    await _dead_letter(told, item)
     await told.send_due()
     await _requeued(stores, item)
     assert await stores.outbox.ack("sms", [item.id], now_ms()) == 1
-    await told.acknowledged("sms", [item.id])
+    await _acknowledged(told, "sms", [item.id])
     assert await told.send_due() == 1
     assert hs.sent[-1]["content"]["m.relates_to"] == {"rel_type": "m.replace",
                                                       "event_id": "$notice1"}
@@ -173,7 +194,7 @@ async def test_a_refused_notice_is_given_up_and_logged(
     hs = FakeHomeserver()
     hs.fail = make_request_error(403, "{}", "M_FORBIDDEN", "not in the room")
     told = _undelivered(stores, hs)
-    await told.dead_letter(await _dead(stores, await _item(stores, "$gone")))
+    await _dead_letter(told, await _dead(stores, await _item(stores, "$gone")))
     caplog.set_level(logging.WARNING, "dmbridge.undelivered")
     assert await told.send_due() == 0
     hs.fail = None
@@ -188,13 +209,13 @@ async def test_a_notice_that_cannot_be_sent_is_tried_again_then_given_up(
     hs = FakeHomeserver()
     hs.fail = make_request_error(502, "{}", None, None)
     told = _undelivered(stores, hs)
-    await told.dead_letter(await _dead(stores, await _item(stores, "$later")))
+    await _dead_letter(told, await _dead(stores, await _item(stores, "$later")))
     assert await told.send_due() == 0
     assert await stores.undelivered.due(now_ms(), 10) == []  # waits before the next try
     for _ in range(MAX_ATTEMPTS - 1):
         assert [n.event_id for n in await stores.undelivered.due(now_ms() + 10**9, 10)] == [
             "$later"]
-        await stores.db.execute("UPDATE undelivered_notice SET lease_until=NULL")
+        await stores.db.execute("UPDATE undelivered_notice SET lease_until=NULL, due_at=0")
         assert await told.send_due() == 0
     assert await stores.undelivered.due(now_ms() + 10**9, 10) == []  # given up
     row = await stores.undelivered.get("$later")
@@ -204,6 +225,163 @@ async def test_a_notice_that_cannot_be_sent_is_tried_again_then_given_up(
 async def test_two_workers_send_one_notice(stores: Stores) -> None:
     hs = FakeHomeserver()
     one, other = _undelivered(stores, hs), _undelivered(stores, hs)
-    await one.dead_letter(await _dead(stores, await _item(stores, "$both")))
+    await _dead_letter(one, await _dead(stores, await _item(stores, "$both")))
     await asyncio.gather(one.send_due(), other.send_due())
     assert len(hs.sent) == 1
+
+
+async def test_looking_for_due_notices_searches_an_index_not_the_settled_rows(
+        stores: Stores) -> None:
+    """Settled notices are kept for days: finding the few still due never reads them all."""
+    from mautrix.util.async_db import Database
+
+    from tests.unit.test_dm_query_plans import Planned
+
+    planned = Planned(stores.db)
+    await UndeliveredStore(cast(Database, planned)).due(now_ms(), 50)
+    [plan] = planned.plans.values()
+    text = "\n".join(plan)
+    assert "undelivered_notice_due" in text, text
+    assert "SCAN undelivered_notice" not in text and "Seq Scan" not in text, text
+
+
+def _outbox(stores: Stores) -> Outbox:
+    settings = DeliverySettings(max_attempts=3, max_age=60, initial_backoff=0.02,
+                                max_backoff=0.05, timeout=3, concurrency=4,
+                                pull_ack_timeout=30, pull_max_wait=10)
+    return Outbox(stores=stores, networks=Networks([SMS]), settings=settings)
+
+
+async def test_a_dead_letter_and_its_notice_are_recorded_together(
+        stores: Stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The notice cannot be recorded (the database fails at that moment): the item is not a
+    dead letter either, so its next failure kills it again and the user is told then."""
+    box = _outbox(stores)
+    item = await _item(stores, "$crash")
+    real = UndeliveredStore.add
+
+    async def failing(*args: Any) -> bool:
+        raise OSError("connection lost")
+
+    monkeypatch.setattr(UndeliveredStore, "add", staticmethod(failing))
+    with pytest.raises(OSError):
+        await box._kill(item, 3, "HTTP 503")
+    assert (await stores.outbox.get(item.id)).state == PENDING  # type: ignore[union-attr]
+    assert await stores.undelivered.get("$crash") is None
+
+    monkeypatch.setattr(UndeliveredStore, "add", staticmethod(real))
+    await box._kill(item, 3, "HTTP 503")
+    assert (await stores.outbox.get(item.id)).state == DEAD  # type: ignore[union-attr]
+    row = await stores.undelivered.get("$crash")
+    assert row is not None and row.told == FAILED
+
+
+async def test_a_delivery_and_the_correction_of_its_notice_are_recorded_together(
+        stores: Stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    box = _outbox(stores)
+    item = await _dead(stores, await _item(stores, "$back"))
+    await _dead_letter(box.undelivered, item)
+    again = await _requeued(stores, item)
+
+    async def failing(*args: Any) -> int:
+        raise OSError("connection lost")
+
+    monkeypatch.setattr(UndeliveredStore, "delivered", staticmethod(failing))
+    with pytest.raises(OSError):
+        await box._delivered(again, 1)
+    # Not recorded as delivered: its lease runs out and it is delivered (and corrected) again.
+    assert (await stores.outbox.get(item.id)).state == PENDING  # type: ignore[union-attr]
+
+
+async def test_a_retry_delivered_after_the_failure_notice_was_given_up_says_nothing(
+        stores: Stores) -> None:
+    """The user never saw the failure (its notice was given up): a later delivery does not
+    send an unexplained 'delivered after all'."""
+    hs = FakeHomeserver()
+    hs.fail = make_request_error(403, "{}", "M_FORBIDDEN", "not in the room")
+    told = _undelivered(stores, hs)
+    item = await _dead(stores, await _item(stores, "$unseen"))
+    await _dead_letter(told, item)
+    assert await told.send_due() == 0  # given up
+    hs.fail = None
+    await _delivered(told, await _requeued(stores, item))
+    await told.send_due()
+    assert hs.sent == []
+    row = await stores.undelivered.get("$unseen")
+    assert row is not None and (row.told, row.shown) == (DELIVERED, DELIVERED)
+
+
+class HeldHomeserver(FakeHomeserver):
+    """Holds every send until released, as the rate limits may."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def send_event(self, ghost_id: UserID, room_id: RoomID, event_type: str, txn: str,
+                         content: dict[str, Any], attempts: int = 3) -> EventID:
+        self.started.set()
+        await self.release.wait()
+        return await super().send_event(ghost_id, room_id, event_type, txn, content, attempts)
+
+
+async def test_a_notice_is_held_for_as_long_as_its_send_may_wait_out_the_rate_limits(
+        stores: Stores) -> None:
+    """rate_limits.background_wait at its largest: while one worker's send waits, no other
+    worker sends the notice, however long the wait lasts."""
+    hs = HeldHomeserver()
+    one = Undelivered(stores=stores, networks=Networks([SMS]), background_wait=240)
+    other = Undelivered(stores=stores, networks=Networks([SMS]), background_wait=240)
+    one._homeserver = other._homeserver = cast(Homeserver, hs)
+    await _dead_letter(one, await _dead(stores, await _item(stores, "$held")))
+    sending = asyncio.create_task(one.send_due())
+    await hs.started.wait()
+    waited = now_ms() + (240 + 60) * 1000  # the wait and the request at their longest
+    assert await stores.undelivered.due(waited, 10) == []
+    notice = await stores.undelivered.get("$held")
+    assert notice is not None
+    assert not await stores.undelivered.lease(notice, waited, waited + 1000)
+    hs.release.set()
+    assert await sending == 1
+    assert await other.send_due() == 0
+    assert len(hs.sent) == 1
+
+
+async def test_a_send_that_outlasts_its_lease_is_abandoned_and_tried_again(
+        stores: Stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dmbridge.undelivered.SEND_TIMEOUT_S", 0.05)
+    hs = HeldHomeserver()  # never released
+    told = Undelivered(stores=stores, networks=Networks([SMS]), background_wait=0)
+    told._homeserver = cast(Homeserver, hs)
+    await _dead_letter(told, await _dead(stores, await _item(stores, "$stuck")))
+    assert await told.send_due() == 0
+    row = await stores.undelivered.get("$stuck")
+    assert row is not None and row.shown is None and row.attempts == 1
+    assert [n.event_id for n in await stores.undelivered.due(now_ms() + 10**9, 10)] == [
+        "$stuck"]
+
+
+async def test_a_notice_failing_unexpectedly_spares_the_others_and_is_given_up_in_the_end(
+        stores: Stores) -> None:
+    class Broken(FakeHomeserver):
+        async def send_event(self, ghost_id: UserID, room_id: RoomID, event_type: str,
+                             txn: str, content: dict[str, Any], attempts: int = 3) -> EventID:
+            if content["m.relates_to"]["m.in_reply_to"]["event_id"] == "$broken":
+                raise KeyError("event_id")  # a malformed answer
+            return await super().send_event(ghost_id, room_id, event_type, txn, content)
+
+    hs = Broken()
+    told = _undelivered(stores, hs)
+    await _dead_letter(told, await _dead(stores, await _item(stores, "$broken")))
+    await _dead_letter(told, await _dead(stores, await _item(stores, "$fine")))
+    assert await told.send_due() == 1
+    assert [s["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] for s in hs.sent] == [
+        "$fine"]
+    for _ in range(MAX_ATTEMPTS - 1):
+        await stores.db.execute("UPDATE undelivered_notice SET lease_until=NULL, due_at=0"
+                                " WHERE event_id='$broken'")
+        assert await told.send_due() == 0
+    assert await stores.undelivered.due(now_ms() + 10**9, 10) == []  # given up
+    row = await stores.undelivered.get("$broken")
+    assert row is not None and row.shown == FAILED and row.notice_event_id is None
