@@ -121,12 +121,13 @@ class InProcess:
                        ) -> dict[str, Any]:
         async def perform() -> dict[str, Any]:
             network = authorize(self.operations.settings, call.network, self.token)
+            self.operations.charge(call.operation, network)  # before the body, as over HTTP
             if call.body is not None:
                 _within_limit(call.body, self.operations.settings.max_body_bytes)
             return await self.operations.perform(call.operation, Input(
                 network=network, body=call.body or {}, query=call.query or {}, args=call.args,
                 content=content[0] if content else None, content_type=call.content_type,
-                length=content[1] if content else None))
+                length=content[1] if content else None), charged=True)
 
         done = asyncio.ensure_future(self._checked(call.operation, perform))
         if call.operation in INTERRUPTIBLE:

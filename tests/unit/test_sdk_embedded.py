@@ -128,7 +128,11 @@ class _Recorded:
         self.performed: list[tuple[str, str, dict[str, Any]]] = []
         self.answered = asyncio.Event()
 
-    async def perform(self, name: str, request: Any) -> dict[str, Any]:
+    def charge(self, name: str, network: Any) -> None:
+        pass
+
+    async def perform(self, name: str, request: Any, *, charged: bool = False
+                      ) -> dict[str, Any]:
         self.performed.append((name, request.network.id, request.body))
         self.answered.set()
         return {"room_id": "!dm:hs.test", "event_id": "$sent", "room_created": False,
@@ -176,13 +180,14 @@ class _Scripted(_Recorded):
         self.failures = list(failures)
         self.release: asyncio.Event | None = None
 
-    async def perform(self, name: str, request: Any) -> dict[str, Any]:
+    async def perform(self, name: str, request: Any, *, charged: bool = False
+                      ) -> dict[str, Any]:
         if self.release is not None:
             await self.release.wait()
         if self.failures:
             self.performed.append((name, "refused", request.body))
             raise self.failures.pop(0)
-        return await super().perform(name, request)
+        return await super().perform(name, request, charged=charged)
 
 
 async def test_in_process_calls_are_performed_again_after_429_and_503_as_over_http(
