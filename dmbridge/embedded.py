@@ -29,7 +29,7 @@ except ImportError:  # the bridge itself runs without the SDK
 from . import requestid
 from .api.app import as_bridge_error
 from .api.operations import Input, Operations, authorize, download
-from .errors import TooLarge
+from .errors import NotReady, TooLarge
 
 if TYPE_CHECKING:
     from .bridge import Bridge
@@ -129,11 +129,17 @@ class InProcess:
                 content=content[0] if content else None, content_type=call.content_type,
                 length=content[1] if content else None), charged=True)
 
-        done = asyncio.ensure_future(self._checked(call.operation, perform))
-        if call.operation in INTERRUPTIBLE:
+        interruptible = call.operation in INTERRUPTIBLE
+        try:
+            done = self.operations.in_flight.begin(self._checked(call.operation, perform),
+                                                   interruptible=interruptible)
+        except NotReady as e:  # the bridge is stopping
+            raise _sdk_error(e, call.operation, requestid.new_id()) from e
+        if interruptible:
             return await done
         # Begun, it runs to its end even if the caller is cancelled, as the bridge finishes an
-        # HTTP request whose client went away: a send is never left half done.
+        # HTTP request whose client went away: a send is never left half done. A stopping
+        # bridge waits for it before it closes what it uses.
         done.add_done_callback(_retrieved)
         return await asyncio.shield(done)
 
@@ -146,9 +152,7 @@ class InProcess:
             try:
                 return await perform()
             except Exception as e:
-                error = as_bridge_error(e, f"{operation} (in process)")
-                raise api_error(error.status, error.to_json(), rid,
-                                getattr(error, "retry_after", None)) from e
+                raise _sdk_error(e, operation, rid) from e
 
     async def _retrying(self, operation: str, once: Callable[[], Awaitable[T]],
                         replayable: bool) -> T:
@@ -166,6 +170,12 @@ class InProcess:
                 log.info("%s: %s; performing it again in %.1f s", operation, error.code, pause)
             waited += pause
             await asyncio.sleep(pause)
+
+
+def _sdk_error(e: Exception, operation: str, rid: str) -> APIError:
+    """The SDK exception an HTTP answer to the failure ``e`` gives."""
+    error = as_bridge_error(e, f"{operation} (in process)")
+    return api_error(error.status, error.to_json(), rid, getattr(error, "retry_after", None))
 
 
 def _retrieved(done: asyncio.Future[Any]) -> None:

@@ -33,6 +33,7 @@ from ..relations import Target
 from . import body as f
 from .body import id_list
 from .discovery import describe as describe_network
+from .inflight import InFlight
 
 Answer = dict[str, Any]
 
@@ -85,6 +86,7 @@ class Operations:
         self.settings = settings
         self.quotas = quotas
         self.readiness = readiness
+        self.in_flight = InFlight()  # operations begun in this process, awaited at stop
 
     def charge(self, name: str, network: Network) -> None:
         """Counts a message, edit, reaction or deletion against the network's quota

@@ -17,6 +17,7 @@ from dmbridge_client.errors import ERRORS, api_error
 
 from dmbridge import errors
 from dmbridge.api.app import ROUTES, error_boundary
+from dmbridge.api.inflight import InFlight
 from dmbridge.embedded import InProcess, client_for, listener_url
 from tests.support.settings import CHAT_TOKEN, SMS_TOKEN, make_settings
 
@@ -127,6 +128,7 @@ class _Recorded:
         self.settings = settings
         self.performed: list[tuple[str, str, dict[str, Any]]] = []
         self.answered = asyncio.Event()
+        self.in_flight = InFlight()
 
     def charge(self, name: str, network: Any) -> None:
         pass
@@ -139,8 +141,8 @@ class _Recorded:
                 "duplicate": False}
 
 
-def _client_over(ops: _Recorded, token: str = CHAT_TOKEN) -> sdk.Client:
-    backend = InProcess(ops, token, "http://127.0.0.1:1")  # type: ignore[arg-type]
+def _client_over(ops: _Recorded, token: str = CHAT_TOKEN, **options: Any) -> sdk.Client:
+    backend = InProcess(ops, token, "http://127.0.0.1:1", **options)  # type: ignore[arg-type]
     return sdk.Client("http://127.0.0.1:1", token, "chat", backend=backend)
 
 
@@ -221,6 +223,31 @@ async def test_a_cancelled_caller_leaves_the_send_to_finish_as_over_http(
     ops.release.set()
     await asyncio.wait_for(ops.answered.wait(), 10)
     assert [(name, network) for name, network, _ in ops.performed] == [("sendMessage", "chat")]
+
+
+async def test_a_stopping_bridge_waits_for_a_send_whose_caller_went_away_then_refuses_calls(
+    tmp_path: Path
+) -> None:
+    ops = _Scripted(_settings(tmp_path))
+    ops.release = asyncio.Event()
+    client = _client_over(ops, max_retries=0)
+    sending = asyncio.create_task(client.send_message("bob", "@alice:hs.test", "Hello"))
+    await asyncio.sleep(0)
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    closing = asyncio.create_task(ops.in_flight.close())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not closing.done() and ops.performed == []
+    ops.release.set()
+    await closing
+    assert [(name, network) for name, network, _ in ops.performed] == [("sendMessage", "chat")]
+
+    with pytest.raises(sdk.NotReady) as refused:
+        await client.send_message("bob", "@alice:hs.test", "Hello again")
+    assert refused.value.status == 503 and refused.value.error == "the bridge is stopping"
+    assert len(ops.performed) == 1
 
 
 def test_the_sdk_routes_every_call_where_the_bridge_serves_it() -> None:
