@@ -52,7 +52,8 @@ def listener_url(settings: Settings) -> str:
 
 def client_for(bridge: Bridge, network: str, *, over_http: bool = False,
                **options: Any) -> Client:
-    """An SDK client of ``network`` on this (started) bridge; ``options`` go to ``Client``.
+    """An SDK client of ``network`` on this bridge; ``options`` go to ``Client``. It may be
+    made before the bridge starts: until then its calls are refused as not ready (503, retried).
 
     Its calls are performed in this process; ``over_http=True`` sends them to the bridge's
     listener instead, as a separate program would.
@@ -64,7 +65,7 @@ def client_for(bridge: Bridge, network: str, *, over_http: bool = False,
     url = listener_url(settings)
     if over_http:
         return Client(url, token, network, **options)
-    backend = InProcess(bridge.operations, token, url,
+    backend = InProcess(lambda: bridge.operations, token, url,
                         max_retries=options.get("max_retries", 5),
                         max_wait=options.get("max_wait", 60.0))
     return Client(url, token, network, backend=backend, **options)
@@ -78,9 +79,9 @@ class InProcess:
     not the bridge's is fetched over HTTP, as the HTTP client would.
     """
 
-    def __init__(self, operations: Operations, token: str, listener: str, *,
+    def __init__(self, operations: Callable[[], Operations], token: str, listener: str, *,
                  max_retries: int = 5, max_wait: float = 60.0) -> None:
-        self.operations = operations
+        self.operations = operations  # the bridge's, once it is started (else NotReady)
         self.token = token
         self.listener = listener
         self.max_retries = max_retries
@@ -106,10 +107,13 @@ class InProcess:
         network_id, _, server, media_id = segments
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
 
+        async def fetch() -> bytes:
+            ops = self.operations()
+            return await download(ops, authorize(ops.settings, network_id, self.token),
+                                  server, media_id, query.get("expires"), query.get("sig"))
+
         async def once() -> bytes:
-            return await self._checked("downloadMedia", lambda: download(
-                self.operations, authorize(self.operations.settings, network_id, self.token),
-                server, media_id, query.get("expires"), query.get("sig")))
+            return await self._checked("downloadMedia", fetch)
 
         return await self._retrying("downloadMedia", once, True)
 
@@ -120,20 +124,21 @@ class InProcess:
     async def _perform(self, call: Call, content: tuple[AsyncIterator[bytes], int | None] | None
                        ) -> dict[str, Any]:
         async def perform() -> dict[str, Any]:
-            network = authorize(self.operations.settings, call.network, self.token)
-            self.operations.charge(call.operation, network)  # before the body, as over HTTP
+            network = authorize(ops.settings, call.network, self.token)
+            ops.charge(call.operation, network)  # before the body, as over HTTP
             if call.body is not None:
-                _within_limit(call.body, self.operations.settings.max_body_bytes)
-            return await self.operations.perform(call.operation, Input(
+                _within_limit(call.body, ops.settings.max_body_bytes)
+            return await ops.perform(call.operation, Input(
                 network=network, body=call.body or {}, query=call.query or {}, args=call.args,
                 content=content[0] if content else None, content_type=call.content_type,
                 length=content[1] if content else None), charged=True)
 
         interruptible = call.operation in INTERRUPTIBLE
         try:
-            done = self.operations.in_flight.begin(self._checked(call.operation, perform),
-                                                   interruptible=interruptible)
-        except NotReady as e:  # the bridge is stopping
+            ops = self.operations()
+            done = ops.in_flight.begin(self._checked(call.operation, perform),
+                                       interruptible=interruptible)
+        except NotReady as e:  # the bridge is not started yet, or is stopping
             raise _sdk_error(e, call.operation, requestid.new_id()) from e
         if interruptible:
             return await done

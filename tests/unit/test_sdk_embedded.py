@@ -18,6 +18,7 @@ from dmbridge_client.errors import ERRORS, api_error
 from dmbridge import errors
 from dmbridge.api.app import ROUTES, error_boundary
 from dmbridge.api.inflight import InFlight
+from dmbridge.bridge import Bridge
 from dmbridge.embedded import InProcess, client_for, listener_url
 from tests.support.settings import CHAT_TOKEN, SMS_TOKEN, make_settings
 
@@ -142,7 +143,8 @@ class _Recorded:
 
 
 def _client_over(ops: _Recorded, token: str = CHAT_TOKEN, **options: Any) -> sdk.Client:
-    backend = InProcess(ops, token, "http://127.0.0.1:1", **options)  # type: ignore[arg-type]
+    backend = InProcess(lambda: ops, token, "http://127.0.0.1:1",  # type: ignore[arg-type,return-value]
+                        **options)
     return sdk.Client("http://127.0.0.1:1", token, "chat", backend=backend)
 
 
@@ -248,6 +250,20 @@ async def test_a_stopping_bridge_waits_for_a_send_whose_caller_went_away_then_re
         await client.send_message("bob", "@alice:hs.test", "Hello again")
     assert refused.value.status == 503 and refused.value.error == "the bridge is stopping"
     assert len(ops.performed) == 1
+
+
+async def test_a_client_made_before_the_bridge_starts_is_refused_as_not_ready_until_then(
+    tmp_path: Path
+) -> None:
+    bridge = Bridge(_settings(tmp_path))
+    client = client_for(bridge, "chat", max_retries=0)
+    try:
+        with pytest.raises(sdk.NotReady) as refused:
+            await client.send_message("bob", "@alice:hs.test", "Hello")
+        assert refused.value.status == 503
+        assert refused.value.error == "the bridge is not started"
+    finally:
+        await client.close()
 
 
 def test_the_sdk_routes_every_call_where_the_bridge_serves_it() -> None:
