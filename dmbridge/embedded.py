@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 try:
     from dmbridge_client import Client
     from dmbridge_client.backend import Call
-    from dmbridge_client.errors import APIError, api_error
+    from dmbridge_client.errors import APIError, ConnectionFailed, api_error
     from dmbridge_client.transport import PREFIX, Transport, pause_before_retry
 except ImportError:  # the bridge itself runs without the SDK
     raise ImportError("the platform SDK is not installed: pip install ./sdk "
@@ -67,7 +67,8 @@ def client_for(bridge: Bridge, network: str, *, over_http: bool = False,
         return Client(url, token, network, **options)
     backend = InProcess(lambda: bridge.operations, token, url,
                         max_retries=options.get("max_retries", 5),
-                        max_wait=options.get("max_wait", 60.0))
+                        max_wait=options.get("max_wait", 60.0),
+                        timeout=options.get("timeout", 90.0))
     return Client(url, token, network, backend=backend, **options)
 
 
@@ -75,17 +76,21 @@ class InProcess:
     """A ``dmbridge_client`` backend that performs each call with the bridge's operations.
 
     Refusals the client would send again over HTTP (429, 502, 503, 504) are performed again
-    after the same pauses, within ``max_retries`` and ``max_wait``. A link to a file that is
-    not the bridge's is fetched over HTTP, as the HTTP client would.
+    after the same pauses, within ``max_retries`` and ``max_wait``. The caller waits at most
+    ``timeout`` seconds for an answer (a call's ``time_limit`` if it has one), then the call is
+    made again as the HTTP client sends a request that got no answer again, and at the end
+    raises ``ConnectionFailed``; a begun operation still runs to its end. A link to a file
+    that is not the bridge's is fetched over HTTP, as the HTTP client would.
     """
 
     def __init__(self, operations: Callable[[], Operations], token: str, listener: str, *,
-                 max_retries: int = 5, max_wait: float = 60.0) -> None:
+                 max_retries: int = 5, max_wait: float = 60.0, timeout: float = 90.0) -> None:
         self.operations = operations  # the bridge's, once it is started (else NotReady)
         self.token = token
         self.listener = listener
         self.max_retries = max_retries
         self.max_wait = max_wait
+        self.timeout = timeout
         self._http: Transport | None = None
 
     async def call(self, call: Call) -> Any:
@@ -102,7 +107,7 @@ class InProcess:
         if not rest or len(segments) != 4 or segments[1] != "media":
             if self._http is None:
                 self._http = Transport(self.listener, self.token, max_retries=self.max_retries,
-                                       max_wait=self.max_wait)
+                                       max_wait=self.max_wait, timeout=self.timeout)
             return await self._http.download(url)
         network_id, _, server, media_id = segments
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
@@ -113,7 +118,8 @@ class InProcess:
                                   server, media_id, query.get("expires"), query.get("sig"))
 
         async def once() -> bytes:
-            return await self._checked("downloadMedia", fetch)
+            async with asyncio.timeout(self.timeout):
+                return await self._checked("downloadMedia", fetch)
 
         return await self._retrying("downloadMedia", once, True)
 
@@ -140,13 +146,14 @@ class InProcess:
                                        interruptible=interruptible)
         except NotReady as e:  # the bridge is not started yet, or is stopping
             raise _sdk_error(e, call.operation, requestid.new_id()) from e
-        if interruptible:
-            return await done
-        # Begun, it runs to its end even if the caller is cancelled, as the bridge finishes an
-        # HTTP request whose client went away: a send is never left half done. A stopping
-        # bridge waits for it before it closes what it uses.
-        done.add_done_callback(_retrieved)
-        return await asyncio.shield(done)
+        async with asyncio.timeout(call.time_limit or self.timeout):
+            if interruptible:
+                return await done
+            # Begun, it runs to its end even if the caller is cancelled or stops waiting, as
+            # the bridge finishes an HTTP request whose client went away: a send is never left
+            # half done. A stopping bridge waits for it before it closes what it uses.
+            done.add_done_callback(_retrieved)
+            return await asyncio.shield(done)
 
     @staticmethod
     async def _checked(operation: str, perform: Callable[[], Awaitable[T]]) -> T:
@@ -173,8 +180,24 @@ class InProcess:
                         or waited + pause > self.max_wait:
                     raise
                 log.info("%s: %s; performing it again in %.1f s", operation, error.code, pause)
+            except TimeoutError as e:  # no answer in time: as the HTTP client's request
+                pause = _backoff(attempt)
+                if not replayable or attempt > self.max_retries \
+                        or waited + pause > self.max_wait:
+                    raise ConnectionFailed(
+                        f"{operation} (in process) failed after {attempt} attempt(s): no "
+                        "answer in time") from e
+                log.info("%s: no answer in time; performing it again in %.1f s", operation,
+                         pause)
             waited += pause
             await asyncio.sleep(pause)
+
+
+def _backoff(attempt: int) -> float:
+    """The HTTP client's pause before it sends a request that got no answer again."""
+    pause = pause_before_retry(504, None, attempt)
+    assert pause is not None
+    return pause
 
 
 def _sdk_error(e: Exception, operation: str, rid: str) -> APIError:

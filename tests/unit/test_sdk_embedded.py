@@ -266,5 +266,19 @@ async def test_a_client_made_before_the_bridge_starts_is_refused_as_not_ready_un
         await client.close()
 
 
+async def test_an_in_process_call_that_gets_no_answer_in_time_fails_as_over_http(
+    tmp_path: Path
+) -> None:
+    ops = _Scripted(_settings(tmp_path))
+    ops.release = asyncio.Event()  # never set: the homeserver hangs
+    client = _client_over(ops, max_retries=0, timeout=0.05)
+    with pytest.raises(sdk.ConnectionFailed, match="no answer in time"):
+        await client.send_message("bob", "@alice:hs.test", "Hello")
+    assert ops.performed == []
+    ops.release.set()
+    await ops.in_flight.close()  # the send begun still ends
+    assert [(name, network) for name, network, _ in ops.performed] == [("sendMessage", "chat")]
+
+
 def test_the_sdk_routes_every_call_where_the_bridge_serves_it() -> None:
     assert SDK_ROUTES == ROUTES
