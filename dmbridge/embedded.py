@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dmbridge.embedded")
 CHUNK = 65536
-INTERRUPTIBLE = frozenset({"pullEvents"})  # a long poll only waits: a stop ends it at once
+# A long poll only waits, and an abandoned upload's file is never used (its caller has
+# usually closed the file it reads): a cancelled caller or a stop ends them at once.
+INTERRUPTIBLE = frozenset({"pullEvents", "uploadMedia"})
 T = TypeVar("T")
 
 

@@ -280,5 +280,21 @@ async def test_an_in_process_call_that_gets_no_answer_in_time_fails_as_over_http
     assert [(name, network) for name, network, _ in ops.performed] == [("sendMessage", "chat")]
 
 
+async def test_an_upload_whose_caller_is_cancelled_stops_reading_the_callers_file(
+    tmp_path: Path
+) -> None:
+    ops = _Scripted(_settings(tmp_path))
+    ops.release = asyncio.Event()
+    client = _client_over(ops)
+    uploading = asyncio.create_task(client.upload(b"%PDF-1.4", content_type="application/pdf"))
+    await asyncio.sleep(0)
+    uploading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await uploading
+    ops.release.set()
+    await ops.in_flight.close()
+    assert ops.performed == []
+
+
 def test_the_sdk_routes_every_call_where_the_bridge_serves_it() -> None:
     assert SDK_ROUTES == ROUTES
