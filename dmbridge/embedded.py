@@ -97,7 +97,7 @@ class InProcess:
 
     async def call(self, call: Call) -> Any:
         async def once() -> Any:
-            answer = await self._perform(call, _content(call.content))
+            answer = await self._perform(call, await _content(call.content))
             return answer if call.parse is None else call.parse(answer)
 
         return await self._retrying(call.operation, once, call.replayable)
@@ -239,17 +239,19 @@ def _bound(value: Any) -> int:
     return 32
 
 
-def _content(content: Any) -> tuple[AsyncIterator[bytes], int | None] | None:
+async def _content(content: Any) -> tuple[AsyncIterator[bytes], int | None] | None:
     """An upload's bytes as the operation reads them, and their length when known: bytes, a
-    function giving bytes or a file afresh, a file, or an async stream."""
+    function giving bytes or a file afresh (called beside the event loop: it may open a file),
+    a file, or an async stream. A file a function gave is closed once read."""
     if content is None:
         return None
-    source = content() if callable(content) else content
+    made = callable(content)
+    source = await asyncio.to_thread(content) if made else content
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
         return _slices(data), len(data)
     if hasattr(source, "read"):
-        return _file(source), None
+        return _file(source, close=made), None
     return _stream(source), None
 
 
@@ -258,9 +260,14 @@ async def _slices(data: bytes) -> AsyncIterator[bytes]:
         yield data[start:start + CHUNK]
 
 
-async def _file(source: Any) -> AsyncIterator[bytes]:
-    while chunk := await asyncio.to_thread(source.read, CHUNK):
-        yield bytes(chunk)
+async def _file(source: Any, *, close: bool) -> AsyncIterator[bytes]:
+    """The file read in pieces beside the event loop (reading a disk may block)."""
+    try:
+        while chunk := await asyncio.to_thread(source.read, CHUNK):
+            yield bytes(chunk)
+    finally:
+        if close:
+            source.close()
 
 
 async def _stream(source: Any) -> AsyncIterator[bytes]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -294,6 +296,52 @@ async def test_an_upload_whose_caller_is_cancelled_stops_reading_the_callers_fil
     ops.release.set()
     await ops.in_flight.close()
     assert ops.performed == []
+
+
+class _Storing(_Recorded):
+    """Operations that store an upload's bytes, as they arrive."""
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.stored: list[bytes] = []
+
+    async def perform(self, name: str, request: Any, *, charged: bool = False
+                      ) -> dict[str, Any]:
+        async for chunk in request.content:
+            self.stored.append(chunk)
+        return {"content_uri": "mxc://hs.test/f", "mimetype": request.content_type,
+                "size": sum(map(len, self.stored)), "filename": request.query.get("filename"),
+                "width": None, "height": None}
+
+
+async def test_an_upload_from_a_path_is_read_while_the_bridge_goes_on_working(
+    tmp_path: Path
+) -> None:
+    """The file is read beside the event loop, not on it: the bridge (here, setting an event)
+    goes on while the upload waits for the file's second part."""
+    pipe = tmp_path / "scan.pdf"
+    os.mkfifo(pipe)
+    loop_ran = threading.Event()
+    seen: list[bool] = []
+
+    def write() -> None:
+        with pipe.open("wb") as w:
+            w.write(b"%PDF-1.4 first part\n")
+            w.flush()
+            seen.append(loop_ran.wait(10))  # bounded: a blocked loop must not hang the test
+            w.write(b"second part\n")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    ops = _Storing(_settings(tmp_path))
+    client = _client_over(ops)
+    uploading = asyncio.create_task(client.upload(pipe, content_type="application/pdf"))
+    asyncio.get_running_loop().call_soon(loop_ran.set)
+    upload = await uploading
+    await asyncio.to_thread(writer.join)
+    assert seen == [True]
+    assert b"".join(ops.stored) == b"%PDF-1.4 first part\nsecond part\n"
+    assert (upload.size, upload.filename) == (32, "scan.pdf")
 
 
 def test_the_sdk_routes_every_call_where_the_bridge_serves_it() -> None:
