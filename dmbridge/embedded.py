@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -28,12 +29,13 @@ except ImportError:  # the bridge itself runs without the SDK
 
 from . import requestid
 from .api.app import as_bridge_error
-from .api.operations import Input, Operations, authorize, download
+from .api.operations import OPERATIONS, Input, Operations, authorize, download
 from .errors import NotReady, TooLarge
 
 if TYPE_CHECKING:
     from .bridge import Bridge
     from .config import Settings
+    from .metrics import Metrics
 
 log = logging.getLogger("dmbridge.embedded")
 CHUNK = 65536
@@ -67,7 +69,7 @@ def client_for(bridge: Bridge, network: str, *, over_http: bool = False,
     url = listener_url(settings)
     if over_http:
         return Client(url, token, network, **options)
-    backend = InProcess(lambda: bridge.operations, token, url,
+    backend = InProcess(lambda: bridge.operations, token, url, metrics=bridge.metrics,
                         max_retries=options.get("max_retries", 5),
                         max_wait=options.get("max_wait", 60.0),
                         timeout=options.get("timeout", 90.0))
@@ -86,13 +88,15 @@ class InProcess:
     """
 
     def __init__(self, operations: Callable[[], Operations], token: str, listener: str, *,
-                 max_retries: int = 5, max_wait: float = 60.0, timeout: float = 90.0) -> None:
+                 max_retries: int = 5, max_wait: float = 60.0, timeout: float = 90.0,
+                 metrics: Metrics | None = None) -> None:
         self.operations = operations  # the bridge's, once it is started (else NotReady)
         self.token = token
         self.listener = listener
         self.max_retries = max_retries
         self.max_wait = max_wait
         self.timeout = timeout
+        self.metrics = metrics  # calls counted by operation and status, as the listener counts
         self._http: Transport | None = None
 
     async def call(self, call: Call) -> Any:
@@ -147,6 +151,7 @@ class InProcess:
             done = ops.in_flight.begin(self._checked(call.operation, perform),
                                        interruptible=interruptible)
         except NotReady as e:  # the bridge is not started yet, or is stopping
+            self._count(call.operation, e.status, 0.0)
             raise _sdk_error(e, call.operation, requestid.new_id()) from e
         async with asyncio.timeout(call.time_limit or self.timeout):
             if interruptible:
@@ -157,16 +162,26 @@ class InProcess:
             done.add_done_callback(_retrieved)
             return await asyncio.shield(done)
 
-    @staticmethod
-    async def _checked(operation: str, perform: Callable[[], Awaitable[T]]) -> T:
+    async def _checked(self, operation: str, perform: Callable[[], Awaitable[T]]) -> T:
         """``perform``'s result; a failure as the SDK exception an HTTP answer gives. The call
-        has a request ID, as an HTTP request has: its log lines and its error carry it."""
+        has a request ID, as an HTTP request has: its log lines and its error carry it. Each
+        call that ends (not one cancelled) is counted and timed by operation and status."""
         rid = requestid.new_id()
+        start = time.monotonic()
         with requestid.scope(rid):
             try:
-                return await perform()
+                answer = await perform()
             except Exception as e:
-                raise _sdk_error(e, operation, rid) from e
+                error = _sdk_error(e, operation, rid)
+                self._count(operation, error.status, time.monotonic() - start)
+                raise error from e
+        known = OPERATIONS.get(operation)
+        self._count(operation, known.status if known else 200, time.monotonic() - start)
+        return answer
+
+    def _count(self, operation: str, status: int, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.in_process_call(operation, status, seconds)
 
     async def _retrying(self, operation: str, once: Callable[[], Awaitable[T]],
                         replayable: bool) -> T:

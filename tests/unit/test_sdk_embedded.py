@@ -16,12 +16,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from dmbridge_client.backend import ROUTES as SDK_ROUTES
 from dmbridge_client.errors import ERRORS, api_error
+from prometheus_client import generate_latest
 
 from dmbridge import errors
 from dmbridge.api.app import ROUTES, error_boundary
 from dmbridge.api.inflight import InFlight
 from dmbridge.bridge import Bridge
 from dmbridge.embedded import InProcess, client_for, listener_url
+from dmbridge.metrics import Metrics
 from tests.support.settings import CHAT_TOKEN, SMS_TOKEN, make_settings
 
 
@@ -89,7 +91,8 @@ async def _in_process(error: Exception) -> sdk.APIError:
         raise error
 
     with pytest.raises(sdk.APIError) as raised:
-        await InProcess._checked("sendMessage", fail)
+        await InProcess(lambda: None, "", "")._checked(  # type: ignore[arg-type,return-value]
+            "sendMessage", fail)
     return raised.value
 
 
@@ -342,6 +345,26 @@ async def test_an_upload_from_a_path_is_read_while_the_bridge_goes_on_working(
     assert seen == [True]
     assert b"".join(ops.stored) == b"%PDF-1.4 first part\nsecond part\n"
     assert (upload.size, upload.filename) == (32, "scan.pdf")
+
+
+async def test_in_process_calls_are_counted_by_operation_and_status(tmp_path: Path) -> None:
+    ops = _Scripted(_settings(tmp_path), errors.Declined("no"))
+    metrics = Metrics()
+    client = _client_over(ops, metrics=metrics)
+    with pytest.raises(sdk.Declined):
+        await client.send_message("bob", "@alice:hs.test", "Hello", message_id="m1")
+    await client.send_message("bob", "@alice:hs.test", "Hello", message_id="m2")
+    await client.send_message("bob", "@alice:hs.test", "Hello", message_id="m3")
+
+    def calls(status: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "dmbridge_in_process_calls_total", {"operation": "sendMessage", "status": status})
+
+    assert (calls("403"), calls("200")) == (1.0, 2.0)
+    assert metrics.registry.get_sample_value(
+        "dmbridge_in_process_call_duration_seconds_count", {"operation": "sendMessage"}) == 3.0
+    text = generate_latest(metrics.registry).decode()
+    assert 'dmbridge_in_process_calls_total{operation="sendMessage",status="200"} 2.0' in text
 
 
 def test_the_sdk_routes_every_call_where_the_bridge_serves_it() -> None:
