@@ -20,7 +20,7 @@ from .db.timing import time_queries
 from .diagnosis import Problem
 from .dms import DMService
 from .encryption import CRYPTO_UPGRADE_TABLE, Encryption, tell_undecryptable
-from .errors import RateLimited
+from .errors import NotReady, RateLimited
 from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
 from .instances import Instances, SoleWorker
@@ -151,9 +151,10 @@ class Bridge:
 
     @property
     def operations(self) -> Operations:
-        """The API's operations, for platforms in this process (see :mod:`dmbridge.embedded`)."""
+        """The API's operations, for platforms in this process (see :mod:`dmbridge.embedded`);
+        NotReady (retry) until the bridge is started."""
         if self._operations is None:
-            raise RuntimeError("the bridge is not started")
+            raise NotReady("the bridge is not started")
         return self._operations
 
     async def start(self, *, ping: bool = True) -> None:
@@ -322,6 +323,8 @@ class Bridge:
 
     async def stop(self) -> None:
         log.info("stopping")
+        if self._operations is not None:  # in-process calls end before what they use stops
+            await self._operations.in_flight.close()
         if self.watch is not None:
             await self.watch.stop()
         await self.retention.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -20,7 +21,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 try:
     from dmbridge_client import Client
     from dmbridge_client.backend import Call
-    from dmbridge_client.errors import APIError, api_error
+    from dmbridge_client.errors import APIError, ConnectionFailed, api_error
     from dmbridge_client.transport import PREFIX, Transport, pause_before_retry
 except ImportError:  # the bridge itself runs without the SDK
     raise ImportError("the platform SDK is not installed: pip install ./sdk "
@@ -28,16 +29,19 @@ except ImportError:  # the bridge itself runs without the SDK
 
 from . import requestid
 from .api.app import as_bridge_error
-from .api.operations import Input, Operations, authorize, download
-from .errors import TooLarge
+from .api.operations import OPERATIONS, Input, Operations, authorize, download
+from .errors import NotReady, TooLarge
 
 if TYPE_CHECKING:
     from .bridge import Bridge
     from .config import Settings
+    from .metrics import Metrics
 
 log = logging.getLogger("dmbridge.embedded")
 CHUNK = 65536
-INTERRUPTIBLE = frozenset({"pullEvents"})  # a long poll only waits: a stop ends it at once
+# A long poll only waits, and an abandoned upload's file is never used (its caller has
+# usually closed the file it reads): a cancelled caller or a stop ends them at once.
+INTERRUPTIBLE = frozenset({"pullEvents", "uploadMedia"})
 T = TypeVar("T")
 
 
@@ -52,7 +56,8 @@ def listener_url(settings: Settings) -> str:
 
 def client_for(bridge: Bridge, network: str, *, over_http: bool = False,
                **options: Any) -> Client:
-    """An SDK client of ``network`` on this (started) bridge; ``options`` go to ``Client``.
+    """An SDK client of ``network`` on this bridge; ``options`` go to ``Client``. It may be
+    made before the bridge starts: until then its calls are refused as not ready (503, retried).
 
     Its calls are performed in this process; ``over_http=True`` sends them to the bridge's
     listener instead, as a separate program would.
@@ -64,9 +69,10 @@ def client_for(bridge: Bridge, network: str, *, over_http: bool = False,
     url = listener_url(settings)
     if over_http:
         return Client(url, token, network, **options)
-    backend = InProcess(bridge.operations, token, url,
+    backend = InProcess(lambda: bridge.operations, token, url, metrics=bridge.metrics,
                         max_retries=options.get("max_retries", 5),
-                        max_wait=options.get("max_wait", 60.0))
+                        max_wait=options.get("max_wait", 60.0),
+                        timeout=options.get("timeout", 90.0))
     return Client(url, token, network, backend=backend, **options)
 
 
@@ -74,22 +80,28 @@ class InProcess:
     """A ``dmbridge_client`` backend that performs each call with the bridge's operations.
 
     Refusals the client would send again over HTTP (429, 502, 503, 504) are performed again
-    after the same pauses, within ``max_retries`` and ``max_wait``. A link to a file that is
-    not the bridge's is fetched over HTTP, as the HTTP client would.
+    after the same pauses, within ``max_retries`` and ``max_wait``. The caller waits at most
+    ``timeout`` seconds for an answer (a call's ``time_limit`` if it has one), then the call is
+    made again as the HTTP client sends a request that got no answer again, and at the end
+    raises ``ConnectionFailed``; a begun operation still runs to its end. A link to a file
+    that is not the bridge's is fetched over HTTP, as the HTTP client would.
     """
 
-    def __init__(self, operations: Operations, token: str, listener: str, *,
-                 max_retries: int = 5, max_wait: float = 60.0) -> None:
-        self.operations = operations
+    def __init__(self, operations: Callable[[], Operations], token: str, listener: str, *,
+                 max_retries: int = 5, max_wait: float = 60.0, timeout: float = 90.0,
+                 metrics: Metrics | None = None) -> None:
+        self.operations = operations  # the bridge's, once it is started (else NotReady)
         self.token = token
         self.listener = listener
         self.max_retries = max_retries
         self.max_wait = max_wait
+        self.timeout = timeout
+        self.metrics = metrics  # calls counted by operation and status, as the listener counts
         self._http: Transport | None = None
 
     async def call(self, call: Call) -> Any:
         async def once() -> Any:
-            answer = await self._perform(call, _content(call.content))
+            answer = await self._perform(call, await _content(call.content))
             return answer if call.parse is None else call.parse(answer)
 
         return await self._retrying(call.operation, once, call.replayable)
@@ -101,15 +113,19 @@ class InProcess:
         if not rest or len(segments) != 4 or segments[1] != "media":
             if self._http is None:
                 self._http = Transport(self.listener, self.token, max_retries=self.max_retries,
-                                       max_wait=self.max_wait)
+                                       max_wait=self.max_wait, timeout=self.timeout)
             return await self._http.download(url)
         network_id, _, server, media_id = segments
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
 
+        async def fetch() -> bytes:
+            ops = self.operations()
+            return await download(ops, authorize(ops.settings, network_id, self.token),
+                                  server, media_id, query.get("expires"), query.get("sig"))
+
         async def once() -> bytes:
-            return await self._checked("downloadMedia", lambda: download(
-                self.operations, authorize(self.operations.settings, network_id, self.token),
-                server, media_id, query.get("expires"), query.get("sig")))
+            async with asyncio.timeout(self.timeout):
+                return await self._checked("downloadMedia", fetch)
 
         return await self._retrying("downloadMedia", once, True)
 
@@ -120,34 +136,52 @@ class InProcess:
     async def _perform(self, call: Call, content: tuple[AsyncIterator[bytes], int | None] | None
                        ) -> dict[str, Any]:
         async def perform() -> dict[str, Any]:
-            network = authorize(self.operations.settings, call.network, self.token)
+            network = authorize(ops.settings, call.network, self.token)
+            ops.charge(call.operation, network)  # before the body, as over HTTP
             if call.body is not None:
-                _within_limit(call.body, self.operations.settings.max_body_bytes)
-            return await self.operations.perform(call.operation, Input(
+                _within_limit(call.body, ops.settings.max_body_bytes)
+            return await ops.perform(call.operation, Input(
                 network=network, body=call.body or {}, query=call.query or {}, args=call.args,
                 content=content[0] if content else None, content_type=call.content_type,
-                length=content[1] if content else None))
+                length=content[1] if content else None), charged=True)
 
-        done = asyncio.ensure_future(self._checked(call.operation, perform))
-        if call.operation in INTERRUPTIBLE:
-            return await done
-        # Begun, it runs to its end even if the caller is cancelled, as the bridge finishes an
-        # HTTP request whose client went away: a send is never left half done.
-        done.add_done_callback(_retrieved)
-        return await asyncio.shield(done)
+        interruptible = call.operation in INTERRUPTIBLE
+        try:
+            ops = self.operations()
+            done = ops.in_flight.begin(self._checked(call.operation, perform),
+                                       interruptible=interruptible)
+        except NotReady as e:  # the bridge is not started yet, or is stopping
+            self._count(call.operation, e.status, 0.0)
+            raise _sdk_error(e, call.operation, requestid.new_id()) from e
+        async with asyncio.timeout(call.time_limit or self.timeout):
+            if interruptible:
+                return await done
+            # Begun, it runs to its end even if the caller is cancelled or stops waiting, as
+            # the bridge finishes an HTTP request whose client went away: a send is never left
+            # half done. A stopping bridge waits for it before it closes what it uses.
+            done.add_done_callback(_retrieved)
+            return await asyncio.shield(done)
 
-    @staticmethod
-    async def _checked(operation: str, perform: Callable[[], Awaitable[T]]) -> T:
+    async def _checked(self, operation: str, perform: Callable[[], Awaitable[T]]) -> T:
         """``perform``'s result; a failure as the SDK exception an HTTP answer gives. The call
-        has a request ID, as an HTTP request has: its log lines and its error carry it."""
+        has a request ID, as an HTTP request has: its log lines and its error carry it. Each
+        call that ends (not one cancelled) is counted and timed by operation and status."""
         rid = requestid.new_id()
+        start = time.monotonic()
         with requestid.scope(rid):
             try:
-                return await perform()
+                answer = await perform()
             except Exception as e:
-                error = as_bridge_error(e, f"{operation} (in process)")
-                raise api_error(error.status, error.to_json(), rid,
-                                getattr(error, "retry_after", None)) from e
+                error = _sdk_error(e, operation, rid)
+                self._count(operation, error.status, time.monotonic() - start)
+                raise error from e
+        known = OPERATIONS.get(operation)
+        self._count(operation, known.status if known else 200, time.monotonic() - start)
+        return answer
+
+    def _count(self, operation: str, status: int, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.in_process_call(operation, status, seconds)
 
     async def _retrying(self, operation: str, once: Callable[[], Awaitable[T]],
                         replayable: bool) -> T:
@@ -163,8 +197,30 @@ class InProcess:
                         or waited + pause > self.max_wait:
                     raise
                 log.info("%s: %s; performing it again in %.1f s", operation, error.code, pause)
+            except TimeoutError as e:  # no answer in time: as the HTTP client's request
+                pause = _backoff(attempt)
+                if not replayable or attempt > self.max_retries \
+                        or waited + pause > self.max_wait:
+                    raise ConnectionFailed(
+                        f"{operation} (in process) failed after {attempt} attempt(s): no "
+                        "answer in time") from e
+                log.info("%s: no answer in time; performing it again in %.1f s", operation,
+                         pause)
             waited += pause
             await asyncio.sleep(pause)
+
+
+def _backoff(attempt: int) -> float:
+    """The HTTP client's pause before it sends a request that got no answer again."""
+    pause = pause_before_retry(504, None, attempt)
+    assert pause is not None
+    return pause
+
+
+def _sdk_error(e: Exception, operation: str, rid: str) -> APIError:
+    """The SDK exception an HTTP answer to the failure ``e`` gives."""
+    error = as_bridge_error(e, f"{operation} (in process)")
+    return api_error(error.status, error.to_json(), rid, getattr(error, "retry_after", None))
 
 
 def _retrieved(done: asyncio.Future[Any]) -> None:
@@ -198,17 +254,19 @@ def _bound(value: Any) -> int:
     return 32
 
 
-def _content(content: Any) -> tuple[AsyncIterator[bytes], int | None] | None:
+async def _content(content: Any) -> tuple[AsyncIterator[bytes], int | None] | None:
     """An upload's bytes as the operation reads them, and their length when known: bytes, a
-    function giving bytes or a file afresh, a file, or an async stream."""
+    function giving bytes or a file afresh (called beside the event loop: it may open a file),
+    a file, or an async stream. A file a function gave is closed once read."""
     if content is None:
         return None
-    source = content() if callable(content) else content
+    made = callable(content)
+    source = await asyncio.to_thread(content) if made else content
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
         return _slices(data), len(data)
     if hasattr(source, "read"):
-        return _file(source), None
+        return _file(source, close=made), None
     return _stream(source), None
 
 
@@ -217,9 +275,14 @@ async def _slices(data: bytes) -> AsyncIterator[bytes]:
         yield data[start:start + CHUNK]
 
 
-async def _file(source: Any) -> AsyncIterator[bytes]:
-    while chunk := await asyncio.to_thread(source.read, CHUNK):
-        yield bytes(chunk)
+async def _file(source: Any, *, close: bool) -> AsyncIterator[bytes]:
+    """The file read in pieces beside the event loop (reading a disk may block)."""
+    try:
+        while chunk := await asyncio.to_thread(source.read, CHUNK):
+            yield bytes(chunk)
+    finally:
+        if close:
+            source.close()
 
 
 async def _stream(source: Any) -> AsyncIterator[bytes]:

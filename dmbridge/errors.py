@@ -121,6 +121,14 @@ class Busy(BridgeError):
     errcode = "DMBRIDGE_BUSY"
 
 
+class NotReady(BridgeError):
+    """The bridge is not started yet, or is stopping: an in-process call is refused as its
+    listener would refuse it (retry once it runs)."""
+
+    status = 503
+    errcode = "DMBRIDGE_NOT_READY"
+
+
 class Declined(BridgeError):
     """The Matrix user turned this contact down; nothing is sent until they reach out again."""
 

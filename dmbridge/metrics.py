@@ -54,6 +54,14 @@ class Metrics:
         self.http_duration = Histogram(
             "dmbridge_http_request_duration_seconds", "Time to answer a request on the "
             "listener, by route.", ["method", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_process_calls = Counter(
+            "dmbridge_in_process_calls", "Platform API operations called in the bridge's "
+            "process (dmbridge.embedded), not over the listener, by operationId and status.",
+            ["operation", "status"], registry=r)
+        self.in_process_duration = Histogram(
+            "dmbridge_in_process_call_duration_seconds", "Time to perform an operation called "
+            "in the bridge's process, by operationId.", ["operation"], buckets=LATENCY_BUCKETS,
+            registry=r)
         self.homeserver_requests = Counter(
             "dmbridge_homeserver_requests", "Requests the bridge made to the homeserver, by "
             "endpoint (IDs replaced by placeholders) and status ('error': no answer).",
@@ -97,6 +105,10 @@ class Metrics:
                            seconds: float) -> None:
         self.homeserver_requests.labels(method, endpoint, str(status)).inc()
         self.homeserver_duration.labels(method, endpoint).observe(seconds)
+
+    def in_process_call(self, operation: str, status: int, seconds: float) -> None:
+        self.in_process_calls.labels(operation, str(status)).inc()
+        self.in_process_duration.labels(operation).observe(seconds)
 
     def transaction(self, outcome: str) -> None:
         self.transactions.labels(outcome).inc()

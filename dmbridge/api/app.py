@@ -9,15 +9,9 @@ from importlib import resources
 
 from aiohttp import web
 
-from ..config import Settings
-from ..dms import DMService
 from ..errors import BridgeError
-from ..media import MediaService
 from ..networks import Network
-from ..outbox import Outbox
-from ..quotas import Quotas
 from ..ratelimit import budget_middleware
-from ..readiness import Readiness
 from . import handlers
 from .operations import Operations, authorize
 
@@ -75,11 +69,6 @@ async def network_auth(request: web.Request, handler: Handler) -> web.StreamResp
 async def openapi(_: web.Request) -> web.Response:
     text = resources.files("dmbridge.api").joinpath("openapi.yaml").read_text()
     return web.Response(text=text, content_type="application/yaml")
-
-
-def make_api_app(service: DMService, outbox: Outbox, media: MediaService, settings: Settings,
-                 quotas: Quotas, *, readiness: Readiness | None = None) -> web.Application:
-    return api_app(Operations(service, outbox, media, settings, quotas, readiness))
 
 
 def api_app(ops: Operations) -> web.Application:

@@ -23,16 +23,18 @@ def endpoint(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 
     async def handle(request: web.Request) -> web.Response:
         ops = request.app[api.OPERATIONS]
+        network = request[api.NETWORK]
+        ops.charge(name, network)
         body = await read_object(request, ops.settings.max_body_bytes) \
             if operation.reads_body else {}
         file = operation.reads_file
         answer = await ops.perform(name, Input(
-            network=request[api.NETWORK], body=body, query=request.rel_url.query,
+            network=network, body=body, query=request.rel_url.query,
             args=request.match_info,
             content=request.content.iter_chunked(65536) if file else None,
             content_type=request.headers.get("Content-Type") if file else None,
             length=request.content_length if file else None,
-        ))
+        ), charged=True)
         return web.json_response(answer, status=operation.status)
 
     handle.__name__ = name

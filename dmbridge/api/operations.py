@@ -33,6 +33,7 @@ from ..relations import Target
 from . import body as f
 from .body import id_list
 from .discovery import describe as describe_network
+from .inflight import InFlight
 
 Answer = dict[str, Any]
 
@@ -85,12 +86,21 @@ class Operations:
         self.settings = settings
         self.quotas = quotas
         self.readiness = readiness
+        self.in_flight = InFlight()  # operations begun in this process, awaited at stop
 
-    async def perform(self, name: str, request: Input) -> Answer:
+    def charge(self, name: str, network: Network) -> None:
+        """Counts a message, edit, reaction or deletion against the network's quota
+        (QuotaExceeded when it is too fast): before its body is read, so a network over its
+        quota is refused without the bridge reading what it sent."""
+        if OPERATIONS[name].counted:
+            self.quotas.message(network)
+
+    async def perform(self, name: str, request: Input, *, charged: bool = False) -> Answer:
+        """Operation ``name`` on ``request``; ``charged``: :meth:`charge` was called for it."""
         operation = OPERATIONS[name]
         with default_budget(self.settings.rate_limits.request_wait):
-            if operation.counted:
-                self.quotas.message(request.network)
+            if not charged:
+                self.charge(name, request.network)
             return await operation.run(self, request)
 
 

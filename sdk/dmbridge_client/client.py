@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import uuid
@@ -274,7 +275,7 @@ class Client(Handlers):
         elif isinstance(data, str | os.PathLike):
             path = Path(data)
             filename = filename or path.name
-            body = path.read_bytes
+            body = functools.partial(path.open, "rb")  # read in pieces, closed when sent
         elif hasattr(data, "read"):
             stream: IO[bytes] = data  # type: ignore[assignment]
             if stream.seekable():

@@ -15,8 +15,8 @@ from ruamel.yaml import YAML
 
 import dmbridge
 from dmbridge.api import body
-from dmbridge.api.app import ROUTES, make_api_app
-from dmbridge.api.operations import OPERATIONS
+from dmbridge.api.app import ROUTES, api_app
+from dmbridge.api.operations import OPERATIONS, Operations
 from dmbridge.dms import _USER_ID
 from dmbridge.errors import BridgeError
 from dmbridge.media import MXC
@@ -61,7 +61,7 @@ def test_every_route_is_documented_with_its_methods_and_nothing_else(spec: dict[
                                                                      ) -> None:
     settings = SimpleNamespace(rate_limits=SimpleNamespace(request_wait=1.0))
     none = cast(Any, None)
-    app = make_api_app(none, none, none, cast(Any, settings), none)
+    app = api_app(Operations(none, none, none, cast(Any, settings), none))
     routes = {(r.method, r.resource.canonical) for r in app.router.routes()
               if r.resource is not None}
     documented = {(method, path) for method, path, _ in _operations(spec).values()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,10 +16,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from dmbridge_client.backend import ROUTES as SDK_ROUTES
 from dmbridge_client.errors import ERRORS, api_error
+from prometheus_client import generate_latest
 
 from dmbridge import errors
 from dmbridge.api.app import ROUTES, error_boundary
+from dmbridge.api.inflight import InFlight
+from dmbridge.bridge import Bridge
 from dmbridge.embedded import InProcess, client_for, listener_url
+from dmbridge.metrics import Metrics
 from tests.support.settings import CHAT_TOKEN, SMS_TOKEN, make_settings
 
 
@@ -85,7 +91,8 @@ async def _in_process(error: Exception) -> sdk.APIError:
         raise error
 
     with pytest.raises(sdk.APIError) as raised:
-        await InProcess._checked("sendMessage", fail)
+        await InProcess(lambda: None, "", "")._checked(  # type: ignore[arg-type,return-value]
+            "sendMessage", fail)
     return raised.value
 
 
@@ -127,16 +134,22 @@ class _Recorded:
         self.settings = settings
         self.performed: list[tuple[str, str, dict[str, Any]]] = []
         self.answered = asyncio.Event()
+        self.in_flight = InFlight()
 
-    async def perform(self, name: str, request: Any) -> dict[str, Any]:
+    def charge(self, name: str, network: Any) -> None:
+        pass
+
+    async def perform(self, name: str, request: Any, *, charged: bool = False
+                      ) -> dict[str, Any]:
         self.performed.append((name, request.network.id, request.body))
         self.answered.set()
         return {"room_id": "!dm:hs.test", "event_id": "$sent", "room_created": False,
                 "duplicate": False}
 
 
-def _client_over(ops: _Recorded, token: str = CHAT_TOKEN) -> sdk.Client:
-    backend = InProcess(ops, token, "http://127.0.0.1:1")  # type: ignore[arg-type]
+def _client_over(ops: _Recorded, token: str = CHAT_TOKEN, **options: Any) -> sdk.Client:
+    backend = InProcess(lambda: ops, token, "http://127.0.0.1:1",  # type: ignore[arg-type,return-value]
+                        **options)
     return sdk.Client("http://127.0.0.1:1", token, "chat", backend=backend)
 
 
@@ -176,13 +189,14 @@ class _Scripted(_Recorded):
         self.failures = list(failures)
         self.release: asyncio.Event | None = None
 
-    async def perform(self, name: str, request: Any) -> dict[str, Any]:
+    async def perform(self, name: str, request: Any, *, charged: bool = False
+                      ) -> dict[str, Any]:
         if self.release is not None:
             await self.release.wait()
         if self.failures:
             self.performed.append((name, "refused", request.body))
             raise self.failures.pop(0)
-        return await super().perform(name, request)
+        return await super().perform(name, request, charged=charged)
 
 
 async def test_in_process_calls_are_performed_again_after_429_and_503_as_over_http(
@@ -216,6 +230,141 @@ async def test_a_cancelled_caller_leaves_the_send_to_finish_as_over_http(
     ops.release.set()
     await asyncio.wait_for(ops.answered.wait(), 10)
     assert [(name, network) for name, network, _ in ops.performed] == [("sendMessage", "chat")]
+
+
+async def test_a_stopping_bridge_waits_for_a_send_whose_caller_went_away_then_refuses_calls(
+    tmp_path: Path
+) -> None:
+    ops = _Scripted(_settings(tmp_path))
+    ops.release = asyncio.Event()
+    client = _client_over(ops, max_retries=0)
+    sending = asyncio.create_task(client.send_message("bob", "@alice:hs.test", "Hello"))
+    await asyncio.sleep(0)
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    closing = asyncio.create_task(ops.in_flight.close())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not closing.done() and ops.performed == []
+    ops.release.set()
+    await closing
+    assert [(name, network) for name, network, _ in ops.performed] == [("sendMessage", "chat")]
+
+    with pytest.raises(sdk.NotReady) as refused:
+        await client.send_message("bob", "@alice:hs.test", "Hello again")
+    assert refused.value.status == 503 and refused.value.error == "the bridge is stopping"
+    assert len(ops.performed) == 1
+
+
+async def test_a_client_made_before_the_bridge_starts_is_refused_as_not_ready_until_then(
+    tmp_path: Path
+) -> None:
+    bridge = Bridge(_settings(tmp_path))
+    client = client_for(bridge, "chat", max_retries=0)
+    try:
+        with pytest.raises(sdk.NotReady) as refused:
+            await client.send_message("bob", "@alice:hs.test", "Hello")
+        assert refused.value.status == 503
+        assert refused.value.error == "the bridge is not started"
+    finally:
+        await client.close()
+
+
+async def test_an_in_process_call_that_gets_no_answer_in_time_fails_as_over_http(
+    tmp_path: Path
+) -> None:
+    ops = _Scripted(_settings(tmp_path))
+    ops.release = asyncio.Event()  # never set: the homeserver hangs
+    client = _client_over(ops, max_retries=0, timeout=0.05)
+    with pytest.raises(sdk.ConnectionFailed, match="no answer in time"):
+        await client.send_message("bob", "@alice:hs.test", "Hello")
+    assert ops.performed == []
+    ops.release.set()
+    await ops.in_flight.close()  # the send begun still ends
+    assert [(name, network) for name, network, _ in ops.performed] == [("sendMessage", "chat")]
+
+
+async def test_an_upload_whose_caller_is_cancelled_stops_reading_the_callers_file(
+    tmp_path: Path
+) -> None:
+    ops = _Scripted(_settings(tmp_path))
+    ops.release = asyncio.Event()
+    client = _client_over(ops)
+    uploading = asyncio.create_task(client.upload(b"%PDF-1.4", content_type="application/pdf"))
+    await asyncio.sleep(0)
+    uploading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await uploading
+    ops.release.set()
+    await ops.in_flight.close()
+    assert ops.performed == []
+
+
+class _Storing(_Recorded):
+    """Operations that store an upload's bytes, as they arrive."""
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.stored: list[bytes] = []
+
+    async def perform(self, name: str, request: Any, *, charged: bool = False
+                      ) -> dict[str, Any]:
+        async for chunk in request.content:
+            self.stored.append(chunk)
+        return {"content_uri": "mxc://hs.test/f", "mimetype": request.content_type,
+                "size": sum(map(len, self.stored)), "filename": request.query.get("filename"),
+                "width": None, "height": None}
+
+
+async def test_an_upload_from_a_path_is_read_while_the_bridge_goes_on_working(
+    tmp_path: Path
+) -> None:
+    """The file is read beside the event loop, not on it: the bridge (here, setting an event)
+    goes on while the upload waits for the file's second part."""
+    pipe = tmp_path / "scan.pdf"
+    os.mkfifo(pipe)
+    loop_ran = threading.Event()
+    seen: list[bool] = []
+
+    def write() -> None:
+        with pipe.open("wb") as w:
+            w.write(b"%PDF-1.4 first part\n")
+            w.flush()
+            seen.append(loop_ran.wait(10))  # bounded: a blocked loop must not hang the test
+            w.write(b"second part\n")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    ops = _Storing(_settings(tmp_path))
+    client = _client_over(ops)
+    uploading = asyncio.create_task(client.upload(pipe, content_type="application/pdf"))
+    asyncio.get_running_loop().call_soon(loop_ran.set)
+    upload = await uploading
+    await asyncio.to_thread(writer.join)
+    assert seen == [True]
+    assert b"".join(ops.stored) == b"%PDF-1.4 first part\nsecond part\n"
+    assert (upload.size, upload.filename) == (32, "scan.pdf")
+
+
+async def test_in_process_calls_are_counted_by_operation_and_status(tmp_path: Path) -> None:
+    ops = _Scripted(_settings(tmp_path), errors.Declined("no"))
+    metrics = Metrics()
+    client = _client_over(ops, metrics=metrics)
+    with pytest.raises(sdk.Declined):
+        await client.send_message("bob", "@alice:hs.test", "Hello", message_id="m1")
+    await client.send_message("bob", "@alice:hs.test", "Hello", message_id="m2")
+    await client.send_message("bob", "@alice:hs.test", "Hello", message_id="m3")
+
+    def calls(status: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "dmbridge_in_process_calls_total", {"operation": "sendMessage", "status": status})
+
+    assert (calls("403"), calls("200")) == (1.0, 2.0)
+    assert metrics.registry.get_sample_value(
+        "dmbridge_in_process_call_duration_seconds_count", {"operation": "sendMessage"}) == 3.0
+    text = generate_latest(metrics.registry).decode()
+    assert 'dmbridge_in_process_calls_total{operation="sendMessage",status="200"} 2.0' in text
 
 
 def test_the_sdk_routes_every_call_where_the_bridge_serves_it() -> None:
