@@ -84,6 +84,7 @@ class Bridge:
                              notices=self.notices, metrics=self.metrics,
                              announce=self.peers.outbox_queued)
         self.matrix.on_queued = self.outbox.wake
+        self.matrix.handoff = self.outbox  # new replies go straight to delivery
         self.retention = Retention(self.db, settings.retention)
         self._dms: DMService | None = None
         self._homeserver: Homeserver | None = None

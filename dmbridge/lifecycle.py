@@ -7,7 +7,6 @@ transition, its history row and the notice owed to the platform commit together 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 from mautrix.types import EventID, RoomID, UserID
@@ -19,6 +18,7 @@ from .db.dm import ACTIVE, CREATING, DECLINED, ENDED, JOINING, DMRecord
 from .db.history import Transition
 from .db.invite import GhostInvite
 from .db.message import EDIT, MESSAGE, REACTION, MatrixMessage
+from .effects import Effects
 from .errors import NotFound
 from .lru import LRU
 from .marker import MARKER, Marker
@@ -37,14 +37,6 @@ REPLACED_BY_PLATFORM = "replaced_by_platform"
 BEING_REPLACED = "being_replaced"
 # Rooms whose user is remembered as typing (to tell the platform each start and stop once).
 TYPING_ROOMS_MAX = 10_000
-
-
-@dataclass
-class Effects:
-    """What a transaction left for after its commit: outbox items to deliver, invites."""
-
-    networks: set[str] = field(default_factory=set)
-    invites: bool = False
 
 
 def lane_of(dm: DMRecord) -> payloads.Lane:
@@ -85,7 +77,7 @@ class Lifecycle:
         kind, room_id, content = edu.get("type"), str(edu["room_id"]), edu["content"]
         if kind not in ("m.typing", "m.receipt"):
             return
-        dm = await self.stores.dms.by_room(conn, room_id)
+        dm = await self.stores.dms.in_room(conn, room_id)
         if dm is None or dm.state != ACTIVE:
             return
         lane = lane_of(dm)
@@ -93,11 +85,9 @@ class Lifecycle:
         if kind == "m.typing":
             user_ids = content.get("user_ids")
             is_typing = isinstance(user_ids, list) and dm.user_id in user_ids
-            if (room_id in self._typing) != is_typing:
-                if is_typing:
-                    self._typing[room_id] = None
-                else:
-                    del self._typing[room_id]
+            told = effects.typing_of(room_id)
+            if (room_id in self._typing if told is None else told) != is_typing:
+                effects.typing[room_id] = is_typing  # remembered once committed
                 items.append(payloads.typing(lane, room_id, is_typing, now))
         else:
             for event_id, receipts in content.items():
@@ -111,11 +101,15 @@ class Lifecycle:
                     items.append(payloads.read(lane, room_id, event_id, sent[0],
                                                mine.get("ts"), now))
         for payload in items:
-            await self.stores.outbox.add(
-                conn, network=dm.network, remote_id=dm.remote_id, user_id=dm.user_id,
-                type=payload["type"], key=payload["idempotency_key"], payload=payload, now=now,
-            )
-            effects.networks.add(dm.network)
+            await effects.queue(self.stores, conn, dm, payload, payload["idempotency_key"], now)
+
+    def committed(self, effects: Effects) -> None:
+        """A transaction committed: the typing it told the platform of is remembered."""
+        for room_id, is_typing in effects.typing.items():
+            if is_typing:
+                self._typing[room_id] = None
+            else:
+                self._typing.pop(room_id, None)
 
     # --- memberships ------------------------------------------------------------------------
 
@@ -155,8 +149,8 @@ class Lifecycle:
         change = self._transition(dm, user_id, membership, previous, sender)
         if change is not None:
             state, reason, notice = change
-            await move(self.stores, conn, dm, state, reason, event_id, now, notice)
-            effects.networks.add(dm.network)
+            await move(self.stores, conn, dm, state, reason, event_id, now, notice,
+                       effects=effects)
 
     def _transition(self, dm: DMRecord, user_id: str, membership: str, previous: str | None,
                     sender: str) -> tuple[str, str, str] | None:
@@ -219,7 +213,7 @@ class Lifecycle:
                        ) -> None:
         """A Matrix user's message, edit, reaction or deletion in a DM, queued for the platform."""
         room_id, event_id = str(raw.get("room_id")), str(raw.get("event_id"))
-        dm = await self.stores.dms.by_room(conn, room_id)
+        dm = await self.stores.dms.in_room(conn, room_id)
         if dm is None or raw.get("sender") != dm.user_id:
             return  # not a DM, or the ghost's own message coming back
         if dm.others_joined:
@@ -232,21 +226,16 @@ class Lifecycle:
                 log.info("%s: %s %s not delivered: the room is no longer the DM", room_id,
                          raw.get("type"), event_id)
                 return
-            await self._reach_out(conn, dm, event_id, now)
-            effects.networks.add(dm.network)
+            await self._reach_out(conn, dm, event_id, now, effects)
         payload, mapped = await self._outgoing(conn, dm, raw, now)
         if payload is None:
             return
         if mapped is not None:
             await self.stores.matrix_messages.add(conn, mapped, now)
-        item = await self.stores.outbox.add(
-            conn, network=dm.network, remote_id=dm.remote_id, user_id=dm.user_id,
-            type=payload["type"], key=event_id, now=now, payload=payload,
-        )
+        item = await effects.queue(self.stores, conn, dm, payload, event_id, now)
         if item is not None:
             log.info("%s: %s %s from %s queued for %s user %s (outbox %d)", room_id,
                      payload["type"], event_id, dm.user_id, dm.network, dm.remote_id, item)
-            effects.networks.add(dm.network)
 
     async def _outgoing(self, conn: Connection, dm: DMRecord, raw: dict[str, Any], now: int
                         ) -> tuple[dict[str, Any] | None, MatrixMessage | None]:
@@ -330,14 +319,16 @@ class Lifecycle:
             return payloads.target(event_id, None, known.kind)
         return None
 
-    async def _reach_out(self, conn: Connection, dm: DMRecord, event_id: str, now: int) -> None:
+    async def _reach_out(self, conn: Connection, dm: DMRecord, event_id: str, now: int,
+                         effects: Effects) -> None:
         """The user wrote in an old DM: it becomes the pair's DM again, lifting any decline."""
         current = await self.stores.dms.current_in(conn, dm.ghost_id, dm.user_id)
         if current is not None and current.state == CREATING:
             return  # a new room is being opened right now; it will be the DM
         if current is not None and current.room_id != dm.room_id:
             await move(self.stores, conn, current, ENDED, "replaced", event_id, now, None)
-        await move(self.stores, conn, dm, ACTIVE, "user_wrote", event_id, now, payloads.DM_STARTED)
+        await move(self.stores, conn, dm, ACTIVE, "user_wrote", event_id, now, payloads.DM_STARTED,
+                   effects=effects)
 
     # --- transitions ------------------------------------------------------------------------
 
@@ -354,10 +345,10 @@ def _event_ref(value: object) -> str | None:
 
 
 async def move(stores: Stores, conn: Connection, dm: DMRecord, state: str, reason: str,
-               event_id: str | None, now: int, notice: str | None, key: str | None = None
-               ) -> None:
+               event_id: str | None, now: int, notice: str | None, key: str | None = None,
+               *, effects: Effects | None = None) -> None:
     """Record a DM's transition, and queue the notice the platform gets about it (under
-    ``key``, when given)."""
+    ``key``, when given; through ``effects`` when recording a homeserver transaction)."""
     assert dm.room_id is not None
     if state != dm.state:
         await stores.dms.set_state(conn, dm.room_id, state, reason, now)
@@ -370,6 +361,9 @@ async def move(stores: Stores, conn: Connection, dm: DMRecord, state: str, reaso
     if notice is not None:
         payload = payloads.notice(lane_of(dm), notice, dm.room_id, state, reason, event_id, now,
                                   key)
+        if effects is not None:
+            await effects.queue(stores, conn, dm, payload, payload["idempotency_key"], now)
+            return
         await stores.outbox.add(
             conn, network=dm.network, remote_id=dm.remote_id, user_id=dm.user_id, type=notice,
             key=payload["idempotency_key"], payload=payload, now=now,

@@ -15,4 +15,5 @@ from . import (  # noqa: E402,F401
     v07_dm_indexes,
     v08_invite_lease,
     v09_ended_dm_reason,
+    v10_outbox_lease_token,
 )
