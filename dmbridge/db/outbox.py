@@ -190,7 +190,9 @@ class OutboxStore:
         """
         statement = (
             "UPDATE outbox SET lease_until=$6, lease_token=$7, attempts=attempts+1"
-            f" WHERE {_STILL_PENDING} AND id IN (SELECT c.id FROM (SELECT id FROM outbox"
+            f" WHERE {_STILL_PENDING} AND next_attempt_at <= $5"
+            " AND (lease_until IS NULL OR lease_until < $5)"
+            " AND id IN (SELECT c.id FROM (SELECT id FROM outbox"
             "   WHERE state='pending' AND network=$1 AND remote_id=$2 AND user_id=$3 AND id > $4"
             "   ORDER BY id LIMIT $8) AS c"
             " WHERE NOT EXISTS (SELECT 1 FROM outbox b WHERE b.state='pending' AND b.network=$1"
