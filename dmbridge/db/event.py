@@ -4,9 +4,10 @@ from mautrix.types import EventID
 from mautrix.util.async_db import Connection, Database
 
 from .dmcache import DMCache
+from .sqlite import SMALL_WRITE
 
 _CLAIM = (
-    "INSERT INTO processed_event (event_id, received_at) VALUES ($1, $2)"
+    SMALL_WRITE + "INSERT INTO processed_event (event_id, received_at) VALUES ($1, $2)"
     " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
 )
 

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 from mautrix.util.async_db import Connection, Database, Scheme
 
+from .sqlite import SMALL_WRITE
+
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 
 _COLUMNS = (
@@ -84,8 +86,8 @@ class OutboxStore:
     ) -> int | None:
         """Queue an item; None if one with this idempotency key was already queued."""
         value = await conn.fetchval(
-            "INSERT INTO outbox (network, remote_id, user_id, type, idempotency_key, payload,"
-            " state, next_attempt_at, created_at, queued_at)"
+            SMALL_WRITE + "INSERT INTO outbox (network, remote_id, user_id, type,"
+            " idempotency_key, payload, state, next_attempt_at, created_at, queued_at)"
             " VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7, $7)"
             " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
             network, remote_id, user_id, type, key, json.dumps(payload, ensure_ascii=False), now,
@@ -105,8 +107,9 @@ class OutboxStore:
         first = ("NOT EXISTS (SELECT 1 FROM outbox p WHERE p.state='pending' AND p.network=$1"
                  " AND p.remote_id=$2 AND p.user_id=$3)")
         row = await conn.fetchrow(
-            "INSERT INTO outbox (network, remote_id, user_id, type, idempotency_key, payload,"
-            " state, attempts, next_attempt_at, lease_until, lease_token, created_at, queued_at)"
+            SMALL_WRITE + "INSERT INTO outbox (network, remote_id, user_id, type,"
+            " idempotency_key, payload, state, attempts, next_attempt_at, lease_until,"
+            " lease_token, created_at, queued_at)"
             f" VALUES ($1, $2, $3, $4, $5, $6, 'pending', CASE WHEN {first} THEN 1 ELSE 0 END,"
             f" $7, CASE WHEN {first} THEN CAST($8 AS BIGINT) END,"
             f" CASE WHEN {first} THEN CAST($9 AS TEXT) END, $7, $7)"
