@@ -21,10 +21,11 @@ from dmbridge import signing
 from dmbridge.config import DeliverySettings
 from dmbridge.db import Stores, create_database, now_ms
 from dmbridge.db.outbox import DEAD, DELIVERED, PENDING, OutboxItem
+from dmbridge.delivery import backoff
 from dmbridge.errors import InvalidParam
 from dmbridge.localhs import free_port
 from dmbridge.networks import PULL, PUSH, Delivery, Network, Networks
-from dmbridge.outbox import Outbox, backoff
+from dmbridge.outbox import Outbox
 from tests.support.webhook import WebhookReceiver
 from tests.unit.test_networks import make_network
 
