@@ -20,13 +20,11 @@ _COLUMNS = (
 )
 CHUNK = 100  # rows named in one statement, at most (SQLite allows 32766 parameters)
 # Holds the lane of the row with id $1 for the rest of the transaction (PostgreSQL): every
-# lease of a lane's items is taken under it, so two workers never lease parts of one lane.
+# lease of a lane's items is taken under it, so two workers never lease parts of one lane
+# (dmbridge_lease_lane takes the same lock).
 _LOCK_LANE_OF = (
     "SELECT pg_advisory_xact_lock(hashtextextended(network || chr(9) || remote_id || chr(9)"
     " || user_id, 0)) FROM outbox WHERE id=$1"
-)
-_LOCK_LANE = (
-    "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(9) || $2 || chr(9) || $3, 0))"
 )
 # "Still pending", for a statement on rows found by id: as an expression, so that SQLite's
 # planner (which has no statistics) looks the ids up rather than walk every pending item
@@ -203,15 +201,10 @@ class OutboxStore:
             "   AND (b.next_attempt_at > $5 OR b.lease_until >= $5)))"
             f" RETURNING {_COLUMNS}"
         )
-        args = (*lane, after, now, until, token, limit)
-        conn: Connection
-        async with self.db.acquire() as conn:
-            if not self.locks_lanes:
-                rows = await conn.fetch(statement, *args)
-            else:
-                async with conn.transaction():
-                    await conn.execute(_LOCK_LANE, *lane)
-                    rows = await conn.fetch(statement, *args)
+        if self.locks_lanes:  # the same, after the lane's lock, in one round trip
+            statement = (f"SELECT {_COLUMNS} FROM dmbridge_lease_lane($1, $2, $3, $4, $5, $6,"
+                         " $7, $8)")
+        rows = await self.db.fetch(statement, *lane, after, now, until, token, limit)
         return sorted((_item(r) for r in rows), key=lambda item: item.id)
 
     async def renew(self, item_id: int, token: str, until: int) -> bool:
