@@ -271,26 +271,37 @@ class Deliverer:
                 item = replace(item, lease_until=until)
             self._in_flight[item.id] = (item, asyncio.create_task(self._deliver(item)))
 
-    def _finished(self, item: OutboxItem, *, delivered: bool) -> None:
+    def _finished(self, item: OutboxItem, *, delivered: bool) -> OutboxItem | None:
         """An item leased here is no longer: delivered, or failed (its lane then waits for
-        its retry, found by a search, or for its death)."""
+        its retry, found by a search, or for its death). Returns the lane's next item if it
+        is to go at once in the same slot: no other lane waits for one, and its lease is fresh
+        enough for its POST."""
         key = lane_key(item)
         lane = self._lanes.setdefault(key, Lane())
         lane.busy = False
         self._held -= 1
-        if delivered:
-            assert item.lease_token is not None
-            lane.done = max(lane.done, item.id)
-            lane.unmarked += 1
-            self._unmarked[item.id] = (item.lease_token, key)
-            self._mark_soon()
-            if lane.queue and not lane.ready:
-                lane.ready = True
-                self._ready.append(key)
-        else:
-            self._stop_lane(key)
-        self._forget_if_idle(key)
         self._kick.set()
+        if not delivered:
+            self._stop_lane(key)
+            self._forget_if_idle(key)
+            return None
+        assert item.lease_token is not None
+        lane.done = max(lane.done, item.id)
+        lane.unmarked += 1
+        self._unmarked[item.id] = (item.lease_token, key)
+        self._mark_soon()
+        if not lane.queue:
+            self._forget_if_idle(key)
+            return None
+        head = lane.queue[0]
+        assert head.lease_until is not None
+        if not self._ready and head.lease_until - now_ms() >= self._needed_ms:
+            lane.busy = True
+            return lane.queue.popleft()
+        if not lane.ready:
+            lane.ready = True
+            self._ready.append(key)
+        return None
 
     def _stop_lane(self, key: LaneKey) -> None:
         """Give back the items of a lane leased here behind one that did not go."""
@@ -341,10 +352,20 @@ class Deliverer:
                     lane.unmarked -= 1
                     self._forget_if_idle(key)
 
-    async def _deliver(self, item: OutboxItem) -> None:
+    async def _deliver(self, first: OutboxItem) -> None:
+        """Deliver an item, then the next items of its lane that go in the same slot."""
+        task = asyncio.current_task()
+        assert task is not None
+        item: OutboxItem | None = first
+        while item is not None:
+            item = await self._deliver_one(item, task)
+
+    async def _deliver_one(self, item: OutboxItem, task: asyncio.Task[None]
+                           ) -> OutboxItem | None:
         network = self.networks.get(item.network)
         attempt = item.attempts
         delivered = False
+        after: OutboxItem | None = None
         try:
             assert self._webhook is not None and item.lease_until is not None
             outcome = await self._webhook.post(network, item, attempt)
@@ -367,7 +388,10 @@ class Deliverer:
         finally:
             self._in_flight.pop(item.id, None)
             if self._running:
-                self._finished(item, delivered=delivered)
+                after = self._finished(item, delivered=delivered)
+                if after is not None:
+                    self._in_flight[after.id] = (after, task)
+        return after
 
     async def _failed(self, network: Network, item: OutboxItem, attempt: int,
                       outcome: Outcome) -> None:
