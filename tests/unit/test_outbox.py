@@ -571,6 +571,34 @@ async def test_more_than_500_dms_at_once_each_get_their_replies_in_order(
     assert all(got == list(range(per_lane)) for got in arrivals.values())
 
 
+async def test_a_lease_about_to_run_out_is_renewed_before_its_post(
+    stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    """A POST may take ``delivery.timeout``: when it starts, its lease covers that much."""
+    seen: list[tuple[int, int | None, str | None]] = []
+
+    async def handle(payload: dict[str, Any]) -> int:
+        row = await get(stores, int(payload["id"]))
+        seen.append((now_ms(), row.lease_until, row.lease_token))
+        return 200
+
+    async with Receiver(handle) as receiver:
+        item_id = await add(stores, "a1", now=now_ms())
+        now = now_ms()
+        # Leased (by the recording, say) a while ago: 1 s is left of it, the timeout is 3 s.
+        assert await stores.outbox.lease(item_id, now, now + 1000, "recorded")
+        box = await make_outbox(webhook_network(receiver.url))
+        box.take([await get(stores, item_id)])
+
+        async def delivered() -> bool:
+            return (await get(stores, item_id)).state == DELIVERED
+
+        await wait_until(delivered, what="the item to be delivered")
+    [(posted_at, lease_until, token)] = seen
+    assert token == "recorded"  # still the same holder's lease ...
+    assert lease_until is not None and lease_until >= posted_at + FAST.timeout * 1000  # renewed
+
+
 @pytest.mark.parametrize(("concurrency", "expected"), [(1, 1), (4, 3)])
 async def test_concurrency_limits_deliveries_in_flight(
     stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]], concurrency: int,
