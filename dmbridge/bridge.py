@@ -97,6 +97,7 @@ class Bridge:
                              notices=self.notices, metrics=self.metrics,
                              announce=self.peers.outbox_queued, undelivered=self.undelivered)
         self.matrix.on_queued = self.outbox.wake
+        self.matrix.handoff = self.outbox  # new replies go straight to delivery
         self.matrix.on_undelivered = self.undelivered.wake
         self.matrix.on_undecryptable = self._undecryptable
         self._notices_sent: set[asyncio.Task[None]] = set()

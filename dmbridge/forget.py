@@ -34,8 +34,8 @@ from .db.dm import DMRecord
 from .errors import BridgeError, InvalidParam, NotFound
 from .ghostlock import GhostLocks
 from .homeserver import Homeserver
-from .lifecycle import lane_of
 from .networks import Network
+from .outgoing import lane_of
 from .startup import StartupError
 
 log = logging.getLogger("dmbridge.forget")

@@ -7,7 +7,6 @@ transition, its history row and the notice owed to the platform commit together 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 from mautrix.types import EventID, RoomID, UserID
@@ -18,12 +17,13 @@ from .db import Stores, now_ms
 from .db.dm import ACTIVE, CREATING, DECLINED, ENDED, JOINING, DMRecord
 from .db.history import Transition
 from .db.invite import GhostInvite
-from .db.message import EDIT, MESSAGE, REACTION, MatrixMessage
 from .db.undelivered import ELSEWHERE, NOT_A_DM
+from .effects import Effects
 from .errors import NotFound
 from .lru import LRU
 from .marker import MARKER, Marker
 from .networks import Network, Networks
+from .outgoing import Outgoing, lane_of
 
 log = logging.getLogger("dmbridge.lifecycle")
 
@@ -40,22 +40,6 @@ BEING_REPLACED = "being_replaced"
 TYPING_ROOMS_MAX = 10_000
 
 
-@dataclass
-class Effects:
-    """What a transaction left for after its commit: outbox items to deliver, invites."""
-
-    networks: set[str] = field(default_factory=set)
-    invites: bool = False
-    undelivered: bool = False  # the user is owed a notice about a message not delivered
-    # Encrypted messages of users the bridge could not read: (ghost, room, event) to tell the
-    # user about in the room.
-    undecryptable: list[tuple[str, str, str]] = field(default_factory=list)
-
-
-def lane_of(dm: DMRecord) -> payloads.Lane:
-    return payloads.Lane(dm.network, dm.remote_id, dm.user_id, dm.ghost_id)
-
-
 class Lifecycle:
     def __init__(self, *, stores: Stores, networks: Networks, bot_user_id: str, on_leave: str,
                  encryption: str = "off") -> None:
@@ -64,6 +48,7 @@ class Lifecycle:
         self.networks = networks
         self.bot_user_id = bot_user_id
         self.on_leave = on_leave
+        self.outgoing = Outgoing(stores)
         # The rooms whose user the platform was last told is typing; a room leaves when it is
         # told the typing stopped. Stops the bridge never sees (a DM ended meanwhile) would
         # keep rooms for ever: past the cap the oldest go (its stop, if it comes, is not told).
@@ -92,11 +77,7 @@ class Lifecycle:
         log.warning("%s: encrypted message %s cannot be read by the bridge (%s); not delivered",
                     room_id, raw.get("event_id"), reason)
         payload = payloads.undecryptable(lane_of(dm), room_id, raw, reason, now)
-        await self.stores.outbox.add(
-            conn, network=dm.network, remote_id=dm.remote_id, user_id=dm.user_id,
-            type=payload["type"], key=payload["idempotency_key"], payload=payload, now=now,
-        )
-        effects.networks.add(dm.network)
+        await effects.queue(self.stores, conn, dm, payload, payload["idempotency_key"], now)
         effects.undecryptable.append((dm.ghost_id, room_id, str(raw["event_id"])))
 
     async def apply_ephemeral(self, conn: Connection, edu: dict[str, Any], now: int,
@@ -105,7 +86,7 @@ class Lifecycle:
         kind, room_id, content = edu.get("type"), str(edu["room_id"]), edu["content"]
         if kind not in ("m.typing", "m.receipt"):
             return
-        dm = await self.stores.dms.by_room(conn, room_id)
+        dm = await self.stores.dms.in_room(conn, room_id)
         if dm is None or dm.state != ACTIVE:
             return
         lane = lane_of(dm)
@@ -113,11 +94,9 @@ class Lifecycle:
         if kind == "m.typing":
             user_ids = content.get("user_ids")
             is_typing = isinstance(user_ids, list) and dm.user_id in user_ids
-            if (room_id in self._typing) != is_typing:
-                if is_typing:
-                    self._typing[room_id] = None
-                else:
-                    del self._typing[room_id]
+            told = effects.typing_of(room_id)
+            if (room_id in self._typing if told is None else told) != is_typing:
+                effects.typing[room_id] = is_typing  # remembered once committed
                 items.append(payloads.typing(lane, room_id, is_typing, now))
         else:
             for event_id, receipts in content.items():
@@ -131,11 +110,15 @@ class Lifecycle:
                     items.append(payloads.read(lane, room_id, event_id, sent[0],
                                                mine.get("ts"), now))
         for payload in items:
-            await self.stores.outbox.add(
-                conn, network=dm.network, remote_id=dm.remote_id, user_id=dm.user_id,
-                type=payload["type"], key=payload["idempotency_key"], payload=payload, now=now,
-            )
-            effects.networks.add(dm.network)
+            await effects.queue(self.stores, conn, dm, payload, payload["idempotency_key"], now)
+
+    def committed(self, effects: Effects) -> None:
+        """A transaction committed: the typing it told the platform of is remembered."""
+        for room_id, is_typing in effects.typing.items():
+            if is_typing:
+                self._typing[room_id] = None
+            else:
+                self._typing.pop(room_id, None)
 
     # --- memberships ------------------------------------------------------------------------
 
@@ -175,8 +158,8 @@ class Lifecycle:
         change = self._transition(dm, user_id, membership, previous, sender)
         if change is not None:
             state, reason, notice = change
-            await move(self.stores, conn, dm, state, reason, event_id, now, notice)
-            effects.networks.add(dm.network)
+            await move(self.stores, conn, dm, state, reason, event_id, now, notice,
+                       effects=effects)
 
     def _transition(self, dm: DMRecord, user_id: str, membership: str, previous: str | None,
                     sender: str) -> tuple[str, str, str] | None:
@@ -239,7 +222,7 @@ class Lifecycle:
                        ) -> None:
         """A Matrix user's message, edit, reaction or deletion in a DM, queued for the platform."""
         room_id, event_id = str(raw.get("room_id")), str(raw.get("event_id"))
-        dm = await self.stores.dms.by_room(conn, room_id)
+        dm = await self.stores.dms.in_room(conn, room_id)
         if dm is None or raw.get("sender") != dm.user_id:
             return  # not a DM, or the ghost's own message coming back
         if dm.others_joined:
@@ -254,21 +237,16 @@ class Lifecycle:
                          raw.get("type"), event_id)
                 await self._not_delivered(conn, dm, raw, ELSEWHERE, now, effects)
                 return
-            await self._reach_out(conn, dm, event_id, now)
-            effects.networks.add(dm.network)
-        payload, mapped = await self._outgoing(conn, dm, raw, now)
+            await self._reach_out(conn, dm, event_id, now, effects)
+        payload, mapped = await self.outgoing.payload(conn, dm, raw, now)
         if payload is None:
             return
         if mapped is not None:
             await self.stores.matrix_messages.add(conn, mapped, now)
-        item = await self.stores.outbox.add(
-            conn, network=dm.network, remote_id=dm.remote_id, user_id=dm.user_id,
-            type=payload["type"], key=event_id, now=now, payload=payload,
-        )
+        item = await effects.queue(self.stores, conn, dm, payload, event_id, now)
         if item is not None:
             log.info("%s: %s %s from %s queued for %s user %s (outbox %d)", room_id,
                      payload["type"], event_id, dm.user_id, dm.network, dm.remote_id, item)
-            effects.networks.add(dm.network)
 
     async def _not_delivered(self, conn: Connection, dm: DMRecord, raw: dict[str, Any],
                              reason: str, now: int, effects: Effects) -> None:
@@ -287,96 +265,16 @@ class Lifecycle:
                                                       dm.ghost_id, reason, dm.updated_at, now):
             effects.undelivered = True
 
-    async def _outgoing(self, conn: Connection, dm: DMRecord, raw: dict[str, Any], now: int
-                        ) -> tuple[dict[str, Any] | None, MatrixMessage | None]:
-        """The platform's payload for a user's event, and its row in the message map."""
-        room_id = dm.room_id
-        assert room_id is not None
-        kind, content = raw.get("type"), raw["content"]
-        lane, event_id = lane_of(dm), EventID(str(raw["event_id"]))
-        relates = content.get("m.relates_to")
-        relates = relates if isinstance(relates, dict) else {}
-
-        def mapped(what: str, target: str | None = None, key: str | None = None
-                   ) -> MatrixMessage:
-            return MatrixMessage(event_id, room_id, dm.network, dm.remote_id, dm.user_id,
-                                 what, EventID(target) if target else None, key)
-
-        if kind == "m.room.redaction":
-            redacts = _event_ref(content.get("redacts", raw.get("redacts")))  # content: v11+
-            of = await self._target(conn, dm, redacts) if redacts else None
-            if of is None:
-                log.info("%s: redaction %s of %s not delivered: the platform never had it",
-                         dm.room_id, event_id, redacts)
-                return None, None
-            reason = content.get("reason") if isinstance(content.get("reason"), str) else None
-            assert redacts is not None
-            if of["message_id"] is not None:
-                await self.stores.messages.redacted_by_user(conn, dm.network, dm.remote_id,
-                                                            redacts, now)
-            else:
-                await self.stores.matrix_messages.redacted(conn, redacts, now)
-            return payloads.redaction(lane, room_id, raw, of, reason, now), None
-        if kind == "m.reaction":
-            target, key = _event_ref(relates.get("event_id")), relates.get("key")
-            if relates.get("rel_type") != "m.annotation" or target is None or (
-                    not isinstance(key, str)) or "\x00" in key or len(key) > 1000:
-                log.info("%s: reaction %s is malformed; not delivered", dm.room_id, event_id)
-                return None, None
-            to = await self._target(conn, dm, target) or payloads.target(target, None, "unknown")
-            return (payloads.reaction(lane, room_id, raw, key, to, now),
-                    mapped(REACTION, target, key))
-        new_content = content.get("m.new_content")
-        if relates.get("rel_type") == "m.replace" and isinstance(new_content, dict):
-            target = _event_ref(relates.get("event_id")) or "$unknown"
-            if await self.stores.messages.by_event(conn, dm.network, dm.remote_id, target):
-                # Only a message's sender may edit it (the spec); clients ignore this one too.
-                log.info("%s: %s tried to edit the contact's message %s; ignored", room_id,
-                         dm.user_id, target)
-                return None, None
-            original = await self.stores.matrix_messages.get_in(conn, target)
-            if original is not None and original.of_dm(dm.network, dm.remote_id, dm.user_id):
-                return (payloads.edit(lane, room_id, raw, new_content, target, now),
-                        mapped(EDIT, target))
-            # The platform never had the original: the edited text arrives as a message.
-            return (payloads.message(lane, room_id, raw, dm.user_displayname, now,
-                                     content=new_content), mapped(MESSAGE))
-        in_reply_to = relates.get("m.in_reply_to")
-        reply_to = thread_root = None
-        answered = _event_ref(in_reply_to.get("event_id")) if isinstance(
-            in_reply_to, dict) else None
-        root = _event_ref(relates.get("event_id")) if relates.get(
-            "rel_type") == "m.thread" else None
-        if root is not None:
-            thread_root = await self._target(conn, dm, root) or payloads.target(
-                root, None, "unknown")
-            if relates.get("is_falling_back") is True:
-                answered = None  # a reply only for clients without threads
-        if answered is not None:
-            reply_to = await self._target(conn, dm, answered) or payloads.target(
-                answered, None, "unknown")
-        return (payloads.message(lane, room_id, raw, dm.user_displayname, now,
-                                 reply_to=reply_to, thread_root=thread_root), mapped(MESSAGE))
-
-    async def _target(self, conn: Connection, dm: DMRecord, event_id: str
-                      ) -> dict[str, Any] | None:
-        """An event of this DM the platform knows: one it sent, or one it was given."""
-        sent = await self.stores.messages.by_event(conn, dm.network, dm.remote_id, event_id)
-        if sent is not None:
-            return payloads.target(event_id, *sent)
-        known = await self.stores.matrix_messages.get_in(conn, event_id)
-        if known is not None and known.of_dm(dm.network, dm.remote_id, dm.user_id):
-            return payloads.target(event_id, None, known.kind)
-        return None
-
-    async def _reach_out(self, conn: Connection, dm: DMRecord, event_id: str, now: int) -> None:
+    async def _reach_out(self, conn: Connection, dm: DMRecord, event_id: str, now: int,
+                         effects: Effects) -> None:
         """The user wrote in an old DM: it becomes the pair's DM again, lifting any decline."""
         current = await self.stores.dms.current_in(conn, dm.ghost_id, dm.user_id)
         if current is not None and current.state == CREATING:
             return  # a new room is being opened right now; it will be the DM
         if current is not None and current.room_id != dm.room_id:
             await move(self.stores, conn, current, ENDED, "replaced", event_id, now, None)
-        await move(self.stores, conn, dm, ACTIVE, "user_wrote", event_id, now, payloads.DM_STARTED)
+        await move(self.stores, conn, dm, ACTIVE, "user_wrote", event_id, now, payloads.DM_STARTED,
+                   effects=effects)
 
     # --- transitions ------------------------------------------------------------------------
 
@@ -384,19 +282,11 @@ class Lifecycle:
         return user_id == self.bot_user_id or self.networks.parse_ghost(user_id) is not None
 
 
-def _event_ref(value: object) -> str | None:
-    """An event ID the databases can look up; anything else points at nothing known."""
-    if isinstance(value, str) and value.startswith("$") and len(value) <= 255 and (
-            "\x00" not in value):
-        return value
-    return None
-
-
 async def move(stores: Stores, conn: Connection, dm: DMRecord, state: str, reason: str,
-               event_id: str | None, now: int, notice: str | None, key: str | None = None
-               ) -> None:
+               event_id: str | None, now: int, notice: str | None, key: str | None = None,
+               *, effects: Effects | None = None) -> None:
     """Record a DM's transition, and queue the notice the platform gets about it (under
-    ``key``, when given)."""
+    ``key``, when given; through ``effects`` when recording a homeserver transaction)."""
     assert dm.room_id is not None
     if state != dm.state:
         await stores.dms.set_state(conn, dm.room_id, state, reason, now)
@@ -409,6 +299,9 @@ async def move(stores: Stores, conn: Connection, dm: DMRecord, state: str, reaso
     if notice is not None:
         payload = payloads.notice(lane_of(dm), notice, dm.room_id, state, reason, event_id, now,
                                   key)
+        if effects is not None:
+            await effects.queue(stores, conn, dm, payload, payload["idempotency_key"], now)
+            return
         await stores.outbox.add(
             conn, network=dm.network, remote_id=dm.remote_id, user_id=dm.user_id, type=notice,
             key=payload["idempotency_key"], payload=payload, now=now,

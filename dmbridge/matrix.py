@@ -13,8 +13,9 @@ from mautrix.util.async_db import Connection
 
 from . import jsontext
 from .db import Stores, now_ms
+from .effects import Effects, Handoff
 from .ghosts import Ghosts
-from .lifecycle import Effects, Lifecycle
+from .lifecycle import Lifecycle
 from .metrics import Metrics
 from .networks import Networks
 
@@ -23,10 +24,19 @@ log = logging.getLogger("dmbridge.matrix")
 MAX_ID_BYTES = 255  # the spec's limit for event, room and user IDs (and member state keys)
 
 
+class _EventFailed(Exception):
+    """Applying one event of a transaction failed (the cause is chained)."""
+
+    def __init__(self, event_id: str) -> None:
+        super().__init__(event_id)
+        self.event_id = event_id
+
+
 class MatrixHandler:
     def __init__(
         self, *, stores: Stores, networks: Networks, appservice: AppService, ghosts: Ghosts,
         on_leave: str, metrics: Metrics | None = None, encryption: str = "off",
+        handoff: Handoff | None = None,
     ) -> None:
         self.stores = stores
         self.metrics = metrics if metrics is not None else Metrics()
@@ -38,7 +48,10 @@ class MatrixHandler:
             stores=stores, networks=networks, bot_user_id=appservice.bot_mxid, on_leave=on_leave,
             encryption=encryption,
         )
-        # Told after each commit: which networks have new outbox items, and of new invites.
+        # This worker's deliverer, handed the new outbox items it may deliver at once.
+        self.handoff = handoff
+        # Told after each commit: which networks have other new outbox items, and of new
+        # invites.
         self.on_queued: Callable[[set[str]], None] = lambda networks: None
         self.on_invited: Callable[[], None] = lambda: None
         self.on_undelivered: Callable[[], None] = lambda: None
@@ -56,12 +69,53 @@ class MatrixHandler:
         holds no NUL, no lone surrogate and nothing cut out for its depth (the usual case), so
         the events need no scrubbing. Raises on a database failure, so the homeserver sends
         the transaction again.
+
+        The events are recorded in one database transaction. Should one of them fail, that
+        attempt is rolled back and the events recorded again, each in a savepoint of its own,
+        so that the failing one is skipped and the others kept: savepoints cost statements, so
+        they are paid for only once an event has failed.
+        """
+        try:
+            record = await self._record(txn_id, events, ephemeral, untrusted, isolated=False)
+        except _EventFailed as e:
+            log.debug("txn %s: event %s failed (%r); recording each event on its own", txn_id,
+                      e.event_id, e.__cause__)
+            record = await self._record(txn_id, events, ephemeral, untrusted, isolated=True)
+        fresh, effects, outcomes = record
+        self.lifecycle.committed(effects)
+        for event_type, outcome in outcomes:
+            self.metrics.event(event_type, outcome)
+        if effects.handed and self.handoff is not None:
+            self.handoff.take(effects.handed)
+        if effects.networks:
+            self.on_queued(effects.networks)
+        if effects.invites:
+            self.on_invited()
+        if effects.undelivered:
+            self.on_undelivered()
+        if effects.undecryptable:
+            self.on_undecryptable(effects.undecryptable)
+        for raw in fresh:
+            if "state_key" in raw:  # the cache holds room state only; messages pass it by
+                await self._update_state_store(raw)
+        if events:
+            log.debug("txn %s: %d events, %d new", txn_id, len(events), len(fresh))
+
+    async def _record(self, txn_id: str, events: list[Any], ephemeral: list[Any] | None,
+                      untrusted: bool, *, isolated: bool
+                      ) -> tuple[list[dict[str, Any]], Effects, list[tuple[object, str]]]:
+        """One attempt at recording the transaction: the new events, what they leave for
+        after the commit, and each event's outcome (counted once committed).
+
+        Not ``isolated``, an event that fails raises :class:`_EventFailed` (and nothing is
+        recorded); ``isolated``, each event is applied in a savepoint of its own, and one that
+        fails is logged and skipped.
         """
         fresh: list[dict[str, Any]] = []
         at = now_ms()
         conn: Connection
-        effects = Effects()
-        outcomes: list[tuple[object, str]] = []  # counted once committed
+        effects = Effects(handoff=self.handoff)
+        outcomes: list[tuple[object, str]] = []
         async with self.stores.transaction() as conn:
             for raw in events:
                 if (problem := unstorable(raw, untrusted)) is not None:
@@ -79,54 +133,55 @@ class MatrixHandler:
                     continue
                 fresh.append(raw)
                 outcomes.append((raw.get("type"),
-                                 await self._apply(conn, txn_id, raw, at, effects)))
+                                 await self._apply(conn, txn_id, raw, at, effects, isolated)))
             for edu in ephemeral or []:
                 if isinstance(edu, dict) and isinstance(edu.get("room_id"), str) and isinstance(
                     edu.get("content"), dict
                 ) and not (untrusted and jsontext.holds_cut(edu)):
                     edu = jsontext.scrub(edu) if untrusted else edu
-                    await self._apply(conn, txn_id, edu, at, effects, ephemeral=True)
-        for event_type, outcome in outcomes:
-            self.metrics.event(event_type, outcome)
-        if effects.networks:
-            self.on_queued(effects.networks)
-        if effects.invites:
-            self.on_invited()
-        if effects.undelivered:
-            self.on_undelivered()
-        if effects.undecryptable:
-            self.on_undecryptable(effects.undecryptable)
-        for raw in fresh:
-            if "state_key" in raw:  # the cache holds room state only; messages pass it by
-                await self._update_state_store(raw)
-        if events:
-            log.debug("txn %s: %d events, %d new", txn_id, len(events), len(fresh))
+                    await self._apply(conn, txn_id, edu, at, effects, isolated, ephemeral=True)
+        return fresh, effects, outcomes
 
     async def _apply(self, conn: Connection, txn_id: str, raw: dict[str, Any], at: int,
-                     effects: Effects, ephemeral: bool = False) -> str:
-        """Apply one event in a savepoint: an event that fails is logged and skipped.
-        Returns what became of it: ``processed``, ``skipped`` (malformed) or ``failed``.
+                     effects: Effects, isolated: bool, ephemeral: bool = False) -> str:
+        """Apply one event, its effects kept only with it. Returns what became of it:
+        ``processed``, ``skipped`` (malformed) or, ``isolated`` in a savepoint, ``failed``
+        (logged and skipped); not ``isolated``, a failure raises :class:`_EventFailed`.
 
-        If even the rollback fails, the database itself is in trouble: the error goes up and
-        the homeserver resends the whole transaction.
+        If even the rollback to the savepoint fails, the database itself is in trouble: the
+        error goes up and the homeserver resends the whole transaction.
         """
+        own = effects.child()
+        if not isolated:
+            try:
+                outcome = await self._apply_one(conn, txn_id, raw, at, own, ephemeral)
+            except Exception as e:
+                raise _EventFailed(str(raw.get("event_id"))) from e
+            own.keep()
+            return outcome
         await conn.execute("SAVEPOINT dmbridge_event")
-        outcome = "processed"
         try:
-            if ephemeral:
-                await self.lifecycle.apply_ephemeral(conn, raw, at, effects)
-            elif _well_formed(raw):
-                await self.lifecycle.apply(conn, raw, at, effects)
-            else:
-                log.warning("txn %s: event %s is malformed; skipped", txn_id, raw.get("event_id"))
-                outcome = "skipped"
+            outcome = await self._apply_one(conn, txn_id, raw, at, own, ephemeral)
         except Exception:
             await conn.execute("ROLLBACK TO SAVEPOINT dmbridge_event")
             log.exception("txn %s: could not handle event %s (%s in %s); skipped", txn_id,
                           raw.get("event_id"), raw.get("type"), raw.get("room_id"))
             outcome = "failed"
+        else:
+            own.keep()
         await conn.execute("RELEASE SAVEPOINT dmbridge_event")
         return outcome
+
+    async def _apply_one(self, conn: Connection, txn_id: str, raw: dict[str, Any], at: int,
+                         effects: Effects, ephemeral: bool) -> str:
+        if ephemeral:
+            await self.lifecycle.apply_ephemeral(conn, raw, at, effects)
+        elif _well_formed(raw):
+            await self.lifecycle.apply(conn, raw, at, effects)
+        else:
+            log.warning("txn %s: event %s is malformed; skipped", txn_id, raw.get("event_id"))
+            return "skipped"
+        return "processed"
 
     async def _update_state_store(self, raw: dict[str, Any]) -> None:
         """Keep mautrix's state store (a cache for its intents) in step with ours.

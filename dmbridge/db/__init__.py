@@ -57,7 +57,7 @@ class Stores:
             messages=SentMessageStore(db),
             matrix_messages=MatrixMessageStore(db),
             media=MediaStore(db),
-            events=ProcessedEventStore(db),
+            events=ProcessedEventStore(db, cache),
             outbox=OutboxStore(db),
             history=HistoryStore(db),
             invites=InviteStore(db),

@@ -160,9 +160,22 @@ class DMStore:
 
     @staticmethod
     async def by_room(conn: Connection, room_id: str) -> DMRecord | None:
-        """The DM row of a room, whatever its state."""
-        row = await conn.fetchrow(_SELECT + " WHERE dm.room_id=$1", room_id)
+        """The DM row of a room, whatever its state (by a unique key: a point read)."""
+        row = await conn.fetchrow(POINT_READ + _SELECT + " WHERE dm.room_id=$1", room_id)
         return _record(row) if row else None
+
+    async def in_room(self, conn: Connection, room_id: str) -> DMRecord | None:
+        """The DM row of a room, whatever its state: from the cache when it can be trusted in
+        the current transaction (SQLite, see :meth:`DMCache.in_room`), kept there when it is
+        the pair's active DM."""
+        record = self.cache.in_room(room_id)
+        if record is not None:
+            return record
+        read_at = self.cache.version
+        record = await self.by_room(conn, room_id)
+        if record is not None and record.state == ACTIVE:
+            self.cache.fill(record, read_at)
+        return record
 
     @staticmethod
     async def current_in(conn: Connection, ghost_id: str, user_id: str) -> DMRecord | None:

@@ -11,7 +11,9 @@ after it.
 The cache serves SQLite, where one bridge process writes. Another process may still commit
 (``dmbridge forget``, ``dmbridge clear-declined``): SQLite's ``data_version`` moves when it
 does; a send reads it with its idempotency check, and :meth:`DMCache.saw_data_version` then
-forgets everything. On PostgreSQL several
+forgets everything. The recording of a homeserver transaction reads it with its first write
+(the claim of an event), after which no other process can commit until it does: from then
+on, :meth:`DMCache.in_room` answers for that transaction. On PostgreSQL several
 workers write and no worker could know at once what the others committed: the cache is not
 used there (the send reads its DM with the check that the message was not sent already, in
 the one round trip it needs anyway).
@@ -59,6 +61,9 @@ class _Scope:
     def __init__(self, cache: DMCache) -> None:
         self.cache = cache
         self.changes: set[Change] = set()
+        # The transaction has written, and read SQLite's data_version since: nothing another
+        # process commits can come between that and the end of the transaction.
+        self.settled = False
 
 
 _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
@@ -108,6 +113,29 @@ class DMCache:
         if record.room_id is not None:
             self._by_room[record.room_id] = key
         self._by_ghost.setdefault(record.ghost_id, set()).add(key)
+
+    def in_room(self, room_id: str) -> DMRecord | None:
+        """The DM of a room as last read, if it can be trusted in the current transaction
+        (see :meth:`settled`)."""
+        scope = _scope.get()
+        if not self.enabled or scope is None or scope.cache is not self or not scope.settled:
+            return None
+        key = self._by_room.get(room_id)
+        if key is None:
+            return None
+        record = self._entries.get(key)
+        if record is None or record.room_id != room_id or (self._held and self._is_held(record)):
+            return None
+        return record
+
+    def settled(self, data_version: int) -> None:
+        """The current transaction has written, and read SQLite's ``data_version`` after:
+        nothing another process commits can come before its end (SQLite lets one writer at
+        a time), so the cache answers for it once it knows of the commits before."""
+        self.saw_data_version(data_version)
+        scope = _scope.get()
+        if scope is not None and scope.cache is self:
+            scope.settled = True
 
     def saw_data_version(self, data_version: int) -> None:
         """SQLite's ``PRAGMA data_version`` now: if it moved (or was not known yet), another

@@ -13,6 +13,7 @@ from mautrix.util.async_db import Connection, Database
 from mautrix.util.async_db.database import conn_var
 
 from . import hot
+from .sqlite import SMALL_WRITE
 
 MESSAGE = "message"
 EDIT = "edit"
@@ -249,7 +250,7 @@ class MatrixMessageStore:
     @staticmethod
     async def add(conn: Connection, message: MatrixMessage, at_ms: int) -> None:
         await conn.execute(
-            f"INSERT INTO matrix_message ({_MATRIX_COLUMNS}, created_at)"
+            SMALL_WRITE + f"INSERT INTO matrix_message ({_MATRIX_COLUMNS}, created_at)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id) DO NOTHING",
             message.event_id, message.room_id, message.network, message.remote_id,
             message.user_id, message.kind, message.target_event_id, message.reaction_key, at_ms,

@@ -12,6 +12,12 @@ read takes no lock that another process's write holds, so it never sleeps in ``b
 and never blocks the loop for longer than the lookup. Writes, and any read that may touch
 many rows, stay on the thread. (Running it there is safe because the one connection is taken
 from mautrix's pool first: the thread runs nothing else meanwhile.)
+
+A statement that starts with :data:`SMALL_WRITE` runs on the event loop too once its
+transaction holds SQLite's write lock (an earlier write of the transaction ran on the thread,
+and took it): no other process can then make it wait. Only tiny writes by unique keys are
+marked so (the recording of a Matrix user's reply). A transaction's ``BEGIN`` (deferred: it
+takes no lock) runs on the loop as well; its first write, and its ``COMMIT``, on the thread.
 """
 
 # The methods keep mautrix's signatures, ``timeout`` parameters included.
@@ -35,6 +41,11 @@ from yarl import URL
 
 POINT_READ = "/* point read */ "
 """The mark of a tiny read by unique keys, run on the event loop on SQLite (a comment in SQL)."""
+SMALL_WRITE = "/* small write */ "
+"""The mark of a tiny write by unique keys, run on the event loop on SQLite when its
+transaction already holds the write lock (a comment in SQL)."""
+# A statement that takes SQLite's write lock (run in a transaction, it holds it to the end).
+_WRITE = re.compile(r"\s*(?:/\*.*?\*/\s*)*(?:INSERT|UPDATE|DELETE|REPLACE)\b", re.I | re.S)
 
 # mautrix's rewrite of PostgreSQL's $1 placeholders to SQLite's ?1.
 _POSITIONAL = re.compile(r"\$(\d+)")
@@ -75,6 +86,7 @@ class OneTripConnection:
 
     def __init__(self, conn: TxnConnection) -> None:
         self.conn = conn
+        self._locked = False  # the open transaction holds the write lock
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
@@ -83,7 +95,7 @@ class OneTripConnection:
         if in_transaction.get():
             yield
             return
-        await self._on_thread(_all, "BEGIN TRANSACTION", ())
+        _all(self.conn._conn, "BEGIN TRANSACTION", ())  # deferred: no lock, no wait
         token = in_transaction.set(True)
         try:
             yield
@@ -93,7 +105,21 @@ class OneTripConnection:
         else:
             await self._on_thread(_all, "COMMIT", ())
         finally:
+            self._locked = False
             in_transaction.reset(token)
+
+    def _on_loop(self, query: str) -> bool:
+        """Whether the statement runs on the event loop (see the module's description)."""
+        return query.startswith(POINT_READ) or (
+            self._locked and query.startswith(SMALL_WRITE) and in_transaction.get())
+
+    async def _run(self, run: Run, query: str, args: tuple[Any, ...]) -> Any:
+        if self._on_loop(query):
+            return run(self.conn._conn, sqlite_sql(query), args)
+        result = await self._on_thread(run, query, args)
+        if not self._locked and in_transaction.get() and _WRITE.match(query):
+            self._locked = True
+        return result
 
     async def _on_thread(self, run: Run, query: str, args: tuple[Any, ...]) -> Any:
         # aiosqlite's own hand-off to its thread (``Connection._execute``), one per statement.
@@ -108,22 +134,20 @@ class OneTripConnection:
             raise
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> None:
-        await self._on_thread(_all, query, args)
+        await self._run(_all, query, args)
 
     async def executemany(self, query: str, *args: Any, timeout: float | None = None) -> None:
         await self._on_thread(_many, query, args)
+        if in_transaction.get() and _WRITE.match(query):
+            self._locked = True
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None
                     ) -> list[sqlite3.Row]:
-        if query.startswith(POINT_READ):
-            return _all(self.conn._conn, sqlite_sql(query), args)
-        return await self._on_thread(_all, query, args)
+        return await self._run(_all, query, args)
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None
                        ) -> sqlite3.Row | None:
-        if query.startswith(POINT_READ):
-            return _one(self.conn._conn, sqlite_sql(query), args)
-        return await self._on_thread(_one, query, args)
+        return await self._run(_one, query, args)
 
     async def fetchval(self, query: str, *args: Any, column: int = 0,
                        timeout: float | None = None) -> Any:

@@ -14,7 +14,7 @@ import pytest
 from mautrix.util.async_db import Connection, Database
 
 from dmbridge.db import create_database
-from dmbridge.db.sqlite import POINT_READ
+from dmbridge.db.sqlite import POINT_READ, SMALL_WRITE
 from tests.support.postgres import PostgresCluster
 
 LOG = logging.getLogger("dmbridge.db")
@@ -40,6 +40,31 @@ async def test_a_point_read_runs_on_the_event_loop_and_other_statements_on_the_t
     here = threading.get_ident()
     assert await _thread_of(sqlite_db, POINT_READ + "SELECT thread()") == here
     assert await _thread_of(sqlite_db, "SELECT thread()") != here
+
+
+async def test_a_small_write_runs_on_the_event_loop_only_once_its_transaction_holds_the_lock(
+        sqlite_db: Database, tmp_path: Path) -> None:
+    await sqlite_db.execute("CREATE TABLE t (k TEXT PRIMARY KEY, thread INTEGER)")
+    here = threading.get_ident()
+    other = sqlite3.connect(tmp_path / "dmbridge.db", isolation_level=None)
+    write = SMALL_WRITE + "INSERT INTO t (k, thread) VALUES ($1, thread()) RETURNING thread"
+    conn: Connection
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process writes: the lock is taken
+        async with sqlite_db.acquire() as conn:
+            conn.wrapped.conn._conn.create_function("thread", 0, threading.get_ident)
+            async with conn.transaction():
+                # The first write waits for the lock on the thread, never on the event loop.
+                first = asyncio.create_task(conn.fetchval(write, "a"))
+                await asyncio.sleep(0.2)
+                other.execute("ROLLBACK")
+                assert await first != here
+                # Then the transaction holds the lock: its small writes run on the loop.
+                assert await conn.fetchval(write, "b") == here
+            assert await conn.fetchval(write, "c") != here  # not in a transaction
+        assert [k for (k,) in other.execute("SELECT k FROM t ORDER BY k")] == ["a", "b", "c"]
+    finally:
+        other.close()
 
 
 async def test_a_write_is_committed_when_it_returns(sqlite_db: Database,

@@ -83,6 +83,7 @@ def every_method(store: DMStore, conn: Any) -> dict[str, Callable[[], Awaitable[
         "get_for_send": lambda: store.get_for_send(GHOST, USER, "sms", "a", "m1"),
         "get_by_room": lambda: store.get_by_room(ROOM),
         "by_room": lambda: DMStore.by_room(conn, ROOM),
+        "in_room": lambda: store.in_room(conn, ROOM),
         "of_user": lambda: store.of_user(USER),
         "of_ghost": lambda: store.of_ghost(GHOST),
         "rooms_of_ghost": lambda: store.rooms_of_ghost(GHOST),

@@ -15,6 +15,7 @@ import pytest
 
 from dmbridge.db import Stores, now_ms
 from dmbridge.db.dm import ACTIVE, DECLINED, ENDED, JOINING, DMRecord
+from dmbridge.db.outbox import OutboxItem
 from dmbridge.errors import NotFound
 from dmbridge.ghosts import Ghosts
 from dmbridge.lifecycle import clear_declined
@@ -594,6 +595,66 @@ async def test_an_event_that_fails_is_skipped_and_the_rest_applied(
     await send(h, bad)
     assert [i["idempotency_key"] for i in await outbox(stores)] == [good["event_id"]]
     assert (await dm_of(stores)).state == ACTIVE
+
+
+class Deliverer:
+    """A deliverer the recording hands its new items to, leased as they are recorded."""
+
+    def __init__(self) -> None:
+        self.taken: list[OutboxItem] = []
+        self._tokens = itertools.count()
+
+    def lease(self, network: str, now: int) -> tuple[int, str]:
+        return now + 60_000, f"test-{next(self._tokens)}"
+
+    def take(self, items: list[OutboxItem]) -> None:
+        self.taken += items
+
+
+async def test_a_failed_event_hands_nothing_to_delivery(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    deliverer = Deliverer()
+    h.handoff = deliverer
+    await open_dm(stores)
+    bad, good = message(body="bad"), message(body="good")
+    apply = h.lifecycle.apply
+
+    async def failing(conn: Any, raw: dict[str, Any], *args: Any) -> None:
+        await apply(conn, raw, *args)  # it queues (and hands over) its item, then fails
+        if raw["event_id"] == bad["event_id"]:
+            raise RuntimeError("boom")
+
+    h.lifecycle.apply = failing  # type: ignore[method-assign]
+    await send(h, bad, good)
+    # Only the item that was kept goes to delivery: the row, leased as it was handed over.
+    [handed] = deliverer.taken
+    assert handed.idempotency_key == good["event_id"]
+    [item] = await outbox(stores)
+    assert item["id"] == handed.id and item["idempotency_key"] == good["event_id"]
+    stored = await stores.outbox.get(handed.id)
+    assert stored is not None and stored.lease_token == handed.lease_token is not None
+
+
+async def test_typing_told_by_a_failed_event_is_told_again(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    await open_dm(stores)
+    typing = {"type": "m.typing", "room_id": ROOM, "content": {"user_ids": [USER]}}
+    apply = h.lifecycle.apply_ephemeral
+
+    async def failing(*args: Any) -> None:
+        await apply(*args)  # queues "typing", then fails: rolled back
+        raise RuntimeError("boom")
+
+    h.lifecycle.apply_ephemeral = failing  # type: ignore[method-assign]
+    await h.handle_transaction("txn-typing-fails", [], [typing])
+    assert await outbox(stores) == []
+    h.lifecycle.apply_ephemeral = apply  # type: ignore[method-assign]
+    await h.handle_transaction("txn-typing-again", [], [typing])
+    assert [(i["type"], i["typing"]) for i in await outbox(stores)] == [("typing", True)]
 
 
 async def test_a_failing_membership_rolls_back_its_own_writes_only(

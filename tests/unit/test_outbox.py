@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,12 +19,13 @@ from aiohttp import web
 from dmbridge import outbox as outbox_module
 from dmbridge import signing
 from dmbridge.config import DeliverySettings
-from dmbridge.db import Stores, now_ms
+from dmbridge.db import Stores, create_database, now_ms
 from dmbridge.db.outbox import DEAD, DELIVERED, PENDING, OutboxItem
+from dmbridge.delivery import backoff
 from dmbridge.errors import InvalidParam
 from dmbridge.localhs import free_port
 from dmbridge.networks import PULL, PUSH, Delivery, Network, Networks
-from dmbridge.outbox import Outbox, backoff
+from dmbridge.outbox import Outbox
 from tests.support.webhook import WebhookReceiver
 from tests.unit.test_networks import make_network
 
@@ -154,6 +157,96 @@ async def test_release_gives_up_leases(stores: Stores) -> None:
     assert ids(await stores.outbox.due_heads(["sms"], 2001, 10)) == [a1, b1]
     assert not await stores.outbox.lease(c1, 2001, 60_000)
     assert (await get(stores, a1)).state == PENDING
+
+
+async def test_only_the_lease_holder_changes_a_leased_item(stores: Stores) -> None:
+    a1 = await add(stores, "a1")
+    assert await stores.outbox.lease(a1, 2000, 60_000, "mine")
+    # Another worker's token (its lease ran out and was taken since) changes nothing.
+    assert not await stores.outbox.renew(a1, "theirs", 90_000)
+    assert not await stores.outbox.retry_later(a1, 1, 5000, "HTTP 503", "theirs")
+    assert not await stores.outbox.kill(a1, 1, "gave up", 3000, "theirs")
+    assert await stores.outbox.delivered_all([(a1, "theirs")], 3000) == set()
+    await stores.outbox.give_back([OutboxItem(**{**(await get(stores, a1)).__dict__,
+                                                 "lease_token": "theirs"})])
+    item = await get(stores, a1)
+    assert (item.state, item.attempts, item.lease_until, item.lease_token) == (
+        PENDING, 1, 60_000, "mine")
+    # The holder's do.
+    assert await stores.outbox.renew(a1, "mine", 90_000)
+    assert await stores.outbox.retry_later(a1, 1, 5000, "HTTP 503", "mine")
+    item = await get(stores, a1)
+    assert (item.next_attempt_at, item.lease_until, item.lease_token) == (5000, None, None)
+    assert await stores.outbox.lease(a1, 6000, 60_000, "again")
+    assert await stores.outbox.delivered_all([(a1, "again")], 7000) == {a1}
+    assert (await get(stores, a1)).state == DELIVERED
+
+
+async def test_a_delivered_mark_never_lands_on_a_new_row_with_the_same_id(
+    stores: Stores
+) -> None:
+    old = await add(stores, "old")
+    assert await stores.outbox.lease(old, 2000, 60_000, "old-lease")
+    # The row goes (forgotten) before its delivery is marked, and a new reply takes its id
+    # (as SQLite does with the largest rowid).
+    await stores.db.execute("DELETE FROM outbox WHERE id=$1", old)
+    await stores.db.execute(
+        "INSERT INTO outbox (id, network, remote_id, user_id, type, idempotency_key, payload,"
+        " state, next_attempt_at, created_at, queued_at)"
+        " VALUES ($1, 'sms', $2, $3, 'message', 'new', '{}', 'pending', 3000, 3000, 3000)",
+        old, A, USER,
+    )
+    assert await stores.outbox.delivered_all([(old, "old-lease")], 4000) == set()
+    assert not await stores.outbox.kill(old, 1, "gave up", 4000, "old-lease")
+    assert (await get(stores, old)).state == PENDING  # the new reply is still to deliver
+    assert ids(await stores.outbox.due_heads(["sms"], 5000, 10)) == [old]
+
+
+async def test_a_lanes_next_items_are_leased_in_order_up_to_one_that_cannot_go(
+    stores: Stores
+) -> None:
+    a = [await add(stores, f"a{i}", now=1000) for i in range(1, 6)]
+    other = await add(stores, "b1", remote_id=B)
+    await stores.outbox.retry_later(a[3], 1, 9000, "HTTP 503")  # a4 not due before 9000
+    lane = ("sms", A, USER)
+    got = await stores.outbox.lease_next(lane, a[0], 2000, 60_000, "t1", 16)
+    assert ids(got) == [a[1], a[2]]  # after a1 (delivered here), up to a4, not due
+    assert {i.lease_token for i in got} == {"t1"} and all(i.attempts == 1 for i in got)
+    assert await stores.outbox.lease_next(lane, a[2], 2000, 60_000, "t2", 16) == []
+    # At most the limit, and nothing of another lane.
+    assert ids(await stores.outbox.lease_next(lane, a[3], 9000, 60_000, "t3", 1)) == [a[4]]
+    assert (await get(stores, other)).lease_token is None
+
+
+async def test_a_lane_being_leased_by_one_worker_is_not_leased_in_parts_by_another(
+    stores: Stores, request: pytest.FixtureRequest
+) -> None:
+    if not stores.outbox.locks_lanes:
+        pytest.skip("one process delivers on SQLite")
+    a1, a2, a3 = [await add(stores, f"a{i}") for i in (1, 2, 3)]
+    lane = ("sms", A, USER)
+    other_db = create_database(request.getfixturevalue("module_pg_url"), db_args={},
+                               log=logging.getLogger("dmbridge.db.other"))
+    await other_db.start()
+    outside = contextvars.copy_context()  # a connection acquired is shared with tasks within
+    try:
+        async with other_db.acquire() as other, other.transaction():
+            # Another worker leases the lane's head (as lease() does) and has not committed.
+            await other.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(9) || $2 || chr(9)"
+                " || $3, 0))", *lane)
+            await other.execute(
+                "UPDATE outbox SET lease_until=60000, lease_token='other', attempts=attempts+1"
+                " WHERE id=$1", a1)
+            # Meanwhile this worker, having delivered nothing of the lane, looks for its items.
+            mine = asyncio.create_task(
+                stores.outbox.lease_next(lane, 0, 2000, 60_000, "mine", 16), context=outside)
+            await asyncio.sleep(0.3)  # its statements are sent (and wait) before the commit
+    finally:
+        await other_db.stop()
+    # It leases nothing behind the other worker's head: that would go out of order.
+    assert await mine == []
+    assert [(await get(stores, i)).lease_token for i in (a1, a2, a3)] == ["other", None, None]
 
 
 async def test_kill_dead_letters_and_requeue(stores: Stores) -> None:
@@ -440,6 +533,72 @@ async def test_lanes_go_in_order_and_side_by_side(
     assert attempts == {"a1": 1, "a2": 2, "a3": 1, "b1": 1, "b2": 1, "b3": 1}
 
 
+async def test_more_than_500_dms_at_once_each_get_their_replies_in_order(
+    stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    # More lanes looked into at once than SQLite allows terms in one compound statement.
+    lanes, per_lane = 510, 3
+    arrivals: dict[str, list[int]] = {}
+
+    async def handle(payload: dict[str, Any]) -> int:
+        lane, n = payload["idempotency_key"].split("/")
+        arrivals.setdefault(lane, []).append(int(n))
+        return 200
+
+    async with Receiver(handle) as receiver:
+        now = now_ms()
+        async with stores.db.acquire() as conn, conn.transaction():
+            for n in range(per_lane):
+                for lane in range(lanes):
+                    key = f"{lane}/{n}"
+                    await stores.outbox.add(
+                        conn, network="sms", remote_id=f"+1555{lane:07d}", user_id=USER,
+                        type="message", key=key, now=now,
+                        payload={"type": "message", "idempotency_key": key})
+        # The recording of the homeserver's transactions hands them all over at once, as
+        # queued behind other items (not leased): every lane's next items are looked for.
+        waiting = await stores.outbox.expired(["sms"], now + 1, lanes * per_lane)
+        assert len(waiting) == lanes * per_lane
+        box = await make_outbox(webhook_network(receiver.url))
+        box.take(waiting)
+
+        async def all_delivered() -> bool:
+            return await stores.db.fetchval(
+                "SELECT COUNT(*) FROM outbox WHERE state='delivered'") == lanes * per_lane
+
+        await wait_until(all_delivered, timeout=60, what="every reply to be delivered")
+    assert len(arrivals) == lanes
+    assert all(got == list(range(per_lane)) for got in arrivals.values())
+
+
+async def test_a_lease_about_to_run_out_is_renewed_before_its_post(
+    stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    """A POST may take ``delivery.timeout``: when it starts, its lease covers that much."""
+    seen: list[tuple[int, int | None, str | None]] = []
+
+    async def handle(payload: dict[str, Any]) -> int:
+        row = await get(stores, int(payload["id"]))
+        seen.append((now_ms(), row.lease_until, row.lease_token))
+        return 200
+
+    async with Receiver(handle) as receiver:
+        item_id = await add(stores, "a1", now=now_ms())
+        now = now_ms()
+        # Leased (by the recording, say) a while ago: 1 s is left of it, the timeout is 3 s.
+        assert await stores.outbox.lease(item_id, now, now + 1000, "recorded")
+        box = await make_outbox(webhook_network(receiver.url))
+        box.take([await get(stores, item_id)])
+
+        async def delivered() -> bool:
+            return (await get(stores, item_id)).state == DELIVERED
+
+        await wait_until(delivered, what="the item to be delivered")
+    [(posted_at, lease_until, token)] = seen
+    assert token == "recorded"  # still the same holder's lease ...
+    assert lease_until is not None and lease_until >= posted_at + FAST.timeout * 1000  # renewed
+
+
 @pytest.mark.parametrize(("concurrency", "expected"), [(1, 1), (4, 3)])
 async def test_concurrency_limits_deliveries_in_flight(
     stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]], concurrency: int,
@@ -626,7 +785,7 @@ async def test_retry_after_capped_by_max_age_then_killed_on_the_next_failure(
     await make_outbox(webhook_network(rx.url), settings=settings)
 
     async def retried() -> bool:
-        return (await get(stores, item_id)).attempts >= 1
+        return (await get(stores, item_id)).last_error is not None
 
     await wait_until(retried, what="the first failure")
     first = await get(stores, item_id)

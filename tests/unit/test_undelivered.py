@@ -265,12 +265,12 @@ async def test_a_dead_letter_and_its_notice_are_recorded_together(
 
     monkeypatch.setattr(UndeliveredStore, "add", staticmethod(failing))
     with pytest.raises(OSError):
-        await box._kill(item, 3, "HTTP 503")
+        await box.dead_letter(item, 3, "HTTP 503")
     assert (await stores.outbox.get(item.id)).state == PENDING  # type: ignore[union-attr]
     assert await stores.undelivered.get("$crash") is None
 
     monkeypatch.setattr(UndeliveredStore, "add", staticmethod(real))
-    await box._kill(item, 3, "HTTP 503")
+    await box.dead_letter(item, 3, "HTTP 503")
     assert (await stores.outbox.get(item.id)).state == DEAD  # type: ignore[union-attr]
     row = await stores.undelivered.get("$crash")
     assert row is not None and row.told == FAILED
@@ -286,11 +286,19 @@ async def test_a_delivery_and_the_correction_of_its_notice_are_recorded_together
     async def failing(*args: Any) -> int:
         raise OSError("connection lost")
 
+    now = now_ms()
+    assert await stores.outbox.lease(again.id, now, now + 60_000, "held")
+    real = UndeliveredStore.delivered
     monkeypatch.setattr(UndeliveredStore, "delivered", staticmethod(failing))
     with pytest.raises(OSError):
-        await box._delivered(again, 1)
+        await box.deliverer.delivered([(again.id, "held")], [again])
     # Not recorded as delivered: its lease runs out and it is delivered (and corrected) again.
     assert (await stores.outbox.get(item.id)).state == PENDING  # type: ignore[union-attr]
+
+    monkeypatch.setattr(UndeliveredStore, "delivered", staticmethod(real))
+    assert await box.deliverer.delivered([(again.id, "held")], [again]) == {again.id}
+    row = await stores.undelivered.get("$back")
+    assert row is not None and row.told == DELIVERED
 
 
 async def test_a_retry_delivered_after_the_failure_notice_was_given_up_says_nothing(

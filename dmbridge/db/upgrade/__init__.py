@@ -17,4 +17,5 @@ from . import (  # noqa: E402,F401
     v09_ended_dm_reason,
     v10_undelivered_notice,
     v11_encrypted_rooms,
+    v12_outbox_lease_token,
 )
