@@ -637,6 +637,38 @@ async def test_a_failed_event_hands_nothing_to_delivery(
     assert stored is not None and stored.lease_token == handed.lease_token is not None
 
 
+async def test_an_undecryptable_message_whose_event_failed_is_not_told(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    """Each event's effects are kept only with it: of two encrypted messages the bridge cannot
+    read, the one whose recording failed is neither told to the user nor handed to delivery."""
+    h, _ = handler
+    deliverer = Deliverer()
+    h.handoff = deliverer
+    told: list[list[tuple[str, str, str]]] = []
+    h.on_undecryptable = told.append
+    await open_dm(stores)
+    bad, good = new_event_id(), new_event_id()
+    apply = h.lifecycle.apply
+
+    async def failing(conn: Any, raw: dict[str, Any], *args: Any) -> None:
+        await apply(conn, raw, *args)  # it queues its item and notes the user is owed a word
+        if raw["event_id"] == bad:
+            raise RuntimeError("boom")
+
+    h.lifecycle.apply = failing  # type: ignore[method-assign]
+    await send(h, *({"type": "m.room.encrypted", "room_id": ROOM, "sender": USER,
+                     "event_id": event_id, "origin_server_ts": 1,
+                     "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+                    for event_id in (bad, good)))
+    assert told == [[(GHOST, ROOM, good)]]
+    [handed] = deliverer.taken
+    assert handed.type == "message.undecryptable"
+    assert handed.event()["message.undecryptable"]["event_id"] == good
+    [item] = await outbox(stores)
+    assert item["id"] == handed.id
+
+
 async def test_typing_told_by_a_failed_event_is_told_again(
     stores: Stores, handler: tuple[MatrixHandler, Recorder]
 ) -> None:
