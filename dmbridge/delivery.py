@@ -199,7 +199,10 @@ class Deliverer:
         free = min(self.settings.concurrency - len(self._in_flight) - len(self._ready),
                    self._held_max - self._held)
         if free <= 0:
-            return  # searched once a slot frees up (self._look stays)
+            # Searched once a slot frees up (self._look stays, and _finished wakes the loop);
+            # until then the loop rests rather than come straight back here.
+            self._look_at = time.monotonic() + POLL_S
+            return
         self._look = False
         now = now_ms()
         heads = await self.stores.outbox.due_heads(self._push, now, free + len(self._lanes))

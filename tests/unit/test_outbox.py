@@ -862,6 +862,33 @@ async def test_a_lane_waiting_on_its_head_does_not_busy_loop(
     assert len(rx.attempts) == 1
 
 
+async def test_the_delivery_loop_rests_while_every_slot_is_busy(
+    stores: Stores, rx: WebhookReceiver, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    rx.stall()  # the platform never answers: the one slot stays busy
+    now = now_ms()
+    await add(stores, "a1", remote_id=A, now=now)
+    await add(stores, "b1", remote_id=B, now=now)  # waits for the slot
+    settings = DeliverySettings(**{**FAST.__dict__, "concurrency": 1})
+    box = await make_outbox(webhook_network(rx.url), settings=settings)
+    rounds = 0
+    dispatch = box.deliverer._dispatch
+
+    async def counting() -> None:
+        nonlocal rounds
+        rounds += 1
+        await dispatch()
+
+    box.deliverer._dispatch = counting  # type: ignore[method-assign]
+    await rx.wait_attempts(1, timeout=10)
+    await asyncio.sleep(1.2)  # past the loop's next planned look at the database
+    rounds = 0
+    await asyncio.sleep(0.5)
+    # Nothing can start until the slot frees (which wakes the loop): a round per POLL_S.
+    assert rounds <= 3, f"the delivery loop went round {rounds} times in 0.5 s"
+    assert len(rx.attempts) == 1
+
+
 # --- pull -----------------------------------------------------------------------------------
 
 
