@@ -40,6 +40,8 @@ POLL_S = 1.0  # how often the database is checked for work other workers (or the
 LEASE_SLACK_S = 5.0  # a lease lasts the delivery timeout and this much more
 LANE_BATCH = 16  # items of one lane leased at a time, to go out one after the other
 HELD_PER_SLOT = 2 * LANE_BATCH  # leased items held here per delivery slot, at most
+MARK_RETRY_S = (0.5, 10.0)  # seconds before a failed delivered-mark is tried again: doubling
+MARK_LOG_S = 60.0  # while marks keep failing, one log line per this long
 
 DeadLetter = Callable[[OutboxItem, int, str], Awaitable[None]]
 """Makes an item a dead letter: (item, attempts, why)."""
@@ -85,6 +87,7 @@ class Deliverer:
         self._in_flight: dict[int, tuple[OutboxItem, asyncio.Task[None]]] = {}
         self._unmarked: dict[int, tuple[str, LaneKey]] = {}  # delivered: id -> (token, lane)
         self._marker: asyncio.Task[None] | None = None
+        self._mark_failures = 0  # marks failed in a row (the marker retries them, resting)
         self._unsent: list[OutboxItem] = []  # leased, never sent: given back
         self._running = False
         self._task: asyncio.Task[None] | None = None
@@ -110,6 +113,8 @@ class Deliverer:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._marker is not None:
+            if self._mark_failures:  # resting between failed marks: tried once more below
+                self._marker.cancel()
             await asyncio.gather(self._marker, return_exceptions=True)
         waiting = [*self._unsent, *(item for lane in self._lanes.values() for item in lane.queue)]
         self._lanes.clear()
@@ -185,7 +190,7 @@ class Deliverer:
             unsent, self._unsent = self._unsent, []
             await self.stores.outbox.give_back(unsent)
         if self._unmarked and (self._marker is None or self._marker.done()):
-            self._mark_soon()  # a failed batch, tried again
+            self._mark_soon()
         if self._look or time.monotonic() >= self._look_at:
             await self._search()
         for key in [key for key, lane in self._lanes.items() if lane.wants_next]:
@@ -330,14 +335,32 @@ class Deliverer:
             self._marker = asyncio.create_task(self._mark_in_background())
 
     async def _mark_in_background(self) -> None:
-        try:
-            await self._mark()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # tried again by the loop; meanwhile the leases hold
-            log.exception("could not mark %d delivered item(s) so; trying again",
-                          len(self._unmarked))
-            self._kick.set()
+        """Mark what was delivered; while that fails (the database is down, say), try again
+        after a rest that doubles, logging once a while. Meanwhile the leases hold."""
+        logged_at = 0.0
+        while True:
+            try:
+                await self._mark()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._mark_failures += 1
+                if self._mark_failures == 1:
+                    log.exception("could not mark %d delivered item(s) so; trying again",
+                                  len(self._unmarked))
+                    logged_at = time.monotonic()
+                elif time.monotonic() - logged_at >= MARK_LOG_S:
+                    log.warning("still cannot mark %d delivered item(s) so (%d tries): %r",
+                                len(self._unmarked), self._mark_failures, e)
+                    logged_at = time.monotonic()
+                first, most = MARK_RETRY_S
+                await asyncio.sleep(min(most, first * 2 ** (self._mark_failures - 1)))
+                continue
+            if self._mark_failures:
+                log.info("delivered items marked so again, after %d failed tries",
+                         self._mark_failures)
+                self._mark_failures = 0
+            return
 
     async def _mark(self) -> None:
         """Mark the delivered items so, as many at a time as have piled up (up to a bound)."""

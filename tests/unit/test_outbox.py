@@ -889,6 +889,40 @@ async def test_the_delivery_loop_rests_while_every_slot_is_busy(
     assert len(rx.attempts) == 1
 
 
+async def test_delivered_items_that_cannot_be_marked_so_are_tried_again_after_a_rest(
+    stores: Stores, rx: WebhookReceiver, make_outbox: Callable[..., Awaitable[Outbox]],
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    tries = 0
+    delivered_all = stores.outbox.delivered_all
+
+    async def failing(*args: Any) -> set[int]:  # the database is down
+        nonlocal tries
+        tries += 1
+        raise ConnectionRefusedError("the database is down")
+
+    stores.outbox.delivered_all = failing  # type: ignore[method-assign]
+    item_id = await add(stores, "a1", now=now_ms())
+    await make_outbox(webhook_network(rx.url))
+    await rx.wait_accepted(1, timeout=10)
+
+    async def tried() -> bool:
+        return tries > 0
+
+    await wait_until(tried, what="a first try to mark the item delivered")
+    await asyncio.sleep(0.5)
+    assert tries <= 3, f"the delivered mark was tried {tries} times in 0.5 s"
+    failures = [r for r in caplog.records if "delivered item(s)" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None  # one traceback, not one a try
+    stores.outbox.delivered_all = delivered_all  # type: ignore[method-assign]
+
+    async def delivered() -> bool:
+        return (await get(stores, item_id)).state == DELIVERED
+
+    await wait_until(delivered, what="the item to be marked delivered once the database is back")
+    assert len(rx.attempts) == 1
+
+
 # --- pull -----------------------------------------------------------------------------------
 
 
