@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import TypeVar
 
 import aiohttp
 
@@ -45,6 +46,21 @@ MARK_LOG_S = 60.0  # while marks keep failing, one log line per this long
 
 DeadLetter = Callable[[OutboxItem, int, str], Awaitable[None]]
 """Makes an item a dead letter: (item, attempts, why)."""
+T = TypeVar("T")
+
+
+async def finish(work: Awaitable[T]) -> tuple[T, bool]:
+    """Run ``work`` to its end even if the caller is cancelled meanwhile: its result, and
+    whether the caller was (it is then to keep what the work leased, and stop)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task), False
+    except asyncio.CancelledError:
+        if not task.done():
+            await asyncio.wait([task])
+        if task.cancelled():
+            raise
+        return task.result(), True
 
 
 def backoff(attempt: int, settings: DeliverySettings, rng: random.Random | None = None) -> float:
@@ -90,6 +106,8 @@ class Deliverer:
         self._mark_failures = 0  # marks failed in a row (the marker retries them, resting)
         self._unsent: list[OutboxItem] = []  # leased, never sent: given back
         self._running = False
+        self._stopped = False  # what is handed over now is given back at once
+        self._late: set[asyncio.Task[None]] = set()  # such give-backs
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._webhook: WebhookClient | None = None
@@ -99,16 +117,22 @@ class Deliverer:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
         self._webhook = WebhookClient(self._session, self.settings.timeout, self._present)
-        self._running, self._look = True, True
+        self._running, self._look, self._stopped = True, True, False
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
         self._running = False
+        # Snapshot first: a delivery ending meanwhile leaves _in_flight (if it was delivered,
+        # for _unmarked, and then it is not given back).
+        in_flight = [item for item, _ in self._in_flight.values()]
+        tasks = [task for _, task in self._in_flight.values()]
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        in_flight = [item for item, _ in self._in_flight.values()]
-        tasks = [task for _, task in self._in_flight.values()]
+        for _, task in self._in_flight.values():
+            if task not in tasks:  # started by the delivery loop as it stopped
+                tasks.append(task)
+        in_flight += [item for item, _ in self._in_flight.values() if item not in in_flight]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -117,6 +141,7 @@ class Deliverer:
                 self._marker.cancel()
             await asyncio.gather(self._marker, return_exceptions=True)
         waiting = [*self._unsent, *(item for lane in self._lanes.values() for item in lane.queue)]
+        self._stopped = True
         self._lanes.clear()
         self._ready.clear()
         self._unsent, self._held = [], 0
@@ -124,12 +149,11 @@ class Deliverer:
             await self._mark()
         except Exception as e:  # their leases run out, and they are delivered again
             log.warning("could not mark %d delivered item(s) so: %r", len(self._unmarked), e)
-        try:
-            await self.stores.outbox.give_back(in_flight, uncount=False)
-            await self.stores.outbox.give_back(waiting)
-        except Exception as e:  # the leases then simply run out
-            log.warning("could not release %d delivery lease(s): %r",
-                        len(in_flight) + len(waiting), e)
+        in_flight = [item for item in in_flight if item.id not in self._unmarked]
+        await self._give_back(in_flight, uncount=False)
+        await self._give_back(waiting)
+        if self._late:
+            await asyncio.gather(*self._late, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
@@ -148,9 +172,21 @@ class Deliverer:
             return None
         return now + self._lease_ms, self._token()
 
+    async def _give_back(self, items: list[OutboxItem], *, uncount: bool = True) -> None:
+        try:
+            await self.stores.outbox.give_back(items, uncount=uncount)
+        except Exception as e:  # the leases then simply run out
+            log.warning("could not release %d delivery lease(s): %r", len(items), e)
+
     def take(self, items: list[OutboxItem]) -> None:
-        if not self._running:  # stopping: their leases are given back, or run out
-            self._unsent.extend(item for item in items if item.lease_token is not None)
+        if not self._running:  # stopping: their leases are given back (or else run out)
+            leased = [item for item in items if item.lease_token is not None]
+            if not self._stopped:
+                self._unsent.extend(leased)
+            elif leased:  # the stop gave back what it had already
+                task = asyncio.create_task(self._give_back(leased))
+                self._late.add(task)
+                task.add_done_callback(self._late.discard)
             return
         others: set[str] = set()
         for item in items:
@@ -218,10 +254,14 @@ class Deliverer:
             if lane_key(item) in self._lanes:
                 continue
             until, token = now + self._lease_ms, self._token()
-            if await self.stores.outbox.lease(item.id, now, until, token):
+            leased, cancelled = await finish(self.stores.outbox.lease(item.id, now, until,
+                                                                      token))
+            if leased:
                 self._hold(replace(item, attempts=item.attempts + 1, lease_until=until,
                                    lease_token=token), more=True)
                 free -= 1
+            if cancelled:
+                raise asyncio.CancelledError
         next_due = await self.stores.outbox.next_due_at(self._push)
         wait = POLL_S if next_due is None else min(POLL_S, max(0.01, (next_due - now) / 1000))
         self._look_at = time.monotonic() + wait
@@ -234,12 +274,14 @@ class Deliverer:
         now = now_ms()
         limit = min(LANE_BATCH, self._held_max - self._held)
         try:
-            items = await self.stores.outbox.lease_next(key, lane.done, now,
-                                                        now + self._lease_ms, self._token(), limit)
+            items, cancelled = await finish(self.stores.outbox.lease_next(
+                key, lane.done, now, now + self._lease_ms, self._token(), limit))
         finally:
             lane.looking = False
         for item in items:
             self._hold(item)
+        if cancelled:
+            raise asyncio.CancelledError
         if len(items) == limit:
             lane.more = True
         self._forget_if_idle(key)
@@ -268,7 +310,14 @@ class Deliverer:
             if item.lease_until - now < self._needed_ms:
                 # It waited for its turn: its POST must not outlast its lease.
                 until = now + self._lease_ms
-                if not await self.stores.outbox.renew(item.id, item.lease_token, until):
+                try:
+                    renewed = await self.stores.outbox.renew(item.id, item.lease_token, until)
+                except BaseException:  # still held here: tried again, or given back by a stop
+                    lane.queue.appendleft(item)
+                    lane.busy, lane.ready = False, True
+                    self._ready.appendleft(key)
+                    raise
+                if not renewed:
                     log.warning("outbox %d is no longer held here (its lease ran out); its"
                                 " lane is left to whoever holds it", item.id)
                     lane.busy = False
@@ -417,6 +466,9 @@ class Deliverer:
                 after = self._finished(item, delivered=delivered)
                 if after is not None:
                     self._in_flight[after.id] = (after, task)
+            elif delivered:  # stopping: marked so by the stop
+                assert item.lease_token is not None
+                self._unmarked[item.id] = (item.lease_token, lane_key(item))
         return after
 
     async def _failed(self, network: Network, item: OutboxItem, attempt: int,

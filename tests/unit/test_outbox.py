@@ -644,6 +644,62 @@ async def test_stop_releases_the_lease_of_a_delivery_in_flight(
     assert ids(await stores.outbox.due_heads(["sms"], now_ms(), 10)) == [item_id]
 
 
+async def test_a_delivery_answered_while_stopping_is_marked_delivered(
+    stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    posted, answer = asyncio.Event(), asyncio.Event()
+
+    async def handle(payload: dict[str, Any]) -> int:
+        posted.set()
+        await answer.wait()
+        return 200
+
+    async with Receiver(handle) as receiver:
+        item_id = await add(stores, "a1", now=now_ms())
+        box = await make_outbox(webhook_network(receiver.url))
+        await asyncio.wait_for(posted.wait(), 10)
+        due_heads = stores.outbox.due_heads
+
+        async def slow_search(*args: Any) -> list[OutboxItem]:
+            # The stop finds the delivery loop in a database call that runs to its end;
+            # meanwhile the platform answers.
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                answer.set()
+                for _ in range(500):
+                    if item_id not in box.deliverer._in_flight:
+                        break
+                    await asyncio.sleep(0.01)
+                raise
+            return await due_heads(*args)
+
+        stores.outbox.due_heads = slow_search  # type: ignore[method-assign]
+        box.deliverer.wake({"sms"})
+        await asyncio.sleep(0.1)
+        await box.stop()
+    item = await get(stores, item_id)
+    assert (item.state, item.lease_token) == (DELIVERED, None)  # not sent again by anyone
+
+
+async def test_a_reply_handed_over_after_a_stop_is_given_back(
+    stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    item_id = await add(stores, "a1", now=now_ms())
+    now = now_ms()
+    # Leased as it was recorded, and committed as the worker stops.
+    assert await stores.outbox.lease(item_id, now, now + 60_000, "recorded")
+    box = await make_outbox(webhook_network("http://127.0.0.1:9/hook"))
+    await box.stop()
+    box.take([await get(stores, item_id)])
+
+    async def given_back() -> bool:
+        return (await get(stores, item_id)).lease_until is None
+
+    await wait_until(given_back, timeout=3, what="the lease to be given back")
+    assert ids(await stores.outbox.due_heads(["sms"], now_ms(), 10)) == [item_id]
+
+
 async def test_retries_then_dead_letter_and_one_failure_notice(
     stores: Stores, rx: WebhookReceiver, make_outbox: Callable[..., Awaitable[Outbox]]
 ) -> None:
