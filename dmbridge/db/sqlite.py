@@ -60,6 +60,22 @@ def sqlite_sql(query: str) -> str:
 Run = Callable[[sqlite3.Connection, str, tuple[Any, ...]], Any]
 
 
+async def _to_the_end(job: asyncio.Future[Any]) -> Any:
+    """The result of a job on the database thread, waited for to its end even through
+    cancellations (raised once it has ended): until then the connection is not free for the
+    next statement, and a ``BEGIN`` run on the event loop must never overtake a ``ROLLBACK``
+    still queued on the thread."""
+    cancelled = False
+    while not job.done():
+        try:
+            await asyncio.wait([job])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return job.result()
+
+
 def _all(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> list[sqlite3.Row]:
     cursor = conn.execute(sql, args)
     try:
@@ -100,7 +116,7 @@ class OneTripConnection:
         try:
             yield
         except BaseException:
-            await asyncio.shield(self._on_thread(_all, "ROLLBACK", ()))
+            await _to_the_end(asyncio.ensure_future(self._on_thread(_all, "ROLLBACK", ())))
             raise
         else:
             await self._on_thread(_all, "COMMIT", ())
@@ -123,15 +139,11 @@ class OneTripConnection:
 
     async def _on_thread(self, run: Run, query: str, args: tuple[Any, ...]) -> Any:
         # aiosqlite's own hand-off to its thread (``Connection._execute``), one per statement.
-        job = asyncio.ensure_future(self.conn._execute(  # type: ignore[no-untyped-call]
-            run, self.conn._conn, sqlite_sql(query), args))
-        try:
-            return await asyncio.shield(job)
-        except asyncio.CancelledError:
-            # The thread runs the statement anyway: the connection goes back to the pool (and
-            # a point read may use it from the event loop) only once it has.
-            await asyncio.wait([job])
-            raise
+        # The thread runs the statement anyway: the connection goes back to the pool (and a
+        # point read may use it from the event loop) only once it has.
+        return await _to_the_end(asyncio.ensure_future(
+            self.conn._execute(run, self.conn._conn,  # type: ignore[no-untyped-call]
+                               sqlite_sql(query), args)))
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> None:
         await self._run(_all, query, args)
