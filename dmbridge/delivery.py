@@ -100,6 +100,10 @@ class Deliverer:
         self._lanes: dict[LaneKey, Lane] = {}
         self._ready: deque[LaneKey] = deque()  # lanes whose next item waits for a free slot
         self._held = 0  # items leased here, waiting or being delivered
+        # Leases handed to the recording of homeserver transactions, counted as held until
+        # their items are taken (or are said to be unused, or their leases would have run out:
+        # the transaction failed): token -> lease end.
+        self._reserved: dict[str, int] = {}
         self._in_flight: dict[int, tuple[OutboxItem, asyncio.Task[None]]] = {}
         self._unmarked: dict[int, tuple[str, LaneKey]] = {}  # delivered: id -> (token, lane)
         self._marker: asyncio.Task[None] | None = None
@@ -145,6 +149,7 @@ class Deliverer:
         self._lanes.clear()
         self._ready.clear()
         self._unsent, self._held = [], 0
+        self._reserved.clear()
         try:
             await self._mark()
         except Exception as e:  # their leases run out, and they are delivered again
@@ -168,9 +173,25 @@ class Deliverer:
     # --- handed over by the recording of homeserver transactions (see effects.Handoff) -----
 
     def lease(self, network: str, now: int) -> tuple[int, str] | None:
-        if not self._running or network not in self._push or self._held >= self._held_max:
+        if not self._running or network not in self._push:
             return None
-        return now + self._lease_ms, self._token()
+        if self._holding(now) >= self._held_max:
+            return None
+        until, token = now + self._lease_ms, self._token()
+        self._reserved[token] = until
+        return until, token
+
+    def unused(self, token: str) -> None:
+        self._reserved.pop(token, None)
+
+    def _holding(self, now: int) -> int:
+        """Items leased here, and leases handed out for items not taken yet."""
+        while self._reserved:  # in the order given: the oldest first
+            token, until = next(iter(self._reserved.items()))
+            if until >= now:
+                break
+            del self._reserved[token]
+        return self._held + len(self._reserved)
 
     async def _give_back(self, items: list[OutboxItem], *, uncount: bool = True) -> None:
         try:
@@ -191,6 +212,7 @@ class Deliverer:
         others: set[str] = set()
         for item in items:
             if item.lease_token is not None:
+                self._reserved.pop(item.lease_token, None)
                 self._hold(item)
                 continue
             # Behind another item of its lane: if this worker holds it, looked for after it;
@@ -230,7 +252,7 @@ class Deliverer:
         if self._look or time.monotonic() >= self._look_at:
             await self._search()
         for key in [key for key, lane in self._lanes.items() if lane.wants_next]:
-            if self._held >= self._held_max:
+            if self._holding(now_ms()) >= self._held_max:
                 break
             await self._next_in_lane(key)
         await self._start()
@@ -238,7 +260,7 @@ class Deliverer:
     async def _search(self) -> None:
         """Lease the due heads of lanes not held here, as many as there is room for."""
         free = min(self.settings.concurrency - len(self._in_flight) - len(self._ready),
-                   self._held_max - self._held)
+                   self._held_max - self._holding(now_ms()))
         if free <= 0:
             # Searched once a slot frees up (self._look stays, and _finished wakes the loop);
             # until then the loop rests rather than come straight back here.
@@ -272,7 +294,7 @@ class Deliverer:
         lane.more = False  # set again if told of more meanwhile
         lane.looking = True  # kept meanwhile
         now = now_ms()
-        limit = min(LANE_BATCH, self._held_max - self._held)
+        limit = min(LANE_BATCH, self._held_max - self._holding(now))
         try:
             items, cancelled = await finish(self.stores.outbox.lease_next(
                 key, lane.done, now, now + self._lease_ms, self._token(), limit))

@@ -595,13 +595,30 @@ class Deliverer:
 
     def __init__(self) -> None:
         self.taken: list[OutboxItem] = []
+        self.unused_tokens: list[str] = []
         self._tokens = itertools.count()
 
     def lease(self, network: str, now: int) -> tuple[int, str]:
         return now + 60_000, f"test-{next(self._tokens)}"
 
+    def unused(self, token: str) -> None:
+        self.unused_tokens.append(token)
+
     def take(self, items: list[OutboxItem]) -> None:
         self.taken += items
+
+
+async def test_a_reply_behind_another_gives_its_lease_back(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    deliverer = Deliverer()
+    h.handoff = deliverer
+    await open_dm(stores)
+    await send(h, message(body="one"), message(body="two"))
+    first, second = deliverer.taken
+    assert first.lease_token == "test-0" and second.lease_token is None  # waits its turn
+    assert deliverer.unused_tokens == ["test-1"]  # so the deliverer does not count it as held
 
 
 async def test_a_failed_event_hands_nothing_to_delivery(

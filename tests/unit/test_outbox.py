@@ -571,6 +571,49 @@ async def test_more_than_500_dms_at_once_each_get_their_replies_in_order(
     assert all(got == list(range(per_lane)) for got in arrivals.values())
 
 
+async def test_replies_recorded_at_once_are_leased_only_as_far_as_a_worker_may_hold(
+    stores: Stores, rx: WebhookReceiver, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    rx.stall()
+    settings = DeliverySettings(**{**FAST.__dict__, "concurrency": 1})  # 32 held at most
+    box = await make_outbox(webhook_network(rx.url), settings=settings)
+    now = now_ms()
+    handed: list[OutboxItem] = []
+    async with stores.db.acquire() as conn, conn.transaction():
+        # One homeserver transaction: replies to 40 DMs, each first in its lane.
+        for n in range(40):
+            lease = box.lease("sms", now)
+            item = await (stores.outbox.add(
+                conn, network="sms", remote_id=f"+1555{n:07d}", user_id=USER, type="message",
+                key=f"k{n}", payload={"n": n}, now=now) if lease is None else
+                stores.outbox.add_leased(
+                    conn, network="sms", remote_id=f"+1555{n:07d}", user_id=USER,
+                    type="message", key=f"k{n}", payload={"n": n}, now=now,
+                    lease_until=lease[0], token=lease[1]))
+            if isinstance(item, OutboxItem):
+                handed.append(item)
+    box.take(handed)
+    leased = await stores.db.fetchval("SELECT COUNT(*) FROM outbox WHERE lease_until IS NOT NULL")
+    assert leased == 32  # the rest wait in the database
+    assert box.lease("sms", now) is None
+
+
+async def test_a_lease_the_recording_did_not_use_is_free_again(
+    stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    settings = DeliverySettings(**{**FAST.__dict__, "concurrency": 1})  # 32 held at most
+    box = await make_outbox(webhook_network("http://127.0.0.1:9/hook"), settings=settings)
+    now = now_ms()
+    leases = [box.lease("sms", now) for _ in range(32)]
+    assert None not in leases and box.lease("sms", now) is None
+    first = leases[0]
+    assert first is not None
+    box.unused(first[1])  # its reply was not its lane's first
+    assert box.lease("sms", now) is not None
+    # Leases for a transaction that failed count until they would have run out.
+    assert box.lease("sms", now + settings.timeout * 1000 + 5_001 + 1) is not None
+
+
 async def test_a_lease_about_to_run_out_is_renewed_before_its_post(
     stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
 ) -> None:
