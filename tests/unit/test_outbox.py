@@ -249,6 +249,58 @@ async def test_a_lane_being_leased_by_one_worker_is_not_leased_in_parts_by_anoth
     assert [(await get(stores, i)).lease_token for i in (a1, a2, a3)] == ["other", None, None]
 
 
+async def test_a_reply_queued_while_another_worker_queues_in_its_lane_waits_its_turn(
+    stores: Stores, request: pytest.FixtureRequest
+) -> None:
+    """An item of a lane committed after a later id was taken would go out beside it."""
+    if not stores.outbox.locks_lanes:
+        pytest.skip("writers take turns on SQLite")
+    other_db = create_database(request.getfixturevalue("module_pg_url"), db_args={},
+                               log=logging.getLogger("dmbridge.db.other"))
+    await other_db.start()
+    outside = contextvars.copy_context()  # a connection acquired is shared with tasks within
+
+    async def record() -> OutboxItem | None:
+        async with stores.db.acquire() as conn, conn.transaction():
+            return await stores.outbox.add_leased(
+                conn, network="sms", remote_id=A, user_id=USER, type="message", key="reply",
+                payload={"n": 2}, now=1000, lease_until=60_000, token="mine")
+
+    try:
+        async with other_db.acquire() as other, other.transaction():
+            # Another worker queues a notice for the lane, and has not committed yet.
+            notice = await stores.outbox.add(
+                other, network="sms", remote_id=A, user_id=USER, type="message", key="notice",
+                payload={"n": 1}, now=1000)
+            # Meanwhile this worker records a reply to the same DM.
+            mine = asyncio.create_task(record(), context=outside)
+            await asyncio.sleep(0.3)  # its statements are sent (and wait) before the commit
+    finally:
+        await other_db.stop()
+    reply = await mine
+    assert reply is not None and notice is not None
+    assert reply.lease_token is None  # behind the notice: not delivered beside it
+    assert reply.id > notice
+    # The notice is the lane's head, and goes first.
+    assert ids(await stores.outbox.due_heads(["sms"], 2000, 10)) == [notice]
+
+
+async def test_an_item_is_leased_only_while_it_is_its_lanes_head_and_the_lane_is_free(
+    stores: Stores
+) -> None:
+    a1, a2, a3 = [await add(stores, f"a{i}") for i in (1, 2, 3)]
+    assert ids(await stores.outbox.due_heads(["sms"], 2000, 10)) == [a1]
+    # Its head was a dead letter made pending again: a2 is no longer the lane's head.
+    assert not await stores.outbox.lease(a2, 2000, 60_000, "late")
+    assert await stores.outbox.lease(a1, 2000, 60_000, "head")
+    assert await stores.outbox.kill(a1, 1, "gave up", 2000, "head")
+    assert await stores.outbox.lease_next(("sms", A, USER), a1, 2000, 60_000, "lane", 1)
+    assert await stores.outbox.requeue("sms", [a1], 3000) == [a1]
+    # a1 is the head again, but a2 is being delivered: a1 waits until the lane is free.
+    assert not await stores.outbox.lease(a1, 3000, 60_000, "requeued")
+    assert (await get(stores, a3)).lease_token is None
+
+
 async def test_kill_dead_letters_and_requeue(stores: Stores) -> None:
     a1 = await add(stores, "a1", now=1000)
     a2 = await add(stores, "a2", now=1000)

@@ -16,4 +16,5 @@ from . import (  # noqa: E402,F401
     v08_invite_lease,
     v09_ended_dm_reason,
     v10_outbox_lease_token,
+    v11_outbox_queue_under_lane_lock,
 )
