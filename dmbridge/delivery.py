@@ -91,8 +91,10 @@ class Deliverer:
         # Tells the other workers on the same database (see :mod:`dmbridge.peers`).
         self._announce = announce
         self._lease_ms = int((settings.timeout + LEASE_SLACK_S) * 1000)
-        # A lease must have this much left when its POST starts (else it is renewed first).
-        self._needed_ms = int((settings.timeout + 1) * 1000)
+        # A lease must have this much left when its POST starts (else it is renewed first):
+        # the POST's longest, and half the slack left after it for the delivered mark to land
+        # before another worker may take the item (and send it again, after its successor).
+        self._needed_ms = int((settings.timeout + LEASE_SLACK_S / 2) * 1000)
         self._held_max = settings.concurrency * HELD_PER_SLOT
         self._kick = asyncio.Event()  # the delivery loop has something to do
         self._look = True  # the database is to be searched for due items

@@ -694,6 +694,33 @@ async def test_a_lease_about_to_run_out_is_renewed_before_its_post(
     assert lease_until is not None and lease_until >= posted_at + FAST.timeout * 1000  # renewed
 
 
+async def test_a_lease_leaves_time_to_mark_its_item_delivered_after_the_longest_post(
+    stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    seen: list[tuple[int, int | None]] = []
+
+    async def handle(payload: dict[str, Any]) -> int:
+        row = await get(stores, int(payload["id"]))
+        seen.append((now_ms(), row.lease_until))
+        return 200
+
+    async with Receiver(handle) as receiver:
+        item_id = await add(stores, "a1", now=now_ms())
+        now = now_ms()
+        # 1.5 s more than the timeout (3 s) is left of its lease.
+        assert await stores.outbox.lease(item_id, now, now + 4500, "recorded")
+        box = await make_outbox(webhook_network(receiver.url))
+        box.take([await get(stores, item_id)])
+
+        async def delivered() -> bool:
+            return (await get(stores, item_id)).state == DELIVERED
+
+        await wait_until(delivered, what="the item to be delivered")
+    [(posted_at, lease_until)] = seen
+    # Renewed: a POST taking the whole timeout still leaves 2.5 s (half the lease's slack).
+    assert lease_until is not None and lease_until >= posted_at + (FAST.timeout + 2.5) * 1000
+
+
 @pytest.mark.parametrize(("concurrency", "expected"), [(1, 1), (4, 3)])
 async def test_concurrency_limits_deliveries_in_flight(
     stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]], concurrency: int,
