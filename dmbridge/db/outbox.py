@@ -30,6 +30,9 @@ _LOCK_LANE_OF = (
 # planner (which has no statistics) looks the ids up rather than walk every pending item
 # through an index on state.
 _STILL_PENDING = "(state || '') = 'pending'"
+# "Held under the token $n": a row leased by anyone is changed only by the holder of its
+# lease; without a token (NULL), only a row nobody holds (a pulled item, say).
+_HOLDER = "(lease_token=${n} OR (CAST(${n} AS TEXT) IS NULL AND lease_token IS NULL))"
 T = TypeVar("T")
 
 
@@ -254,16 +257,6 @@ class OutboxStore:
         )
         return got is not None
 
-    async def release(self, ids: list[int], token: str | None = None) -> None:
-        """Give up leases (on shutdown), so the items go out at once after a restart: those
-        held under ``token`` (any, when None)."""
-        for chunk in chunks(ids):
-            await self.db.execute(
-                "UPDATE outbox SET lease_until=NULL, lease_token=NULL"
-                f" WHERE id IN ({_in(chunk, 2)}) AND (CAST($1 AS TEXT) IS NULL OR lease_token=$1)",
-                token, *chunk,
-            )
-
     async def give_back(self, items: list[OutboxItem], *, uncount: bool = True) -> None:
         """Give up the leases of items, where they are still held under the tokens they were
         leased with: taken for attempts that never started (``uncount``: they do not count),
@@ -280,10 +273,12 @@ class OutboxStore:
 
     async def delivered(self, item_id: int, attempts: int, now: int,
                         token: str | None = None) -> None:
+        """Mark the item delivered if it is held under ``token`` (without one: if nobody
+        holds it)."""
         await self.db.execute(
             "UPDATE outbox SET state='delivered', attempts=$2, finished_at=$3, lease_until=NULL,"
             " lease_token=NULL, last_error=NULL WHERE id=$1 AND state='pending'"
-            " AND (CAST($4 AS TEXT) IS NULL OR lease_token=$4)",
+            f" AND {_HOLDER.format(n=4)}",
             item_id, attempts, now, token,
         )
 
@@ -305,24 +300,24 @@ class OutboxStore:
 
     async def retry_later(self, item_id: int, attempts: int, next_at: int, error: str,
                           token: str | None = None) -> bool:
-        """Put the item off until ``next_at``; False if it is no longer pending (or no longer
-        held under ``token``, when given)."""
+        """Put the item off until ``next_at``; False if it is no longer pending, or not held
+        under ``token`` (without one: held by anyone)."""
         got = await self.db.fetchval(
             "UPDATE outbox SET attempts=$2, next_attempt_at=$3, last_error=$4, lease_until=NULL,"
             " lease_token=NULL WHERE id=$1 AND state='pending'"
-            " AND (CAST($5 AS TEXT) IS NULL OR lease_token=$5) RETURNING id",
+            f" AND {_HOLDER.format(n=5)} RETURNING id",
             item_id, attempts, next_at, error[:1000], token,
         )
         return got is not None
 
     async def kill(self, item_id: int, attempts: int, error: str, now: int,
                    token: str | None = None) -> bool:
-        """Make the item a dead letter; False if it was no longer pending (or no longer held
-        under ``token``, when given)."""
+        """Make the item a dead letter; False if it was no longer pending, or not held under
+        ``token`` (without one: held by anyone)."""
         got = await self.db.fetchval(
             "UPDATE outbox SET state='dead', attempts=$2, last_error=$3, finished_at=$4,"
             " lease_until=NULL, lease_token=NULL WHERE id=$1 AND state='pending'"
-            " AND (CAST($5 AS TEXT) IS NULL OR lease_token=$5) RETURNING id",
+            f" AND {_HOLDER.format(n=5)} RETURNING id",
             item_id, attempts, error[:1000], now, token,
         )
         return got is not None
