@@ -18,6 +18,8 @@ transaction holds SQLite's write lock (an earlier write of the transaction ran o
 and took it): no other process can then make it wait. Only tiny writes by unique keys are
 marked so (the recording of a Matrix user's reply). A transaction's ``BEGIN`` (deferred: it
 takes no lock) runs on the loop as well; its first write, and its ``COMMIT``, on the thread.
+A transaction that reads before it writes (typing notifications only) begins ``IMMEDIATE`` on
+the thread instead (see :data:`write_first`).
 """
 
 # The methods keep mautrix's signatures, ``timeout`` parameters included.
@@ -32,6 +34,7 @@ import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from mautrix.util.async_db import UpgradeTable
@@ -46,6 +49,12 @@ SMALL_WRITE = "/* small write */ "
 transaction already holds the write lock (a comment in SQL)."""
 # A statement that takes SQLite's write lock (run in a transaction, it holds it to the end).
 _WRITE = re.compile(r"\s*(?:/\*.*?\*/\s*)*(?:INSERT|UPDATE|DELETE|REPLACE)\b", re.I | re.S)
+
+# Transactions begun meanwhile take SQLite's write lock at once (``BEGIN IMMEDIATE``, waiting for
+# another process's write as long as ``busy_timeout`` allows): for one that reads before it
+# writes, whose write could otherwise not wait (SQLite does not wait to turn a read into a
+# write), and would fail at once.
+write_first: ContextVar[bool] = ContextVar("dmbridge_write_first", default=False)
 
 # mautrix's rewrite of PostgreSQL's $1 placeholders to SQLite's ?1.
 _POSITIONAL = re.compile(r"\$(\d+)")
@@ -111,7 +120,17 @@ class OneTripConnection:
         if in_transaction.get():
             yield
             return
-        _all(self.conn._conn, "BEGIN TRANSACTION", ())  # deferred: no lock, no wait
+        if write_first.get():
+            try:
+                await self._on_thread(_all, "BEGIN IMMEDIATE", ())  # may wait: on the thread
+            except asyncio.CancelledError:  # (once it ran)
+                if self.conn._conn.in_transaction:
+                    await _to_the_end(asyncio.ensure_future(
+                        self._on_thread(_all, "ROLLBACK", ())))
+                raise
+            self._locked = True
+        else:
+            _all(self.conn._conn, "BEGIN TRANSACTION", ())  # deferred: no lock, no wait
         token = in_transaction.set(True)
         try:
             yield
