@@ -58,8 +58,8 @@ async def finish(work: Awaitable[T]) -> tuple[T, bool]:
     except asyncio.CancelledError:
         if not task.done():
             await asyncio.wait([task])
-        if task.cancelled():
-            raise
+        if task.cancelled() or task.exception() is not None:
+            raise  # the cancellation, never swallowed
         return task.result(), True
 
 

@@ -21,7 +21,7 @@ from dmbridge import signing
 from dmbridge.config import DeliverySettings
 from dmbridge.db import Stores, create_database, now_ms
 from dmbridge.db.outbox import DEAD, DELIVERED, PENDING, OutboxItem
-from dmbridge.delivery import backoff
+from dmbridge.delivery import backoff, finish
 from dmbridge.errors import InvalidParam
 from dmbridge.localhs import free_port
 from dmbridge.networks import PULL, PUSH, Delivery, Network, Networks
@@ -1103,6 +1103,22 @@ async def test_delivered_items_that_cannot_be_marked_so_are_tried_again_after_a_
 
     await wait_until(delivered, what="the item to be marked delivered once the database is back")
     assert len(rx.attempts) == 1
+
+
+async def test_a_stop_cancelling_a_lease_that_then_fails_is_not_swallowed() -> None:
+    """The delivery loop logs a failure and goes on: a cancellation must reach it as one."""
+    started = asyncio.Event()
+
+    async def failing_lease() -> list[OutboxItem]:
+        started.set()
+        await asyncio.sleep(0.05)
+        raise ConnectionRefusedError("the database is down")
+
+    task = asyncio.create_task(finish(failing_lease()))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 # --- pull -----------------------------------------------------------------------------------
