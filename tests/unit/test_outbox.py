@@ -826,6 +826,36 @@ async def test_a_reply_handed_over_after_a_stop_is_given_back(
     assert ids(await stores.outbox.due_heads(["sms"], now_ms(), 10)) == [item_id]
 
 
+async def test_a_lease_taken_as_the_worker_stops_is_given_back(
+    stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    item_id = await add(stores, "a1", now=now_ms())
+    asked, go, leased = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    lease = stores.outbox.lease
+
+    async def slow_lease(*args: Any) -> bool:
+        async def sent() -> bool:  # the statement is on its way: the database runs it anyway
+            await go.wait()
+            try:
+                return await lease(*args)
+            finally:
+                leased.set()
+
+        asked.set()
+        return await asyncio.shield(sent())
+
+    stores.outbox.lease = slow_lease  # type: ignore[method-assign]
+    box = await make_outbox(webhook_network("http://127.0.0.1:9/hook"))
+    await asyncio.wait_for(asked.wait(), 10)
+    stopping = asyncio.create_task(box.stop())
+    await asyncio.sleep(0.05)
+    go.set()
+    await stopping
+    await asyncio.wait_for(leased.wait(), 10)
+    item = await get(stores, item_id)
+    assert (item.state, item.lease_until, item.attempts) == (PENDING, None, 0)  # due at once
+
+
 async def test_retries_then_dead_letter_and_one_failure_notice(
     stores: Stores, rx: WebhookReceiver, make_outbox: Callable[..., Awaitable[Outbox]]
 ) -> None:
