@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import TypeVar
 
 import aiohttp
 from mautrix.util.async_db import Connection
@@ -42,9 +43,26 @@ POLL_S = 1.0  # how often the database is checked for work other workers (or the
 LEASE_SLACK_S = 5.0  # a lease lasts the delivery timeout and this much more
 LANE_BATCH = 16  # items of one lane leased at a time, to go out one after the other
 HELD_PER_SLOT = 2 * LANE_BATCH  # leased items held here per delivery slot, at most
+MARK_RETRY_S = (0.5, 10.0)  # seconds before a failed delivered-mark is tried again: doubling
+MARK_LOG_S = 60.0  # while marks keep failing, one log line per this long
 
 DeadLetter = Callable[[OutboxItem, int, str], Awaitable[None]]
 """Makes an item a dead letter: (item, attempts, why)."""
+T = TypeVar("T")
+
+
+async def finish(work: Awaitable[T]) -> tuple[T, bool]:
+    """Run ``work`` to its end even if the caller is cancelled meanwhile: its result, and
+    whether the caller was (it is then to keep what the work leased, and stop)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task), False
+    except asyncio.CancelledError:
+        if not task.done():
+            await asyncio.wait([task])
+        if task.cancelled() or task.exception() is not None:
+            raise  # the cancellation, never swallowed
+        return task.result(), True
 
 
 def backoff(attempt: int, settings: DeliverySettings, rng: random.Random | None = None) -> float:
@@ -77,8 +95,10 @@ class Deliverer:
         # Tells the other workers on the same database (see :mod:`dmbridge.peers`).
         self._announce = announce
         self._lease_ms = int((settings.timeout + LEASE_SLACK_S) * 1000)
-        # A lease must have this much left when its POST starts (else it is renewed first).
-        self._needed_ms = int((settings.timeout + 1) * 1000)
+        # A lease must have this much left when its POST starts (else it is renewed first):
+        # the POST's longest, and half the slack left after it for the delivered mark to land
+        # before another worker may take the item (and send it again, after its successor).
+        self._needed_ms = int((settings.timeout + LEASE_SLACK_S / 2) * 1000)
         self._held_max = settings.concurrency * HELD_PER_SLOT
         self._kick = asyncio.Event()  # the delivery loop has something to do
         self._look = True  # the database is to be searched for due items
@@ -86,13 +106,20 @@ class Deliverer:
         self._lanes: dict[LaneKey, Lane] = {}
         self._ready: deque[LaneKey] = deque()  # lanes whose next item waits for a free slot
         self._held = 0  # items leased here, waiting or being delivered
+        # Leases handed to the recording of homeserver transactions, counted as held until
+        # their items are taken (or are said to be unused, or their leases would have run out:
+        # the transaction failed): token -> lease end.
+        self._reserved: dict[str, int] = {}
         self._in_flight: dict[int, tuple[OutboxItem, asyncio.Task[None]]] = {}
         # Delivered, not marked so yet: id -> (token, lane, the item if its delivery may
         # correct a notice that said it failed).
         self._unmarked: dict[int, tuple[str, LaneKey, OutboxItem | None]] = {}
         self._marker: asyncio.Task[None] | None = None
+        self._mark_failures = 0  # marks failed in a row (the marker retries them, resting)
         self._unsent: list[OutboxItem] = []  # leased, never sent: given back
         self._running = False
+        self._stopped = False  # what is handed over now is given back at once
+        self._late: set[asyncio.Task[None]] = set()  # such give-backs
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._webhook: WebhookClient | None = None
@@ -102,35 +129,44 @@ class Deliverer:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
         self._webhook = WebhookClient(self._session, self.settings.timeout, self._present)
-        self._running, self._look = True, True
+        self._running, self._look, self._stopped = True, True, False
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
         self._running = False
+        # Snapshot first: a delivery ending meanwhile leaves _in_flight (if it was delivered,
+        # for _unmarked, and then it is not given back).
+        in_flight = [item for item, _ in self._in_flight.values()]
+        tasks = [task for _, task in self._in_flight.values()]
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        in_flight = [item for item, _ in self._in_flight.values()]
-        tasks = [task for _, task in self._in_flight.values()]
+        for _, task in self._in_flight.values():
+            if task not in tasks:  # started by the delivery loop as it stopped
+                tasks.append(task)
+        in_flight += [item for item, _ in self._in_flight.values() if item not in in_flight]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._marker is not None:
+            if self._mark_failures:  # resting between failed marks: tried once more below
+                self._marker.cancel()
             await asyncio.gather(self._marker, return_exceptions=True)
         waiting = [*self._unsent, *(item for lane in self._lanes.values() for item in lane.queue)]
+        self._stopped = True
         self._lanes.clear()
         self._ready.clear()
         self._unsent, self._held = [], 0
+        self._reserved.clear()
         try:
             await self._mark()
         except Exception as e:  # their leases run out, and they are delivered again
             log.warning("could not mark %d delivered item(s) so: %r", len(self._unmarked), e)
-        try:
-            await self.stores.outbox.give_back(in_flight, uncount=False)
-            await self.stores.outbox.give_back(waiting)
-        except Exception as e:  # the leases then simply run out
-            log.warning("could not release %d delivery lease(s): %r",
-                        len(in_flight) + len(waiting), e)
+        in_flight = [item for item in in_flight if item.id not in self._unmarked]
+        await self._give_back(in_flight, uncount=False)
+        await self._give_back(waiting)
+        if self._late:
+            await asyncio.gather(*self._late, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
@@ -145,17 +181,46 @@ class Deliverer:
     # --- handed over by the recording of homeserver transactions (see effects.Handoff) -----
 
     def lease(self, network: str, now: int) -> tuple[int, str] | None:
-        if not self._running or network not in self._push or self._held >= self._held_max:
+        if not self._running or network not in self._push:
             return None
-        return now + self._lease_ms, self._token()
+        if self._holding(now) >= self._held_max:
+            return None
+        until, token = now + self._lease_ms, self._token()
+        self._reserved[token] = until
+        return until, token
+
+    def unused(self, token: str) -> None:
+        self._reserved.pop(token, None)
+
+    def _holding(self, now: int) -> int:
+        """Items leased here, and leases handed out for items not taken yet."""
+        while self._reserved:  # in the order given: the oldest first
+            token, until = next(iter(self._reserved.items()))
+            if until >= now:
+                break
+            del self._reserved[token]
+        return self._held + len(self._reserved)
+
+    async def _give_back(self, items: list[OutboxItem], *, uncount: bool = True) -> None:
+        try:
+            await self.stores.outbox.give_back(items, uncount=uncount)
+        except Exception as e:  # the leases then simply run out
+            log.warning("could not release %d delivery lease(s): %r", len(items), e)
 
     def take(self, items: list[OutboxItem]) -> None:
-        if not self._running:  # stopping: their leases are given back, or run out
-            self._unsent.extend(item for item in items if item.lease_token is not None)
+        if not self._running:  # stopping: their leases are given back (or else run out)
+            leased = [item for item in items if item.lease_token is not None]
+            if not self._stopped:
+                self._unsent.extend(leased)
+            elif leased:  # the stop gave back what it had already
+                task = asyncio.create_task(self._give_back(leased))
+                self._late.add(task)
+                task.add_done_callback(self._late.discard)
             return
         others: set[str] = set()
         for item in items:
             if item.lease_token is not None:
+                self._reserved.pop(item.lease_token, None)
                 self._hold(item)
                 continue
             # Behind another item of its lane: if this worker holds it, looked for after it;
@@ -191,11 +256,11 @@ class Deliverer:
             unsent, self._unsent = self._unsent, []
             await self.stores.outbox.give_back(unsent)
         if self._unmarked and (self._marker is None or self._marker.done()):
-            self._mark_soon()  # a failed batch, tried again
+            self._mark_soon()
         if self._look or time.monotonic() >= self._look_at:
             await self._search()
         for key in [key for key, lane in self._lanes.items() if lane.wants_next]:
-            if self._held >= self._held_max:
+            if self._holding(now_ms()) >= self._held_max:
                 break
             await self._next_in_lane(key)
         await self._start()
@@ -203,9 +268,12 @@ class Deliverer:
     async def _search(self) -> None:
         """Lease the due heads of lanes not held here, as many as there is room for."""
         free = min(self.settings.concurrency - len(self._in_flight) - len(self._ready),
-                   self._held_max - self._held)
+                   self._held_max - self._holding(now_ms()))
         if free <= 0:
-            return  # searched once a slot frees up (self._look stays)
+            # Searched once a slot frees up (self._look stays, and _finished wakes the loop);
+            # until then the loop rests rather than come straight back here.
+            self._look_at = time.monotonic() + POLL_S
+            return
         self._look = False
         now = now_ms()
         heads = await self.stores.outbox.due_heads(self._push, now, free + len(self._lanes))
@@ -216,10 +284,14 @@ class Deliverer:
             if lane_key(item) in self._lanes:
                 continue
             until, token = now + self._lease_ms, self._token()
-            if await self.stores.outbox.lease(item.id, now, until, token):
+            leased, cancelled = await finish(self.stores.outbox.lease(item.id, now, until,
+                                                                      token))
+            if leased:
                 self._hold(replace(item, attempts=item.attempts + 1, lease_until=until,
                                    lease_token=token), more=True)
                 free -= 1
+            if cancelled:
+                raise asyncio.CancelledError
         next_due = await self.stores.outbox.next_due_at(self._push)
         wait = POLL_S if next_due is None else min(POLL_S, max(0.01, (next_due - now) / 1000))
         self._look_at = time.monotonic() + wait
@@ -230,14 +302,16 @@ class Deliverer:
         lane.more = False  # set again if told of more meanwhile
         lane.looking = True  # kept meanwhile
         now = now_ms()
-        limit = min(LANE_BATCH, self._held_max - self._held)
+        limit = min(LANE_BATCH, self._held_max - self._holding(now))
         try:
-            items = await self.stores.outbox.lease_next(key, lane.done, now,
-                                                        now + self._lease_ms, self._token(), limit)
+            items, cancelled = await finish(self.stores.outbox.lease_next(
+                key, lane.done, now, now + self._lease_ms, self._token(), limit))
         finally:
             lane.looking = False
         for item in items:
             self._hold(item)
+        if cancelled:
+            raise asyncio.CancelledError
         if len(items) == limit:
             lane.more = True
         self._forget_if_idle(key)
@@ -266,7 +340,14 @@ class Deliverer:
             if item.lease_until - now < self._needed_ms:
                 # It waited for its turn: its POST must not outlast its lease.
                 until = now + self._lease_ms
-                if not await self.stores.outbox.renew(item.id, item.lease_token, until):
+                try:
+                    renewed = await self.stores.outbox.renew(item.id, item.lease_token, until)
+                except BaseException:  # still held here: tried again, or given back by a stop
+                    lane.queue.appendleft(item)
+                    lane.busy, lane.ready = False, True
+                    self._ready.appendleft(key)
+                    raise
+                if not renewed:
                     log.warning("outbox %d is no longer held here (its lease ran out); its"
                                 " lane is left to whoever holds it", item.id)
                     lane.busy = False
@@ -334,14 +415,32 @@ class Deliverer:
             self._marker = asyncio.create_task(self._mark_in_background())
 
     async def _mark_in_background(self) -> None:
-        try:
-            await self._mark()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # tried again by the loop; meanwhile the leases hold
-            log.exception("could not mark %d delivered item(s) so; trying again",
-                          len(self._unmarked))
-            self._kick.set()
+        """Mark what was delivered; while that fails (the database is down, say), try again
+        after a rest that doubles, logging once a while. Meanwhile the leases hold."""
+        logged_at = 0.0
+        while True:
+            try:
+                await self._mark()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._mark_failures += 1
+                if self._mark_failures == 1:
+                    log.exception("could not mark %d delivered item(s) so; trying again",
+                                  len(self._unmarked))
+                    logged_at = time.monotonic()
+                elif time.monotonic() - logged_at >= MARK_LOG_S:
+                    log.warning("still cannot mark %d delivered item(s) so (%d tries): %r",
+                                len(self._unmarked), self._mark_failures, e)
+                    logged_at = time.monotonic()
+                first, most = MARK_RETRY_S
+                await asyncio.sleep(min(most, first * 2 ** (self._mark_failures - 1)))
+                continue
+            if self._mark_failures:
+                log.info("delivered items marked so again, after %d failed tries",
+                         self._mark_failures)
+                self._mark_failures = 0
+            return
 
     async def _mark(self) -> None:
         """Mark the delivered items so, as many at a time as have piled up (up to a bound)."""
@@ -417,6 +516,10 @@ class Deliverer:
                 after = self._finished(item, delivered=delivered)
                 if after is not None:
                     self._in_flight[after.id] = (after, task)
+            elif delivered:  # stopping: marked so by the stop
+                assert item.lease_token is not None
+                self._unmarked[item.id] = (item.lease_token, lane_key(item),
+                                           item if Undelivered.may_correct(item) else None)
         return after
 
     async def _failed(self, network: Network, item: OutboxItem, attempt: int,

@@ -23,7 +23,12 @@ class Handoff(Protocol):
 
     def lease(self, network: str, now: int) -> tuple[int, str] | None:
         """(until, token): how a new item for ``network`` is to be leased for delivery here if
-        it is its lane's first; None if it is not to be (pulled, or delivery is busy)."""
+        it is its lane's first; None if it is not to be (pulled, or delivery is busy). The
+        lease counts as held until its item is taken, or it is said to be unused."""
+
+    def unused(self, token: str) -> None:
+        """A lease from :meth:`lease` that no item got (it was not its lane's first, or was
+        queued before)."""
 
     def take(self, items: list[OutboxItem]) -> None:
         """Items just committed: the leased ones to deliver now, the others in their turn."""
@@ -84,6 +89,8 @@ class Effects:
             type=payload["type"], key=key, payload=payload, now=now, lease_until=lease[0],
             token=lease[1],
         )
+        if (item is None or item.lease_token is None) and self.handoff is not None:
+            self.handoff.unused(lease[1])
         if item is None:
             return None
         self.handed.append(item)

@@ -116,7 +116,8 @@ class MatrixHandler:
         conn: Connection
         effects = Effects(handoff=self.handoff)
         outcomes: list[tuple[object, str]] = []
-        async with self.stores.transaction() as conn:
+        # Typing and receipts only: they read before they write.
+        async with self.stores.transaction(write_first=not events) as conn:
             for raw in events:
                 if (problem := unstorable(raw, untrusted)) is not None:
                     log.warning("txn %s: skipping an event the bridge cannot store (%s): %.300r",

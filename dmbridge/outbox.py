@@ -104,6 +104,9 @@ class Outbox:
     def lease(self, network: str, now: int) -> tuple[int, str] | None:
         return self.deliverer.lease(network, now)
 
+    def unused(self, token: str) -> None:
+        self.deliverer.unused(token)
+
     def take(self, items: list[OutboxItem]) -> None:
         self.deliverer.take(items)
 

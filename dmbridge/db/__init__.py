@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from mautrix.util.async_db import Connection, Database, Scheme
 
+from . import sqlite
 from .connect import DatabaseUnavailable, create_database, safe_url, start_database
 from .dm import DMStore
 from .dmcache import DMCache
@@ -66,11 +67,16 @@ class Stores:
         )
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Connection]:
+    async def transaction(self, *, write_first: bool = False) -> AsyncIterator[Connection]:
         """A transaction that may change DMs, their rooms' members or their ghosts: the DM
-        cache learns of its changes."""
-        async with self.dms.cache.writing(self.db, atomic=True) as conn:
-            yield conn
+        cache learns of its changes. ``write_first``: it reads before it writes, and on SQLite
+        takes the write lock from its start (see :data:`.sqlite.write_first`)."""
+        token = sqlite.write_first.set(write_first)
+        try:
+            async with self.dms.cache.writing(self.db, atomic=True) as conn:
+                yield conn
+        finally:
+            sqlite.write_first.reset(token)
 
 
 __all__ = [

@@ -30,6 +30,9 @@ _LOCK_LANE_OF = (
 # planner (which has no statistics) looks the ids up rather than walk every pending item
 # through an index on state.
 _STILL_PENDING = "(state || '') = 'pending'"
+# "Held under the token $n": a row leased by anyone is changed only by the holder of its
+# lease; without a token (NULL), only a row nobody holds (a pulled item, say).
+_HOLDER = "(lease_token=${n} OR (CAST(${n} AS TEXT) IS NULL AND lease_token IS NULL))"
 T = TypeVar("T")
 
 
@@ -68,6 +71,23 @@ def _item(row: Any) -> OutboxItem:
     return OutboxItem(**{k: row[k] for k in OutboxItem.__dataclass_fields__})
 
 
+def _locks_lanes(conn: Connection) -> bool:
+    return conn.scheme in (Scheme.POSTGRES, Scheme.COCKROACH)
+
+
+def _queued(row: Any, network: str, remote_id: str, user_id: str, type: str, key: str,
+            payload: str, now: int, token: str) -> OutboxItem:
+    """An item just queued, from its id, attempts and lease end as stored."""
+    leased = row["lease_until"] is not None
+    return OutboxItem(
+        id=int(row["id"]), network=network, remote_id=remote_id, user_id=user_id, type=type,
+        idempotency_key=key, payload=payload, state=PENDING, attempts=int(row["attempts"]),
+        next_attempt_at=now, last_error=None, created_at=now, queued_at=now, finished_at=None,
+        lease_until=int(row["lease_until"]) if leased else None,
+        lease_token=token if leased else None,
+    )
+
+
 def _in(values: Sized, first: int) -> str:
     return ", ".join(f"${i}" for i in range(first, first + len(values)))
 
@@ -82,7 +102,17 @@ class OutboxStore:
         conn: Connection, *, network: str, remote_id: str, user_id: str, type: str,
         key: str, payload: dict[str, Any], now: int,
     ) -> int | None:
-        """Queue an item; None if one with this idempotency key was already queued."""
+        """Queue an item; None if one with this idempotency key was already queued.
+
+        On PostgreSQL the item's lane is locked first, until the transaction ends (see
+        :meth:`add_leased`)."""
+        if _locks_lanes(conn):
+            value = await conn.fetchval(
+                "SELECT id FROM dmbridge_queue($1, $2, $3, $4, $5, $6, $7, NULL, NULL)",
+                network, remote_id, user_id, type, key,
+                json.dumps(payload, ensure_ascii=False), now,
+            )
+            return int(value) if value is not None else None
         value = await conn.fetchval(
             SMALL_WRITE + "INSERT INTO outbox (network, remote_id, user_id, type,"
             " idempotency_key, payload, state, next_attempt_at, created_at, queued_at)"
@@ -100,8 +130,21 @@ class OutboxStore:
         """Queue an item, and lease it (its first attempt counted) if its lane has no other
         pending item, so that the caller may deliver it once the transaction commits; otherwise
         it waits its turn unleased. The item as stored (``lease_until`` says whether it was
-        leased); None if one with this idempotency key was already queued."""
+        leased); None if one with this idempotency key was already queued.
+
+        On PostgreSQL the item's lane is locked first, until the transaction ends, as every
+        lease of its items is: ids within a lane are given in the order their transactions
+        commit, and "no other pending item" counts those committed while it waited. (On SQLite
+        writers take turns anyway.)"""
         text = json.dumps(payload, ensure_ascii=False)
+        if _locks_lanes(conn):
+            row = await conn.fetchrow(
+                "SELECT id, attempts, lease_until FROM dmbridge_queue($1, $2, $3, $4, $5, $6,"
+                " $7, $8, $9)",
+                network, remote_id, user_id, type, key, text, now, lease_until, token,
+            )
+            return None if row is None else _queued(row, network, remote_id, user_id, type,
+                                                    key, text, now, token)
         first = ("NOT EXISTS (SELECT 1 FROM outbox p WHERE p.state='pending' AND p.network=$1"
                  " AND p.remote_id=$2 AND p.user_id=$3)")
         row = await conn.fetchrow(
@@ -116,14 +159,7 @@ class OutboxStore:
         )
         if row is None:
             return None
-        leased = row["lease_until"] is not None
-        return OutboxItem(
-            id=int(row["id"]), network=network, remote_id=remote_id, user_id=user_id,
-            type=type, idempotency_key=key, payload=text, state=PENDING,
-            attempts=int(row["attempts"]), next_attempt_at=now, last_error=None, created_at=now,
-            queued_at=now, finished_at=None, lease_until=lease_until if leased else None,
-            lease_token=token if leased else None,
-        )
+        return _queued(row, network, remote_id, user_id, type, key, text, now, token)
 
     async def add_now(self, **kwargs: Any) -> int | None:
         conn: Connection
@@ -164,12 +200,17 @@ class OutboxStore:
     async def lease(self, item_id: int, now: int, until: int, token: str = "") -> bool:
         """Hold the item for one delivery attempt, counted now: a crash mid-way still counts.
 
-        ``token`` names the holder (see :meth:`lease_next`). On PostgreSQL the item's lane is
-        locked first, as :meth:`lease_next` does.
+        ``token`` names the holder (see :meth:`lease_next`). Only while the item is still
+        its lane's oldest pending one, and no other item of its lane is held by anyone. On
+        PostgreSQL the item's lane is locked first, as :meth:`lease_next` does.
         """
         statement = (
             "UPDATE outbox SET lease_until=$3, lease_token=$4, attempts=attempts+1"
             " WHERE id=$1 AND state='pending' AND (lease_until IS NULL OR lease_until < $2)"
+            " AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.state='pending'"
+            "   AND p.network=outbox.network AND p.remote_id=outbox.remote_id"
+            "   AND p.user_id=outbox.user_id AND p.id <> outbox.id"
+            "   AND (p.id < outbox.id OR p.lease_until >= $2))"
             " RETURNING id"
         )
         if not self.locks_lanes:
@@ -216,16 +257,6 @@ class OutboxStore:
         )
         return got is not None
 
-    async def release(self, ids: list[int], token: str | None = None) -> None:
-        """Give up leases (on shutdown), so the items go out at once after a restart: those
-        held under ``token`` (any, when None)."""
-        for chunk in chunks(ids):
-            await self.db.execute(
-                "UPDATE outbox SET lease_until=NULL, lease_token=NULL"
-                f" WHERE id IN ({_in(chunk, 2)}) AND (CAST($1 AS TEXT) IS NULL OR lease_token=$1)",
-                token, *chunk,
-            )
-
     async def give_back(self, items: list[OutboxItem], *, uncount: bool = True) -> None:
         """Give up the leases of items, where they are still held under the tokens they were
         leased with: taken for attempts that never started (``uncount``: they do not count),
@@ -242,10 +273,12 @@ class OutboxStore:
 
     async def delivered(self, item_id: int, attempts: int, now: int,
                         token: str | None = None, conn: Connection | None = None) -> None:
+        """Mark the item delivered if it is held under ``token`` (without one: if nobody
+        holds it)."""
         await (conn or self.db).execute(
             "UPDATE outbox SET state='delivered', attempts=$2, finished_at=$3, lease_until=NULL,"
             " lease_token=NULL, last_error=NULL WHERE id=$1 AND state='pending'"
-            " AND (CAST($4 AS TEXT) IS NULL OR lease_token=$4)",
+            f" AND {_HOLDER.format(n=4)}",
             item_id, attempts, now, token,
         )
 
@@ -268,24 +301,24 @@ class OutboxStore:
 
     async def retry_later(self, item_id: int, attempts: int, next_at: int, error: str,
                           token: str | None = None) -> bool:
-        """Put the item off until ``next_at``; False if it is no longer pending (or no longer
-        held under ``token``, when given)."""
+        """Put the item off until ``next_at``; False if it is no longer pending, or not held
+        under ``token`` (without one: held by anyone)."""
         got = await self.db.fetchval(
             "UPDATE outbox SET attempts=$2, next_attempt_at=$3, last_error=$4, lease_until=NULL,"
             " lease_token=NULL WHERE id=$1 AND state='pending'"
-            " AND (CAST($5 AS TEXT) IS NULL OR lease_token=$5) RETURNING id",
+            f" AND {_HOLDER.format(n=5)} RETURNING id",
             item_id, attempts, next_at, error[:1000], token,
         )
         return got is not None
 
     async def kill(self, item_id: int, attempts: int, error: str, now: int,
                    token: str | None = None, conn: Connection | None = None) -> bool:
-        """Make the item a dead letter; False if it was no longer pending (or no longer held
-        under ``token``, when given)."""
+        """Make the item a dead letter; False if it was no longer pending, or not held under
+        ``token`` (without one: held by anyone)."""
         got = await (conn or self.db).fetchval(
             "UPDATE outbox SET state='dead', attempts=$2, last_error=$3, finished_at=$4,"
             " lease_until=NULL, lease_token=NULL WHERE id=$1 AND state='pending'"
-            " AND (CAST($5 AS TEXT) IS NULL OR lease_token=$5) RETURNING id",
+            f" AND {_HOLDER.format(n=5)} RETURNING id",
             item_id, attempts, error[:1000], now, token,
         )
         return got is not None

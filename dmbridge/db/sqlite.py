@@ -18,6 +18,8 @@ transaction holds SQLite's write lock (an earlier write of the transaction ran o
 and took it): no other process can then make it wait. Only tiny writes by unique keys are
 marked so (the recording of a Matrix user's reply). A transaction's ``BEGIN`` (deferred: it
 takes no lock) runs on the loop as well; its first write, and its ``COMMIT``, on the thread.
+A transaction that reads before it writes (typing notifications only) begins ``IMMEDIATE`` on
+the thread instead (see :data:`write_first`).
 """
 
 # The methods keep mautrix's signatures, ``timeout`` parameters included.
@@ -32,6 +34,7 @@ import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from mautrix.util.async_db import UpgradeTable
@@ -47,6 +50,12 @@ transaction already holds the write lock (a comment in SQL)."""
 # A statement that takes SQLite's write lock (run in a transaction, it holds it to the end).
 _WRITE = re.compile(r"\s*(?:/\*.*?\*/\s*)*(?:INSERT|UPDATE|DELETE|REPLACE)\b", re.I | re.S)
 
+# Transactions begun meanwhile take SQLite's write lock at once (``BEGIN IMMEDIATE``, waiting for
+# another process's write as long as ``busy_timeout`` allows): for one that reads before it
+# writes, whose write could otherwise not wait (SQLite does not wait to turn a read into a
+# write), and would fail at once.
+write_first: ContextVar[bool] = ContextVar("dmbridge_write_first", default=False)
+
 # mautrix's rewrite of PostgreSQL's $1 placeholders to SQLite's ?1.
 _POSITIONAL = re.compile(r"\$(\d+)")
 
@@ -58,6 +67,22 @@ def sqlite_sql(query: str) -> str:
 
 
 Run = Callable[[sqlite3.Connection, str, tuple[Any, ...]], Any]
+
+
+async def _to_the_end(job: asyncio.Future[Any]) -> Any:
+    """The result of a job on the database thread, waited for to its end even through
+    cancellations (raised once it has ended): until then the connection is not free for the
+    next statement, and a ``BEGIN`` run on the event loop must never overtake a ``ROLLBACK``
+    still queued on the thread."""
+    cancelled = False
+    while not job.done():
+        try:
+            await asyncio.wait([job])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return job.result()
 
 
 def _all(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> list[sqlite3.Row]:
@@ -95,12 +120,22 @@ class OneTripConnection:
         if in_transaction.get():
             yield
             return
-        _all(self.conn._conn, "BEGIN TRANSACTION", ())  # deferred: no lock, no wait
+        if write_first.get():
+            try:
+                await self._on_thread(_all, "BEGIN IMMEDIATE", ())  # may wait: on the thread
+            except asyncio.CancelledError:  # (once it ran)
+                if self.conn._conn.in_transaction:
+                    await _to_the_end(asyncio.ensure_future(
+                        self._on_thread(_all, "ROLLBACK", ())))
+                raise
+            self._locked = True
+        else:
+            _all(self.conn._conn, "BEGIN TRANSACTION", ())  # deferred: no lock, no wait
         token = in_transaction.set(True)
         try:
             yield
         except BaseException:
-            await asyncio.shield(self._on_thread(_all, "ROLLBACK", ()))
+            await _to_the_end(asyncio.ensure_future(self._on_thread(_all, "ROLLBACK", ())))
             raise
         else:
             await self._on_thread(_all, "COMMIT", ())
@@ -123,15 +158,11 @@ class OneTripConnection:
 
     async def _on_thread(self, run: Run, query: str, args: tuple[Any, ...]) -> Any:
         # aiosqlite's own hand-off to its thread (``Connection._execute``), one per statement.
-        job = asyncio.ensure_future(self.conn._execute(  # type: ignore[no-untyped-call]
-            run, self.conn._conn, sqlite_sql(query), args))
-        try:
-            return await asyncio.shield(job)
-        except asyncio.CancelledError:
-            # The thread runs the statement anyway: the connection goes back to the pool (and
-            # a point read may use it from the event loop) only once it has.
-            await asyncio.wait([job])
-            raise
+        # The thread runs the statement anyway: the connection goes back to the pool (and a
+        # point read may use it from the event loop) only once it has.
+        return await _to_the_end(asyncio.ensure_future(
+            self.conn._execute(run, self.conn._conn,  # type: ignore[no-untyped-call]
+                               sqlite_sql(query), args)))
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> None:
         await self._run(_all, query, args)

@@ -8,6 +8,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -118,6 +119,47 @@ async def test_a_cancelled_transaction_is_rolled_back_and_the_connection_stays_u
         assert other.execute("SELECT k FROM t").fetchall() == [("kept",)]
     finally:
         other.close()
+
+
+async def test_a_transaction_cancelled_again_as_it_rolls_back_ends_once_rolled_back(
+    sqlite_db: Database,
+) -> None:
+    """The next transaction on the connection must not begin before the rollback has run."""
+    await sqlite_db.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+    inside = asyncio.Event()
+    entered, go = threading.Event(), threading.Event()
+    thread: list[Any] = []
+
+    def busy() -> None:
+        entered.set()
+        go.wait(30)
+
+    async def cancelled() -> None:
+        conn: Connection
+        async with sqlite_db.acquire() as conn, conn.transaction():
+            await conn.execute("INSERT INTO t (k) VALUES ($1)", "lost")
+            thread.append(conn.wrapped.conn)  # aiosqlite's connection, and its thread
+            inside.set()
+            await asyncio.Event().wait()  # cancelled here, mid-transaction
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(cancelled())
+    await inside.wait()
+    # The database thread is busy with something else: the ROLLBACK waits for its turn.
+    other = asyncio.ensure_future(thread[0]._execute(busy))
+    await loop.run_in_executor(None, entered.wait, 30)
+    task.cancel()
+    for _ in range(3):
+        await asyncio.sleep(0)  # the task is in its rollback now
+    task.cancel()  # and is cancelled again
+    loop.call_later(0.1, go.set)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    conn: Connection
+    async with sqlite_db.acquire() as conn, conn.transaction():  # no "within a transaction"
+        await conn.execute("INSERT INTO t (k) VALUES ($1)", "kept")
+    await other
+    assert [r["k"] for r in await sqlite_db.fetch("SELECT k FROM t")] == ["kept"]
 
 
 async def test_a_pooled_postgres_connection_is_released_without_a_reset_query(

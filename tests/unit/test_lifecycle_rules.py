@@ -6,8 +6,12 @@ no homeserver is involved.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import sqlite3
+import threading
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -602,13 +606,30 @@ class Deliverer:
 
     def __init__(self) -> None:
         self.taken: list[OutboxItem] = []
+        self.unused_tokens: list[str] = []
         self._tokens = itertools.count()
 
     def lease(self, network: str, now: int) -> tuple[int, str]:
         return now + 60_000, f"test-{next(self._tokens)}"
 
+    def unused(self, token: str) -> None:
+        self.unused_tokens.append(token)
+
     def take(self, items: list[OutboxItem]) -> None:
         self.taken += items
+
+
+async def test_a_reply_behind_another_gives_its_lease_back(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder]
+) -> None:
+    h, _ = handler
+    deliverer = Deliverer()
+    h.handoff = deliverer
+    await open_dm(stores)
+    await send(h, message(body="one"), message(body="two"))
+    first, second = deliverer.taken
+    assert first.lease_token == "test-0" and second.lease_token is None  # waits its turn
+    assert deliverer.unused_tokens == ["test-1"]  # so the deliverer does not count it as held
 
 
 async def test_a_failed_event_hands_nothing_to_delivery(
@@ -686,6 +707,39 @@ async def test_typing_told_by_a_failed_event_is_told_again(
     assert await outbox(stores) == []
     h.lifecycle.apply_ephemeral = apply  # type: ignore[method-assign]
     await h.handle_transaction("txn-typing-again", [], [typing])
+    assert [(i["type"], i["typing"]) for i in await outbox(stores)] == [("typing", True)]
+
+
+async def test_typing_recorded_while_another_process_writes_waits_for_it(
+    stores: Stores, handler: tuple[MatrixHandler, Recorder], tmp_path: Path
+) -> None:
+    """A transaction of typing notifications only reads before it writes: on SQLite it must
+    wait for another process's write (``dmbridge forget``, say) rather than fail at once."""
+    if stores.outbox.locks_lanes:
+        pytest.skip("PostgreSQL writers wait for one another anyway")
+    h, _ = handler
+    await open_dm(stores)
+    holding, done = threading.Event(), threading.Event()
+
+    def other_process() -> None:
+        other = sqlite3.connect(tmp_path / "dmbridge.db", isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # holds the write lock ...
+            holding.set()
+            done.wait(0.5)  # ... for a while
+            other.execute("COMMIT")
+        finally:
+            other.close()
+
+    loop = asyncio.get_running_loop()
+    writer = loop.run_in_executor(None, other_process)
+    await loop.run_in_executor(None, holding.wait, 10)
+    typing = {"type": "m.typing", "room_id": ROOM, "content": {"user_ids": [USER]}}
+    try:
+        await h.handle_transaction("txn-typing-while-locked", [], [typing])
+    finally:
+        done.set()
+        await writer
     assert [(i["type"], i["typing"]) for i in await outbox(stores)] == [("typing", True)]
 
 

@@ -21,7 +21,7 @@ from dmbridge import signing
 from dmbridge.config import DeliverySettings
 from dmbridge.db import Stores, create_database, now_ms
 from dmbridge.db.outbox import DEAD, DELIVERED, PENDING, OutboxItem
-from dmbridge.delivery import backoff
+from dmbridge.delivery import backoff, finish
 from dmbridge.errors import InvalidParam
 from dmbridge.localhs import free_port
 from dmbridge.networks import PULL, PUSH, Delivery, Network, Networks
@@ -142,18 +142,18 @@ async def test_lease_is_exclusive_until_it_expires(stores: Stores) -> None:
     assert ids(await stores.outbox.due_heads(["sms"], 3001, 10)) == [a1]
     assert await stores.outbox.lease(a1, 3001, 4000)
     assert (await get(stores, a1)).attempts == 2
-    await stores.outbox.delivered(a1, 2, 3500)
+    await stores.outbox.delivered(a1, 2, 3500, "")
     assert not await stores.outbox.lease(a1, 9000, 10000)  # no longer pending
 
 
-async def test_release_gives_up_leases(stores: Stores) -> None:
+async def test_give_back_gives_up_leases(stores: Stores) -> None:
     a1 = await add(stores, "a1")
     b1 = await add(stores, "b1", remote_id=B)
     c1 = await add(stores, "c1", user_id="@carol:example.org")
     for item_id in (a1, b1, c1):
-        assert await stores.outbox.lease(item_id, 2000, 60_000)
-    await stores.outbox.release([])
-    await stores.outbox.release([a1, b1])
+        assert await stores.outbox.lease(item_id, 2000, 60_000, f"t{item_id}")
+    await stores.outbox.give_back([])
+    await stores.outbox.give_back([await get(stores, a1), await get(stores, b1)])
     assert ids(await stores.outbox.due_heads(["sms"], 2001, 10)) == [a1, b1]
     assert not await stores.outbox.lease(c1, 2001, 60_000)
     assert (await get(stores, a1)).state == PENDING
@@ -167,6 +167,10 @@ async def test_only_the_lease_holder_changes_a_leased_item(stores: Stores) -> No
     assert not await stores.outbox.retry_later(a1, 1, 5000, "HTTP 503", "theirs")
     assert not await stores.outbox.kill(a1, 1, "gave up", 3000, "theirs")
     assert await stores.outbox.delivered_all([(a1, "theirs")], 3000) == set()
+    # So does a change naming no token (meant for an item nobody holds, a pulled one).
+    assert not await stores.outbox.retry_later(a1, 1, 5000, "HTTP 503")
+    assert not await stores.outbox.kill(a1, 1, "gave up", 3000)
+    await stores.outbox.delivered(a1, 1, 3000)
     await stores.outbox.give_back([OutboxItem(**{**(await get(stores, a1)).__dict__,
                                                  "lease_token": "theirs"})])
     item = await get(stores, a1)
@@ -247,6 +251,58 @@ async def test_a_lane_being_leased_by_one_worker_is_not_leased_in_parts_by_anoth
     # It leases nothing behind the other worker's head: that would go out of order.
     assert await mine == []
     assert [(await get(stores, i)).lease_token for i in (a1, a2, a3)] == ["other", None, None]
+
+
+async def test_a_reply_queued_while_another_worker_queues_in_its_lane_waits_its_turn(
+    stores: Stores, request: pytest.FixtureRequest
+) -> None:
+    """An item of a lane committed after a later id was taken would go out beside it."""
+    if not stores.outbox.locks_lanes:
+        pytest.skip("writers take turns on SQLite")
+    other_db = create_database(request.getfixturevalue("module_pg_url"), db_args={},
+                               log=logging.getLogger("dmbridge.db.other"))
+    await other_db.start()
+    outside = contextvars.copy_context()  # a connection acquired is shared with tasks within
+
+    async def record() -> OutboxItem | None:
+        async with stores.db.acquire() as conn, conn.transaction():
+            return await stores.outbox.add_leased(
+                conn, network="sms", remote_id=A, user_id=USER, type="message", key="reply",
+                payload={"n": 2}, now=1000, lease_until=60_000, token="mine")
+
+    try:
+        async with other_db.acquire() as other, other.transaction():
+            # Another worker queues a notice for the lane, and has not committed yet.
+            notice = await stores.outbox.add(
+                other, network="sms", remote_id=A, user_id=USER, type="message", key="notice",
+                payload={"n": 1}, now=1000)
+            # Meanwhile this worker records a reply to the same DM.
+            mine = asyncio.create_task(record(), context=outside)
+            await asyncio.sleep(0.3)  # its statements are sent (and wait) before the commit
+    finally:
+        await other_db.stop()
+    reply = await mine
+    assert reply is not None and notice is not None
+    assert reply.lease_token is None  # behind the notice: not delivered beside it
+    assert reply.id > notice
+    # The notice is the lane's head, and goes first.
+    assert ids(await stores.outbox.due_heads(["sms"], 2000, 10)) == [notice]
+
+
+async def test_an_item_is_leased_only_while_it_is_its_lanes_head_and_the_lane_is_free(
+    stores: Stores
+) -> None:
+    a1, a2, a3 = [await add(stores, f"a{i}") for i in (1, 2, 3)]
+    assert ids(await stores.outbox.due_heads(["sms"], 2000, 10)) == [a1]
+    # Its head was a dead letter made pending again: a2 is no longer the lane's head.
+    assert not await stores.outbox.lease(a2, 2000, 60_000, "late")
+    assert await stores.outbox.lease(a1, 2000, 60_000, "head")
+    assert await stores.outbox.kill(a1, 1, "gave up", 2000, "head")
+    assert await stores.outbox.lease_next(("sms", A, USER), a1, 2000, 60_000, "lane", 1)
+    assert await stores.outbox.requeue("sms", [a1], 3000) == [a1]
+    # a1 is the head again, but a2 is being delivered: a1 waits until the lane is free.
+    assert not await stores.outbox.lease(a1, 3000, 60_000, "requeued")
+    assert (await get(stores, a3)).lease_token is None
 
 
 async def test_kill_dead_letters_and_requeue(stores: Stores) -> None:
@@ -571,6 +627,49 @@ async def test_more_than_500_dms_at_once_each_get_their_replies_in_order(
     assert all(got == list(range(per_lane)) for got in arrivals.values())
 
 
+async def test_replies_recorded_at_once_are_leased_only_as_far_as_a_worker_may_hold(
+    stores: Stores, rx: WebhookReceiver, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    rx.stall()
+    settings = DeliverySettings(**{**FAST.__dict__, "concurrency": 1})  # 32 held at most
+    box = await make_outbox(webhook_network(rx.url), settings=settings)
+    now = now_ms()
+    handed: list[OutboxItem] = []
+    async with stores.db.acquire() as conn, conn.transaction():
+        # One homeserver transaction: replies to 40 DMs, each first in its lane.
+        for n in range(40):
+            lease = box.lease("sms", now)
+            item = await (stores.outbox.add(
+                conn, network="sms", remote_id=f"+1555{n:07d}", user_id=USER, type="message",
+                key=f"k{n}", payload={"n": n}, now=now) if lease is None else
+                stores.outbox.add_leased(
+                    conn, network="sms", remote_id=f"+1555{n:07d}", user_id=USER,
+                    type="message", key=f"k{n}", payload={"n": n}, now=now,
+                    lease_until=lease[0], token=lease[1]))
+            if isinstance(item, OutboxItem):
+                handed.append(item)
+    box.take(handed)
+    leased = await stores.db.fetchval("SELECT COUNT(*) FROM outbox WHERE lease_until IS NOT NULL")
+    assert leased == 32  # the rest wait in the database
+    assert box.lease("sms", now) is None
+
+
+async def test_a_lease_the_recording_did_not_use_is_free_again(
+    stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    settings = DeliverySettings(**{**FAST.__dict__, "concurrency": 1})  # 32 held at most
+    box = await make_outbox(webhook_network("http://127.0.0.1:9/hook"), settings=settings)
+    now = now_ms()
+    leases = [box.lease("sms", now) for _ in range(32)]
+    assert None not in leases and box.lease("sms", now) is None
+    first = leases[0]
+    assert first is not None
+    box.unused(first[1])  # its reply was not its lane's first
+    assert box.lease("sms", now) is not None
+    # Leases for a transaction that failed count until they would have run out.
+    assert box.lease("sms", now + settings.timeout * 1000 + 5_001 + 1) is not None
+
+
 async def test_a_lease_about_to_run_out_is_renewed_before_its_post(
     stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
 ) -> None:
@@ -597,6 +696,33 @@ async def test_a_lease_about_to_run_out_is_renewed_before_its_post(
     [(posted_at, lease_until, token)] = seen
     assert token == "recorded"  # still the same holder's lease ...
     assert lease_until is not None and lease_until >= posted_at + FAST.timeout * 1000  # renewed
+
+
+async def test_a_lease_leaves_time_to_mark_its_item_delivered_after_the_longest_post(
+    stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    seen: list[tuple[int, int | None]] = []
+
+    async def handle(payload: dict[str, Any]) -> int:
+        row = await get(stores, int(payload["id"]))
+        seen.append((now_ms(), row.lease_until))
+        return 200
+
+    async with Receiver(handle) as receiver:
+        item_id = await add(stores, "a1", now=now_ms())
+        now = now_ms()
+        # 1.5 s more than the timeout (3 s) is left of its lease.
+        assert await stores.outbox.lease(item_id, now, now + 4500, "recorded")
+        box = await make_outbox(webhook_network(receiver.url))
+        box.take([await get(stores, item_id)])
+
+        async def delivered() -> bool:
+            return (await get(stores, item_id)).state == DELIVERED
+
+        await wait_until(delivered, what="the item to be delivered")
+    [(posted_at, lease_until)] = seen
+    # Renewed: a POST taking the whole timeout still leaves 2.5 s (half the lease's slack).
+    assert lease_until is not None and lease_until >= posted_at + (FAST.timeout + 2.5) * 1000
 
 
 @pytest.mark.parametrize(("concurrency", "expected"), [(1, 1), (4, 3)])
@@ -642,6 +768,92 @@ async def test_stop_releases_the_lease_of_a_delivery_in_flight(
     assert (item.state, item.attempts, item.last_error) == (PENDING, 1, None)
     # Due again at once, for the next worker to start.
     assert ids(await stores.outbox.due_heads(["sms"], now_ms(), 10)) == [item_id]
+
+
+async def test_a_delivery_answered_while_stopping_is_marked_delivered(
+    stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    posted, answer = asyncio.Event(), asyncio.Event()
+
+    async def handle(payload: dict[str, Any]) -> int:
+        posted.set()
+        await answer.wait()
+        return 200
+
+    async with Receiver(handle) as receiver:
+        item_id = await add(stores, "a1", now=now_ms())
+        box = await make_outbox(webhook_network(receiver.url))
+        await asyncio.wait_for(posted.wait(), 10)
+        due_heads = stores.outbox.due_heads
+
+        async def slow_search(*args: Any) -> list[OutboxItem]:
+            # The stop finds the delivery loop in a database call that runs to its end;
+            # meanwhile the platform answers.
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                answer.set()
+                for _ in range(500):
+                    if item_id not in box.deliverer._in_flight:
+                        break
+                    await asyncio.sleep(0.01)
+                raise
+            return await due_heads(*args)
+
+        stores.outbox.due_heads = slow_search  # type: ignore[method-assign]
+        box.deliverer.wake({"sms"})
+        await asyncio.sleep(0.1)
+        await box.stop()
+    item = await get(stores, item_id)
+    assert (item.state, item.lease_token) == (DELIVERED, None)  # not sent again by anyone
+
+
+async def test_a_reply_handed_over_after_a_stop_is_given_back(
+    stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    item_id = await add(stores, "a1", now=now_ms())
+    now = now_ms()
+    # Leased as it was recorded, and committed as the worker stops.
+    assert await stores.outbox.lease(item_id, now, now + 60_000, "recorded")
+    box = await make_outbox(webhook_network("http://127.0.0.1:9/hook"))
+    await box.stop()
+    box.take([await get(stores, item_id)])
+
+    async def given_back() -> bool:
+        return (await get(stores, item_id)).lease_until is None
+
+    await wait_until(given_back, timeout=3, what="the lease to be given back")
+    assert ids(await stores.outbox.due_heads(["sms"], now_ms(), 10)) == [item_id]
+
+
+async def test_a_lease_taken_as_the_worker_stops_is_given_back(
+    stores: Stores, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    item_id = await add(stores, "a1", now=now_ms())
+    asked, go, leased = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    lease = stores.outbox.lease
+
+    async def slow_lease(*args: Any) -> bool:
+        async def sent() -> bool:  # the statement is on its way: the database runs it anyway
+            await go.wait()
+            try:
+                return await lease(*args)
+            finally:
+                leased.set()
+
+        asked.set()
+        return await asyncio.shield(sent())
+
+    stores.outbox.lease = slow_lease  # type: ignore[method-assign]
+    box = await make_outbox(webhook_network("http://127.0.0.1:9/hook"))
+    await asyncio.wait_for(asked.wait(), 10)
+    stopping = asyncio.create_task(box.stop())
+    await asyncio.sleep(0.05)
+    go.set()
+    await stopping
+    await asyncio.wait_for(leased.wait(), 10)
+    item = await get(stores, item_id)
+    assert (item.state, item.lease_until, item.attempts) == (PENDING, None, 0)  # due at once
 
 
 async def test_retries_then_dead_letter_and_one_failure_notice(
@@ -860,6 +1072,83 @@ async def test_a_lane_waiting_on_its_head_does_not_busy_loop(
     # Nothing can go out for 30 s: a look per POLL_S (1 s) is plenty, not one every 10 ms.
     assert calls <= 3, f"the delivery loop looked for work {calls} times in 0.5 s"
     assert len(rx.attempts) == 1
+
+
+async def test_the_delivery_loop_rests_while_every_slot_is_busy(
+    stores: Stores, rx: WebhookReceiver, make_outbox: Callable[..., Awaitable[Outbox]]
+) -> None:
+    rx.stall()  # the platform never answers: the one slot stays busy
+    now = now_ms()
+    await add(stores, "a1", remote_id=A, now=now)
+    await add(stores, "b1", remote_id=B, now=now)  # waits for the slot
+    settings = DeliverySettings(**{**FAST.__dict__, "concurrency": 1})
+    box = await make_outbox(webhook_network(rx.url), settings=settings)
+    rounds = 0
+    dispatch = box.deliverer._dispatch
+
+    async def counting() -> None:
+        nonlocal rounds
+        rounds += 1
+        await dispatch()
+
+    box.deliverer._dispatch = counting  # type: ignore[method-assign]
+    await rx.wait_attempts(1, timeout=10)
+    await asyncio.sleep(1.2)  # past the loop's next planned look at the database
+    rounds = 0
+    await asyncio.sleep(0.5)
+    # Nothing can start until the slot frees (which wakes the loop): a round per POLL_S.
+    assert rounds <= 3, f"the delivery loop went round {rounds} times in 0.5 s"
+    assert len(rx.attempts) == 1
+
+
+async def test_delivered_items_that_cannot_be_marked_so_are_tried_again_after_a_rest(
+    stores: Stores, rx: WebhookReceiver, make_outbox: Callable[..., Awaitable[Outbox]],
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    tries = 0
+    delivered_all = stores.outbox.delivered_all
+
+    async def failing(*args: Any) -> set[int]:  # the database is down
+        nonlocal tries
+        tries += 1
+        raise ConnectionRefusedError("the database is down")
+
+    stores.outbox.delivered_all = failing  # type: ignore[method-assign]
+    item_id = await add(stores, "a1", now=now_ms())
+    await make_outbox(webhook_network(rx.url))
+    await rx.wait_accepted(1, timeout=10)
+
+    async def tried() -> bool:
+        return tries > 0
+
+    await wait_until(tried, what="a first try to mark the item delivered")
+    await asyncio.sleep(0.5)
+    assert tries <= 3, f"the delivered mark was tried {tries} times in 0.5 s"
+    failures = [r for r in caplog.records if "delivered item(s)" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None  # one traceback, not one a try
+    stores.outbox.delivered_all = delivered_all  # type: ignore[method-assign]
+
+    async def delivered() -> bool:
+        return (await get(stores, item_id)).state == DELIVERED
+
+    await wait_until(delivered, what="the item to be marked delivered once the database is back")
+    assert len(rx.attempts) == 1
+
+
+async def test_a_stop_cancelling_a_lease_that_then_fails_is_not_swallowed() -> None:
+    """The delivery loop logs a failure and goes on: a cancellation must reach it as one."""
+    started = asyncio.Event()
+
+    async def failing_lease() -> list[OutboxItem]:
+        started.set()
+        await asyncio.sleep(0.05)
+        raise ConnectionRefusedError("the database is down")
+
+    task = asyncio.create_task(finish(failing_lease()))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 # --- pull -----------------------------------------------------------------------------------

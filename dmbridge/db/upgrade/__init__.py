@@ -18,4 +18,5 @@ from . import (  # noqa: E402,F401
     v10_undelivered_notice,
     v11_encrypted_rooms,
     v12_outbox_lease_token,
+    v13_outbox_queue_under_lane_lock,
 )
