@@ -73,7 +73,8 @@ class Bridge:
         )
         self.appservice.handler = self.matrix
         self.encryption = Encryption(
-            mode=settings.encryption, homeserver_url=settings.homeserver_url,
+            mode=settings.encryption, pickle_key=settings.pickle_key,
+            homeserver_url=settings.homeserver_url,
             as_token=settings.as_token, db=self.db, stores=self.stores,
             networks=settings.networks, session=lambda: self.appservice.http_session,
         )

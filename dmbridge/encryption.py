@@ -53,8 +53,6 @@ machine_log = logging.getLogger("dmbridge.encryption.olm")
 
 # mautrix's crypto store keeps its own schema version (``crypto_version``) beside ours.
 CRYPTO_UPGRADE_TABLE: UpgradeTable = PgCryptoStore.upgrade_table
-# The Olm pickles are encrypted with this; the database holding them is what must be guarded.
-PICKLE_KEY = "dmbridge.ghost-devices"
 DEVICE_NAME = "dmbridge"
 # Ghosts whose machine (account, sessions cached) is kept in memory.
 MACHINES_MAX = 1_000
@@ -102,10 +100,12 @@ class RoomEncryptionState(StateStore):
 class Encryption:
     """The ghosts' devices: made on demand, fed from transactions, encrypting and decrypting."""
 
-    def __init__(self, *, mode: str, homeserver_url: str, as_token: str, db: Database,
+    def __init__(self, *, mode: str, pickle_key: str, homeserver_url: str, as_token: str,
+                 db: Database,
                  stores: Stores, networks: Networks,
                  session: Callable[[], aiohttp.ClientSession]) -> None:
         self.mode = mode
+        self.pickle_key = pickle_key  # the Olm pickles are encrypted with it (dm.pickle_key)
         self.homeserver_url = homeserver_url
         self.as_token = as_token
         self.db = db
@@ -135,7 +135,7 @@ class Encryption:
         async with self._locks.hold(ghost_id):
             if (machine := self._machines.get(ghost_id)) is not None:
                 return machine
-            store = PgCryptoStore(ghost_id, PICKLE_KEY, self.db)
+            store = PgCryptoStore(ghost_id, self.pickle_key, self.db)
             device_id = await store.get_device_id()
             if not device_id and not create:
                 return None

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import olm
 import pytest
 from nio import AsyncClient, AsyncClientConfig, LoginResponse, RoomSendResponse, UploadResponse
 from nio.crypto.attachments import decrypt_attachment, encrypt_attachment
@@ -32,7 +33,7 @@ from tests.integration.test_media import png
 from tests.support.feed import Feed
 from tests.support.matrix import Human
 from tests.support.process import BridgeProcess
-from tests.support.settings import CHAT_TOKEN, make_settings
+from tests.support.settings import CHAT_TOKEN, PICKLE_KEY, make_settings
 
 NET = "chat"
 ENCRYPTION = {"type": "m.room.encryption", "state_key": "",
@@ -202,6 +203,14 @@ async def test_encrypted_dm_started_from_matrix_works_both_ways(
     members = await human.client.joined_members(room_id)
     assert sorted(m.user_id for m in members.members) == sorted(  # type: ignore[union-attr]
         [human.user_id, bridge.settings.networks.get(NET).ghost_user_id(contact)])
+    # The ghost's Olm account is stored under the config's dm.pickle_key, nothing else.
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(contact)
+    pickle = await bridge.db.fetchval("SELECT account FROM crypto_account WHERE account_id=$1",
+                                      ghost_id)
+    pickle = pickle.encode() if isinstance(pickle, str) else bytes(pickle)
+    assert olm.Account.from_pickle(pickle, PICKLE_KEY).identity_keys
+    with pytest.raises(olm.OlmAccountError):
+        olm.Account.from_pickle(pickle, "dmbridge.ghost-devices")
 
 
 async def test_with_encryption_off_the_user_is_told_and_the_platform_gets_an_event(
