@@ -290,11 +290,13 @@ class Encryption:
             if machine is None:
                 return raw
             event = await machine.decrypt_megolm_event(EncryptedEvent.deserialize(cast(JSON, raw)))
-        except (DecryptionError, SessionNotFound, MatrixError, ValueError, KeyError) as e:
+            decrypted = event.serialize()
+        except (DecryptionError, SessionNotFound, MatrixError, ValueError, KeyError,
+                RecursionError) as e:  # RecursionError: plaintext nested too deep to read
             log.warning("%s: %s from %s cannot be decrypted by %s: %s", raw["room_id"],
-                        raw.get("event_id"), sender, ghost_id, e)
+                        raw.get("event_id"), sender, ghost_id, type(e).__name__ if isinstance(
+                            e, RecursionError) else e)
             return raw
-        decrypted = event.serialize()
         content = await self._readable_media(machine.client, decrypted["content"])
         plain = {**raw, "type": decrypted["type"], "content": content}
         log.debug("%s: %s decrypted (%s)", raw["room_id"], raw.get("event_id"), plain["type"])

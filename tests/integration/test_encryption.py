@@ -461,3 +461,34 @@ async def test_encryption_turned_on_in_a_plain_dm_gives_the_ghost_a_device_at_on
     assert await human.encrypted_type(room_id, answer["event_id"]) == "m.room.encrypted"
     assert [m["content"]["body"] for m in await human.read(room_id, 2)] == [
         "a plain start", "private answer"]
+
+
+async def test_decrypted_text_the_databases_cannot_hold_does_not_stop_the_transactions(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, _ = await _dm_from_matrix(bridge, human, feed)
+    decrypt = bridge.encryption.decrypt
+
+    async def plaintext_as_a_client_could_write_it(raw: dict[str, Any]) -> dict[str, Any]:
+        plain = await decrypt(raw)
+        content = dict(plain.get("content") or {})
+        if content.get("body") == "LONE":  # JSON text may escape a lone surrogate or a NUL
+            content["body"] = "a\ud800b\x00c"
+        elif content.get("body") == "DEEP":
+            nested: dict[str, Any] = {}
+            for _ in range(200):
+                nested = {"x": nested}
+            content["x"] = nested
+        return {**plain, "content": content}
+
+    monkeypatch.setattr(bridge.encryption, "decrypt", plaintext_as_a_client_could_write_it)
+    await human.say_encrypted(room_id, "LONE")
+    await feed.expect("message", room_id=room_id, text="a\ufffdb\ufffdc")
+    await human.say_encrypted(room_id, "DEEP")
+    await human.say_encrypted(room_id, "after the deep one")
+    await feed.expect("message", room_id=room_id, text="after the deep one")
+    assert "DEEP" not in [e.get("message", {}).get("text") for e in feed.seen]
