@@ -36,7 +36,9 @@ log = logging.getLogger("dmbridge.appservice")
 MAX_TRANSACTION_BYTES = 64 * 1024 * 1024
 # Synapse refuses event content nested deeper than about 100 levels; a transaction adds three.
 MAX_TRANSACTION_DEPTH = 128
-EVENT_DEPTH = 2  # an event's own depth in its transaction: {"events": [{...}]}
+# How deep an event may nest: what the transaction allows less the event's own place in it
+# ({"events": [{...}]}); for events the bridge decrypts.
+EVENT_MAX_DEPTH = MAX_TRANSACTION_DEPTH - 2
 TOKEN_WARNING_EVERY_S = 60.0
 # Ghosts whose homeserver client is kept between uses.
 GHOST_CLIENTS_MAX = 10_000
@@ -75,9 +77,8 @@ def _as_received(received: list[Any], decrypted: list[Any]) -> tuple[list[Any], 
     out, suspect = [], False
     for before, after in zip(received, decrypted, strict=True):
         if after is not before:
-            data = json.dumps(after).encode()  # NUL and lone surrogates written as \u escapes
-            after, cut = jsontext.loads_cut(data, MAX_TRANSACTION_DEPTH - EVENT_DEPTH)
-            suspect = suspect or cut or jsontext.may_hold_unstorable(data)
+            after, doubtful = jsontext.reread(after, EVENT_MAX_DEPTH)
+            suspect = suspect or doubtful
         out.append(after)
     return out, suspect
 

@@ -24,6 +24,7 @@ from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
 from .instances import Instances, SoleWorker
 from .invites import InviteHandler, lease_seconds
+from .late_keys import LateKeys
 from .listener import Listener
 from .logfilter import LogLimits
 from .matrix import MatrixHandler
@@ -78,8 +79,13 @@ class Bridge:
             as_token=settings.as_token, db=self.db, stores=self.stores,
             networks=settings.networks, session=lambda: self.appservice.http_session,
         )
+        self.late_keys: LateKeys | None = None
         if self.encryption.enabled:
             self.appservice.encryption = self.encryption
+            self.late_keys = LateKeys(stores=self.stores, encryption=self.encryption,
+                                      matrix=self.matrix)
+            self.matrix.on_waiting = self.late_keys.wake
+            self.encryption.on_keys = self.late_keys.wake
         self.links = MediaLinks(settings.as_token, settings.media.public_url,
                                 settings.media.link_ttl)
         notices = settings.admin_notices
@@ -194,6 +200,8 @@ class Bridge:
         log.info("listening on http://%s:%d (API under %s)", self.settings.hostname,
                  self.settings.port, PREFIX)
         await self.outbox.start()
+        if self.late_keys is not None:
+            self.late_keys.start()
         self.watch = Watch(self.settings, self.readiness, self._on_contact, self.notices)
         if ping:
             await self.watch.first()
@@ -318,6 +326,8 @@ class Bridge:
                 await asyncio.gather(task, return_exceptions=True)
         if self._invites is not None:
             await self._invites.stop()
+        if self.late_keys is not None:
+            await self.late_keys.stop()
         await self.outbox.stop()
         if self._listening:  # not after a start that failed before it listened
             await self.appservice.stop()

@@ -116,6 +116,8 @@ class Encryption:
         self._machines: LRU[str, OlmMachine] = LRU(MACHINES_MAX)
         self._locks: KeyedLocks[str] = KeyedLocks()
         self._sharing: KeyedLocks[RoomID] = KeyedLocks()  # one key share per room at a time
+        # Told when to-device events (room keys among them) were handled.
+        self.on_keys: Callable[[], None] = lambda: None
 
     @property
     def enabled(self) -> bool:
@@ -168,8 +170,11 @@ class Encryption:
         that cannot be stay as they are). Never raises for one bad item: it is logged."""
         if not self.enabled:
             return events
-        for raw in _first(body, TO_DEVICE) or []:
+        to_device = _first(body, TO_DEVICE) or []
+        for raw in to_device:
             await self._to_device(raw)
+        if to_device:
+            self.on_keys()  # messages waiting for a room key are tried again
         counts = _first(body, OTK_COUNTS)
         if isinstance(counts, dict):
             await self._otk_counts(counts)

@@ -43,6 +43,8 @@ class MatrixHandler:
         self.on_invited: Callable[[], None] = lambda: None
         # Told of the users' encrypted messages that could not be read: (ghost, room, event).
         self.on_undecryptable: Callable[[list[tuple[str, str, str]]], None] = lambda items: None
+        # Told when encrypted messages of users start waiting for their room key.
+        self.on_waiting: Callable[[], None] = lambda: None
 
     async def handle_transaction(self, txn_id: str, events: list[Any],
                                  ephemeral: list[Any] | None = None, *, untrusted: bool = True
@@ -87,17 +89,52 @@ class MatrixHandler:
                     await self._apply(conn, txn_id, edu, at, effects, ephemeral=True)
         for event_type, outcome in outcomes:
             self.metrics.event(event_type, outcome)
+        self._committed(effects)
+        for raw in fresh:
+            if "state_key" in raw:  # the cache holds room state only; messages pass it by
+                await self._update_state_store(raw)
+        if events:
+            log.debug("txn %s: %d events, %d new", txn_id, len(events), len(fresh))
+
+    def _committed(self, effects: Effects) -> None:
         if effects.networks:
             self.on_queued(effects.networks)
         if effects.invites:
             self.on_invited()
         if effects.undecryptable:
             self.on_undecryptable(effects.undecryptable)
-        for raw in fresh:
-            if "state_key" in raw:  # the cache holds room state only; messages pass it by
-                await self._update_state_store(raw)
-        if events:
-            log.debug("txn %s: %d events, %d new", txn_id, len(events), len(fresh))
+        if effects.waiting:
+            self.on_waiting()
+
+    async def handle_late(self, decrypted: list[tuple[str, Any]], expired: list[dict[str, Any]]
+                          ) -> None:
+        """Messages that waited for their room key: ``decrypted`` (the waiting event's ID and
+        the event decrypted, with any value nested too deep cut out) are applied as they
+        would have been on arrival, ``expired`` ones told as undecryptable. Each once: one no
+        longer waiting (done meanwhile) is left alone. Raises on a database failure."""
+        at = now_ms()
+        effects = Effects()
+        outcomes: list[tuple[object, str]] = []
+        conn: Connection
+        async with self.stores.transaction() as conn:
+            for event_id, raw in decrypted:
+                if not await self.stores.undecrypted.take(conn, event_id):
+                    continue
+                if (problem := unstorable(raw)) is not None:
+                    log.warning("late key: skipping an event the bridge cannot store (%s): %.300r",
+                                problem, raw)
+                    outcomes.append((raw.get("type") if isinstance(raw, dict) else None,
+                                     "skipped"))
+                    continue
+                raw = jsontext.scrub(raw)
+                outcomes.append((raw.get("type"),
+                                 await self._apply(conn, "late-key", raw, at, effects)))
+            for raw in expired:
+                if await self.stores.undecrypted.take(conn, str(raw["event_id"])):
+                    await self.lifecycle.undecryptable(conn, raw, at, effects, waited=True)
+        for event_type, outcome in outcomes:
+            self.metrics.event(event_type, outcome)
+        self._committed(effects)
 
     async def _apply(self, conn: Connection, txn_id: str, raw: dict[str, Any], at: int,
                      effects: Effects, ephemeral: bool = False) -> str:

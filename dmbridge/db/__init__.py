@@ -21,6 +21,7 @@ from .media import MediaStore
 from .member import MemberStore
 from .message import MatrixMessageStore, SentMessageStore
 from .outbox import OutboxStore
+from .undecrypted import UndecryptedStore
 from .upgrade import upgrade_table
 
 
@@ -42,6 +43,7 @@ class Stores:
     history: HistoryStore
     invites: InviteStore
     encrypted_rooms: EncryptedRoomStore
+    undecrypted: UndecryptedStore
 
     @classmethod
     def over(cls, db: Database) -> Stores:
@@ -60,6 +62,7 @@ class Stores:
             history=HistoryStore(db),
             invites=InviteStore(db),
             encrypted_rooms=EncryptedRoomStore(db),
+            undecrypted=UndecryptedStore(db),
         )
 
     @asynccontextmanager

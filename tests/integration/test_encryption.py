@@ -19,6 +19,7 @@ import pytest
 from nio import AsyncClient, AsyncClientConfig, LoginResponse, RoomSendResponse, UploadResponse
 from nio.crypto.attachments import decrypt_attachment, encrypt_attachment
 
+from dmbridge import late_keys
 from dmbridge.bridge import Bridge
 from dmbridge.encryption import UNDECRYPTABLE_NOTICE, device_id_for
 from tests.integration.conftest import (
@@ -492,3 +493,69 @@ async def test_decrypted_text_the_databases_cannot_hold_does_not_stop_the_transa
     await human.say_encrypted(room_id, "after the deep one")
     await feed.expect("message", room_id=room_id, text="after the deep one")
     assert "DEEP" not in [e.get("message", {}).get("text") for e in feed.seen]
+
+
+def _hold_room_keys(bridge: Bridge, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """To-device events (room keys) kept from the ghosts' devices, as if still on their way."""
+    held: list[dict[str, Any]] = []
+
+    async def hold(raw: dict[str, Any]) -> None:
+        held.append(raw)
+
+    monkeypatch.setattr(bridge.encryption, "_to_device", hold)
+    return held
+
+
+async def _waits_for_its_key(bridge: Bridge, event_id: str) -> None:
+    async def waiting() -> bool:
+        return event_id in [w.event["event_id"] for w in await bridge.stores.undecrypted.oldest(10)]
+    await wait_for(waiting, what=f"{event_id} to wait for its room key")
+
+
+async def test_a_message_whose_room_key_comes_later_reaches_the_platform(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, _ = await _dm_from_matrix(bridge, human, feed)
+    held = _hold_room_keys(bridge, monkeypatch)
+
+    event_id = await human.say_encrypted(room_id, "my key comes later")
+    await _waits_for_its_key(bridge, event_id)
+    assert held
+    # The key's transaction comes after the message's was answered.
+    monkeypatch.undo()
+    await bridge.appservice.encryption.intake(  # type: ignore[union-attr]
+        {"de.sorunome.msc2409.to_device": held}, [])
+    message = await feed.expect("message", room_id=room_id, text="my key comes later")
+    assert message["message"]["event_id"] == event_id
+    assert await bridge.stores.undecrypted.oldest(10) == []
+    await human.say_encrypted(room_id, "and the next one")
+    await feed.expect("message", room_id=room_id, text="and the next one")
+    assert "message.undecryptable" not in [e["type"] for e in feed.seen]
+
+
+async def test_a_message_whose_room_key_never_comes_is_told_after_the_wait_across_a_restart(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(late_keys, "KEY_WAIT_S", 2.0)
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, _ = await _dm_from_matrix(bridge, human, feed)
+    _hold_room_keys(bridge, monkeypatch)
+    event_id = await human.say_encrypted(room_id, "my key is lost")
+    await _waits_for_its_key(bridge, event_id)
+    await bridge.stop()
+
+    await start_bridge(**{"dm.encryption": "allow"})  # the wait is over meanwhile
+    event = await feed.expect("message.undecryptable", room_id=room_id)
+    assert event["message.undecryptable"]["event_id"] == event_id
+    assert event["message.undecryptable"]["reason"] == "keys_missing"
+    notice = (await human.read(room_id, 1))[0]
+    assert notice["content"]["body"] == UNDECRYPTABLE_NOTICE
+    assert notice["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == event_id
+    assert "message" not in [e["type"] for e in feed.seen]

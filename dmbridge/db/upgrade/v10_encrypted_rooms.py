@@ -13,6 +13,17 @@ async def upgrade_v10(conn: Connection, scheme: Scheme) -> None:
             created_at  BIGINT NOT NULL
         )
     """)
+    # The users' encrypted messages whose room key has not come yet (it may come in a later
+    # transaction): tried again when keys come, told as undecryptable after a bounded wait.
+    await conn.execute("""
+        CREATE TABLE undecrypted_event (
+            event_id     TEXT PRIMARY KEY,
+            room_id      TEXT NOT NULL,
+            event        TEXT NOT NULL,
+            received_at  BIGINT NOT NULL
+        )
+    """)
 
 
-upgrade_table.register(upgrade_v10, index=9, description="Rooms with encryption turned on")
+upgrade_table.register(upgrade_v10, index=9,
+                       description="Rooms with encryption turned on, messages waiting for keys")
