@@ -97,6 +97,23 @@ class RoomEncryptionState(StateStore):
         return await self.stores.encrypted_rooms.shared_with(user_id)
 
 
+class GhostMachine(OlmMachine):
+    """A ghost's machine. The user's device list is one for all ghosts (mautrix's device
+    tables are not per account), so a change seen through one ghost's machine makes every
+    ghost in a DM with the user share a new room key: each DM's outbound session goes,
+    whichever ghost's it is."""
+
+    async def on_devices_changed(self, user_id: UserID) -> None:
+        rooms = await self.state_store.find_shared_rooms(user_id)
+        store = cast(PgCryptoStore, self.crypto_store)
+        for room_id in rooms:
+            await store.db.execute(
+                "DELETE FROM crypto_megolm_outbound_session WHERE room_id = $1", room_id)
+        if rooms:
+            log.info("devices of %s changed: a new room key for its %d encrypted DM(s)",
+                     user_id, len(rooms))
+
+
 class Encryption:
     """The ghosts' devices: made on demand, fed from transactions, encrypting and decrypting."""
 
@@ -144,8 +161,8 @@ class Encryption:
             api = HTTPAPI(self.homeserver_url, self.as_token, client_session=self._session(),
                           as_user_id=UserID(ghost_id), log=log)  # type: ignore[arg-type]
             client = Client(mxid=UserID(ghost_id), api=api)
-            machine = OlmMachine(client, store, self.state,
-                                 log=machine_log)  # type: ignore[arg-type]
+            machine = GhostMachine(client, store, self.state,
+                                   log=machine_log)  # type: ignore[arg-type]
             # Keys go to every device of the user, verified or not: they are the user's own.
             machine.share_keys_min_trust = machine.send_keys_min_trust
             if not device_id:
@@ -211,6 +228,8 @@ class Encryption:
                 log.exception("one-time keys of %s could not be replenished", ghost_id)
 
     async def _device_lists(self, lists: dict[str, Any]) -> None:
+        """The user's devices are asked for once, through any one of its ghosts' machines
+        (the device list is shared by all); see :class:`GhostMachine`."""
         changed = [u for u in lists.get("changed") or [] if isinstance(u, str)]
         for user_id in changed:
             if self.networks.parse_ghost(user_id) is not None:
@@ -218,11 +237,14 @@ class Encryption:
             for ghost_id in await self._ghosts_of(UserID(user_id)):
                 try:
                     machine = await self.machine(ghost_id, create=False)
-                    if machine is not None:
-                        await machine.handle_device_lists(DeviceLists(changed=[UserID(user_id)]))
+                    if machine is None:
+                        continue
+                    await machine.handle_device_lists(DeviceLists(changed=[UserID(user_id)]))
                 except Exception:
                     log.exception("device list of %s could not be updated for %s", user_id,
                                   ghost_id)
+                    continue
+                break
 
     async def _ghosts_of(self, user_id: UserID) -> list[str]:
         rows = await self.db.fetch(

@@ -559,3 +559,34 @@ async def test_a_message_whose_room_key_never_comes_is_told_after_the_wait_acros
     assert notice["content"]["body"] == UNDECRYPTABLE_NOTICE
     assert notice["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == event_id
     assert "message" not in [e["type"] for e in feed.seen]
+
+
+async def test_the_users_new_device_reads_the_later_messages_of_every_ghost(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    dms = [await _dm_from_matrix(bridge, human, feed) for _ in range(2)]
+    for room_id, contact in dms:  # each ghost has a room key shared with the first device
+        await _send(platform, human, contact, text=f"before, from {contact}")
+        await human.read(room_id, 1)
+
+    second = await encrypting_human(human.user_id)
+    machines = [await bridge.encryption.machine(
+        bridge.settings.networks.get(NET).ghost_user_id(contact)) for _, contact in dms]
+
+    async def both_know_second() -> bool:  # the homeserver told the bridge of the device
+        for machine in machines:
+            assert machine is not None
+            devices = await machine.crypto_store.get_devices(human.client.user_id)
+            if devices is None or second.client.device_id not in devices:
+                return False
+        return True
+    await wait_for(both_know_second, what="the bridge to learn of the user's second device")
+
+    for _, contact in dms:
+        await _send(platform, human, contact, text=f"after, from {contact}")
+    for room_id, contact in dms:
+        read = await second.read(room_id, 1)
+        assert [m["content"]["body"] for m in read] == [f"after, from {contact}"]
