@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -24,11 +25,18 @@ from mautrix.crypto import OlmMachine
 from mautrix.crypto.attachments import decrypt_attachment, encrypt_attachment
 from mautrix.crypto.store import StateStore
 from mautrix.crypto.store.asyncpg import PgCryptoStore
-from mautrix.errors import DecryptionError, EncryptionError, MatrixError, SessionNotFound
+from mautrix.errors import (
+    DecryptionError,
+    DeviceValidationError,
+    EncryptionError,
+    MatrixError,
+    SessionNotFound,
+)
 from mautrix.types import (
     JSON,
     ASToDeviceEvent,
     ContentURI,
+    DecryptedOlmEvent,
     DeviceID,
     DeviceLists,
     DeviceOTKCount,
@@ -37,9 +45,12 @@ from mautrix.types import (
     EventType,
     RoomEncryptionStateEventContent,
     RoomID,
+    SerializerError,
     UserID,
 )
 from mautrix.util.async_db import Database, UpgradeTable
+from olm.group_session import OlmGroupSessionError
+from olm.session import OlmSessionError
 
 from .db import Stores, now_ms
 from .locks import KeyedLocks
@@ -57,6 +68,14 @@ DEVICE_NAME = "dmbridge"
 # Ghosts whose machine (account, sessions cached) is kept in memory.
 MACHINES_MAX = 1_000
 MEGOLM = "m.megolm.v1.aes-sha2"
+# To-device events handled are remembered this long (a resent transaction brings them again),
+# the old ones deleted at most this often.
+HANDLED_KEPT_MS = 7 * 86_400_000
+HANDLED_PRUNE_EVERY_MS = 3_600_000
+DECRYPTED_KEPT = 1_000
+# What a to-device event can fail with that is the event's own fault (not the database's).
+CRYPTO_ERRORS = (DecryptionError, DeviceValidationError, SerializerError, OlmSessionError,
+                 OlmGroupSessionError, ValueError, KeyError, TypeError)
 ENCRYPTION_CONTENT = {"algorithm": MEGOLM}  # of the rooms the bridge encrypts
 # Transaction fields, under the stable name first, then the unstable names Synapse sends.
 TO_DEVICE = ("to_device", "de.sorunome.msc2409.to_device")
@@ -133,6 +152,9 @@ class Encryption:
         self._machines: LRU[str, OlmMachine] = LRU(MACHINES_MAX)
         self._locks: KeyedLocks[str] = KeyedLocks()
         self._sharing: KeyedLocks[RoomID] = KeyedLocks()  # one key share per room at a time
+        self._pruned_at = 0  # ms: when handled_to_device last lost its old rows
+        # Olm messages decrypted whose room key could not be stored yet: (ghost, message).
+        self._kept: LRU[str, tuple[str, DecryptedOlmEvent]] = LRU(DECRYPTED_KEPT)
         # Told when to-device events (room keys among them) were handled.
         self.on_keys: Callable[[], None] = lambda: None
 
@@ -201,19 +223,81 @@ class Encryption:
         return [await self._room_event(raw) for raw in events]
 
     async def _to_device(self, raw: Any) -> None:
+        """Hand one to-device event to its ghost's device, once (a resent transaction may
+        bring it again). An event the device cannot use is logged; a failure of the database
+        before the event is decrypted goes up (the transaction is answered 500), one after
+        keeps the room key to be stored again (see :meth:`_store_kept`)."""
         if not isinstance(raw, dict) or not isinstance(raw.get("to_user_id"), str):
             return
+        machine = await self.machine(raw["to_user_id"], create=False)
+        if machine is None:
+            log.debug("to-device %s for %s, which has no device", raw.get("type"),
+                      raw.get("to_user_id"))
+            return
+        digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+        if await self.db.fetchval("SELECT 1 FROM handled_to_device WHERE digest = $1",
+                                  digest) is not None:
+            log.debug("to-device %s from %s to %s already handled", raw.get("type"),
+                      raw.get("sender"), raw.get("to_user_id"))
+            return
         try:
-            machine = await self.machine(raw["to_user_id"], create=False)
-            if machine is None:
-                log.debug("to-device %s for %s, which has no device", raw.get("type"),
-                          raw.get("to_user_id"))
-                return
             event = cast(ASToDeviceEvent, ASToDeviceEvent.deserialize(cast(JSON, raw)))
+            if (event.type == EventType.TO_DEVICE_ENCRYPTED
+                    and event.to_device_id == machine.client.device_id):
+                decrypted = await machine._decrypt_olm_event(event)
+                # Decrypting moved the Olm session on for good: the message cannot be
+                # decrypted again, so what it holds is kept until it is stored.
+                self._kept[digest] = (raw["to_user_id"], decrypted)
+                await self._store_kept(digest)
+                return
             await machine.handle_as_to_device_event(event)
+        except CRYPTO_ERRORS as e:
+            log.warning("to-device event %s from %s to %s could not be used: %s",
+                        raw.get("type"), raw.get("sender"), raw.get("to_user_id"), e)
+        await self._handled(digest)
+
+    async def _store_kept(self, digest: str) -> bool:
+        """Store a decrypted Olm message's room key (as mautrix's ``handle_to_device_event``
+        does). A failure of the database keeps it for :meth:`store_kept_keys`: the homeserver
+        does not send to-device events again (Synapse drops them from a resent transaction)."""
+        ghost_id, decrypted = self._kept[digest]
+        try:
+            machine = await self.machine(ghost_id, create=False)
+            assert machine is not None
+            if decrypted.type == EventType.ROOM_KEY:
+                await machine._receive_room_key(decrypted)
+            elif decrypted.type == EventType.FORWARDED_ROOM_KEY:
+                await machine._receive_forwarded_room_key(decrypted)
+            self._kept.pop(digest, None)
+            await self._handled(digest)
+        except CRYPTO_ERRORS as e:
+            self._kept.pop(digest, None)
+            log.warning("%s: %s from %s could not be used: %s", ghost_id, decrypted.type,
+                        decrypted.sender, e)
         except Exception:
-            log.exception("to-device event %s from %s to %s could not be handled",
-                          raw.get("type"), raw.get("sender"), raw.get("to_user_id"))
+            log.exception("%s: %s from %s could not be stored; kept to be stored again",
+                          ghost_id, decrypted.type, decrypted.sender)
+            return False
+        return True
+
+    @property
+    def keys_kept(self) -> bool:
+        return len(self._kept) > 0
+
+    async def store_kept_keys(self) -> None:
+        """Store again the room keys that could not be stored when they came."""
+        for digest in list(self._kept):
+            await self._store_kept(digest)
+
+    async def _handled(self, digest: str) -> None:
+        now = now_ms()
+        await self.db.execute(
+            "INSERT INTO handled_to_device (digest, handled_at) VALUES ($1, $2)"
+            " ON CONFLICT (digest) DO NOTHING", digest, now)
+        if now - self._pruned_at >= HANDLED_PRUNE_EVERY_MS:
+            self._pruned_at = now
+            await self.db.execute("DELETE FROM handled_to_device WHERE handled_at < $1",
+                                  now - HANDLED_KEPT_MS)
 
     async def _otk_counts(self, counts: dict[str, Any]) -> None:
         for ghost_id, devices in counts.items():

@@ -65,6 +65,7 @@ class LateKeys:
     async def try_again(self) -> float | None:
         """Decrypt the waiting messages that can be now, tell those that waited long enough.
         Returns the seconds until the next one's wait is over (None: none waits)."""
+        await self.encryption.store_kept_keys()
         waiting = await self.stores.undecrypted.oldest(BATCH)
         now = now_ms()
         decrypted: list[tuple[str, Any]] = []
@@ -88,4 +89,6 @@ class LateKeys:
             await self.matrix.handle_late(decrypted, expired)
             if len(waiting) == BATCH:
                 return 0.0  # more behind these
+        if self.encryption.keys_kept:  # room keys the database could not take yet
+            next_s = min(next_s or RETRY_AFTER_ERROR_S, RETRY_AFTER_ERROR_S)
         return next_s

@@ -590,3 +590,48 @@ async def test_the_users_new_device_reads_the_later_messages_of_every_ghost(
     for room_id, contact in dms:
         read = await second.read(room_id, 1)
         assert [m["content"]["body"] for m in read] == [f"after, from {contact}"]
+
+
+async def test_a_room_key_the_database_failed_to_take_is_stored_again_and_replays_do_nothing(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, contact = await _dm_from_matrix(bridge, human, feed)
+    machine = await bridge.encryption.machine(
+        bridge.settings.networks.get(NET).ghost_user_id(contact))
+    assert machine is not None
+    store, failures = machine.crypto_store, [OSError("the database connection was reset")]
+    put_group_session = store.put_group_session
+
+    async def fails_once(*args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        await put_group_session(*args, **kwargs)
+
+    monkeypatch.setattr(store, "put_group_session", fails_once)
+    handled: list[dict[str, Any]] = []
+    to_device = bridge.encryption._to_device
+
+    async def recorded(raw: dict[str, Any]) -> None:
+        handled.append(raw)
+        await to_device(raw)
+
+    monkeypatch.setattr(bridge.encryption, "_to_device", recorded)
+    # The room key the database could not take is kept and stored again.
+    await human.say_encrypted(room_id, "my key was nearly lost")
+    await feed.expect("message", room_id=room_id, text="my key was nearly lost")
+    assert not failures
+
+    # The same to-device events again (a transaction resent after a crash): nothing happens.
+    monkeypatch.setattr(bridge.encryption, "_to_device", to_device)
+    caplog.clear()
+    await bridge.encryption.intake({"de.sorunome.msc2409.to_device": list(handled)}, [])
+    problems = [r.getMessage() for r in caplog.records
+                if r.name.startswith("dmbridge.encryption") and r.levelname != "DEBUG"]
+    assert problems == []
+    await human.say_encrypted(room_id, "and after the replay")
+    await feed.expect("message", room_id=room_id, text="and after the replay")
+    assert "message.undecryptable" not in [e["type"] for e in feed.seen]

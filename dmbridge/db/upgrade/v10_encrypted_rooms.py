@@ -24,6 +24,16 @@ async def upgrade_v10(conn: Connection, scheme: Scheme) -> None:
         )
     """)
 
+    # To-device events (room keys, Olm messages) already handed to a ghost's device: a
+    # transaction sent again brings them again, and an Olm message decrypted twice fails and
+    # makes a new Olm session with the user's device. Kept for a week.
+    await conn.execute("""
+        CREATE TABLE handled_to_device (
+            digest      TEXT PRIMARY KEY,
+            handled_at  BIGINT NOT NULL
+        )
+    """)
+
 
 upgrade_table.register(upgrade_v10, index=9,
-                       description="Rooms with encryption turned on, messages waiting for keys")
+                       description="Encrypted rooms, messages waiting for keys, to-device handled")
