@@ -22,7 +22,7 @@ from .encryption import CRYPTO_UPGRADE_TABLE, Encryption, tell_undecryptable
 from .errors import RateLimited
 from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
-from .instances import Instances, SoleWorker
+from .instances import EncryptingWorker, Instances, SoleWorker
 from .invites import InviteHandler, lease_seconds
 from .late_keys import LateKeys
 from .listener import Listener
@@ -61,6 +61,7 @@ class Bridge:
         time_queries(self.db, self.metrics.db_query)
         self.instances = Instances(self.db, settings.database_url, settings.creation_timeout)
         self.sole_worker = SoleWorker(settings.database_url)
+        self.encrypting_worker = EncryptingWorker(settings.database_url)
         self.state_store = BridgeStateStore(self.db)
         self.stores = Stores.over(self.db)
         self.listener = Listener(settings.listener)
@@ -167,6 +168,8 @@ class Bridge:
                              extra=[self.state_store.upgrade_table, CRYPTO_UPGRADE_TABLE])
         self.sole_worker.hold(strict=True)
         await self.instances.start()
+        if self.encryption.enabled:
+            await self.encrypting_worker.hold(self.instances.id)
         self.peers.start()
         self.appservice.new_session([self.notices.watch_homeserver, self.limits.middleware])
         self._homeserver = Homeserver(
@@ -342,6 +345,7 @@ class Bridge:
         self.limits.close()
         await self.peers.stop()
         await self.instances.stop()
+        await self.encrypting_worker.release()
         await self.stores.messages.drain()  # mappings of sends answered meanwhile
         await self.db.stop()
         self.sole_worker.release()

@@ -22,6 +22,7 @@ from nio.crypto.attachments import decrypt_attachment, encrypt_attachment
 from dmbridge import late_keys
 from dmbridge.bridge import Bridge
 from dmbridge.encryption import UNDECRYPTABLE_NOTICE, device_id_for
+from dmbridge.startup import StartupError
 from tests.integration.conftest import (
     DOMAIN,
     PASSWORD,
@@ -635,3 +636,20 @@ async def test_a_room_key_the_database_failed_to_take_is_stored_again_and_replay
     await human.say_encrypted(room_id, "and after the replay")
     await feed.expect("message", room_id=room_id, text="and after the replay")
     assert "message.undecryptable" not in [e["type"] for e in feed.seen]
+
+
+async def test_a_second_worker_with_encryption_on_is_refused_at_start(
+    start_bridge: BridgeFactory, homeserver: Homeserver, db_url: str, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite takes one bridge process whatever the settings")
+    await start_bridge(**{"dm.encryption": "allow"})
+    assert "encryption is on: this must be the bridge's only worker" in caplog.text
+    second = Bridge(homeserver.settings(db_url, tmp_path / "second", **{"dm.encryption": "allow"}))
+    with pytest.raises(StartupError) as refused:
+        await second.start()
+    await second.stop()
+    assert str(refused.value).startswith(
+        "dm.encryption is on and another bridge worker on this database already runs with it")
+    assert "dmbridge-encryption/" in str(refused.value)
