@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -150,6 +151,8 @@ class Encryption:
         self._session = session
         self.state = RoomEncryptionState(stores)
         self._machines: LRU[str, OlmMachine] = LRU(MACHINES_MAX)
+        self._in_use: weakref.WeakValueDictionary[str, OlmMachine] = (
+            weakref.WeakValueDictionary())
         self._locks: KeyedLocks[str] = KeyedLocks()
         self._sharing: KeyedLocks[RoomID] = KeyedLocks()  # one key share per room at a time
         self._pruned_at = 0  # ms: when handled_to_device last lost its old rows
@@ -171,10 +174,10 @@ class Encryption:
     async def machine(self, ghost_id: str, *, create: bool = True) -> OlmMachine | None:
         """The ghost's machine; its device is made (and its keys uploaded) on first need.
         With ``create=False``, None for a ghost that has no device yet."""
-        if (machine := self._machines.get(ghost_id)) is not None:
+        if (machine := self._cached(ghost_id)) is not None:
             return machine
         async with self._locks.hold(ghost_id):
-            if (machine := self._machines.get(ghost_id)) is not None:
+            if (machine := self._cached(ghost_id)) is not None:
                 return machine
             store = PgCryptoStore(ghost_id, self.pickle_key, self.db)
             device_id = await store.get_device_id()
@@ -198,8 +201,17 @@ class Encryption:
                 await machine.share_keys()
                 log.info("%s: device %s made and its keys uploaded", ghost_id, device_id)
             api.as_device_id = device_id
-            self._machines[ghost_id] = machine
+            self._machines[ghost_id] = self._in_use[ghost_id] = machine
             return machine
+
+    def _cached(self, ghost_id: str) -> OlmMachine | None:
+        """The ghost's machine if one is cached, or still in use (a send, a decryption) after
+        it left the cache: never a second machine for the same account, which would ratchet
+        its own copy of the keys."""
+        machine = self._machines.get(ghost_id)
+        if machine is None and (machine := self._in_use.get(ghost_id)) is not None:
+            self._machines[ghost_id] = machine
+        return machine
 
     # --- what the homeserver sends ------------------------------------------------------------
 
