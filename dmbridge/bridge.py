@@ -191,6 +191,7 @@ class Bridge:
             appservice=self.appservice, dms=self._dms, queued=self.outbox.wake,
             lease_s=lease_seconds(self.settings.rate_limits.background_wait),
             require_encryption=self.settings.encryption == "require",
+            before_join=self.encryption.before_join if self.encryption.enabled else None,
         )
         self.matrix.on_invited = self._invited
         self.appservice.app.add_subapp(PREFIX, make_api_app(self._dms, self.outbox, media,

@@ -379,8 +379,8 @@ class Encryption:
             log.exception("%s: no device could be made for %s", room_id, ghost_id)
 
     async def _invited(self, raw: dict[str, Any]) -> None:
-        """A ghost invited to an encrypted room gets its device before it joins, so the
-        user's first message is encrypted for it too."""
+        """A ghost invited to an encrypted room: the room is known as encrypted (its device
+        is made only once the invite is accepted, see :meth:`before_join`)."""
         ghost_id = raw.get("state_key")
         content = raw.get("content")
         if (not isinstance(ghost_id, str) or not isinstance(content, dict)
@@ -391,12 +391,17 @@ class Encryption:
         for state in (unsigned or {}).get("invite_room_state") or []:
             if isinstance(state, dict) and state.get("type") == "m.room.encryption":
                 await self._record(raw["room_id"], state.get("content"))
-        if await self.stores.encrypted_rooms.get(RoomID(raw["room_id"])) is None:
+
+    async def before_join(self, ghost_id: UserID, room_id: RoomID) -> None:
+        """A ghost about to join a room it accepted: in an encrypted room it gets its device
+        first, so the user's first message is encrypted for it too. A failure is logged (the
+        device is made again when the ghost next needs it)."""
+        if await self.stores.encrypted_rooms.get(room_id) is None:
             return
         try:
             await self.machine(ghost_id)
         except Exception:
-            log.exception("%s: no device could be made for %s", raw["room_id"], ghost_id)
+            log.exception("%s: no device could be made for %s", room_id, ghost_id)
 
     async def decrypt(self, raw: dict[str, Any]) -> dict[str, Any]:
         """The event decrypted, with the encrypted event's ID, sender and time; the encrypted

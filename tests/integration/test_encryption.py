@@ -653,3 +653,19 @@ async def test_a_second_worker_with_encryption_on_is_refused_at_start(
     assert str(refused.value).startswith(
         "dm.encryption is on and another bridge worker on this database already runs with it")
     assert "dmbridge-encryption/" in str(refused.value)
+
+
+async def test_an_invite_the_ghost_refuses_gives_it_no_device(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    human = await encrypting_human()
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(_contact())
+    resp = await human.client.room_create(is_direct=False, invite=[ghost_id],
+                                          initial_state=[ENCRYPTION])
+    room_id = getattr(resp, "room_id", None)
+    assert isinstance(room_id, str), resp
+    await human.wait_membership(room_id, ghost_id, "leave")  # not a DM: refused
+    assert await bridge.encryption.machine(ghost_id, create=False) is None
+    assert await bridge.db.fetchval(
+        "SELECT COUNT(*) FROM crypto_account WHERE account_id = $1", ghost_id) == 0
