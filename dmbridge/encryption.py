@@ -30,7 +30,9 @@ from mautrix.errors import (
     DecryptionError,
     DeviceValidationError,
     EncryptionError,
+    MatrixConnectionError,
     MatrixError,
+    MatrixRequestError,
     SessionNotFound,
 )
 from mautrix.types import (
@@ -88,6 +90,13 @@ DEVICE_LISTS = ("device_lists", "org.matrix.msc3202.device_lists")
 def device_id_for(ghost_id: str) -> DeviceID:
     """The ghost's device ID: derived from the ghost, so every worker names the same one."""
     return DeviceID("DMB" + hashlib.sha256(ghost_id.encode()).hexdigest()[:10].upper())
+
+
+def _may_pass(e: Exception) -> bool:
+    """A homeserver failure that may pass if the request is made again later."""
+    if isinstance(e, aiohttp.ClientError | MatrixConnectionError):
+        return True
+    return isinstance(e, MatrixRequestError) and (e.http_status >= 500 or e.http_status == 429)
 
 
 def _first(body: dict[str, Any], names: tuple[str, ...]) -> Any:
@@ -432,7 +441,9 @@ class Encryption:
 
     async def _readable_media(self, client: Client, content: dict[str, Any]) -> dict[str, Any]:
         """An encrypted attachment as a plain copy (``url``), which the platform's media link
-        serves; left as it is (the platform gets no media) if that fails."""
+        serves; left as it is (the platform gets no media) if it cannot be. A failure that may
+        pass (the homeserver unreachable, a 5xx or 429) goes up: the transaction is answered
+        500 and the homeserver sends the message again."""
         file = content.get("file")
         if not isinstance(file, dict) or not isinstance(file.get("url"), str):
             return content
@@ -446,6 +457,10 @@ class Encryption:
                 mimetype, str) else None, size=len(plain))
         except (MatrixError, DecryptionError, aiohttp.ClientError, KeyError, TypeError,
                 ValueError) as e:
+            if _may_pass(e):
+                log.warning("encrypted media %s could not be fetched or stored for now (%s);"
+                            " the message is taken again", file.get("url"), e)
+                raise
             log.warning("encrypted media %s could not be decrypted: %s", file.get("url"), e)
             return content
         return {**{k: v for k, v in content.items() if k != "file"}, "url": url}

@@ -16,6 +16,7 @@ from urllib.parse import quote
 import aiohttp
 import olm
 import pytest
+from mautrix.errors import MatrixRequestError
 from nio import AsyncClient, AsyncClientConfig, LoginResponse, RoomSendResponse, UploadResponse
 from nio.crypto.attachments import decrypt_attachment, encrypt_attachment
 
@@ -390,13 +391,27 @@ async def test_encrypted_replies_edits_reactions_and_deletions_reach_the_platfor
     assert redaction["redaction"]["target"]["event_id"] == reaction_id
 
 
+@pytest.mark.parametrize("fetch", ["works", "fails_once"])
 async def test_the_users_encrypted_image_reaches_the_platform_decrypted(
     start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+    monkeypatch: pytest.MonkeyPatch, fetch: str,
 ) -> None:
     bridge = await start_bridge(**{"dm.encryption": "allow"})
     feed = Feed(platform)
     human = await encrypting_human()
-    room_id, _ = await _dm_from_matrix(bridge, human, feed)
+    room_id, contact = await _dm_from_matrix(bridge, human, feed)
+    if fetch == "fails_once":  # the homeserver's media store answers 502 once: taken again
+        machine = await bridge.encryption.machine(
+            bridge.settings.networks.get(NET).ghost_user_id(contact))
+        assert machine is not None
+        download, failures = machine.client.download_media, [502]
+
+        async def fails_once(*args: Any, **kwargs: Any) -> bytes:
+            if failures:
+                raise MatrixRequestError(failures.pop(), "bad gateway")  # type: ignore[arg-type]
+            return await download(*args, **kwargs)
+
+        monkeypatch.setattr(machine.client, "download_media", fails_once)
     image = png(4, 3)
     ciphertext, keys = encrypt_attachment(image)
     uploaded, _ = await human.client.upload(lambda *_: ciphertext,
