@@ -1,9 +1,11 @@
 """Cost of a warm message into an encrypted DM, side by side with the same into a plain DM.
 
 One bridge (``dm.encryption: allow``) on the stub homeserver, two DMs of one user: one room the
-bridge treats as encrypted, one plain. The first encrypted send makes the ghost's device and
-shares the room key (a key query, a one-time key claim and a to-device message); after that a
-send is one request, the PUT of the encrypted event, until the room key is rotated (every 100
+bridge treats as encrypted, one plain; and first, as the baseline, the plain DM on a bridge with
+``dm.encryption: off`` (what turning encryption on costs a plain DM). Each bridge sends one
+untimed round per DM first. The first encrypted send makes the ghost's device and shares the
+room key (a key query, a one-time key claim and a to-device message); after that a send is one
+request, the PUT of the encrypted event, until the room key is rotated (every 100
 messages by default: one to-device message more). Rounds alternate between the two DMs.
 Figures per message: wall-clock rate, homeserver requests, to-device requests, database
 statements, this process's CPU time.
@@ -28,27 +30,34 @@ ALICE = "@alice:localhost"
 PLAIN, ENCRYPTED = "+15551230001", "+15551230002"
 
 
-async def compare(bridge: Bridge, *, messages: int, concurrency: int, rounds: int
-                  ) -> dict[str, tuple[float, float, float, float, float]]:
-    """Per DM kind: msg/s and CPU s/msg (medians), hs requests, to-device requests and db
-    statements per message (all rounds)."""
-    encrypted = await bridge.dms.send("sms", ENCRYPTED, ALICE, message_id="warm", text="hi")
-    await bridge.stores.encrypted_rooms.record(None, encrypted.room_id, ENCRYPTION_CONTENT,
-                                               now_ms())
-    await bridge.dms.send("sms", PLAIN, ALICE, message_id="warm", text="hi")
-    # The first encrypted send: the device is made and the room key shared (not timed).
-    before = bridge.requests.total
-    await bridge.dms.send("sms", ENCRYPTED, ALICE, message_id="first", text="hi")
-    print(f"first encrypted send (device made, key shared): "
-          f"{bridge.requests.total - before} homeserver requests")
+async def compare(bridge: Bridge, kinds: dict[str, str], *, messages: int, concurrency: int,
+                  rounds: int) -> dict[str, tuple[float, float, float, float, float]]:
+    """Per DM kind (name: remote ID): msg/s and CPU s/msg (medians), hs requests, to-device
+    requests and db statements per message (all rounds)."""
+    for remote_id in kinds.values():
+        warm = await bridge.dms.send("sms", remote_id, ALICE, message_id="warm", text="hi")
+        if remote_id == ENCRYPTED:
+            await bridge.stores.encrypted_rooms.record(None, warm.room_id, ENCRYPTION_CONTENT,
+                                                       now_ms())
+            # The first encrypted send: the device is made and the room key shared (not timed).
+            before = bridge.requests.total
+            await bridge.dms.send("sms", ENCRYPTED, ALICE, message_id="first", text="hi")
+            print(f"first encrypted send (device made, key shared): "
+                  f"{bridge.requests.total - before} homeserver requests")
     run = uuid.uuid4().hex[:8]
-    rates: dict[str, list[float]] = {"plain": [], "encrypted": []}
-    cpus: dict[str, list[float]] = {"plain": [], "encrypted": []}
-    requests = {"plain": 0, "encrypted": 0}
-    to_device = {"plain": 0, "encrypted": 0}
-    stmts = {"plain": 0, "encrypted": 0}
+    for remote_id in kinds.values():  # warm-up, untimed: the same work on every bridge
+
+        async def warm_up(i: int, remote_id: str = remote_id) -> object:
+            return await bridge.dms.send("sms", remote_id, ALICE,
+                                         message_id=f"{run}-warm-{i}", text="benchmark message")
+        await rate_and_cpu(messages, concurrency, warm_up)
+    rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+    cpus: dict[str, list[float]] = {kind: [] for kind in kinds}
+    requests = dict.fromkeys(kinds, 0)
+    to_device = dict.fromkeys(kinds, 0)
+    stmts = dict.fromkeys(kinds, 0)
     for r in range(rounds):
-        for kind, remote_id in (("plain", PLAIN), ("encrypted", ENCRYPTED)):
+        for kind, remote_id in kinds.items():
             async def one(i: int, tag: str = f"{run}-{kind}-{r}",
                           remote_id: str = remote_id) -> object:
                 return await bridge.dms.send("sms", remote_id, ALICE, message_id=f"{tag}-{i}",
@@ -80,19 +89,30 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--db", default="sqlite", help=DB_HELP)
     args = parser.parse_args()
-    overrides: dict[str, Any] = {"dm.encryption": "allow"}
-    async with bridge_on_stub(args.db, **overrides) as (bridge, _, _port):
-        results = await compare(bridge, messages=args.messages, concurrency=args.concurrency,
-                                rounds=args.rounds)
+    results: dict[str, tuple[float, float, float, float, float]] = {}
+    # Baseline first: the same plain send on a bridge with encryption off.
+    off: dict[str, Any] = {"dm.encryption": "off"}
+    async with bridge_on_stub(args.db, **off) as (bridge, _, _port):
+        baseline = await compare(bridge, {"plain": PLAIN}, messages=args.messages,
+                                 concurrency=args.concurrency, rounds=args.rounds)
+        results["plain, off"] = baseline["plain"]
+    allow: dict[str, Any] = {"dm.encryption": "allow"}
+    async with bridge_on_stub(args.db, **allow) as (bridge, _, _port):
+        both = await compare(bridge, {"plain": PLAIN, "encrypted": ENCRYPTED},
+                             messages=args.messages, concurrency=args.concurrency,
+                             rounds=args.rounds)
+        results["plain"], results["encrypted"] = both["plain"], both["encrypted"]
     print(f"warm send, {args.messages} messages per round, median of {args.rounds} rounds, "
           f"concurrency {args.concurrency}, database {args.db}")
-    print(f"{'DM':>9}  {'msg/s':>7}  {'µs/msg':>7}  {'CPU µs/msg':>10}  hs req/msg  "
+    print(f"{'DM':>10}  {'msg/s':>7}  {'µs/msg':>7}  {'CPU µs/msg':>10}  hs req/msg  "
           "to-device/msg  db stmt/msg")
     for kind, (rate, cpu, req, td, st) in results.items():
-        print(f"{kind:>9}  {rate:>7.0f}  {1e6 / rate:>7.0f}  {cpu * 1e6:>10.0f}  {req:>10.3f}"
+        print(f"{kind:>10}  {rate:>7.0f}  {1e6 / rate:>7.0f}  {cpu * 1e6:>10.0f}  {req:>10.3f}"
               f"  {td:>13.3f}  {st:>11.2f}")
-    plain, enc = results["plain"], results["encrypted"]
+    off_, plain, enc = results["plain, off"], results["plain"], results["encrypted"]
     print(f"encrypted / plain: time {plain[0] / enc[0]:.2f}x, CPU {enc[1] / plain[1]:.2f}x")
+    print(f"plain with allow / plain with off: time {off_[0] / plain[0]:.2f}x,"
+          f" CPU {plain[1] / off_[1]:.2f}x, db stmt/msg {plain[4]:.2f} vs {off_[4]:.2f}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -36,6 +36,9 @@ log = logging.getLogger("dmbridge.appservice")
 MAX_TRANSACTION_BYTES = 64 * 1024 * 1024
 # Synapse refuses event content nested deeper than about 100 levels; a transaction adds three.
 MAX_TRANSACTION_DEPTH = 128
+# How deep an event may nest: what the transaction allows less the event's own place in it
+# ({"events": [{...}]}); for events the bridge decrypts.
+EVENT_MAX_DEPTH = MAX_TRANSACTION_DEPTH - 2
 TOKEN_WARNING_EVERY_S = 60.0
 # Ghosts whose homeserver client is kept between uses.
 GHOST_CLIENTS_MAX = 10_000
@@ -65,6 +68,19 @@ class ClientLogs(TraceLogger):
             return cast(TraceLogger, self._base.getChild("bot" if suffix == "bot" else "ghost"))
         child = cast(TraceLogger, self._base.getChild(suffix))
         return ClientLogs(child, clients=True) if suffix == "api" else child
+
+
+def _as_received(received: list[Any], decrypted: list[Any]) -> tuple[list[Any], bool]:
+    """The decrypted events held to the same rules as the transaction's text: a value nested
+    too deep is cut out, and whether any may hold NUL or a lone surrogate (its plaintext never
+    went through the transaction's checks)."""
+    out, suspect = [], False
+    for before, after in zip(received, decrypted, strict=True):
+        if after is not before:
+            after, doubtful = jsontext.reread(after, EVENT_MAX_DEPTH)
+            suspect = suspect or doubtful
+        out.append(after)
+    return out, suspect
 
 
 class BridgeAppService(AppService):
@@ -168,7 +184,9 @@ class BridgeAppService(AppService):
         untrusted = cut or jsontext.may_hold_unstorable(data)
         try:
             if self.encryption is not None:  # keys for the ghosts' devices; events decrypted
-                events = await self.encryption.intake(body, events)
+                decrypted = await self.encryption.intake(body, events)
+                events, suspect = _as_received(events, decrypted)
+                untrusted = untrusted or suspect
             await self.handler.handle_transaction(txn_id, events, ephemeral, untrusted=untrusted)
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise

@@ -23,8 +23,9 @@ from .encryption import CRYPTO_UPGRADE_TABLE, Encryption, tell_undecryptable
 from .errors import NotReady, RateLimited
 from .ghosts import Ghosts
 from .homeserver import Homeserver, RequestLog
-from .instances import Instances, SoleWorker
+from .instances import EncryptingWorker, Instances, SoleWorker
 from .invites import InviteHandler, lease_seconds
+from .late_keys import LateKeys
 from .listener import Listener
 from .logfilter import LogLimits
 from .matrix import MatrixHandler
@@ -62,6 +63,7 @@ class Bridge:
         time_queries(self.db, self.metrics.db_query)
         self.instances = Instances(self.db, settings.database_url, settings.creation_timeout)
         self.sole_worker = SoleWorker(settings.database_url)
+        self.encrypting_worker = EncryptingWorker(settings.database_url)
         self.state_store = BridgeStateStore(self.db)
         self.stores = Stores.over(self.db)
         self.listener = Listener(settings.listener)
@@ -75,12 +77,18 @@ class Bridge:
         )
         self.appservice.handler = self.matrix
         self.encryption = Encryption(
-            mode=settings.encryption, homeserver_url=settings.homeserver_url,
+            mode=settings.encryption, pickle_key=settings.pickle_key,
+            homeserver_url=settings.homeserver_url,
             as_token=settings.as_token, db=self.db, stores=self.stores,
             networks=settings.networks, session=lambda: self.appservice.http_session,
         )
+        self.late_keys: LateKeys | None = None
         if self.encryption.enabled:
             self.appservice.encryption = self.encryption
+            self.late_keys = LateKeys(stores=self.stores, encryption=self.encryption,
+                                      matrix=self.matrix)
+            self.matrix.on_waiting = self.late_keys.wake
+            self.encryption.on_keys = self.late_keys.wake
         self.links = MediaLinks(settings.as_token, settings.media.public_url,
                                 settings.media.link_ttl)
         notices = settings.admin_notices
@@ -175,6 +183,8 @@ class Bridge:
                              extra=[self.state_store.upgrade_table, CRYPTO_UPGRADE_TABLE])
         self.sole_worker.hold(strict=True)
         await self.instances.start()
+        if self.encryption.enabled:
+            await self.encrypting_worker.hold(self.instances.id)
         self.peers.start()
         self.appservice.new_session([self.notices.watch_homeserver, self.limits.middleware])
         self._homeserver = Homeserver(
@@ -196,6 +206,7 @@ class Bridge:
             appservice=self.appservice, dms=self._dms, queued=self.outbox.wake,
             lease_s=lease_seconds(self.settings.rate_limits.background_wait),
             require_encryption=self.settings.encryption == "require",
+            before_join=self.encryption.before_join if self.encryption.enabled else None,
         )
         self.matrix.on_invited = self._invited
         self._operations = Operations(self._dms, self.outbox, media, self.settings, self.quotas,
@@ -209,6 +220,8 @@ class Bridge:
                  self.settings.port, PREFIX)
         await self.outbox.start()
         self.undelivered.start(self._homeserver)
+        if self.late_keys is not None:
+            self.late_keys.start()
         self.watch = Watch(self.settings, self.readiness, self._on_contact, self.notices)
         if ping:
             await self.watch.first()
@@ -335,6 +348,8 @@ class Bridge:
                 await asyncio.gather(task, return_exceptions=True)
         if self._invites is not None:
             await self._invites.stop()
+        if self.late_keys is not None:
+            await self.late_keys.stop()
         await self.outbox.stop()
         await self.undelivered.stop()
         if self._listening:  # not after a start that failed before it listened
@@ -350,6 +365,7 @@ class Bridge:
         self.limits.close()
         await self.peers.stop()
         await self.instances.stop()
+        await self.encrypting_worker.release()
         await self.stores.messages.drain()  # mappings of sends answered meanwhile
         await self.db.stop()
         self.sole_worker.release()

@@ -32,6 +32,8 @@ from .startup import current_user
 EXAMPLE = "pkg://dmbridge/example-config.yaml"
 ENV_PREFIX = "DMBRIDGE_"
 PLACEHOLDER = "generate"
+# dm.pickle_key: the ghosts' Olm accounts and room keys are encrypted with it in the database.
+PICKLE_KEY_MIN = 32
 LOG_FORMATS = ("text", "json")
 ON_LEAVE = ("reinvite", "new_room")
 # dm.encryption, from no encryption at all to encrypted DMs only (README: "Encrypted DMs").
@@ -152,7 +154,7 @@ class Config(BaseFileConfig):
     def fill_placeholders(self) -> bool:
         """Replace every "generate" token with a fresh secret; True if anything changed."""
         changed = False
-        for key in ("appservice.as_token", "appservice.hs_token"):
+        for key in ("appservice.as_token", "appservice.hs_token", "dm.pickle_key"):
             if self[key] == PLACEHOLDER:
                 self[key] = secrets.token_urlsafe(32)
                 changed = True
@@ -344,6 +346,7 @@ class Settings:
     log_level: str
     on_leave: str = "reinvite"
     encryption: str = "off"
+    pickle_key: str = ""  # encrypts the ghosts' crypto state at rest; "" with encryption off
     delivery: DeliverySettings = DeliverySettings()
     media: MediaSettings = MediaSettings()
     listener: ListenerSettings = field(default_factory=ListenerSettings)
@@ -651,6 +654,7 @@ def load_settings(config: Config) -> Settings:
         log_level=level,
         on_leave=_on_leave(r),
         encryption=_encryption(r),
+        pickle_key=_pickle_key(r),
         delivery=DeliverySettings(
             max_attempts=r.integer("delivery.max_attempts", 1, 1000),
             max_age=r.number("delivery.max_age", 1, 90 * 86400),
@@ -792,6 +796,17 @@ def _encryption(r: _Reader) -> str:
     if value not in ENCRYPTION:
         raise ConfigError("dm.encryption",
                           f"must be one of {', '.join(ENCRYPTION)}, got {value!r}")
+    return value
+
+
+def _pickle_key(r: _Reader) -> str:
+    """dm.pickle_key, needed (and checked) only when encryption is on."""
+    if _encryption(r) == "off":
+        return ""
+    value = r.text("dm.pickle_key", secret=True)
+    if len(value) < PICKLE_KEY_MIN:
+        raise ConfigError("dm.pickle_key", f"must be {PICKLE_KEY_MIN} characters or more"
+                          " (`dmbridge generate` fills in a random one)")
     return value
 
 

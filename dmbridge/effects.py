@@ -48,6 +48,8 @@ class Effects:
     # Encrypted messages of users the bridge could not read: (ghost, room, event) to tell the
     # user about in the room.
     undecryptable: list[tuple[str, str, str]] = field(default_factory=list)
+    # Encrypted messages of users now waiting for their room key.
+    waiting: bool = False
     # Rooms whose user the platform is now told started (True) or stopped typing.
     typing: dict[str, bool] = field(default_factory=dict)
     parent: Effects | None = None
@@ -64,6 +66,7 @@ class Effects:
         self.parent.invites = self.parent.invites or self.invites
         self.parent.undelivered = self.parent.undelivered or self.undelivered
         self.parent.undecryptable += self.undecryptable
+        self.parent.waiting = self.parent.waiting or self.waiting
         self.parent.typing.update(self.typing)
 
     def typing_of(self, room_id: str) -> bool | None:

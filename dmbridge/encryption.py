@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -24,11 +26,20 @@ from mautrix.crypto import OlmMachine
 from mautrix.crypto.attachments import decrypt_attachment, encrypt_attachment
 from mautrix.crypto.store import StateStore
 from mautrix.crypto.store.asyncpg import PgCryptoStore
-from mautrix.errors import DecryptionError, EncryptionError, MatrixError, SessionNotFound
+from mautrix.errors import (
+    DecryptionError,
+    DeviceValidationError,
+    EncryptionError,
+    MatrixConnectionError,
+    MatrixError,
+    MatrixRequestError,
+    SessionNotFound,
+)
 from mautrix.types import (
     JSON,
     ASToDeviceEvent,
     ContentURI,
+    DecryptedOlmEvent,
     DeviceID,
     DeviceLists,
     DeviceOTKCount,
@@ -37,9 +48,12 @@ from mautrix.types import (
     EventType,
     RoomEncryptionStateEventContent,
     RoomID,
+    SerializerError,
     UserID,
 )
 from mautrix.util.async_db import Database, UpgradeTable
+from olm.group_session import OlmGroupSessionError
+from olm.session import OlmSessionError
 
 from .db import Stores, now_ms
 from .locks import KeyedLocks
@@ -53,12 +67,18 @@ machine_log = logging.getLogger("dmbridge.encryption.olm")
 
 # mautrix's crypto store keeps its own schema version (``crypto_version``) beside ours.
 CRYPTO_UPGRADE_TABLE: UpgradeTable = PgCryptoStore.upgrade_table
-# The Olm pickles are encrypted with this; the database holding them is what must be guarded.
-PICKLE_KEY = "dmbridge.ghost-devices"
 DEVICE_NAME = "dmbridge"
 # Ghosts whose machine (account, sessions cached) is kept in memory.
 MACHINES_MAX = 1_000
 MEGOLM = "m.megolm.v1.aes-sha2"
+# To-device events handled are remembered this long (a resent transaction brings them again),
+# the old ones deleted at most this often.
+HANDLED_KEPT_MS = 7 * 86_400_000
+HANDLED_PRUNE_EVERY_MS = 3_600_000
+DECRYPTED_KEPT = 1_000
+# What a to-device event can fail with that is the event's own fault (not the database's).
+CRYPTO_ERRORS = (DecryptionError, DeviceValidationError, SerializerError, OlmSessionError,
+                 OlmGroupSessionError, ValueError, KeyError, TypeError)
 ENCRYPTION_CONTENT = {"algorithm": MEGOLM}  # of the rooms the bridge encrypts
 # Transaction fields, under the stable name first, then the unstable names Synapse sends.
 TO_DEVICE = ("to_device", "de.sorunome.msc2409.to_device")
@@ -70,6 +90,13 @@ DEVICE_LISTS = ("device_lists", "org.matrix.msc3202.device_lists")
 def device_id_for(ghost_id: str) -> DeviceID:
     """The ghost's device ID: derived from the ghost, so every worker names the same one."""
     return DeviceID("DMB" + hashlib.sha256(ghost_id.encode()).hexdigest()[:10].upper())
+
+
+def _may_pass(e: Exception) -> bool:
+    """A homeserver failure that may pass if the request is made again later."""
+    if isinstance(e, aiohttp.ClientError | MatrixConnectionError):
+        return True
+    return isinstance(e, MatrixRequestError) and (e.http_status >= 500 or e.http_status == 429)
 
 
 def _first(body: dict[str, Any], names: tuple[str, ...]) -> Any:
@@ -99,13 +126,32 @@ class RoomEncryptionState(StateStore):
         return await self.stores.encrypted_rooms.shared_with(user_id)
 
 
+class GhostMachine(OlmMachine):
+    """A ghost's machine. The user's device list is one for all ghosts (mautrix's device
+    tables are not per account), so a change seen through one ghost's machine makes every
+    ghost in a DM with the user share a new room key: each DM's outbound session goes,
+    whichever ghost's it is."""
+
+    async def on_devices_changed(self, user_id: UserID) -> None:
+        rooms = await self.state_store.find_shared_rooms(user_id)
+        store = cast(PgCryptoStore, self.crypto_store)
+        for room_id in rooms:
+            await store.db.execute(
+                "DELETE FROM crypto_megolm_outbound_session WHERE room_id = $1", room_id)
+        if rooms:
+            log.info("devices of %s changed: a new room key for its %d encrypted DM(s)",
+                     user_id, len(rooms))
+
+
 class Encryption:
     """The ghosts' devices: made on demand, fed from transactions, encrypting and decrypting."""
 
-    def __init__(self, *, mode: str, homeserver_url: str, as_token: str, db: Database,
+    def __init__(self, *, mode: str, pickle_key: str, homeserver_url: str, as_token: str,
+                 db: Database,
                  stores: Stores, networks: Networks,
                  session: Callable[[], aiohttp.ClientSession]) -> None:
         self.mode = mode
+        self.pickle_key = pickle_key  # the Olm pickles are encrypted with it (dm.pickle_key)
         self.homeserver_url = homeserver_url
         self.as_token = as_token
         self.db = db
@@ -114,8 +160,15 @@ class Encryption:
         self._session = session
         self.state = RoomEncryptionState(stores)
         self._machines: LRU[str, OlmMachine] = LRU(MACHINES_MAX)
+        self._in_use: weakref.WeakValueDictionary[str, OlmMachine] = (
+            weakref.WeakValueDictionary())
         self._locks: KeyedLocks[str] = KeyedLocks()
         self._sharing: KeyedLocks[RoomID] = KeyedLocks()  # one key share per room at a time
+        self._pruned_at = 0  # ms: when handled_to_device last lost its old rows
+        # Olm messages decrypted whose room key could not be stored yet: (ghost, message).
+        self._kept: LRU[str, tuple[str, DecryptedOlmEvent]] = LRU(DECRYPTED_KEPT)
+        # Told when to-device events (room keys among them) were handled.
+        self.on_keys: Callable[[], None] = lambda: None
 
     @property
     def enabled(self) -> bool:
@@ -130,20 +183,20 @@ class Encryption:
     async def machine(self, ghost_id: str, *, create: bool = True) -> OlmMachine | None:
         """The ghost's machine; its device is made (and its keys uploaded) on first need.
         With ``create=False``, None for a ghost that has no device yet."""
-        if (machine := self._machines.get(ghost_id)) is not None:
+        if (machine := self._cached(ghost_id)) is not None:
             return machine
         async with self._locks.hold(ghost_id):
-            if (machine := self._machines.get(ghost_id)) is not None:
+            if (machine := self._cached(ghost_id)) is not None:
                 return machine
-            store = PgCryptoStore(ghost_id, PICKLE_KEY, self.db)
+            store = PgCryptoStore(ghost_id, self.pickle_key, self.db)
             device_id = await store.get_device_id()
             if not device_id and not create:
                 return None
             api = HTTPAPI(self.homeserver_url, self.as_token, client_session=self._session(),
                           as_user_id=UserID(ghost_id), log=log)  # type: ignore[arg-type]
             client = Client(mxid=UserID(ghost_id), api=api)
-            machine = OlmMachine(client, store, self.state,
-                                 log=machine_log)  # type: ignore[arg-type]
+            machine = GhostMachine(client, store, self.state,
+                                   log=machine_log)  # type: ignore[arg-type]
             # Keys go to every device of the user, verified or not: they are the user's own.
             machine.share_keys_min_trust = machine.send_keys_min_trust
             if not device_id:
@@ -157,8 +210,17 @@ class Encryption:
                 await machine.share_keys()
                 log.info("%s: device %s made and its keys uploaded", ghost_id, device_id)
             api.as_device_id = device_id
-            self._machines[ghost_id] = machine
+            self._machines[ghost_id] = self._in_use[ghost_id] = machine
             return machine
+
+    def _cached(self, ghost_id: str) -> OlmMachine | None:
+        """The ghost's machine if one is cached, or still in use (a send, a decryption) after
+        it left the cache: never a second machine for the same account, which would ratchet
+        its own copy of the keys."""
+        machine = self._machines.get(ghost_id)
+        if machine is None and (machine := self._in_use.get(ghost_id)) is not None:
+            self._machines[ghost_id] = machine
+        return machine
 
     # --- what the homeserver sends ------------------------------------------------------------
 
@@ -168,8 +230,11 @@ class Encryption:
         that cannot be stay as they are). Never raises for one bad item: it is logged."""
         if not self.enabled:
             return events
-        for raw in _first(body, TO_DEVICE) or []:
+        to_device = _first(body, TO_DEVICE) or []
+        for raw in to_device:
             await self._to_device(raw)
+        if to_device:
+            self.on_keys()  # messages waiting for a room key are tried again
         counts = _first(body, OTK_COUNTS)
         if isinstance(counts, dict):
             await self._otk_counts(counts)
@@ -179,19 +244,81 @@ class Encryption:
         return [await self._room_event(raw) for raw in events]
 
     async def _to_device(self, raw: Any) -> None:
+        """Hand one to-device event to its ghost's device, once (a resent transaction may
+        bring it again). An event the device cannot use is logged; a failure of the database
+        before the event is decrypted goes up (the transaction is answered 500), one after
+        keeps the room key to be stored again (see :meth:`_store_kept`)."""
         if not isinstance(raw, dict) or not isinstance(raw.get("to_user_id"), str):
             return
+        machine = await self.machine(raw["to_user_id"], create=False)
+        if machine is None:
+            log.debug("to-device %s for %s, which has no device", raw.get("type"),
+                      raw.get("to_user_id"))
+            return
+        digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+        if await self.db.fetchval("SELECT 1 FROM handled_to_device WHERE digest = $1",
+                                  digest) is not None:
+            log.debug("to-device %s from %s to %s already handled", raw.get("type"),
+                      raw.get("sender"), raw.get("to_user_id"))
+            return
         try:
-            machine = await self.machine(raw["to_user_id"], create=False)
-            if machine is None:
-                log.debug("to-device %s for %s, which has no device", raw.get("type"),
-                          raw.get("to_user_id"))
-                return
             event = cast(ASToDeviceEvent, ASToDeviceEvent.deserialize(cast(JSON, raw)))
+            if (event.type == EventType.TO_DEVICE_ENCRYPTED
+                    and event.to_device_id == machine.client.device_id):
+                decrypted = await machine._decrypt_olm_event(event)
+                # Decrypting moved the Olm session on for good: the message cannot be
+                # decrypted again, so what it holds is kept until it is stored.
+                self._kept[digest] = (raw["to_user_id"], decrypted)
+                await self._store_kept(digest)
+                return
             await machine.handle_as_to_device_event(event)
+        except CRYPTO_ERRORS as e:
+            log.warning("to-device event %s from %s to %s could not be used: %s",
+                        raw.get("type"), raw.get("sender"), raw.get("to_user_id"), e)
+        await self._handled(digest)
+
+    async def _store_kept(self, digest: str) -> bool:
+        """Store a decrypted Olm message's room key (as mautrix's ``handle_to_device_event``
+        does). A failure of the database keeps it for :meth:`store_kept_keys`: the homeserver
+        does not send to-device events again (Synapse drops them from a resent transaction)."""
+        ghost_id, decrypted = self._kept[digest]
+        try:
+            machine = await self.machine(ghost_id, create=False)
+            assert machine is not None
+            if decrypted.type == EventType.ROOM_KEY:
+                await machine._receive_room_key(decrypted)
+            elif decrypted.type == EventType.FORWARDED_ROOM_KEY:
+                await machine._receive_forwarded_room_key(decrypted)
+            self._kept.pop(digest, None)
+            await self._handled(digest)
+        except CRYPTO_ERRORS as e:
+            self._kept.pop(digest, None)
+            log.warning("%s: %s from %s could not be used: %s", ghost_id, decrypted.type,
+                        decrypted.sender, e)
         except Exception:
-            log.exception("to-device event %s from %s to %s could not be handled",
-                          raw.get("type"), raw.get("sender"), raw.get("to_user_id"))
+            log.exception("%s: %s from %s could not be stored; kept to be stored again",
+                          ghost_id, decrypted.type, decrypted.sender)
+            return False
+        return True
+
+    @property
+    def keys_kept(self) -> bool:
+        return len(self._kept) > 0
+
+    async def store_kept_keys(self) -> None:
+        """Store again the room keys that could not be stored when they came."""
+        for digest in list(self._kept):
+            await self._store_kept(digest)
+
+    async def _handled(self, digest: str) -> None:
+        now = now_ms()
+        await self.db.execute(
+            "INSERT INTO handled_to_device (digest, handled_at) VALUES ($1, $2)"
+            " ON CONFLICT (digest) DO NOTHING", digest, now)
+        if now - self._pruned_at >= HANDLED_PRUNE_EVERY_MS:
+            self._pruned_at = now
+            await self.db.execute("DELETE FROM handled_to_device WHERE handled_at < $1",
+                                  now - HANDLED_KEPT_MS)
 
     async def _otk_counts(self, counts: dict[str, Any]) -> None:
         for ghost_id, devices in counts.items():
@@ -206,6 +333,8 @@ class Encryption:
                 log.exception("one-time keys of %s could not be replenished", ghost_id)
 
     async def _device_lists(self, lists: dict[str, Any]) -> None:
+        """The user's devices are asked for once, through any one of its ghosts' machines
+        (the device list is shared by all); see :class:`GhostMachine`."""
         changed = [u for u in lists.get("changed") or [] if isinstance(u, str)]
         for user_id in changed:
             if self.networks.parse_ghost(user_id) is not None:
@@ -213,11 +342,14 @@ class Encryption:
             for ghost_id in await self._ghosts_of(UserID(user_id)):
                 try:
                     machine = await self.machine(ghost_id, create=False)
-                    if machine is not None:
-                        await machine.handle_device_lists(DeviceLists(changed=[UserID(user_id)]))
+                    if machine is None:
+                        continue
+                    await machine.handle_device_lists(DeviceLists(changed=[UserID(user_id)]))
                 except Exception:
                     log.exception("device list of %s could not be updated for %s", user_id,
                                   ghost_id)
+                    continue
+                break
 
     async def _ghosts_of(self, user_id: UserID) -> list[str]:
         rows = await self.db.fetch(
@@ -256,8 +388,8 @@ class Encryption:
             log.exception("%s: no device could be made for %s", room_id, ghost_id)
 
     async def _invited(self, raw: dict[str, Any]) -> None:
-        """A ghost invited to an encrypted room gets its device before it joins, so the
-        user's first message is encrypted for it too."""
+        """A ghost invited to an encrypted room: the room is known as encrypted (its device
+        is made only once the invite is accepted, see :meth:`before_join`)."""
         ghost_id = raw.get("state_key")
         content = raw.get("content")
         if (not isinstance(ghost_id, str) or not isinstance(content, dict)
@@ -268,12 +400,17 @@ class Encryption:
         for state in (unsigned or {}).get("invite_room_state") or []:
             if isinstance(state, dict) and state.get("type") == "m.room.encryption":
                 await self._record(raw["room_id"], state.get("content"))
-        if await self.stores.encrypted_rooms.get(RoomID(raw["room_id"])) is None:
+
+    async def before_join(self, ghost_id: UserID, room_id: RoomID) -> None:
+        """A ghost about to join a room it accepted: in an encrypted room it gets its device
+        first, so the user's first message is encrypted for it too. A failure is logged (the
+        device is made again when the ghost next needs it)."""
+        if await self.stores.encrypted_rooms.get(room_id) is None:
             return
         try:
             await self.machine(ghost_id)
         except Exception:
-            log.exception("%s: no device could be made for %s", raw["room_id"], ghost_id)
+            log.exception("%s: no device could be made for %s", room_id, ghost_id)
 
     async def decrypt(self, raw: dict[str, Any]) -> dict[str, Any]:
         """The event decrypted, with the encrypted event's ID, sender and time; the encrypted
@@ -290,11 +427,13 @@ class Encryption:
             if machine is None:
                 return raw
             event = await machine.decrypt_megolm_event(EncryptedEvent.deserialize(cast(JSON, raw)))
-        except (DecryptionError, SessionNotFound, MatrixError, ValueError, KeyError) as e:
+            decrypted = event.serialize()
+        except (DecryptionError, SessionNotFound, MatrixError, ValueError, KeyError,
+                RecursionError) as e:  # RecursionError: plaintext nested too deep to read
             log.warning("%s: %s from %s cannot be decrypted by %s: %s", raw["room_id"],
-                        raw.get("event_id"), sender, ghost_id, e)
+                        raw.get("event_id"), sender, ghost_id, type(e).__name__ if isinstance(
+                            e, RecursionError) else e)
             return raw
-        decrypted = event.serialize()
         content = await self._readable_media(machine.client, decrypted["content"])
         plain = {**raw, "type": decrypted["type"], "content": content}
         log.debug("%s: %s decrypted (%s)", raw["room_id"], raw.get("event_id"), plain["type"])
@@ -302,7 +441,9 @@ class Encryption:
 
     async def _readable_media(self, client: Client, content: dict[str, Any]) -> dict[str, Any]:
         """An encrypted attachment as a plain copy (``url``), which the platform's media link
-        serves; left as it is (the platform gets no media) if that fails."""
+        serves; left as it is (the platform gets no media) if it cannot be. A failure that may
+        pass (the homeserver unreachable, a 5xx or 429) goes up: the transaction is answered
+        500 and the homeserver sends the message again."""
         file = content.get("file")
         if not isinstance(file, dict) or not isinstance(file.get("url"), str):
             return content
@@ -316,6 +457,10 @@ class Encryption:
                 mimetype, str) else None, size=len(plain))
         except (MatrixError, DecryptionError, aiohttp.ClientError, KeyError, TypeError,
                 ValueError) as e:
+            if _may_pass(e):
+                log.warning("encrypted media %s could not be fetched or stored for now (%s);"
+                            " the message is taken again", file.get("url"), e)
+                raise
             log.warning("encrypted media %s could not be decrypted: %s", file.get("url"), e)
             return content
         return {**{k: v for k, v in content.items() if k != "file"}, "url": url}

@@ -116,6 +116,10 @@ async def find(stores: Stores, subject: Subject) -> Forgotten:
     return Forgotten(records)
 
 
+# mautrix's crypto store: the room keys of encrypted DMs (which decrypt their messages).
+CRYPTO_ROOM_TABLES = ("crypto_megolm_inbound_session", "crypto_megolm_outbound_session")
+
+
 async def forget(stores: Stores, subject: Subject, leave: Leave, settle: float = SETTLE_S,
                  reset: Reset | None = None) -> Forgotten:
     """Forget ``subject`` (see the module's description); ``leave`` makes a ghost leave and
@@ -187,6 +191,9 @@ async def _finish(stores: Stores, subject: Subject, done: Forgotten, state_table
             stores.dms.cache.changed(dmcache.pair(dm.ghost_id, dm.user_id),
                                      *([dmcache.room(dm.room_id)] if dm.room_id else []))
         done.counts["dm"] = await _delete_dms(conn, gone, state_tables)
+        if subject.user_id is not None and "crypto_megolm_inbound_session" in state_tables:
+            for table in ("crypto_device", "crypto_tracked_user"):  # the user's device keys
+                await conn.execute(f"DELETE FROM {table} WHERE user_id=$1", subject.user_id)
         if not done.failed and done.profile_error is None and subject.ghost_id is not None:
             stores.dms.cache.changed(dmcache.ghost(subject.ghost_id))
             done.counts["ghost"], done.counts["media"] = await _delete_ghost(
@@ -279,9 +286,10 @@ async def _delete_kept(conn: Connection, subject: Subject, dms: list[DMRecord]
 
 
 async def _state_tables(stores: Stores) -> list[str]:
-    """mautrix's state store tables, where the bridge has created them (it does on start)."""
+    """mautrix's state store tables, and its crypto store's tables of room keys, where the
+    bridge has created them (it does on start)."""
     found = []
-    for table in ("mx_user_profile", "mx_room_state"):
+    for table in ("mx_user_profile", "mx_room_state", *CRYPTO_ROOM_TABLES):
         try:
             await stores.db.fetchval(f"SELECT COUNT(*) FROM {table} WHERE 1=0")
         except Exception:
@@ -300,7 +308,8 @@ async def _delete_dms(conn: Connection, dms: list[DMRecord], state_tables: list[
                 " RETURNING 1", dm.ghost_id, dm.user_id)
         else:
             rows = await conn.fetch("DELETE FROM dm WHERE room_id=$1 RETURNING 1", dm.room_id)
-            for table in ("room_member", "ghost_invite", *state_tables):
+            for table in ("room_member", "ghost_invite", "encrypted_room", "undecrypted_event",
+                          *state_tables):
                 await conn.execute(f"DELETE FROM {table} WHERE room_id=$1", dm.room_id)
         deleted += len(rows)
     return deleted

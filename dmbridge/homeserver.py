@@ -17,8 +17,13 @@ from urllib.parse import quote
 
 import aiohttp
 from aiohttp.client_middlewares import ClientMiddlewareType
-from mautrix.errors import MatrixRequestError, make_request_error
+from mautrix.errors import MatrixError, MatrixRequestError, make_request_error
 from mautrix.types import EventID, RoomID, UserID
+from olm.account import OlmAccountError
+from olm.group_session import OlmGroupSessionError
+from olm.session import OlmSessionError
+
+from .errors import HomeserverError
 
 log = logging.getLogger("dmbridge.homeserver")
 
@@ -68,6 +73,11 @@ def endpoint_of(path: str) -> str:
     return "/".join(out)
 
 
+# What encrypting a message can fail with (the ghost's device, its keys, the user's devices):
+# the platform gets a 502 it may retry, never a 500.
+ENCRYPTION_FAILURES = (MatrixError, aiohttp.ClientError, OlmAccountError, OlmGroupSessionError,
+                       OlmSessionError)
+
 # Encrypts an event for a room (ghost, room, type, content) as the ghost's device: the type,
 # content and device ID to send instead, or None for a room without encryption.
 Encrypt = Callable[[UserID, RoomID, str, dict[str, Any]],
@@ -100,9 +110,15 @@ class Homeserver:
         ``ts`` (milliseconds since the epoch) is the event's ``origin_server_ts``. In an
         encrypted room the event is encrypted and sent from the ghost's device."""
         device_id = None
-        if self.encrypt is not None and (
-                encrypted := await self.encrypt(ghost_id, room_id, event_type, content)):
-            event_type, content, device_id = encrypted
+        if self.encrypt is not None:
+            try:
+                encrypted = await self.encrypt(ghost_id, room_id, event_type, content)
+            except ENCRYPTION_FAILURES as e:
+                log.warning("%s: %s could not encrypt for the room: %s", room_id, ghost_id, e)
+                raise HomeserverError(
+                    f"the message could not be encrypted for the room: {e}") from e
+            if encrypted is not None:
+                event_type, content, device_id = encrypted
         path = (
             f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/"
             f"{quote(event_type, safe='')}/{quote(txn_id, safe='')}"

@@ -192,3 +192,44 @@ def _lock_folder(database_url: str) -> Path | None:
     if not path or path.startswith(":memory:") or "mode=memory" in path:
         return None
     return Path(path.split("?", 1)[0] + ".instances")
+
+
+# pg_try_advisory_lock key of the one worker with encryption on ("dmbe" as an integer).
+ENCRYPTION_LOCK = 0x646D6265
+
+
+class EncryptingWorker:
+    """With encryption on, the one worker: each ghost's Olm account, sessions and room keys
+    are held in the memory of the process using them, and two processes ratcheting their own
+    copies would corrupt them. On PostgreSQL a session advisory lock, on a connection of its
+    own, refuses a second worker at start; on SQLite :class:`SoleWorker` already does."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self._conn: asyncpg.Connection | None = None
+
+    async def hold(self, instance_id: str) -> None:
+        log.info("encryption is on: this must be the bridge's only worker")
+        if self.database_url.startswith("sqlite"):
+            return
+        name = f"dmbridge-encryption/{instance_id}"
+        conn = await asyncpg.connect(self.database_url,
+                                     server_settings={"application_name": name})
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ENCRYPTION_LOCK):
+            holder = await conn.fetchval(
+                "SELECT a.application_name || ' from ' || COALESCE(host(a.client_addr), 'a local"
+                " socket') FROM pg_locks l JOIN pg_stat_activity a"
+                " ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.objid = $1 LIMIT 1",
+                ENCRYPTION_LOCK)
+            await conn.close()
+            raise StartupError(
+                "dm.encryption is on and another bridge worker on this database already runs"
+                f" with it (the encryption lock is held by {holder or 'another connection'}):"
+                " encrypted DMs take one worker only; stop the other worker, or set"
+                " dm.encryption: off on every worker")
+        self._conn = conn
+
+    async def release(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None

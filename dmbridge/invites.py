@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from mautrix.api import Method, Path
@@ -57,9 +57,12 @@ class InviteHandler:
     def __init__(self, *, stores: Stores, networks: Networks, ghosts: Ghosts,
                  appservice: AppService, dms: DMService,
                  queued: Callable[[set[str]], None], lease_s: float = MIN_LEASE_S,
-                 require_encryption: bool = False) -> None:
+                 require_encryption: bool = False,
+                 before_join: Callable[[UserID, RoomID], Awaitable[None]] | None = None) -> None:
         self.stores = stores
         self.require_encryption = require_encryption  # dm.encryption: require
+        # Run just before the ghost joins a room it accepted (its device, in an encrypted room).
+        self.before_join = before_join
         self.networks = networks
         self.ghosts = ghosts
         self.appservice = appservice
@@ -235,6 +238,8 @@ class InviteHandler:
                      ghost_id, room_id)
             await self._leave(invite, one_to_one)
             return True
+        if self.before_join is not None:
+            await self.before_join(ghost_id, room_id)
         intent = self.ghosts.intent(ghost_id)
         try:
             await intent.api.request(Method.POST, Path.v3.rooms[room_id].join, content={})

@@ -99,6 +99,15 @@ def may_hold_unstorable(data: bytes) -> bool:
     return _BAD_ESCAPE.search(data) is not None
 
 
+def reread(value: Any, max_depth: int) -> tuple[Any, bool]:
+    """A value made in memory (decrypted, say) as if read from JSON text: whatever is nested
+    deeper than ``max_depth`` cut out, and whether it may hold NUL or a lone surrogate or had
+    anything cut (then it needs :func:`scrub` and :func:`holds_cut` as received text does)."""
+    data = json.dumps(value).encode()  # NUL and lone surrogates are written as \u escapes
+    copy, cut = loads_cut(data, max_depth)
+    return copy, cut or may_hold_unstorable(data)
+
+
 def storable_text(value: str) -> str:
     """The text with NUL and lone surrogates replaced by U+FFFD."""
     return _UNSTORABLE.sub("\ufffd", value)

@@ -65,13 +65,22 @@ class Lifecycle:
         elif kind == MARKER and "state_key" in raw:
             await self._marker(conn, raw, now)
         elif kind == "m.room.encrypted":  # still encrypted: the bridge could not decrypt it
-            await self._undecryptable(conn, raw, now, effects)
+            await self.undecryptable(conn, raw, now, effects)
 
-    async def _undecryptable(self, conn: Connection, raw: dict[str, Any], now: int,
-                             effects: Effects) -> None:
+    async def undecryptable(self, conn: Connection, raw: dict[str, Any], now: int,
+                            effects: Effects, *, waited: bool = False) -> None:
+        """A user's message the bridge cannot read. With encryption on, its key may still come
+        (in a later transaction): it waits for it first (see :mod:`dmbridge.late_keys`), and
+        only once ``waited`` are the platform and the user told."""
         room_id = str(raw["room_id"])
         dm = await self.stores.dms.by_room(conn, room_id)
         if dm is None or raw.get("sender") != dm.user_id or dm.state != ACTIVE:
+            return
+        if self.encryption != "off" and not waited:
+            log.info("%s: encrypted message %s waits for its room key", room_id,
+                     raw.get("event_id"))
+            await self.stores.undecrypted.add(conn, raw, now)
+            effects.waiting = True
             return
         reason = "encryption_off" if self.encryption == "off" else "keys_missing"
         log.warning("%s: encrypted message %s cannot be read by the bridge (%s); not delivered",

@@ -57,6 +57,8 @@ class MatrixHandler:
         self.on_undelivered: Callable[[], None] = lambda: None
         # Told of the users' encrypted messages that could not be read: (ghost, room, event).
         self.on_undecryptable: Callable[[list[tuple[str, str, str]]], None] = lambda items: None
+        # Told when encrypted messages of users start waiting for their room key.
+        self.on_waiting: Callable[[], None] = lambda: None
 
     async def handle_transaction(self, txn_id: str, events: list[Any],
                                  ephemeral: list[Any] | None = None, *, untrusted: bool = True
@@ -82,19 +84,9 @@ class MatrixHandler:
                       e.event_id, e.__cause__)
             record = await self._record(txn_id, events, ephemeral, untrusted, isolated=True)
         fresh, effects, outcomes = record
-        self.lifecycle.committed(effects)
         for event_type, outcome in outcomes:
             self.metrics.event(event_type, outcome)
-        if effects.handed and self.handoff is not None:
-            self.handoff.take(effects.handed)
-        if effects.networks:
-            self.on_queued(effects.networks)
-        if effects.invites:
-            self.on_invited()
-        if effects.undelivered:
-            self.on_undelivered()
-        if effects.undecryptable:
-            self.on_undecryptable(effects.undecryptable)
+        self._committed(effects)
         for raw in fresh:
             if "state_key" in raw:  # the cache holds room state only; messages pass it by
                 await self._update_state_store(raw)
@@ -142,6 +134,54 @@ class MatrixHandler:
                     edu = jsontext.scrub(edu) if untrusted else edu
                     await self._apply(conn, txn_id, edu, at, effects, isolated, ephemeral=True)
         return fresh, effects, outcomes
+
+    def _committed(self, effects: Effects) -> None:
+        """What a committed transaction left to do: typing told, items handed to delivery,
+        the outbox, invites, notices and messages waiting for keys woken."""
+        self.lifecycle.committed(effects)
+        if effects.handed and self.handoff is not None:
+            self.handoff.take(effects.handed)
+        if effects.networks:
+            self.on_queued(effects.networks)
+        if effects.invites:
+            self.on_invited()
+        if effects.undelivered:
+            self.on_undelivered()
+        if effects.undecryptable:
+            self.on_undecryptable(effects.undecryptable)
+        if effects.waiting:
+            self.on_waiting()
+
+    async def handle_late(self, decrypted: list[tuple[str, Any]], expired: list[dict[str, Any]]
+                          ) -> None:
+        """Messages that waited for their room key: ``decrypted`` (the waiting event's ID and
+        the event decrypted, with any value nested too deep cut out) are applied as they
+        would have been on arrival, ``expired`` ones told as undecryptable. Each once: one no
+        longer waiting (done meanwhile) is left alone. Raises on a database failure."""
+        at = now_ms()
+        effects = Effects(handoff=self.handoff)
+        outcomes: list[tuple[object, str]] = []
+        conn: Connection
+        async with self.stores.transaction() as conn:
+            for event_id, raw in decrypted:
+                if not await self.stores.undecrypted.take(conn, event_id):
+                    continue
+                if (problem := unstorable(raw)) is not None:
+                    log.warning("late key: skipping an event the bridge cannot store (%s): %.300r",
+                                problem, raw)
+                    outcomes.append((raw.get("type") if isinstance(raw, dict) else None,
+                                     "skipped"))
+                    continue
+                raw = jsontext.scrub(raw)
+                outcomes.append((raw.get("type"),
+                                 await self._apply(conn, "late-key", raw, at, effects,
+                                                   isolated=True)))
+            for raw in expired:
+                if await self.stores.undecrypted.take(conn, str(raw["event_id"])):
+                    await self.lifecycle.undecryptable(conn, raw, at, effects, waited=True)
+        for event_type, outcome in outcomes:
+            self.metrics.event(event_type, outcome)
+        self._committed(effects)
 
     async def _apply(self, conn: Connection, txn_id: str, raw: dict[str, Any], at: int,
                      effects: Effects, isolated: bool, ephemeral: bool = False) -> str:

@@ -22,6 +22,7 @@ from .media import MediaStore
 from .member import MemberStore
 from .message import MatrixMessageStore, SentMessageStore
 from .outbox import OutboxStore
+from .undecrypted import UndecryptedStore
 from .undelivered import UndeliveredStore
 from .upgrade import upgrade_table
 
@@ -45,6 +46,7 @@ class Stores:
     invites: InviteStore
     undelivered: UndeliveredStore
     encrypted_rooms: EncryptedRoomStore
+    undecrypted: UndecryptedStore
 
     @classmethod
     def over(cls, db: Database) -> Stores:
@@ -64,6 +66,7 @@ class Stores:
             invites=InviteStore(db),
             undelivered=UndeliveredStore(db),
             encrypted_rooms=EncryptedRoomStore(db),
+            undecrypted=UndecryptedStore(db),
         )
 
     @asynccontextmanager

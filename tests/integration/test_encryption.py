@@ -14,12 +14,16 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import olm
 import pytest
+from mautrix.errors import MatrixRequestError
 from nio import AsyncClient, AsyncClientConfig, LoginResponse, RoomSendResponse, UploadResponse
 from nio.crypto.attachments import decrypt_attachment, encrypt_attachment
 
+from dmbridge import late_keys
 from dmbridge.bridge import Bridge
 from dmbridge.encryption import UNDECRYPTABLE_NOTICE, device_id_for
+from dmbridge.startup import StartupError
 from tests.integration.conftest import (
     DOMAIN,
     PASSWORD,
@@ -32,7 +36,7 @@ from tests.integration.test_media import png
 from tests.support.feed import Feed
 from tests.support.matrix import Human
 from tests.support.process import BridgeProcess
-from tests.support.settings import CHAT_TOKEN, make_settings
+from tests.support.settings import CHAT_TOKEN, PICKLE_KEY, make_settings
 
 NET = "chat"
 ENCRYPTION = {"type": "m.room.encryption", "state_key": "",
@@ -202,6 +206,14 @@ async def test_encrypted_dm_started_from_matrix_works_both_ways(
     members = await human.client.joined_members(room_id)
     assert sorted(m.user_id for m in members.members) == sorted(  # type: ignore[union-attr]
         [human.user_id, bridge.settings.networks.get(NET).ghost_user_id(contact)])
+    # The ghost's Olm account is stored under the config's dm.pickle_key, nothing else.
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(contact)
+    pickle = await bridge.db.fetchval("SELECT account FROM crypto_account WHERE account_id=$1",
+                                      ghost_id)
+    pickle = pickle.encode() if isinstance(pickle, str) else bytes(pickle)
+    assert olm.Account.from_pickle(pickle, PICKLE_KEY).identity_keys
+    with pytest.raises(olm.OlmAccountError):
+        olm.Account.from_pickle(pickle, "dmbridge.ghost-devices")
 
 
 async def test_with_encryption_off_the_user_is_told_and_the_platform_gets_an_event(
@@ -379,13 +391,27 @@ async def test_encrypted_replies_edits_reactions_and_deletions_reach_the_platfor
     assert redaction["redaction"]["target"]["event_id"] == reaction_id
 
 
+@pytest.mark.parametrize("fetch", ["works", "fails_once"])
 async def test_the_users_encrypted_image_reaches_the_platform_decrypted(
     start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+    monkeypatch: pytest.MonkeyPatch, fetch: str,
 ) -> None:
     bridge = await start_bridge(**{"dm.encryption": "allow"})
     feed = Feed(platform)
     human = await encrypting_human()
-    room_id, _ = await _dm_from_matrix(bridge, human, feed)
+    room_id, contact = await _dm_from_matrix(bridge, human, feed)
+    if fetch == "fails_once":  # the homeserver's media store answers 502 once: taken again
+        machine = await bridge.encryption.machine(
+            bridge.settings.networks.get(NET).ghost_user_id(contact))
+        assert machine is not None
+        download, failures = machine.client.download_media, [502]
+
+        async def fails_once(*args: Any, **kwargs: Any) -> bytes:
+            if failures:
+                raise MatrixRequestError(failures.pop(), "bad gateway")  # type: ignore[arg-type]
+            return await download(*args, **kwargs)
+
+        monkeypatch.setattr(machine.client, "download_media", fails_once)
     image = png(4, 3)
     ciphertext, keys = encrypt_attachment(image)
     uploaded, _ = await human.client.upload(lambda *_: ciphertext,
@@ -452,3 +478,209 @@ async def test_encryption_turned_on_in_a_plain_dm_gives_the_ghost_a_device_at_on
     assert await human.encrypted_type(room_id, answer["event_id"]) == "m.room.encrypted"
     assert [m["content"]["body"] for m in await human.read(room_id, 2)] == [
         "a plain start", "private answer"]
+
+
+async def test_decrypted_text_the_databases_cannot_hold_does_not_stop_the_transactions(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, _ = await _dm_from_matrix(bridge, human, feed)
+    decrypt = bridge.encryption.decrypt
+
+    async def plaintext_as_a_client_could_write_it(raw: dict[str, Any]) -> dict[str, Any]:
+        plain = await decrypt(raw)
+        content = dict(plain.get("content") or {})
+        if content.get("body") == "LONE":  # JSON text may escape a lone surrogate or a NUL
+            content["body"] = "a\ud800b\x00c"
+        elif content.get("body") == "DEEP":
+            nested: dict[str, Any] = {}
+            for _ in range(200):
+                nested = {"x": nested}
+            content["x"] = nested
+        return {**plain, "content": content}
+
+    monkeypatch.setattr(bridge.encryption, "decrypt", plaintext_as_a_client_could_write_it)
+    await human.say_encrypted(room_id, "LONE")
+    await feed.expect("message", room_id=room_id, text="a\ufffdb\ufffdc")
+    await human.say_encrypted(room_id, "DEEP")
+    await human.say_encrypted(room_id, "after the deep one")
+    await feed.expect("message", room_id=room_id, text="after the deep one")
+    assert "DEEP" not in [e.get("message", {}).get("text") for e in feed.seen]
+
+
+def _hold_room_keys(bridge: Bridge, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """To-device events (room keys) kept from the ghosts' devices, as if still on their way."""
+    held: list[dict[str, Any]] = []
+
+    async def hold(raw: dict[str, Any]) -> None:
+        held.append(raw)
+
+    monkeypatch.setattr(bridge.encryption, "_to_device", hold)
+    return held
+
+
+async def _waits_for_its_key(bridge: Bridge, event_id: str) -> None:
+    async def waiting() -> bool:
+        return event_id in [w.event["event_id"] for w in await bridge.stores.undecrypted.oldest(10)]
+    await wait_for(waiting, what=f"{event_id} to wait for its room key")
+
+
+async def test_a_message_whose_room_key_comes_later_reaches_the_platform(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, _ = await _dm_from_matrix(bridge, human, feed)
+    held = _hold_room_keys(bridge, monkeypatch)
+
+    event_id = await human.say_encrypted(room_id, "my key comes later")
+    await _waits_for_its_key(bridge, event_id)
+    assert held
+    # The key's transaction comes after the message's was answered.
+    monkeypatch.undo()
+    await bridge.appservice.encryption.intake(  # type: ignore[union-attr]
+        {"de.sorunome.msc2409.to_device": held}, [])
+    message = await feed.expect("message", room_id=room_id, text="my key comes later")
+    assert message["message"]["event_id"] == event_id
+    assert await bridge.stores.undecrypted.oldest(10) == []
+    await human.say_encrypted(room_id, "and the next one")
+    await feed.expect("message", room_id=room_id, text="and the next one")
+    assert "message.undecryptable" not in [e["type"] for e in feed.seen]
+
+
+async def test_a_message_whose_room_key_never_comes_is_told_after_the_wait_across_a_restart(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(late_keys, "KEY_WAIT_S", 2.0)
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, _ = await _dm_from_matrix(bridge, human, feed)
+    _hold_room_keys(bridge, monkeypatch)
+    event_id = await human.say_encrypted(room_id, "my key is lost")
+    await _waits_for_its_key(bridge, event_id)
+    await bridge.stop()
+
+    await start_bridge(**{"dm.encryption": "allow"})  # the wait is over meanwhile
+    event = await feed.expect("message.undecryptable", room_id=room_id)
+    assert event["message.undecryptable"]["event_id"] == event_id
+    assert event["message.undecryptable"]["reason"] == "keys_missing"
+    notice = (await human.read(room_id, 1))[0]
+    assert notice["content"]["body"] == UNDECRYPTABLE_NOTICE
+    assert notice["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == event_id
+    assert "message" not in [e["type"] for e in feed.seen]
+
+
+async def test_the_users_new_device_reads_the_later_messages_of_every_ghost(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    dms = [await _dm_from_matrix(bridge, human, feed) for _ in range(2)]
+    for room_id, contact in dms:  # each ghost has a room key shared with the first device
+        await _send(platform, human, contact, text=f"before, from {contact}")
+        await human.read(room_id, 1)
+
+    second = await encrypting_human(human.user_id)
+    machines = [await bridge.encryption.machine(
+        bridge.settings.networks.get(NET).ghost_user_id(contact)) for _, contact in dms]
+
+    async def both_know_second() -> bool:  # the homeserver told the bridge of the device
+        for machine in machines:
+            assert machine is not None
+            devices = await machine.crypto_store.get_devices(human.client.user_id)
+            if devices is None or second.client.device_id not in devices:
+                return False
+        return True
+    await wait_for(both_know_second, what="the bridge to learn of the user's second device")
+
+    for _, contact in dms:
+        await _send(platform, human, contact, text=f"after, from {contact}")
+    for room_id, contact in dms:
+        read = await second.read(room_id, 1)
+        assert [m["content"]["body"] for m in read] == [f"after, from {contact}"]
+
+
+async def test_a_room_key_the_database_failed_to_take_is_stored_again_and_replays_do_nothing(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman, platform: Platform,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    feed = Feed(platform)
+    human = await encrypting_human()
+    room_id, contact = await _dm_from_matrix(bridge, human, feed)
+    machine = await bridge.encryption.machine(
+        bridge.settings.networks.get(NET).ghost_user_id(contact))
+    assert machine is not None
+    store, failures = machine.crypto_store, [OSError("the database connection was reset")]
+    put_group_session = store.put_group_session
+
+    async def fails_once(*args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        await put_group_session(*args, **kwargs)
+
+    monkeypatch.setattr(store, "put_group_session", fails_once)
+    handled: list[dict[str, Any]] = []
+    to_device = bridge.encryption._to_device
+
+    async def recorded(raw: dict[str, Any]) -> None:
+        handled.append(raw)
+        await to_device(raw)
+
+    monkeypatch.setattr(bridge.encryption, "_to_device", recorded)
+    # The room key the database could not take is kept and stored again.
+    await human.say_encrypted(room_id, "my key was nearly lost")
+    await feed.expect("message", room_id=room_id, text="my key was nearly lost")
+    assert not failures
+
+    # The same to-device events again (a transaction resent after a crash): nothing happens.
+    monkeypatch.setattr(bridge.encryption, "_to_device", to_device)
+    caplog.clear()
+    await bridge.encryption.intake({"de.sorunome.msc2409.to_device": list(handled)}, [])
+    problems = [r.getMessage() for r in caplog.records
+                if r.name.startswith("dmbridge.encryption") and r.levelname != "DEBUG"]
+    assert problems == []
+    await human.say_encrypted(room_id, "and after the replay")
+    await feed.expect("message", room_id=room_id, text="and after the replay")
+    assert "message.undecryptable" not in [e["type"] for e in feed.seen]
+
+
+async def test_a_second_worker_with_encryption_on_is_refused_at_start(
+    start_bridge: BridgeFactory, homeserver: Homeserver, db_url: str, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite takes one bridge process whatever the settings")
+    await start_bridge(**{"dm.encryption": "allow"})
+    assert "encryption is on: this must be the bridge's only worker" in caplog.text
+    second = Bridge(homeserver.settings(db_url, tmp_path / "second", **{"dm.encryption": "allow"}))
+    with pytest.raises(StartupError) as refused:
+        await second.start()
+    await second.stop()
+    assert str(refused.value).startswith(
+        "dm.encryption is on and another bridge worker on this database already runs with it")
+    assert "dmbridge-encryption/" in str(refused.value)
+
+
+async def test_an_invite_the_ghost_refuses_gives_it_no_device(
+    start_bridge: BridgeFactory, encrypting_human: NewEncryptingHuman,
+) -> None:
+    bridge = await start_bridge(**{"dm.encryption": "allow"})
+    human = await encrypting_human()
+    ghost_id = bridge.settings.networks.get(NET).ghost_user_id(_contact())
+    resp = await human.client.room_create(is_direct=False, invite=[ghost_id],
+                                          initial_state=[ENCRYPTION])
+    room_id = getattr(resp, "room_id", None)
+    assert isinstance(room_id, str), resp
+    await human.wait_membership(room_id, ghost_id, "leave")  # not a DM: refused
+    assert await bridge.encryption.machine(ghost_id, create=False) is None
+    assert await bridge.db.fetchval(
+        "SELECT COUNT(*) FROM crypto_account WHERE account_id = $1", ghost_id) == 0

@@ -14,6 +14,7 @@ SMS_TOKEN = "sms-token-0123456789abcdef"
 CHAT_TOKEN = "chat-token-0123456789abcdef"
 AS_TOKEN = "as-token-0123456789abcdef"
 HS_TOKEN = "hs-token-0123456789abcdef"
+PICKLE_KEY = "pickle-key-0123456789abcdef-0123456789"
 
 NETWORKS = [
     {
@@ -50,6 +51,7 @@ def make_settings(
         as_token=AS_TOKEN, hs_token=HS_TOKEN,
     )
     data["database"]["url"] = db_url
+    data["dm"]["pickle_key"] = PICKLE_KEY
     data["networks"] = [{**n, **(networks or {}).get(str(n["id"]), {})} for n in NETWORKS]
     data["logging"]["level"] = "DEBUG"
     for key, value in overrides.items():

@@ -753,3 +753,54 @@ def test_upgrade_adds_missing_retention_section(config_path: Path) -> None:
     settings = open_config(config_path, environ={}, upgrade=True)
     assert settings.retention == RetentionSettings()
     assert "message_maps: 90" in config_path.read_text()
+
+
+# --- the key of the ghosts' encryption state ---------------------------------------------------
+
+def test_generate_writes_a_random_pickle_key_that_encryption_uses(tmp_path: Path) -> None:
+    first, second = generated(tmp_path / "a"), generated(tmp_path / "b")
+    keys = [load(path)["dm"]["pickle_key"] for path in (first, second)]
+    assert keys[0] != keys[1] and all(len(key) >= 32 and key != "generate" for key in keys)
+    edit(first, set_key("dm.encryption", "allow"))
+    assert open_config(first, environ={}).pickle_key == keys[0]
+
+
+def test_generate_again_fills_the_pickle_key_of_a_config_without_one(config_path: Path) -> None:
+    edit(config_path, lambda data: data["dm"].pop("pickle_key"))
+    edit(config_path, set_key("dm.encryption", "allow"))
+    before = tokens(load(config_path))
+    generate(config_path, config_path.parent / "registration.yaml", {})
+    key = load(config_path)["dm"]["pickle_key"]
+    assert key != "generate" and len(key) >= 32
+    assert tokens(load(config_path)) == before
+    assert open_config(config_path, environ={}).pickle_key == key
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("generate", 'still "generate"; run `dmbridge generate`'),
+    ("short-key-0123456789", "must be 32 characters or more"),
+    ("", "must be a non-empty string"),
+])
+def test_encryption_on_without_a_usable_pickle_key_is_refused(
+    config_path: Path, value: str, problem: str,
+) -> None:
+    edit(config_path, set_key("dm.pickle_key", value))
+    edit(config_path, set_key("dm.encryption", "allow"))
+    with pytest.raises(ConfigError) as info:
+        open_config(config_path, environ={})
+    assert info.value.key == "dm.pickle_key"
+    assert problem in str(info.value)
+
+
+def test_an_upgraded_config_with_encryption_on_asks_for_generate(config_path: Path) -> None:
+    edit(config_path, lambda data: data["dm"].pop("pickle_key"))
+    edit(config_path, set_key("dm.encryption", "default"))
+    with pytest.raises(ConfigError) as info:
+        open_config(config_path, environ={}, upgrade=True)
+    assert info.value.key == "dm.pickle_key"
+    assert "dmbridge generate" in str(info.value)
+
+
+def test_with_encryption_off_the_pickle_key_is_not_needed(config_path: Path) -> None:
+    edit(config_path, set_key("dm.pickle_key", "generate"))
+    assert open_config(config_path, environ={}).pickle_key == ""

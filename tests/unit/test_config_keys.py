@@ -138,7 +138,7 @@ def test_a_key_with_nothing_close_lists_the_keys_there(config_path: Path) -> Non
     with pytest.raises(ConfigError) as info:
         open_config(config_path, environ={})
     assert str(info.value).endswith(
-        "unknown key; known keys here: creation_timeout, on_leave, encryption"
+        "unknown key; known keys here: creation_timeout, on_leave, encryption, pickle_key"
     )
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from mautrix.types import ContentURI, EventID, RoomID, UserID
-from mautrix.util.async_db import Connection
+from mautrix.util.async_db import Connection, Scheme
 
 from dmbridge.db import Stores
 from dmbridge.db.history import Transition
@@ -14,12 +14,14 @@ from dmbridge.db.invite import GhostInvite
 from dmbridge.db.media import Media
 from dmbridge.db.message import MatrixMessage, SentMessage
 from dmbridge.db.undelivered import DEAD_LETTER
+from dmbridge.encryption import CRYPTO_UPGRADE_TABLE, ENCRYPTION_CONTENT
 from dmbridge.errors import InvalidParam, InvalidRemoteID, NotFound
 from dmbridge.forget import Subject, forget
 from tests.unit.test_networks import SMS
 
 ALICE, BOB = UserID("@alice:example.org"), UserID("@bob:example.org")
 ANN, BEN = "+15550001", "+15550002"
+MEGOLM = dict(ENCRYPTION_CONTENT)
 
 
 async def converse(stores: Stores, remote_id: str, user_id: UserID, room: str,
@@ -174,3 +176,33 @@ async def test_a_ghost_whose_profile_could_not_be_reset_is_kept_for_another_run(
     again = await forget(stores, Subject.remote_user(SMS, ANN), leave, settle=0, reset=reset)
     assert again.profile_error is None and resets == [(ann, f"{ANN} (SMS)")]
     assert await stores.ghosts.get(ann) is None
+
+
+async def test_forgetting_a_matrix_user_removes_the_room_keys_of_their_encrypted_dms(
+        stores: Stores) -> None:
+    if stores.db.scheme != Scheme.SQLITE:  # emptied, with its version, by ``stores``: anew
+        for row in await stores.db.fetch("SELECT tablename FROM pg_tables WHERE"
+                                         " schemaname = 'public' AND tablename LIKE 'crypto%'"):
+            await stores.db.execute(f"DROP TABLE {row['tablename']} CASCADE")
+    await CRYPTO_UPGRADE_TABLE.upgrade(stores.db)
+    await world(stores)
+    conn: Connection
+    async with stores.db.acquire() as conn:
+        for room, user in (("!ann-alice", ALICE), ("!ann-bob", BOB)):
+            await stores.encrypted_rooms.record(conn, RoomID(room), MEGOLM, 1)
+            await stores.undecrypted.add(conn, {"event_id": f"$wait-{room}", "room_id": room}, 1)
+            await conn.execute(
+                "INSERT INTO crypto_megolm_inbound_session (account_id, session_id, sender_key,"
+                " room_id) VALUES ($1, $2, $3, $4)", SMS.ghost_user_id(ANN),
+                f"session-{room}", f"key-{room}", room)
+            await conn.execute("INSERT INTO crypto_tracked_user (user_id) VALUES ($1)", user)
+
+    async def leave(ghost_id: UserID, room_id: RoomID) -> None:
+        pass
+
+    await forget(stores, Subject.matrix_user(ALICE, "@bot:example.org", [SMS]), leave, settle=0)
+    for table in ("crypto_megolm_inbound_session", "encrypted_room", "undecrypted_event"):
+        assert await rows(stores, table, "room_id=$1", "!ann-alice") == 0, table
+        assert await rows(stores, table, "room_id=$1", "!ann-bob") == 1, table
+    assert await rows(stores, "crypto_tracked_user", "user_id=$1", ALICE) == 0
+    assert await rows(stores, "crypto_tracked_user", "user_id=$1", BOB) == 1
